@@ -1,0 +1,47 @@
+"""markov_attn: transformer attention read as a discrete-time Markov chain.
+
+An attention matrix is row-stochastic, so it is the transition matrix of a Markov chain over
+tokens (Erel et al., "Attention (as Discrete-Time Markov) Chains", arXiv 2507.17657). This package
+gives pure, jitted, batched and differentiable JAX functions over attention arrays of shape
+``(..., n, n)``: multi-bounce maps, TokenRank (the stationary distribution), |λ2| and the
+spectral gap, λ2 head weighting and attention rollout.
+
+``import markov_attn`` needs only jax, numpy and jaxtyping; the Flax model lives in
+``markov_attn.nn``.
+"""
+
+from ._bounce import bounce as bounce
+from ._chain import check_chain as check_chain
+from ._chain import column_select as column_select
+from ._chain import column_sum as column_sum
+from ._chain import normalize as normalize
+from ._chain import reverse as reverse
+from ._chain import row_select as row_select
+from ._chain import teleport as teleport
+from ._chain import transition as transition
+from ._rollout import rollout as rollout
+from ._spectral import second_eigenvalue as second_eigenvalue
+from ._spectral import spectral_gap as spectral_gap
+from ._tokenrank import tokenrank as tokenrank
+from ._weights import average as average
+from ._weights import head_weights as head_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "average",
+    "bounce",
+    "check_chain",
+    "column_select",
+    "column_sum",
+    "head_weights",
+    "normalize",
+    "reverse",
+    "rollout",
+    "row_select",
+    "second_eigenvalue",
+    "spectral_gap",
+    "teleport",
+    "tokenrank",
+    "transition",
+]

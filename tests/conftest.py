@@ -1,0 +1,29 @@
+"""Strict test settings shared by the whole suite."""
+
+import os
+import zlib
+
+# Honour the CPU fusion workaround (chains.md numerics notes) when tests run outside `make`.
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+
+import jax
+import numpy as np
+import pytest
+
+# Implicit rank promotion hides broadcasting bugs over batch axes; make it an error.
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh NumPy generator per test, seeded from the test's name (reproducible, but every
+    test draws different data)."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def x64():
+    """Run a test in float64 (reference-quality numerics for gradient checks)."""
+    with jax.enable_x64(True):
+        yield
