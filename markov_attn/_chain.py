@@ -408,7 +408,7 @@ def check_chain(
       >>> ma.check_chain([[0.5, 0.6], [1.0, 0.0]])
       Traceback (most recent call last):
       ...
-      ValueError: rows of attn must sum to 1, but row (0,) sums to 1.1 (max deviation 0.1, atol 0.0001); if these are probabilities, renormalise them with ma.normalize; if they are pre-softmax scores, use ma.transition
+      ValueError: rows of attn must sum to 1, but row (0,) sums to 1.1 ...
     """
     if isinstance(attn, jax.core.Tracer):
         raise ValueError(

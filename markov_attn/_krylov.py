@@ -30,7 +30,7 @@ def _safe_div(x, d, tiny):
 
 def _orthogonalize(basis, w, passes: int = 2):
     """Classical Gram–Schmidt against ``basis`` ``(k, ..., n)``, repeated (CGS2)."""
-    h_total = jnp.zeros(basis.shape[1:-1] + (basis.shape[0],), w.dtype)
+    h_total = jnp.zeros((*basis.shape[1:-1], basis.shape[0]), w.dtype)
     for _ in range(passes):
         h = jnp.einsum("k...n,...n->...k", basis, w, precision=HIGHEST)
         w = w - jnp.einsum("k...n,...k->...n", basis, h, precision=HIGHEST)
