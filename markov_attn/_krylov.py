@@ -29,11 +29,11 @@ def _safe_div(x, d, tiny):
 
 
 def _orthogonalize(basis, w, passes: int = 2):
-    """Classical Gram–Schmidt against ``basis`` ``(k, ..., n)``, repeated (CGS2)."""
-    h_total = jnp.zeros((*basis.shape[1:-1], basis.shape[0]), w.dtype)
+    """Classical Gram–Schmidt against ``basis`` ``(..., k, n)``, repeated (CGS2)."""
+    h_total = jnp.zeros(basis.shape[:-1], w.dtype)
     for _ in range(passes):
-        h = jnp.einsum("k...n,...n->...k", basis, w, precision=HIGHEST)
-        w = w - jnp.einsum("k...n,...k->...n", basis, h, precision=HIGHEST)
+        h = jnp.einsum("...kn,...n->...k", basis, w, precision=HIGHEST)
+        w = w - jnp.einsum("...kn,...k->...n", basis, h, precision=HIGHEST)
         h_total = h_total + h
     return w, h_total
 
@@ -49,29 +49,29 @@ def arnoldi(matvec: MatVec, v0: jax.Array, steps: int, *, project: MatVec | None
         vectors, to keep the iteration in an invariant subspace despite rounding).
 
     Returns:
-      ``(V, H, beta)``: basis ``(m + 1, ..., n)``, Hessenberg ``(..., m + 1, m)`` and the norm of
-      ``v0``. A breakdown (invariant subspace found) leaves zero columns, never NaN.
+      ``(V, H, beta)``: basis ``(..., m + 1, n)``, Hessenberg ``(..., m + 1, m)`` and the norm
+      of ``v0``. A breakdown (invariant subspace found) leaves zero columns, never NaN.
     """
     dtype = v0.dtype
     tiny = jnp.finfo(dtype).tiny * 1e4
     beta = _norm(v0)
-    basis = jnp.zeros((steps + 1, *v0.shape), dtype).at[0].set(_safe_div(v0, beta, tiny))
+    basis = jnp.zeros((*v0.shape[:-1], steps + 1, v0.shape[-1]), dtype)
+    basis = basis.at[..., 0, :].set(_safe_div(v0, beta, tiny))
     hess = jnp.zeros((*v0.shape[:-1], steps + 1, steps), dtype)
     scale = jnp.zeros(v0.shape[:-1], dtype)
 
     def body(k, carry):
         basis, hess, scale = carry
-        w = matvec(basis[k])
+        w = matvec(basis[..., k, :])
         if project is not None:
             w = project(w)
-        wn = _norm(w)
-        scale = jnp.maximum(scale, wn)
+        scale = jnp.maximum(scale, _norm(w))
         w, h = _orthogonalize(basis, w)
         hn = _norm(w)
         # a column with (numerically) nothing new marks an invariant subspace: stop growing it
         hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
         hess = hess.at[..., :, k].set(h.at[..., k + 1].set(hn))
-        basis = basis.at[k + 1].set(_safe_div(w, hn, tiny))
+        basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
         return basis, hess, scale
 
     basis, hess, _ = jax.lax.fori_loop(0, steps, body, (basis, hess, scale))
@@ -122,7 +122,7 @@ def gmres(
         basis, hess, beta = arnoldi(matvec, r, restart)
         rhs = jnp.zeros(hess.shape[:-1], b.dtype).at[..., 0].set(beta)
         y = _lstsq_hessenberg(hess, rhs)
-        x = x + jnp.einsum("k...n,...k->...n", basis[:-1], y, precision=HIGHEST)
+        x = x + jnp.einsum("...kn,...k->...n", basis[..., :-1, :], y, precision=HIGHEST)
         _, rel = residual(x)
         return x, rel, it + 1
 
