@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from ._krylov import arnoldi, spectral_radius
 from ._typing import ChainLike, PerMatrix
-from ._util import as_chain, check_choice, matvec, safe_normalize
+from ._util import as_chain, check_choice, map_over_batch, matvec, safe_normalize
 
 METHODS = ("arnoldi", "eig")
 KRYLOV_DIM = 128
@@ -44,7 +44,10 @@ def _lambda2_eig(a):
 def _lambda2(a, method, krylov):
     if method == "eig":
         return _lambda2_eig(a)
-    return _lambda2_arnoldi(a, krylov)
+    item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
+    return map_over_batch(
+        lambda x: _lambda2_arnoldi(x, krylov), a, batch_ndim=a.ndim - 2, item_bytes=item
+    )
 
 
 def _lambda2_fwd(a, method, krylov):

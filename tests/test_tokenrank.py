@@ -161,10 +161,17 @@ def test_implicit_gradient_matches_unrolled_solver(rng, x64):
         np.testing.assert_allclose(jnp.sum(g * e), jnp.sum(g_ref * e), rtol=1e-5)
 
 
+def test_auto_method_picks_by_size(rng):
+    small = testing.random_chains(rng, (2,), 40).astype(np.float32)
+    np.testing.assert_array_equal(ma.tokenrank(small), ma.tokenrank(small, method="solve"))
+    big = testing.random_chains(rng, (1,), 300).astype(np.float32)
+    np.testing.assert_array_equal(ma.tokenrank(big), ma.tokenrank(big, method="gmres"))
+
+
 def test_gradient_is_not_an_unrolled_loop(rng):
     # The backward pass of the default method is one adjoint solve: no while loop in its jaxpr.
     a = jnp.asarray(testing.random_chains(rng, (), 6), jnp.float32)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda x: _loss(x, "solve")))(a)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: _loss(x, "auto")))(a)
     assert "while" not in str(jaxpr)
 
 
@@ -198,6 +205,7 @@ def test_iterative_methods_are_bounded_on_adversarial_input():
         ({"alpha": 1.2}, "alpha must lie in"),
         ({"alpha": -0.5}, "alpha must lie in"),
         ({"method": "eig"}, "method must be one of"),
+        ({"method": "Solve"}, "method must be one of"),
         ({"direction": "up"}, "direction must be one of"),
         ({"v": np.ones(4)}, "distribution over the 5"),
     ],
