@@ -94,7 +94,7 @@ def transition(
     *,
     keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
     mask: Bool[ArrayLike, "*#batch n"] | Bool[ArrayLike, "*#batch n n"] | None = None,
-) -> Chain:
+) -> Float[Array, "*batch m m"]:
     r"""Row-softmax of pre-softmax attention scores, the chain's transition matrix.
 
     For scores :math:`S` (rows = queries, columns = keys) this returns
