@@ -45,11 +45,12 @@ def test_arnoldi_matches_eigvals(rng, n, kind, strength):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["attention", "metastable", "circulant", "diffuse"])
-def test_arnoldi_matches_eigvals_n1025(rng, kind):
-    a = testing.random_chains(rng, (2,), 1025, kind=kind)
+def test_arnoldi_matches_eigvals_n1025(rng):
+    kinds = ["attention", "metastable", "circulant", "diffuse"]
+    a = np.concatenate([testing.random_chains(rng, (1,), 1025, kind=k) for k in kinds])
     out = np.asarray(ma.second_eigenvalue(a.astype(np.float32)))
-    assert np.abs(out - lambda2(a)).max() <= 1e-4
+    err = np.abs(out - lambda2(a))
+    assert err.max() <= 1e-4, dict(zip(kinds, err))
 
 
 def test_near_permutation_heads_need_a_larger_krylov_space(rng):
