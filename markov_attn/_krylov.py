@@ -79,16 +79,42 @@ def arnoldi(matvec: MatVec, v0: jax.Array, steps: int, *, project: MatVec | None
 
 
 def _lstsq_hessenberg(hess, rhs):
-    """Least squares ``min ||rhs - H y||`` for ``H`` ``(..., m + 1, m)``, robust to breakdown."""
-    q, r = jnp.linalg.qr(hess)  # (..., m+1, m), (..., m, m)
-    g = jnp.einsum("...km,...k->...m", q, rhs, precision=HIGHEST)
-    d = jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))
-    dmax = jnp.max(d, axis=-1, keepdims=True)
-    small = d <= 1e-7 * jnp.maximum(dmax, jnp.finfo(r.dtype).tiny)
-    eye = jnp.broadcast_to(jnp.eye(r.shape[-1], dtype=bool), r.shape)
-    r = jnp.where(eye & small[..., None, :], 1.0, r)
-    g = jnp.where(small, 0.0, g)
-    return jax.scipy.linalg.solve_triangular(r, g[..., None], lower=False)[..., 0]
+    """Least squares ``min ||rhs - H y||`` for upper Hessenberg ``H`` ``(..., m + 1, m)``.
+
+    Givens rotations and back substitution in plain JAX ops: no LAPACK call, so nothing here
+    can hit jaxlib 0.10's CPU thread-pool deadlock in batched LAPACK kernels, and it lowers on
+    every backend. Robust to breakdown: a (numerically) zero pivot gives a zero coefficient.
+    """
+    m = hess.shape[-1]
+    dtype = hess.dtype
+    tiny = jnp.finfo(dtype).tiny * 1e4
+
+    def rotate(k, carry):
+        h, g = carry
+        a, b = h[..., k, :], h[..., k + 1, :]
+        x, y = a[..., k], b[..., k]
+        r = jnp.sqrt(x * x + y * y)
+        ok = r > tiny
+        c = jnp.where(ok, x / jnp.where(ok, r, 1.0), 1.0)
+        s = jnp.where(ok, y / jnp.where(ok, r, 1.0), 0.0)
+        h = h.at[..., k, :].set(c[..., None] * a + s[..., None] * b)
+        h = h.at[..., k + 1, :].set(c[..., None] * b - s[..., None] * a)
+        gk, gk1 = g[..., k], g[..., k + 1]
+        g = g.at[..., k].set(c * gk + s * gk1).at[..., k + 1].set(c * gk1 - s * gk)
+        return h, g
+
+    r, g = jax.lax.fori_loop(0, m, rotate, (hess, rhs))
+    diag = jnp.abs(jnp.diagonal(r[..., :m, :], axis1=-2, axis2=-1))
+    small = diag <= 1e-7 * jnp.maximum(jnp.max(diag, axis=-1, keepdims=True), tiny)
+
+    def back(i, y):
+        k = m - 1 - i
+        acc = g[..., k] - jnp.sum(r[..., k, :] * y, axis=-1)
+        piv = r[..., k, k]
+        yk = jnp.where(small[..., k], 0.0, acc / jnp.where(small[..., k], 1.0, piv))
+        return y.at[..., k].set(yk)
+
+    return jax.lax.fori_loop(0, m, back, jnp.zeros((*hess.shape[:-2], m), dtype))
 
 
 def gmres(

@@ -20,8 +20,10 @@ from ._util import (
 )
 
 METHODS = ("auto", "solve", "gmres", "power")
-# "auto": dense LU up to this size, GMRES above (on a 2-core CPU at n = 1025 the LU of a
-# 96-matrix stack is ~10x slower than GMRES; at n = 197 they are on par).
+# "auto": on CPU always GMRES (no LAPACK call: jaxlib 0.10's batched CPU LAPACK kernels can
+# deadlock the intra-op thread pool when several run concurrently in one program, and the
+# chunked GMRES is faster there: 2-core CPU, 96 matrices, n = 197: 66 ms vs 90 ms; n = 1025:
+# 0.8 s vs ~15 s); on GPU/TPU dense LU up to this size and GMRES above.
 AUTO_SOLVE_MAX_N = 256
 
 # Bounds for the iterative methods. With alpha <= 0.99 the power method's L1 error after k
@@ -119,22 +121,55 @@ def _gmres_solve(a, v, alpha, b, transpose):
     return x
 
 
+def _solve_pi(a, v, alpha):
+    lu, piv = jax.scipy.linalg.lu_factor(_system(a, v, alpha))
+    return jax.scipy.linalg.lu_solve((lu, piv), v[..., None])[..., 0], (lu, piv)
+
+
+def _solve_u(a, v, alpha, g):
+    # M^T u = g with M^T = I - alpha A + alpha 1 v^T
+    return jnp.linalg.solve(jnp.swapaxes(_system(a, v, alpha), -1, -2), g[..., None])[..., 0]
+
+
+def _gmres_pi(a, v, alpha):
+    return map_over_batch(
+        lambda a, v, al: _gmres_solve(a, v, al, v, False),
+        a,
+        v,
+        alpha,
+        batch_ndim=a.ndim - 2,
+        item_bytes=_item_bytes(a),
+    )
+
+
+def _gmres_u(a, v, alpha, g):
+    return map_over_batch(
+        lambda a, v, al, g: _gmres_solve(a, v, al, g, True),
+        a,
+        v,
+        alpha,
+        g,
+        batch_ndim=a.ndim - 2,
+        item_bytes=_item_bytes(a),
+    )
+
+
 def _stationary_fwd(a, v, alpha, method):
     nb = a.ndim - 2
     res = None
-    if method == "solve":
-        lu, piv = jax.scipy.linalg.lu_factor(_system(a, v, alpha))
-        pi = jax.scipy.linalg.lu_solve((lu, piv), v[..., None])[..., 0]
-        res = (lu, piv)
-    elif method == "gmres":
-        pi = map_over_batch(
-            lambda a, v, al: _gmres_solve(a, v, al, v, False),
+    if method == "auto":
+        dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
+        pi = jax.lax.platform_dependent(
             a,
             v,
             alpha,
-            batch_ndim=nb,
-            item_bytes=_item_bytes(a),
+            cpu=_gmres_pi,
+            default=(lambda *x: _solve_pi(*x)[0]) if dense else _gmres_pi,
         )
+    elif method == "solve":
+        pi, res = _solve_pi(a, v, alpha)
+    elif method == "gmres":
+        pi = _gmres_pi(a, v, alpha)
     else:
         pi = map_over_batch(_power, a, v, alpha, batch_ndim=nb, item_bytes=_item_bytes(a))
     pi = _finish(pi)
@@ -144,18 +179,15 @@ def _stationary_fwd(a, v, alpha, method):
 def _stationary_bwd(method, residuals, g):
     a, v, alpha, pi, res = residuals
     nb = a.ndim - 2
-    if method == "solve":
+    if method == "auto":
+        dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
+        u = jax.lax.platform_dependent(
+            a, v, alpha, g, cpu=_gmres_u, default=_solve_u if dense else _gmres_u
+        )
+    elif method == "solve":
         u = jax.scipy.linalg.lu_solve(res, g[..., None], trans=1)[..., 0]
     elif method == "gmres":
-        u = map_over_batch(
-            lambda a, v, al, g: _gmres_solve(a, v, al, g, True),
-            a,
-            v,
-            alpha,
-            g,
-            batch_ndim=nb,
-            item_bytes=_item_bytes(a),
-        )
+        u = _gmres_u(a, v, alpha, g)
     else:
         u = map_over_batch(
             _power_adjoint, a, v, alpha, pi, g, batch_ndim=nb, item_bytes=_item_bytes(a)
@@ -185,8 +217,6 @@ def _tokenrank(attn, alpha, v, direction, method):
     a = jnp.broadcast_to(a, (*batch, n, n))
     v = jnp.broadcast_to(v, (*batch, n))
     alpha = jnp.broadcast_to(alpha, batch)
-    if method == "auto":
-        method = "solve" if n <= AUTO_SOLVE_MAX_N else "gmres"
     return _stationary(a, v, alpha, method)
 
 
@@ -213,9 +243,13 @@ def tokenrank(
 
     Methods (all give the same answer to float32 rounding, with ``alpha <= 0.99``):
 
-    - ``"auto"`` (default): ``"solve"`` for ``n <= 256``, ``"gmres"`` above.
+    - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
+      ``"gmres"`` above.
     - ``"solve"``: dense LU, :math:`O(n^3)` per matrix, accurate to about 1e-6 (L1) in
-      float32; runs on CPU, GPU and TPU.
+      float32; runs on CPU, GPU and TPU. On CPU with jaxlib 0.10 avoid several concurrent
+      batched LU calls inside one jitted program: jaxlib's batched CPU LAPACK kernels can
+      deadlock the intra-op thread pool (fixed in jaxlib 0.11); ``"auto"`` never calls LAPACK
+      on CPU.
     - ``"gmres"``: matrix-free restarted GMRES (restart 20, at most 15 cycles, relative
       residual 1e-6), :math:`O(n^2)` per product; the better choice for large ``n``. On CPU
       the batch is processed in cache-sized chunks (each chunk's matrices stay in the last-level
