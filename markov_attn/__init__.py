@@ -20,8 +20,13 @@ from ._chain import row_select as row_select
 from ._chain import teleport as teleport
 from ._chain import transition as transition
 from ._rollout import rollout as rollout
+from ._shard import shard_stack as shard_stack
+from ._shard import stack_spec as stack_spec
 from ._spectral import second_eigenvalue as second_eigenvalue
 from ._spectral import spectral_gap as spectral_gap
+from ._stream import bounce_qk as bounce_qk
+from ._stream import second_eigenvalue_qk as second_eigenvalue_qk
+from ._stream import tokenrank_qk as tokenrank_qk
 from ._tokenrank import tokenrank as tokenrank
 from ._weights import average as average
 from ._weights import head_weights as head_weights
@@ -31,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "average",
     "bounce",
+    "bounce_qk",
     "check_chain",
     "column_select",
     "column_sum",
@@ -40,8 +46,12 @@ __all__ = [
     "rollout",
     "row_select",
     "second_eigenvalue",
+    "second_eigenvalue_qk",
+    "shard_stack",
     "spectral_gap",
+    "stack_spec",
     "teleport",
     "tokenrank",
+    "tokenrank_qk",
     "transition",
 ]

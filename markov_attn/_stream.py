@@ -1,0 +1,628 @@
+"""Streaming chain functions: TokenRank, bounces and |λ2| from queries and keys, blockwise.
+
+Flash attention never stores the attention matrix; it keeps Q, K and the row log-sum-exp
+:math:`L_i = \\log\\sum_j \\exp(s\\, q_i\\cdot k_j)`. Every chain product needs only that:
+
+.. math:: (A^\\top x)_j = \\sum_i e^{s\\, q_i\\cdot k_j - L_i}\\, x_i, \\qquad
+          (A u)_i = \\sum_j e^{s\\, q_i\\cdot k_j - L_i}\\, u_j,
+
+computed over blocks of ``block`` queries at a time, so at most a ``(block, n)`` tile of
+:math:`A` exists per matrix (memory :math:`O(n d + \\text{block}\\cdot n)`). The products are
+``custom_vjp`` operators whose backward passes recompute the tiles (as flash attention's backward
+does), so reverse-mode gradients with respect to ``q`` and ``k`` never store the blocks either.
+Each pass takes several vectors at once (``(..., n, r)``), which amortises the recomputed logits.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Integer
+
+from ._chain import _keep_index, _uniform_or, check_index, one_hot
+from ._krylov import arnoldi, gmres, spectral_radius
+from ._spectral import KRYLOV_DIM, _zero_sum_start
+from ._tokenrank import GMRES_CYCLES, GMRES_RESTART, GMRES_TOL, POWER_STEPS, POWER_TOL
+from ._typing import Dist, DistLike, PerMatrix
+from ._util import HIGHEST, check_alpha, check_choice, compute_dtype, safe_normalize
+
+#: Default number of queries per block (a tile is ``(block, n)`` per matrix).
+BLOCK = 512
+METHODS = ("gmres", "power")
+
+QK = Float[ArrayLike, "*#batch n d"]
+
+# --------------------------------------------------------------------------------------------
+# blocking
+
+
+def _to_blocks(x, block: int, axis: int):
+    """``(..., n, ...)`` -> ``(nb, ..., block, ...)``: the token axis ``axis`` (negative) split
+    into zero-padded blocks, the block index moved to the front (the ``scan`` axis)."""
+    ax = x.ndim + axis
+    n = x.shape[ax]
+    nb = -(-n // block)
+    pad = [(0, 0)] * x.ndim
+    pad[ax] = (0, nb * block - n)
+    x = jnp.pad(x, pad)
+    x = x.reshape((*x.shape[:ax], nb, block, *x.shape[ax + 1 :]))
+    return jnp.moveaxis(x, ax, 0)
+
+
+def _from_blocks(y, n: int, axis: int):
+    """Inverse of :func:`_to_blocks` for a stacked ``scan`` output."""
+    ax = y.ndim - 1 + axis  # position of the block axis once the block index is moved back
+    y = jnp.moveaxis(y, 0, ax)
+    y = y.reshape((*y.shape[:ax], y.shape[ax] * y.shape[ax + 1], *y.shape[ax + 2 :]))
+    return jax.lax.slice_in_dim(y, 0, n, axis=ax)
+
+
+def _logits(qb, k, live):
+    s = jnp.einsum("...id,...jd->...ij", qb, k, precision=HIGHEST)
+    if live is not None:  # a matrix whose keys are all masked is uniform (ma.transition)
+        s = jnp.where(live[..., None, None], s, 0.0)
+    return s
+
+
+def _tile(qb, k, lb, km, live):
+    """The ``(..., block, n)`` tile of A for a block of queries."""
+    p = jnp.exp(_logits(qb, k, live) - lb[..., None])
+    if km is not None:
+        p = jnp.where(km[..., None, :], p, 0.0)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# passes over the query blocks (plain functions: no autodiff through them)
+
+
+def _lse_pass(qs, k, km, live, block):
+    """Row log-sum-exp ``L`` ``(..., n)`` of the (masked) logits."""
+    n = qs.shape[-2]
+
+    def body(_, qb):
+        s = _logits(qb, k, live)
+        if km is not None:
+            s = jnp.where(km[..., None, :], s, -jnp.inf)
+        return None, jax.nn.logsumexp(s, axis=-1)
+
+    _, lb = jax.lax.scan(body, None, _to_blocks(qs, block, -2))
+    return _from_blocks(lb, n, -1)
+
+
+def _apply_pass(qs, k, lse, km, live, block, x=None, u=None):
+    """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``."""
+    n = qs.shape[-2]
+    xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
+    if x is not None:
+        xs["x"] = _to_blocks(x, block, -2)
+    acc0 = jnp.zeros(x.shape, x.dtype) if x is not None else None
+
+    def body(acc, blk):
+        p = _tile(blk["q"], k, blk["l"], km, live)
+        out = None
+        if x is not None:
+            acc = acc + jnp.einsum("...ir,...ij->...jr", blk["x"], p, precision=HIGHEST)
+        if u is not None:
+            out = jnp.einsum("...ij,...jr->...ir", p, u, precision=HIGHEST)
+        return acc, out
+
+    acc, out = jax.lax.scan(body, acc0, xs)
+    return acc, (None if u is None else _from_blocks(out, n, -2))
+
+
+def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool):
+    """Backward pass for a logit cotangent of the form ``dS = P * (a b^T - fold * c 1^T)``.
+
+    With ``P`` the tile of A, ``a``, ``b`` of shape ``(..., n, r)`` and ``c_i = a_i . (P b)_i``,
+    returns ``(dq, dk, c, P b, P^T a)`` where ``dq = dS k`` and ``dk = dS^T q``; one pass,
+    the tiles recomputed and never stored.
+    """
+    n = qs.shape[-2]
+    xs = {
+        "q": _to_blocks(qs, block, -2),
+        "l": _to_blocks(lse, block, -1),
+        "a": _to_blocks(a, block, -2),
+    }
+    dk0 = jnp.zeros(k.shape, k.dtype)
+    pta0 = jnp.zeros(b.shape, b.dtype) if want_pta else None
+
+    def body(carry, blk):
+        dk, pta = carry
+        p = _tile(blk["q"], k, blk["l"], km, live)
+        pb = jnp.einsum("...ij,...jr->...ir", p, b, precision=HIGHEST)
+        c = jnp.sum(blk["a"] * pb, axis=-1)
+        w = jnp.einsum("...ir,...jr->...ij", blk["a"], b, precision=HIGHEST)
+        if fold:
+            w = w - c[..., None]
+        ds = p * w
+        if live is not None:
+            ds = jnp.where(live[..., None, None], ds, 0.0)
+        dq = jnp.einsum("...ij,...jd->...id", ds, k, precision=HIGHEST)
+        dk = dk + jnp.einsum("...ij,...id->...jd", ds, blk["q"], precision=HIGHEST)
+        if want_pta:
+            pta = pta + jnp.einsum("...ir,...ij->...jr", blk["a"], p, precision=HIGHEST)
+        return (dk, pta), (dq, c, pb)
+
+    (dk, pta), (dq, c, pb) = jax.lax.scan(body, (dk0, pta0), xs)
+    return (
+        _from_blocks(dq, n, -2),
+        dk,
+        _from_blocks(c, n, -1),
+        _from_blocks(pb, n, -2),
+        pta,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# differentiable streaming operators (memory O(n d + block n) forward and backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _lse_op(qs, k, km, live, block):
+    return _lse_pass(qs, k, km, live, block)
+
+
+def _lse_op_fwd(qs, k, km, live, block):
+    lse = _lse_pass(qs, k, km, live, block)
+    return lse, (qs, k, km, live, lse)
+
+
+def _lse_op_bwd(block, res, g):
+    qs, k, km, live, lse = res
+    ones = jnp.ones((*k.shape[:-1], 1), k.dtype)
+    dq, dk, _, _, _ = _grad_pass(
+        qs, k, lse, km, live, block, g[..., None], ones, fold=False, want_pta=False
+    )
+    return dq, dk, None, None
+
+
+_lse_op.defvjp(_lse_op_fwd, _lse_op_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _at_op(qs, k, lse, km, live, x, block):
+    """``A^T x`` for ``x`` ``(..., n, r)``."""
+    return _apply_pass(qs, k, lse, km, live, block, x=x)[0]
+
+
+def _at_op_fwd(qs, k, lse, km, live, x, block):
+    return _at_op(qs, k, lse, km, live, x, block), (qs, k, lse, km, live, x)
+
+
+def _at_op_bwd(block, res, g):
+    qs, k, lse, km, live, x = res
+    dq, dk, c, pb, _ = _grad_pass(qs, k, lse, km, live, block, x, g, fold=False, want_pta=False)
+    return dq, dk, -c, None, None, pb
+
+
+_at_op.defvjp(_at_op_fwd, _at_op_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _a_op(qs, k, lse, km, live, u, block):
+    """``A u`` for ``u`` ``(..., n, r)``."""
+    return _apply_pass(qs, k, lse, km, live, block, u=u)[1]
+
+
+def _a_op_fwd(qs, k, lse, km, live, u, block):
+    return _a_op(qs, k, lse, km, live, u, block), (qs, k, lse, km, live, u)
+
+
+def _a_op_bwd(block, res, g):
+    qs, k, lse, km, live, u = res
+    dq, dk, c, _, pta = _grad_pass(qs, k, lse, km, live, block, g, u, fold=False, want_pta=True)
+    return dq, dk, -c, None, None, pta
+
+
+_a_op.defvjp(_a_op_fwd, _a_op_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# argument handling
+
+
+def _prepare(q, k, scale, key_mask, idx, block):
+    """Float32 scaled queries, keys, effective key mask and 'any valid key' flag, broadcast to
+    one batch shape, with ``keep`` applied; and the block size clipped to ``n``."""
+    dtype = compute_dtype(jnp.result_type(q.dtype, k.dtype))
+    q = q.astype(dtype)
+    k = k.astype(dtype)
+    if idx is not None:
+        q = jnp.take(q, idx, axis=-2)
+        k = jnp.take(k, idx, axis=-2)
+        if key_mask is not None:
+            key_mask = jnp.take(key_mask, idx, axis=-1)
+    batch = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    if key_mask is not None:
+        batch = jnp.broadcast_shapes(batch, key_mask.shape[:-1])
+    n, d = q.shape[-2:]
+    scale = jnp.asarray(1.0 / math.sqrt(d) if scale is None else scale, dtype)
+    qs = jnp.broadcast_to(q * scale, (*batch, n, d))
+    k = jnp.broadcast_to(k, (*batch, n, d))
+    km = live = None
+    if key_mask is not None:
+        km = jnp.broadcast_to(key_mask, (*batch, n))
+        live = jnp.any(km, axis=-1)
+        km = km | ~live[..., None]
+    return qs, k, km, live, batch, min(block, n)
+
+
+def _check(q, k, key_mask, block, name="q"):
+    q = jnp.asarray(q)
+    k = jnp.asarray(k)
+    if q.ndim < 2 or k.ndim < 2:
+        raise ValueError(
+            f"q and k must have shape (..., n, d), got {q.shape} and {k.shape}; add a leading "
+            "axis for a single token"
+        )
+    if q.shape[-2:] != k.shape[-2:]:
+        raise ValueError(
+            f"q and k must have the same (n, d) trailing axes (self-attention), got {q.shape} "
+            f"and {k.shape}; slice them to the same tokens (keep= drops tokens from both)"
+        )
+    n = q.shape[-2]
+    if key_mask is not None:
+        key_mask = jnp.asarray(key_mask)
+        if (
+            key_mask.dtype != bool
+            or key_mask.shape[-1:] != (n,)
+            or key_mask.ndim > max(q.ndim, k.ndim) - 1
+        ):
+            raise ValueError(
+                f"key_mask must be a boolean (..., {n}) array (True = valid key), got "
+                f"{key_mask.dtype} {key_mask.shape}; full (n, n) masks are not supported when "
+                "streaming: build the matrix with ma.transition(..., mask=) instead"
+            )
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block must be a positive int (queries per tile), got {block!r}")
+    return q, k, key_mask
+
+
+def _keep(keep, n):
+    idx = _keep_index(keep, n)
+    return None if idx is None else jnp.asarray(idx)
+
+
+# --------------------------------------------------------------------------------------------
+# TokenRank
+
+
+def _m_matvec(ops, v, alpha):
+    # x -> (I - alpha A^T + alpha v 1^T) x, matrix-free
+    def mv(x):
+        atx = _apply_pass(*ops, x=x[..., None])[0][..., 0]
+        return x - alpha[..., None] * (atx - v * jnp.sum(x, -1, keepdims=True))
+
+    return mv
+
+
+def _mt_matvec(ops, v, alpha):
+    # u -> (I - alpha A + alpha 1 v^T) u, matrix-free
+    def mv(u):
+        au = _apply_pass(*ops, u=u[..., None])[1][..., 0]
+        return u - alpha[..., None] * (au - jnp.sum(v * u, -1, keepdims=True))
+
+    return mv
+
+
+def _power(ops, v, alpha):
+    def step(x):
+        atx = _apply_pass(*ops, x=x[..., None])[0][..., 0]
+        y = alpha[..., None] * atx + (1.0 - alpha[..., None]) * v
+        return y / jnp.sum(y, -1, keepdims=True)
+
+    def cond(s):
+        return (s[2] < POWER_STEPS) & (jnp.max(s[1]) > POWER_TOL)
+
+    def body(s):
+        x, _, it = s
+        y = step(x)
+        return y, jnp.sum(jnp.abs(y - x), -1), it + 1
+
+    delta0 = jnp.full(v.shape[:-1], jnp.inf, v.dtype)
+    return jax.lax.while_loop(cond, body, (v, delta0, jnp.asarray(0, jnp.int32)))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _stationary_qk(qs, k, km, live, v, alpha, block, method):
+    return _stationary_qk_fwd(qs, k, km, live, v, alpha, block, method)[0]
+
+
+def _stationary_qk_fwd(qs, k, km, live, v, alpha, block, method):
+    lse = _lse_pass(qs, k, km, live, block)
+    ops = (qs, k, lse, km, live, block)
+    if method == "gmres":
+        pi, _, _ = gmres(
+            _m_matvec(ops, v, alpha),
+            v,
+            v,
+            restart=GMRES_RESTART,
+            max_restarts=GMRES_CYCLES,
+            tol=GMRES_TOL,
+        )
+    else:
+        pi = _power(ops, v, alpha)
+    pi = safe_normalize(jnp.maximum(pi, 0.0))
+    return pi, (qs, k, lse, km, live, v, alpha, pi)
+
+
+def _stationary_qk_bwd(block, method, res, g):
+    qs, k, lse, km, live, v, alpha, pi = res
+    ops = (qs, k, lse, km, live, block)
+    u, _, _ = gmres(
+        _mt_matvec(ops, v, alpha),
+        g,
+        g,
+        restart=GMRES_RESTART,
+        max_restarts=GMRES_CYCLES,
+        tol=GMRES_TOL,
+    )
+    # dL/dA = alpha pi u^T; through the softmax: dS_ij = alpha pi_i A_ij (u_j - (A u)_i)
+    dq, dk, _, _, atpi = _grad_pass(
+        qs, k, lse, km, live, block, pi[..., None], u[..., None], fold=True, want_pta=True
+    )
+    a_ = alpha[..., None, None]
+    dv = (1.0 - alpha[..., None]) * u
+    dalpha = jnp.sum(u * (atpi[..., 0] - v), -1)
+    return a_ * dq, a_ * dk, None, None, dv, dalpha
+
+
+_stationary_qk.defvjp(_stationary_qk_fwd, _stationary_qk_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "method"))
+def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+    n = qs.shape[-2]
+    v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*batch, n))
+    alpha = jnp.broadcast_to(jnp.asarray(alpha, qs.dtype), batch)
+    return _stationary_qk(qs, k, km, live, v, alpha, block, method)
+
+
+def tokenrank_qk(
+    q: QK,
+    k: QK,
+    /,
+    *,
+    scale: float | None = None,
+    alpha: float | Float[ArrayLike, "*#batch"] = 0.99,
+    v: DistLike | None = None,
+    key_mask: Bool[ArrayLike, "*#batch n"] | None = None,
+    keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
+    block: int = BLOCK,
+    method: str = "gmres",
+) -> Dist:
+    r"""TokenRank streamed from queries and keys, without the ``n × n`` attention matrix.
+
+    Equals ``ma.tokenrank(ma.transition(scale * q @ kᵀ, keep=keep, mask=key_mask), alpha=alpha,
+    v=v)`` to solver tolerance, but computes every product :math:`A^\top x` blockwise from
+    ``q``, ``k`` and the row log-sum-exp, holding at most a ``(block, n)`` tile of :math:`A` per
+    matrix: memory :math:`O(n d + \text{block}\cdot n)` instead of :math:`O(n^2)`.
+
+    The system :math:`(I - \alpha A^\top + \alpha v\mathbf{1}^\top)\pi = v` is solved by
+    restarted GMRES (restart 20, relative residual 1e-6; about 20–60 passes over Q and K) or,
+    with ``method="power"``, by the teleported power method. Gradients with respect to ``q``,
+    ``k``, ``alpha`` and ``v`` are implicit (one adjoint GMRES solve with :math:`A u`), and the
+    softmax backward :math:`dS_{ij} = \alpha\pi_i A_{ij}(u_j - (Au)_i)` is contracted to
+    ``dq`` and ``dk`` blockwise, recomputing the tiles like flash attention's backward, so
+    reverse mode also stays at :math:`O(n d + \text{block}\cdot n)` memory.
+
+    Args:
+      q: queries ``(..., n, d)`` (any leading batch/layer/head axes; bf16 is computed in
+        float32).
+      k: keys ``(..., n, d)``, batch axes broadcasting against ``q``'s.
+      scale: logit scale, ``1 / sqrt(d)`` by default (traced).
+      alpha: teleportation weight in ``[0, 1]``; a scalar or one per matrix (traced).
+      v: teleport distribution ``(..., n)`` over the kept tokens, uniform by default.
+      key_mask: boolean ``(..., n)``, ``True`` for keys that may be attended to (over the
+        original ``n`` tokens, before ``keep``). Full ``(n, n)`` masks are not streamed.
+      keep: tokens kept on both axes before the softmax (slice, indices or boolean mask;
+        ``keep=slice(1, None)`` drops CLS), as in :func:`transition`. Must be concrete.
+      block: queries per tile (static); memory per matrix is about ``3 * block * n * 4``
+        bytes.
+      method: ``"gmres"`` (default) or ``"power"``; the adjoint always uses GMRES.
+
+    Returns:
+      ``(..., m)`` float32 distributions over the ``m`` kept tokens.
+
+    Examples:
+      >>> import jax, markov_attn as ma
+      >>> q, k = jax.random.normal(jax.random.key(0), (2, 3, 50, 8))
+      >>> pi = ma.tokenrank_qk(q, k, block=16)
+      >>> dense = ma.tokenrank(ma.transition(q @ k.swapaxes(-1, -2) / 8**0.5))
+      >>> pi.shape, bool(abs(pi - dense).sum(-1).max() < 1e-5)
+      ((3, 50), True)
+    """
+    check_choice("method", method, METHODS)
+    check_alpha(alpha)
+    q, k, key_mask = _check(q, k, key_mask, block)
+    return _tokenrank_qk(q, k, scale, alpha, v, key_mask, _keep(keep, q.shape[-2]), block, method)
+
+
+# --------------------------------------------------------------------------------------------
+# bounces
+
+
+@functools.partial(jax.jit, static_argnames=("steps", "block", "batch_starts"))
+def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_starts):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+    n = qs.shape[-2]
+    if jnp.issubdtype(x0.dtype, jnp.integer):
+        if batch_starts:  # (..., r) indices -> (..., n, r)
+            bshape = jnp.broadcast_shapes(batch, x0.shape[:-1])
+            x = jax.nn.one_hot(jnp.where(x0 < 0, x0 + n, x0), n, dtype=qs.dtype)
+            x = jnp.broadcast_to(x, (*bshape, x0.shape[-1], n))
+        else:
+            bshape = jnp.broadcast_shapes(batch, x0.shape)
+            x = one_hot(x0, n, bshape, qs.dtype)[..., None, :]
+    else:
+        x = x0.astype(qs.dtype)
+        if not batch_starts:
+            x = x[..., None, :]
+        bshape = jnp.broadcast_shapes(batch, x.shape[:-2])
+        x = safe_normalize(jnp.broadcast_to(x, (*bshape, *x.shape[-2:])))
+    x.shape[-2]
+    x = jnp.swapaxes(x, -1, -2)  # (..., n, r): all start vectors share each pass
+    qs = jnp.broadcast_to(qs, (*bshape, n, qs.shape[-1]))
+    k = jnp.broadcast_to(k, qs.shape)
+    if km is not None:
+        km = jnp.broadcast_to(km, (*bshape, n))
+        live = jnp.broadcast_to(live, bshape)
+    v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*bshape, n))[..., None]
+    alpha = jnp.asarray(alpha, qs.dtype)
+    lse = _lse_op(qs, k, km, live, block)
+
+    def step(x, _):
+        y = alpha * _at_op(qs, k, lse, km, live, x, block)
+        y = y + (1.0 - alpha) * jnp.sum(x, -2, keepdims=True) * v
+        y = safe_normalize(y, axis=-2)
+        return y, y
+
+    _, xs = jax.lax.scan(step, x, None, length=steps)
+    out = jnp.concatenate([x[None], xs], axis=0)  # (steps + 1, ..., n, r)
+    out = jnp.moveaxis(out, 0, -1)  # (..., n, r, steps + 1)
+    out = jnp.moveaxis(out, -3, -1)  # (..., r, steps + 1, n)
+    return out if batch_starts else out[..., 0, :, :]
+
+
+def bounce_qk(
+    q: QK,
+    k: QK,
+    x0: Integer[ArrayLike, "*#batch"] | DistLike,
+    /,
+    *,
+    steps: int,
+    scale: float | None = None,
+    alpha: float | Float[ArrayLike, ""] = 0.99,
+    v: DistLike | None = None,
+    key_mask: Bool[ArrayLike, "*#batch n"] | None = None,
+    keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
+    block: int = BLOCK,
+    batch_starts: bool = False,
+) -> Float[Array, "*batch steps_plus_1 n"]:
+    r"""Multi-bounce maps streamed from queries and keys (see :func:`bounce`).
+
+    Equals ``ma.bounce(ma.transition(scale * q @ kᵀ, keep=keep, mask=key_mask), x0,
+    steps=steps, alpha=alpha, v=v)``; each step is one blockwise pass over ``q`` and ``k``
+    (memory :math:`O(n d + \text{block}\cdot n)`). With ``batch_starts=True`` several start
+    vectors of the same chain share every pass (the logits are recomputed once per step for
+    all of them). Reverse-mode gradients recompute the tiles (custom VJPs), storing only the
+    ``steps + 1`` maps.
+
+    Args:
+      q: queries ``(..., n, d)``.
+      k: keys ``(..., n, d)``.
+      x0: start token index (int or integer array broadcasting against the batch axes) or
+        start distributions ``(..., n)``. With ``batch_starts=True``: indices ``(..., r)`` or
+        distributions ``(..., r, n)``, ``r`` start vectors per chain.
+      steps: number of bounces (static).
+      scale: logit scale, ``1 / sqrt(d)`` by default.
+      alpha: teleportation weight in ``[0, 1]``; ``1.0`` = no teleportation.
+      v: teleport distribution ``(..., n)``, uniform by default.
+      key_mask: boolean ``(..., n)`` key mask (``True`` = valid), before ``keep``.
+      keep: tokens kept on both axes before the softmax (concrete); ``x0`` indexes the kept
+        tokens.
+      block: queries per tile (static).
+      batch_starts: whether ``x0`` carries an axis of start vectors (see ``x0``).
+
+    Returns:
+      ``(..., steps + 1, n)``, or ``(..., r, steps + 1, n)`` with ``batch_starts``.
+
+    Examples:
+      >>> import jax, markov_attn as ma
+      >>> q, k = jax.random.normal(jax.random.key(0), (2, 40, 8))
+      >>> xs = ma.bounce_qk(q, k, [0, 5, 7], steps=2, batch_starts=True, block=16)
+      >>> xs.shape
+      (3, 3, 40)
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int (number of bounces), got {steps!r}")
+    check_alpha(alpha)
+    q, k, key_mask = _check(q, k, key_mask, block)
+    idx = _keep(keep, q.shape[-2])
+    m = q.shape[-2] if idx is None else int(idx.shape[0])
+    x0 = jnp.asarray(x0)
+    if jnp.issubdtype(x0.dtype, jnp.integer):
+        if batch_starts and x0.ndim == 0:
+            raise ValueError("with batch_starts=True, x0 needs an axis of start indices (..., r)")
+        check_index(x0, m)
+    elif x0.ndim < (2 if batch_starts else 1) or x0.shape[-1] != m:
+        want = "(..., r, n)" if batch_starts else "(..., n)"
+        raise ValueError(
+            f"x0 must be token indices (integers) or distributions {want} over the {m} kept "
+            f"tokens, got {x0.dtype} array of shape {x0.shape}"
+        )
+    return _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, bool(batch_starts))
+
+
+# --------------------------------------------------------------------------------------------
+# |lambda_2|
+
+
+@functools.partial(jax.jit, static_argnames=("krylov", "block"))
+def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, block):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+    n = qs.shape[-2]
+    if n == 1:
+        return jnp.zeros(batch, qs.dtype)
+    m = min(krylov, n - 1)
+    lse = _lse_op(qs, k, km, live, block)
+    v0 = jnp.broadcast_to(_zero_sum_start(n, qs.dtype), (*batch, n))
+
+    def matvec(x):
+        return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
+
+    project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
+    _, hess, _ = arnoldi(matvec, v0, m, project=project)
+    return spectral_radius(hess[..., :m, :])
+
+
+def second_eigenvalue_qk(
+    q: QK,
+    k: QK,
+    /,
+    *,
+    scale: float | None = None,
+    key_mask: Bool[ArrayLike, "*#batch n"] | None = None,
+    keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
+    krylov: int = KRYLOV_DIM,
+    block: int = BLOCK,
+) -> PerMatrix:
+    r"""|λ2| of ``softmax(scale · q kᵀ)``, streamed (see :func:`second_eigenvalue`).
+
+    Arnoldi on zero-sum vectors with the blockwise product :math:`A^\top x` (``krylov`` passes
+    over ``q`` and ``k``), then the spectral radius of the small Hessenberg matrix by Gelfand's
+    formula: no eigendecomposition and no ``n × n`` matrix, so it runs on CPU, GPU and TPU in
+    :math:`O(n d + \text{block}\cdot n + \text{krylov}\cdot n)` memory. Same result as
+    ``ma.second_eigenvalue(ma.transition(...))``. Gradients, if taken, differentiate through
+    the Arnoldi recursion (the dense function's eigenvector formula needs the matrix).
+
+    Args:
+      q: queries ``(..., n, d)``.
+      k: keys ``(..., n, d)``.
+      scale: logit scale, ``1 / sqrt(d)`` by default.
+      key_mask: boolean ``(..., n)`` key mask (``True`` = valid), before ``keep``.
+      keep: tokens kept on both axes before the softmax (concrete).
+      krylov: Krylov dimension (static).
+      block: queries per tile (static).
+
+    Returns:
+      ``(...)`` float32 values in ``[0, 1]``.
+
+    Examples:
+      >>> import jax, markov_attn as ma
+      >>> q, k = jax.random.normal(jax.random.key(1), (2, 30, 8))
+      >>> lam = ma.second_eigenvalue_qk(q, k, block=8)
+      >>> dense = ma.second_eigenvalue(ma.transition(q @ k.T / 8**0.5))
+      >>> bool(abs(lam - dense) < 1e-4)
+      True
+    """
+    if not isinstance(krylov, int) or krylov < 1:
+        raise ValueError(f"krylov must be a positive int, got {krylov!r}")
+    q, k, key_mask = _check(q, k, key_mask, block)
+    return _second_eigenvalue_qk(q, k, scale, key_mask, _keep(keep, q.shape[-2]), krylov, block)
+
+
+__all__ = ["bounce_qk", "second_eigenvalue_qk", "tokenrank_qk"]
