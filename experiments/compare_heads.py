@@ -1,0 +1,185 @@
+"""The four pooling heads (cls, mean, map, tokenrank) at equal budget over several seeds.
+
+Command (the default: the ``compare`` preset, seeds 0 and 1, about 2-3 min per run on 2 cores,
+so ~20 min for the 8 runs)::
+
+    python -m experiments.compare_heads                       # runs/compare/{results.json,.md}
+    python -m experiments.compare_heads --update-readme       # also copy the table into README.md
+
+Each run goes to ``<out>/<pool>_s<seed>`` and is resumed (or skipped when finished) on a rerun.
+Seeds are the outer loop and heads the inner one, so a change in machine load hits all heads
+alike. The table gives mean ± standard deviation over seeds of the test accuracy, the
+steady-state images/s and step time, and the step-time overhead of each head over CLS.
+``--update-readme`` replaces only the text between ``<!-- heads:start -->`` and
+``<!-- heads:end -->`` in the README.
+"""
+
+import argparse
+import json
+import pathlib
+import platform
+import sys
+
+import numpy as np
+
+from .configs import PRESETS, TrainConfig, get_preset, override
+from .train import train_and_evaluate
+
+POOLS = ("cls", "mean", "map", "tokenrank")
+DATA_NOTES = {
+    "bench": "the benchmark's classification task (Fashion-MNIST objects composited on natural "
+    "photos; test = held-out objects and photos), synthetic and not comparable to any "
+    "published benchmark.",
+    "synthetic": "random class colours plus noise (a pipeline check, not a benchmark).",
+}
+START, END = "<!-- heads:start -->", "<!-- heads:end -->"
+
+
+def run_all(
+    base: TrainConfig,
+    /,
+    *,
+    pools=POOLS,
+    seeds=(0, 1),
+    out: str | pathlib.Path = "runs/compare",
+    data: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Trains every ``(seed, pool)`` of ``base`` and returns the runs' summaries."""
+    out = pathlib.Path(out)
+    summaries = []
+    for seed in seeds:
+        for pool in pools:
+            cfg = override(base, pool=pool, seed=seed)
+            workdir = out / f"{pool}_s{seed}"
+            done = workdir / "summary.json"
+            if done.exists():  # finished earlier: keep its numbers (timings included)
+                s = json.loads(done.read_text())
+                if s.get("steps") == cfg.steps and s.get("config", {}).get("steps") == cfg.steps:
+                    summaries.append(s)
+                    continue
+            summaries.append(train_and_evaluate(cfg, workdir, data=data, progress=progress))
+    return summaries
+
+
+def _mean_spread(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def aggregate(summaries: list[dict], /) -> list[dict]:
+    """Per head: mean and standard deviation over seeds, and the step-time overhead over CLS."""
+    pools = list(dict.fromkeys(s["pool"] for s in summaries))
+    rows = []
+    for pool in pools:
+        runs = [s for s in summaries if s["pool"] == pool]
+        acc, acc_sd = _mean_spread(s["test_acc"] for s in runs)
+        ips, ips_sd = _mean_spread(s["images_per_s"] for s in runs)
+        ms, ms_sd = _mean_spread(s["step_time_ms"] for s in runs)
+        rows.append({
+            "pool": pool, "seeds": [s["seed"] for s in runs], "test_acc": acc,
+            "test_acc_sd": acc_sd, "images_per_s": ips, "images_per_s_sd": ips_sd,
+            "step_time_ms": ms, "step_time_ms_sd": ms_sd,
+        })  # fmt: skip
+    cls = next((r for r in rows if r["pool"] == "cls"), None)
+    for r in rows:
+        r["overhead_vs_cls_pct"] = (
+            100.0 * (r["step_time_ms"] / cls["step_time_ms"] - 1.0) if cls else None
+        )
+    return rows
+
+
+def table(rows: list[dict], /, *, meta: dict) -> str:
+    """The Markdown results table with the command and the setting it came from."""
+    lines = [
+        f"Preset `{meta['preset']}` ({meta['budget']}), seeds {meta['seeds']}; "
+        f"{meta['device']}. Mean ± standard deviation over seeds.",
+        "",
+        "| head | test acc | images/s | step time (ms) | overhead vs CLS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ov = r["overhead_vs_cls_pct"]
+        lines.append(
+            f"| {r['pool']} | {r['test_acc']:.3f} ± {r['test_acc_sd']:.3f} "
+            f"| {r['images_per_s']:.1f} ± {r['images_per_s_sd']:.1f} "
+            f"| {r['step_time_ms']:.0f} ± {r['step_time_ms_sd']:.0f} "
+            f"| {'—' if ov is None or r['pool'] == 'cls' else f'{ov:+.1f} %'} |"
+        )
+    lines += [
+        "",
+        f"Command: `{meta['command']}`. Data: {meta.get('data', DATA_NOTES['bench'])} "
+        "Timings are steady-state step times (compilation and checkpoint writes excluded).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: str | pathlib.Path, text: str, /) -> None:
+    """Replaces the text between the ``heads`` markers of ``readme`` with ``text``.
+
+    Raises:
+      ValueError: if the markers are missing or out of order (nothing is written).
+    """
+    readme = pathlib.Path(readme)
+    src = readme.read_text()
+    i, j = src.find(START), src.find(END)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(
+            f"{readme} must contain the markers {START} and {END} (in that order); add them "
+            "where the heads table should go"
+        )
+    new = src[: i + len(START)] + "\n" + text.rstrip("\n") + "\n" + src[j:]
+    readme.write_text(new)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.compare_heads", description=__doc__)
+    p.add_argument("--preset", default="compare", choices=sorted(PRESETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--pools", nargs="+", default=list(POOLS), choices=POOLS)
+    p.add_argument("--steps", type=int, help="override the preset's steps (for quick checks)")
+    p.add_argument("--data", choices=("bench", "synthetic"))
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    a = p.parse_args(argv)
+    over = {"data": a.data}
+    if a.steps is not None:
+        over.update(
+            steps=a.steps, warmup_steps=min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
+        )
+    base = get_preset(a.preset, **over)
+    summaries = run_all(base, pools=a.pools, seeds=a.seeds, out=a.out, progress=not a.no_progress)
+    rows = aggregate(summaries)
+    command = "python -m experiments.compare_heads" + "".join(
+        f" {x}" for x in (argv if argv is not None else sys.argv[1:])
+    )
+    meta = {
+        "preset": base.name,
+        "budget": f"{base.steps} steps x {base.batch_size} images, "
+        f"{base.model.image_size} px / patch {base.model.patch_size}, width {base.model.width}, "
+        f"depth {base.model.depth}",
+        "seeds": a.seeds,
+        "data": DATA_NOTES[base.data],
+        "device": f"{summaries[0]['backend']} ({summaries[0]['device']}), {platform.machine()}",
+        "command": command.replace(" --update-readme", "").strip(),
+    }
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(rows, meta=meta)
+    (out / "results.json").write_text(
+        json.dumps({"meta": meta, "heads": rows, "runs": summaries}, indent=1) + "\n"
+    )
+    (out / "results.md").write_text(md)
+    print(md)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    if a.update_readme:
+        update_readme(a.update_readme, md)
+        print(f"updated {a.update_readme} between {START} and {END}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The main job (``make demo``): train the TokenRank-head ViT and show what its attention does.
+
+Trains the ``cpu`` preset with the TokenRank pooling head into ``runs/demo`` (resuming from a
+checkpoint there, or only evaluating if the run is complete), evaluates it on the benchmark's
+test split, and writes figures: for a grid of test images, the image, the TokenRank map, the
+bounce maps n = 1..4 from the CLS token and the column sum, each overlaid on the image.
+
+Which chain each map reads (last layer, as the pooling head does):
+
+- TokenRank: the head's own weights ``π``, the stationary distribution of the last layer's
+  attention restricted to the patch tokens (CLS removed before the softmax), heads averaged with
+  ``|λ2|`` weights.
+- Bounces and column sum: the full last-layer chain including CLS (heads ``|λ2|``-weighted),
+  ``markov_attn.bounce`` from the CLS token with the default teleportation ``α = 0.99``;
+  the maps are shown over the patch tokens, each rescaled on its own.
+
+Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
+(about 5-8 min on 2 idle cores) plus under a minute for data, evaluation and figures.
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import markov_attn as ma
+from markov_attn.data import CLASSES, make_split
+from markov_attn.nn import TokenRankPool
+from markov_attn.viz import bounce_strip
+
+from .configs import get_preset
+from .train import load_model, train_and_evaluate
+
+WORKDIR = pathlib.Path("runs/demo")
+NUM_IMAGES = 8
+BOUNCES = 4
+
+
+def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dict:
+    """Token maps of ``images`` (float NHWC in [0, 1]) from a trained ViT's last layer.
+
+    Returns ``{"logits", "TokenRank", "bounce 1".."bounce <steps>", "column sum"}``; the maps
+    are ``(N, gh, gw)`` numpy arrays over the patch grid.
+    """
+    graphdef, state = nnx.split(model)
+    cfg = model.cfg
+    p = cfg.num_prefix
+
+    @jax.jit
+    def run(state, x):
+        logits, aux = nnx.merge(graphdef, state)(x, return_logits=True)
+        scores = aux["attn_logits"][:, -1]  # (B, H, n, n)
+        pi = TokenRankPool(cfg).weights(scores, num_prefix=p)
+        attn = aux["attn"][:, -1]
+        w = ma.head_weights(ma.second_eigenvalue(attn, krylov=cfg.tokenrank_krylov))
+        chain = ma.average(attn, weights=w, axis=-3)  # (B, n, n), CLS included
+        if cfg.cls_token:
+            maps = ma.bounce(chain, 0, steps=steps)[:, 1:, p:]  # (B, steps, patches)
+        else:  # no CLS: start from the uniform distribution instead
+            uniform = jnp.full(chain.shape[:-1], 1.0 / chain.shape[-1])
+            maps = ma.bounce(chain, uniform, steps=steps)[:, 1:, p:]
+        return logits, pi, maps, ma.column_sum(chain)[:, p:]
+
+    logits, pi, bounces, colsum = jax.device_get(run(state, jnp.asarray(images)))
+    b, h, w = images.shape[0], images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
+    out = {"logits": logits, "TokenRank": pi.reshape(b, h, w)}
+    for k in range(steps):
+        out[f"bounce {k + 1}"] = bounces[:, k].reshape(b, h, w)
+    out["column sum"] = colsum.reshape(b, h, w)
+    return out
+
+
+def write_figures(model, cfg, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES) -> list[str]:
+    """Draws the bounce strip for the first ``n`` test images; returns the written paths."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    test = make_split("test", n, size=cfg.model.image_size, seed=cfg.data_seed)
+    maps = attention_maps(model, test["images"])
+    pred = np.argmax(maps.pop("logits"), -1)
+    labels = [
+        f"{CLASSES[t]} / {CLASSES[q]}" + ("" if t == q else " ✗")
+        for t, q in zip(test["labels"], pred)
+    ]
+    paths = []
+    for method in ("bilinear", "nearest"):
+        path = outdir / f"bounce_strip_{method}.png"
+        bounce_strip(
+            test["images"],
+            maps,
+            path=path,
+            method=method,
+            row_labels=labels,
+            title="last layer: TokenRank (pooling weights), bounces n=1..4 from CLS, column sum"
+            "  (label: true / predicted)",
+        )
+        paths.append(str(path))
+    np.savez_compressed(
+        outdir / "maps.npz",
+        images=test["images"],
+        labels=test["labels"],
+        predictions=pred,
+        **{k.replace(" ", "_"): v for k, v in maps.items()},
+    )
+    paths.append(str(outdir / "maps.npz"))
+    return paths
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    cfg = get_preset("cpu", pool="tokenrank")
+    print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
+    summary = train_and_evaluate(cfg, WORKDIR)
+    model, cfg = load_model(WORKDIR)
+    paths = write_figures(model, cfg, WORKDIR / "figures")
+    wall = time.perf_counter() - t0
+    keys = ("test_acc", "test_loss", "images_per_s", "step_time_ms", "train_time_s")
+    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    print(
+        f"test accuracy {summary['test_acc']:.3f} on {summary['test_size']} benchmark test images"
+    )
+    print(f"run directory: {WORKDIR.absolute()} (checkpoints/, metrics.jsonl, summary.json)")
+    print("figures:")
+    for p in paths:
+        print(f"  {pathlib.Path(p).absolute()}")
+    print(f"demo wall time {wall / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,586 @@
+"""Training a ViT (any pooling head) on the benchmark's classification task.
+
+Library: :func:`train_and_evaluate` ``(config, workdir) -> summary dict``. CLI::
+
+    python -m experiments.train --preset cpu --pool tokenrank --workdir runs/x --seed 0
+
+Everything random derives from ``(seed, step)``: the data order is a per-epoch permutation
+seeded with ``(seed, epoch)``, the flip augmentation (inside the jitted step) uses
+``fold_in(key(seed), step)``. A checkpoint therefore only needs the parameters, the optimiser
+state and the step; a run killed at any point resumes from its last checkpoint on the same
+trajectory (metric lines past the checkpoint are dropped and rewritten).
+
+The run directory holds ``checkpoints/<step>/`` (Orbax), ``metrics.jsonl`` (one JSON object per
+logged step, plus a final ``"split": "test"`` line) and ``summary.json``.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from markov_attn.nn import ViT, ViTConfig
+
+from .ckpt import Checkpointer, CheckpointError
+from .configs import PRESETS, TrainConfig, get_preset
+
+__all__ = [
+    "CheckpointError",
+    "config_from_args",
+    "config_from_dict",
+    "load_data",
+    "load_model",
+    "main",
+    "synthetic_data",
+    "train_and_evaluate",
+]
+
+# Fields that do not change the trajectory: a resumed run may change them.
+_FREE_FIELDS = (
+    "name",
+    "data_root",
+    "test_size",
+    "ckpt_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def _to_uint8(images: np.ndarray) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def synthetic_data(n: int, /, *, size: int, seed: int = 0, split: str = "train") -> dict:
+    """A learnable stand-in for the benchmark: one colour per class plus pixel noise.
+
+    Needs no data package (tests, quick checks). Images ``uint8 (n, size, size, 3)``, labels
+    ``int32 (n,)``; deterministic per ``(seed, split)``; train and test share the colours.
+    """
+    colours = np.random.default_rng([seed, 7]).random((10, 1, 1, 3), dtype=np.float32)
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    noise = rng.random((n, size, size, 3), dtype=np.float32)
+    return {"images": _to_uint8(0.6 * colours[labels] + 0.4 * noise), "labels": labels}
+
+
+def load_data(cfg: TrainConfig, /) -> dict:
+    """``{"train": {"images", "labels"}, "test": {...}}`` in memory (images as uint8).
+
+    ``cfg.data == "bench"`` uses ``markov_attn.data.make_split``; its
+    ``DataMissingError`` (no Fashion-MNIST installed) propagates with install instructions.
+    """
+    size = cfg.model.image_size
+    if cfg.data == "synthetic":
+        return {
+            "train": synthetic_data(cfg.train_size, size=size, seed=cfg.data_seed, split="train"),
+            "test": synthetic_data(cfg.test_size, size=size, seed=cfg.data_seed, split="test"),
+        }
+    from markov_attn.data import make_split
+
+    out = {}
+    for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
+        d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root)
+        out[split] = {
+            "images": _to_uint8(d["images"]),
+            "labels": np.asarray(d["labels"], np.int32),
+        }
+    return out
+
+
+def _check_data(data: dict, cfg: TrainConfig) -> dict:
+    out = {}
+    for split in ("train", "test"):
+        if split not in data or "images" not in data[split] or "labels" not in data[split]:
+            raise ValueError(
+                "data= must be {'train': {'images', 'labels'}, 'test': {'images', 'labels'}}"
+            )
+        images, labels = _to_uint8(data[split]["images"]), np.asarray(data[split]["labels"])
+        s = cfg.model.image_size
+        if images.ndim != 4 or images.shape[1:] != (s, s, cfg.model.in_channels):
+            raise ValueError(
+                f"{split} images must have shape (N, {s}, {s}, {cfg.model.in_channels}) to match "
+                f"the model config, got {images.shape}"
+            )
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"{split} labels must have shape ({len(images)},), got {labels.shape}")
+        out[split] = {"images": images, "labels": labels.astype(np.int32)}
+    if len(out["train"]["images"]) < cfg.batch_size:
+        raise ValueError(
+            f"{len(out['train']['images'])} training images < batch_size {cfg.batch_size}"
+        )
+    return out
+
+
+def batch_indices(step: int, /, *, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the training batch at ``step``: epoch ``e`` uses the permutation seeded with
+    ``(seed, e)``; each epoch yields ``n // batch_size`` full batches (the rest is dropped)."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = _permutation(seed, epoch, n)
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# model, optimiser, steps
+
+
+def _schedule(cfg: TrainConfig):
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.steps,
+        end_value=cfg.lr * cfg.end_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: TrainConfig, /) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay; weight decay on arrays of rank >= 2 only."""
+    adamw = optax.adamw(
+        _schedule(cfg),
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+    )
+    if cfg.grad_clip:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+class _Compiled(NamedTuple):
+    graphdef: object
+    rest: object
+    tx: optax.GradientTransformation
+    init: object  # () -> (params, opt_state)
+    train_step: object
+    eval_step: object
+
+
+def _new_model(cfg: TrainConfig) -> ViT:
+    return ViT(cfg.model, rngs=nnx.Rngs(params=cfg.seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: TrainConfig) -> _Compiled:
+    """The jitted functions of a configuration, cached so that runs of the same configuration in
+    one process (resume, tests) compile once. ``cfg`` must have the free fields normalised."""
+    tx = make_optimizer(cfg)
+    schedule = _schedule(cfg)
+    graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: _new_model(cfg)), nnx.Param, ...)
+    aug_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+    def init_fn():
+        params = nnx.state(_new_model(cfg), nnx.Param)
+        return params, tx.init(params)
+
+    def init():
+        # One program for all initialisers, compiled without optimisation: XLA's optimising
+        # compile of the random initialisers takes seconds on CPU, and it runs once.
+        compiled = jax.jit(init_fn).lower().compile({"xla_backend_optimization_level": 0})
+        # committed to the device like restored arrays, so both hit the same compiled step
+        return jax.device_put(compiled(), jax.devices()[0])
+
+    def forward(params, images_u8):
+        model = nnx.merge(graphdef, params, rest)
+        logits, _ = model(images_u8.astype(jnp.float32) / 255.0)
+        return logits.astype(jnp.float32)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, images_u8, labels, step):
+        if cfg.flip:
+            key = jax.random.fold_in(aug_key, step)
+            flip = jax.random.bernoulli(key, 0.5, (images_u8.shape[0],))
+            images_u8 = jnp.where(flip[:, None, None, None], images_u8[:, :, ::-1], images_u8)
+
+        def loss_fn(p):
+            logits = forward(p, images_u8)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return params, opt_state, {"loss": loss, "acc": acc, "lr": schedule(step)}
+
+    @jax.jit
+    def eval_step(params, images_u8, labels, valid):
+        logits = forward(params, images_u8)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        return jnp.sum(loss * valid), jnp.sum(correct * valid)
+
+    return _Compiled(graphdef, rest, tx, init, train_step, eval_step)
+
+
+def _normalised(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the fields that do not change the computation reset (the cache key)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return dataclasses.replace(cfg, **{k: defaults[k] for k in _FREE_FIELDS})
+
+
+def _abstract_train_state(cfg: TrainConfig, tx):
+    params = nnx.state(nnx.eval_shape(lambda: _new_model(cfg)), nnx.Param)
+    opt_state = jax.eval_shape(tx.init, params)
+    return {"params": params, "opt_state": opt_state}
+
+
+def evaluate(eval_step, params, data: dict, *, batch_size: int) -> dict:
+    """Test loss and accuracy over ``data`` (last batch padded and masked)."""
+    images, labels = data["images"], data["labels"]
+    n = len(labels)
+    total_loss = total_correct = 0.0
+    for start in range(0, n, batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        m = len(y)
+        valid = np.ones(batch_size, np.float32)
+        if m < batch_size:
+            pad = batch_size - m
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros(pad, y.dtype)])
+            valid[m:] = 0.0
+        loss, correct = eval_step(params, x, y, valid)
+        total_loss += float(loss)
+        total_correct += float(correct)
+    return {"test_loss": total_loss / n, "test_acc": total_correct / n, "test_size": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# config (de)serialisation and run-directory helpers
+
+
+def config_from_dict(d: dict, /) -> TrainConfig:
+    """Inverse of ``TrainConfig.to_dict`` (as stored in checkpoints and ``summary.json``)."""
+    m = dict(d["model"])
+    for k in ("dtype", "param_dtype"):
+        if m.get(k) is not None:
+            m[k] = jnp.dtype(m[k])
+    return TrainConfig(**{**d, "model": ViTConfig(**m)})
+
+
+def _config_dict(cfg: TrainConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in ("dtype", "param_dtype"):
+        if d["model"][k] is not None:
+            d["model"][k] = jnp.dtype(d["model"][k]).name
+    return d
+
+
+def _check_same_run(stored: dict, cfg: TrainConfig, workdir: pathlib.Path) -> None:
+    current = _config_dict(cfg)
+    for key in sorted(set(stored) | set(current)):
+        if key in _FREE_FIELDS:
+            continue
+        if stored.get(key) != current.get(key):
+            raise ValueError(
+                f"{workdir} holds a checkpoint of a different run ({key}: stored "
+                f"{stored.get(key)!r}, now {current.get(key)!r}); use another --workdir or "
+                f"delete {workdir}"
+            )
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drops metric lines logged after ``step`` (they are recomputed on resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("step", 0) <= step and rec.get("split") != "test":
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _trajectory_state(cfg: TrainConfig, step: int, n_train: int) -> dict:
+    per_epoch = n_train // cfg.batch_size
+    return {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    workdir: str | os.PathLike,
+    /,
+    *,
+    data: dict | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    kill_at_step: int | None = None,
+) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its last checkpoint), evaluates, and
+    writes ``metrics.jsonl`` and ``summary.json``.
+
+    Args:
+      config: the run (see :mod:`experiments.configs`).
+      workdir: run directory; an existing checkpoint there is resumed (it must come from the
+        same configuration, except for logging/checkpointing fields).
+      data: optional in-memory data ``{"train": {"images", "labels"}, "test": {...}}``
+        (images float in [0, 1] or uint8, NHWC) instead of ``config.data``.
+      stop_after: stop after this global step without a final checkpoint or evaluation, as if
+        the process had been killed there (for resume tests). Returns the partial state.
+      progress: show a tqdm progress bar.
+      kill_at_step: send SIGKILL to this process after that step (for kill tests).
+
+    Returns:
+      The summary dict (also written to ``workdir/summary.json``): test accuracy and loss,
+      final training loss/accuracy, steady-state step time (ms) and images/s, parameter count,
+      wall times and the config.
+
+    Raises:
+      markov_attn.data.DataMissingError: if the benchmark needs Fashion-MNIST and it is not
+        installed (the message says how to install it).
+      CheckpointError: if the last checkpoint cannot be restored.
+      ValueError: if ``workdir`` holds a checkpoint of another configuration.
+    """
+    t_start = time.perf_counter()
+    cfg = config
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_path = workdir / "metrics.jsonl"
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:  # refuse another run's checkpoint before any expensive work
+        _check_same_run(ckpt.read_meta(step=latest).get("config", {}), cfg, workdir)
+
+    t0 = time.perf_counter()
+    data = _check_data(load_data(cfg) if data is None else data, cfg)
+    data_time = time.perf_counter() - t0
+    train_images, train_labels = data["train"]["images"], data["train"]["labels"]
+    n_train = len(train_labels)
+
+    fns = _compiled(_normalised(cfg))
+    train_step, eval_step = fns.train_step, fns.eval_step
+    start = 0
+    if latest is None:
+        params, opt_state = fns.init()
+    else:
+        state, meta = ckpt.restore(_abstract_train_state(cfg, fns.tx), step=latest)
+        params, opt_state = state["params"], state["opt_state"]
+        start = int(meta["step"])
+    n_params = _count_params(params)
+    _truncate_metrics(metrics_path, start)
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = None
+    if progress and start < end:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"{cfg.name}/{cfg.model.pool}",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+
+    window, window_start, window_t = [], start, time.perf_counter()
+    timed_steps, timed_seconds, last, save_time = 0, 0.0, {}, 0.0
+    train_t0 = time.perf_counter()
+    with metrics_path.open("a") as mfile:
+        for step in range(start, end):
+            idx = batch_indices(step, n=n_train, batch_size=cfg.batch_size, seed=cfg.seed)
+            params, opt_state, m = train_step(
+                params, opt_state, train_images[idx], train_labels[idx], jnp.int32(step)
+            )
+            window.append(m)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                window = jax.device_get(window)
+                now = time.perf_counter()
+                dt, k = now - window_t - save_time, done - window_start
+                if window_start > start:  # the first window of a session includes compilation
+                    timed_steps += k
+                    timed_seconds += dt
+                last = {
+                    "step": done,
+                    **_trajectory_state(cfg, done, n_train),
+                    "loss": float(np.mean([w["loss"] for w in window])),
+                    "acc": float(np.mean([w["acc"] for w in window])),
+                    "lr": float(window[-1]["lr"]),
+                    "step_time_ms": 1e3 * dt / k,
+                    "img_per_s": k * cfg.batch_size / dt,
+                    "elapsed_s": now - train_t0,
+                }
+                mfile.write(json.dumps(last) + "\n")
+                mfile.flush()
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.3f}",
+                        acc=f"{last['acc']:.3f}",
+                        img_s=f"{last['img_per_s']:.0f}",
+                    )
+                window, window_start, window_t, save_time = [], done, time.perf_counter(), 0.0
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                meta = {**_trajectory_state(cfg, done, n_train), "config": _config_dict(cfg)}
+                t_save = time.perf_counter()
+                ckpt.save(done, {"params": params, "opt_state": opt_state}, meta)
+                save_time += time.perf_counter() - t_save  # not counted as training time
+            if bar is not None:
+                bar.update(1)
+            if kill_at_step is not None and done == kill_at_step:
+                jax.block_until_ready(params)
+                os.kill(os.getpid(), signal.SIGKILL)
+    train_time = time.perf_counter() - train_t0
+    if bar is not None:
+        bar.close()
+    ckpt.close()
+
+    if end < cfg.steps:  # stopped early: behave like a killed process (no summary)
+        return {"step": end, "params": params, "opt_state": opt_state, "last": last}
+
+    t0 = time.perf_counter()
+    test = evaluate(eval_step, params, data["test"], batch_size=cfg.eval_batch_size)
+    eval_time = time.perf_counter() - t0
+    with metrics_path.open("a") as mfile:
+        mfile.write(json.dumps({"step": cfg.steps, "split": "test", **test}) + "\n")
+
+    if timed_steps == 0 and start < end:  # a single window: fall back to it (incl. compile)
+        timed_steps, timed_seconds = end - start, train_time
+    step_time = timed_seconds / timed_steps if timed_steps else float("nan")
+    history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    train_lines = [h for h in history if "loss" in h]
+    final = train_lines[-1] if train_lines else {}
+    summary = {
+        "name": cfg.name,
+        "pool": cfg.model.pool,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "resumed_from": start,
+        **test,
+        "train_loss": final.get("loss"),
+        "train_acc": final.get("acc"),
+        "step_time_ms": 1e3 * step_time if math.isfinite(step_time) else None,
+        "images_per_s": cfg.batch_size / step_time if math.isfinite(step_time) else None,
+        "timed_steps": timed_steps,
+        "params": n_params,
+        "data_time_s": data_time,
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "config": _config_dict(cfg),
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_model(workdir: str | os.PathLike, /, *, step: int | None = None):
+    """The trained model of a run directory: ``(model, config)`` from its checkpoint.
+
+    Raises:
+      FileNotFoundError: if ``workdir`` has no checkpoint.
+      CheckpointError: if it cannot be restored.
+    """
+    workdir = pathlib.Path(workdir)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
+        meta = ckpt.read_meta(step=step)
+        try:
+            cfg = config_from_dict(meta["config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {ckpt.directory / str(step)} holds no usable config ({e}); delete "
+                "it or retrain"
+            ) from e
+        state, _ = ckpt.restore(_abstract_train_state(cfg, make_optimizer(cfg)), step=step)
+    finally:
+        ckpt.close()
+    abstract = nnx.eval_shape(lambda: _new_model(cfg))
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    model = nnx.merge(graphdef, state["params"], rest)
+    return model, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.train", description="Train a ViT on the benchmark task."
+    )
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--pool", choices=("cls", "mean", "map", "tokenrank"))
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int, help="override the preset's steps (warm-up <= 10%%)")
+    p.add_argument("--data", choices=("bench", "synthetic"))
+    p.add_argument("--data-root", help="Fashion-MNIST directory (default: the Debian package's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # for the resume tests
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    """The :class:`TrainConfig` the CLI builds from ``argv`` (preset plus overrides)."""
+    a, _ = _parser().parse_known_args(argv)
+    warmup = None
+    if a.steps is not None:  # keep the warm-up inside a shortened run
+        warmup = min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
+    return get_preset(
+        a.preset,
+        pool=a.pool,
+        seed=a.seed,
+        steps=a.steps,
+        data=a.data,
+        data_root=a.data_root,
+        warmup_steps=warmup,
+    )
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    cfg = config_from_args(argv)
+    try:
+        summary = train_and_evaluate(
+            cfg, a.workdir, progress=not a.no_progress, kill_at_step=a.kill_at_step
+        )
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # DataMissingError: FileNotFound
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    keys = ("pool", "seed", "test_acc", "train_loss", "step_time_ms", "images_per_s")
+    print(json.dumps({k: summary[k] for k in keys}))
+    print(f"wrote {pathlib.Path(a.workdir) / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

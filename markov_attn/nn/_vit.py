@@ -1,0 +1,277 @@
+"""A Vision Transformer in Flax NNX that returns its attention explicitly."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from ._config import ViTConfig
+from ._pool import MAPHead, TokenRankPool
+
+_xavier = nnx.initializers.xavier_uniform()
+_zeros = nnx.initializers.zeros_init()
+
+
+def _gelu(kind: str):
+    if kind == "exact":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if kind == "tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+
+
+def _layer_norm(cfg: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        cfg.width, epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention, non-fused, returning the attention probabilities.
+
+    The fused ``qkv`` projection puts ``[q; k; v]`` on its output axis, heads contiguous inside
+    each (``q = out[..., :width]`` reshaped to ``(heads, head_dim)``). The scores
+    ``S = q kᵀ / √d`` and their softmax are computed in float32 whatever ``cfg.dtype`` is.
+    Capturing the probabilities rules out fused (flash) attention kernels.
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.width // cfg.num_heads
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_xavier, rngs=rngs)
+        self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, use_bias=cfg.qkv_bias, **kw)
+        self.proj = nnx.Linear(cfg.width, cfg.width, **kw)
+
+    def __call__(self, x: Float[Array, "b n d"]):
+        """Returns ``(out (b, n, d), probs (b, h, n, n), scores (b, h, n, n))``."""
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = jnp.einsum(
+            "bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)
+        ) * jnp.float32(scale)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if hasattr(self, "__captures__"):  # inside nnx.capture: sowing elsewhere is deprecated
+            self.sow(nnx.Intermediate, "attn", probs)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, n, d)
+        return self.proj(out), probs, scores
+
+
+class Mlp(nnx.Module):
+    """Two dense layers with a GELU between them."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_xavier, rngs=rngs)
+        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **kw)
+        self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **kw)
+        self.act = _gelu(cfg.gelu)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + ls1·attn(norm1(x))``, then ``x + ls2·mlp(norm2(x))``."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.norm1 = _layer_norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = _layer_norm(cfg, rngs)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        if cfg.layer_scale is None:
+            self.ls1 = self.ls2 = None
+        else:
+            init = jnp.full((cfg.width,), cfg.layer_scale, cfg.param_dtype)
+            self.ls1 = nnx.Param(init)
+            self.ls2 = nnx.Param(init)
+
+    def __call__(self, x):
+        y, probs, scores = self.attn(self.norm1(x))
+        if self.ls1 is not None:
+            y = y * self.ls1[...][None, None, :]
+        x = x + y
+        y = self.mlp(self.norm2(x))
+        if self.ls2 is not None:
+            y = y * self.ls2[...][None, None, :]
+        return x + y, probs, scores
+
+
+class ViT(nnx.Module):
+    """Vision Transformer whose call returns every layer's attention as Markov chains.
+
+    Tokens are ordered ``[CLS] [registers...] [patches, row-major]``. Each block is pre-norm;
+    the attention is written out explicitly (no fused kernel) so that its probabilities, a
+    row-stochastic chain per head (``attn[..., i, j]`` = weight query ``i`` puts on key ``j``),
+    are returned in ``aux`` and can be differentiated through. They are also sown as
+    ``nnx.Intermediate`` under the name ``"attn"`` in each ``blocks[i].attn`` when the model runs
+    under ``nnx.capture(model, nnx.Intermediate)`` (Flax 0.12.8 deprecates ``sow`` outside
+    ``capture``, so nothing is stored on plain calls).
+
+    Pooling (``cfg.pool``):
+
+    - ``"cls"``: the CLS token.
+    - ``"mean"``: mean of the patch tokens (CLS and registers excluded).
+    - ``"map"``: big_vision's MAP head, a learned probe query attending to the patch tokens
+      (:class:`MAPHead`).
+    - ``"tokenrank"``: TokenRank-weighted sum of the patch tokens, the weights taken from the
+      last layer's attention (:class:`TokenRankPool`; no parameters of its own).
+
+    Args:
+      cfg: the configuration.
+      rngs: random streams for the initialisation.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from markov_attn.nn import ViT, ViTConfig
+      >>> cfg = ViTConfig(image_size=16, patch_size=8, width=16, depth=2, num_heads=2,
+      ...                 mlp_dim=32, num_classes=3)
+      >>> model = ViT(cfg, rngs=nnx.Rngs(0))
+      >>> logits, aux = model(jnp.ones((2, 16, 16, 3)))
+      >>> logits.shape, aux["attn"].shape
+      ((2, 3), (2, 2, 2, 5, 5))
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p = cfg.patch_size
+        self.patch_embed = nnx.Conv(
+            cfg.in_channels,
+            cfg.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            rngs=rngs,
+        )
+        std = nnx.initializers.normal(0.02)
+        self.cls = (
+            nnx.Param(std(rngs.params(), (1, 1, cfg.width), cfg.param_dtype))
+            if (cfg.cls_token)
+            else None
+        )
+        self.registers = (
+            nnx.Param(std(rngs.params(), (1, cfg.num_registers, cfg.width), cfg.param_dtype))
+            if cfg.num_registers
+            else None
+        )
+        n_pos = (1 if cfg.cls_token and cfg.pos_embed_cls else 0) + cfg.grid**2
+        self.pos_embed = nnx.Param(std(rngs.params(), (1, n_pos, cfg.width), cfg.param_dtype))
+        self.pre_norm = _layer_norm(cfg, rngs) if cfg.pre_norm else None
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = _layer_norm(cfg, rngs) if cfg.final_norm != "none" else None
+        self.map_head = MAPHead(cfg, rngs=rngs) if cfg.pool == "map" else None
+        self.tokenrank_pool = TokenRankPool(cfg) if cfg.pool == "tokenrank" else None
+        self.head = (
+            nnx.Linear(
+                cfg.width,
+                cfg.num_classes,
+                kernel_init=_zeros,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                rngs=rngs,
+            )
+            if cfg.num_classes
+            else None
+        )
+
+    def _pos_embed(self, gh: int, gw: int):
+        cfg = self.cfg
+        pos = self.pos_embed[...]
+        n_cls = 1 if cfg.cls_token and cfg.pos_embed_cls else 0
+        pos_cls, pos_grid = pos[:, :n_cls], pos[:, n_cls:]
+        if (gh, gw) != (cfg.grid, cfg.grid):
+            from .posembed import resize_pos_embed  # lazily: only when the sizes differ
+
+            grid = pos_grid[0].reshape(cfg.grid, cfg.grid, cfg.width)
+            grid = resize_pos_embed(grid, (gh, gw), method=cfg.pos_interp)
+            pos_grid = grid.reshape(1, gh * gw, cfg.width).astype(pos.dtype)
+        return pos_cls, pos_grid
+
+    def __call__(
+        self,
+        images: Float[Array, "b h w c"],
+        *,
+        return_logits: bool = False,
+        return_hidden: bool = False,
+    ):
+        """Runs the model.
+
+        Args:
+          images: ``(B, H, W, C)`` float NHWC; ``H`` and ``W`` multiples of ``patch_size``.
+            Other sizes than ``image_size`` resize the position-embedding grid
+            (``cfg.pos_interp``).
+          return_logits: also return the pre-softmax attention scores.
+          return_hidden: also return the residual stream before each block and at the end.
+
+        Returns:
+          ``(logits, aux)``: ``logits`` ``(B, num_classes)``, or the pooled features
+          ``(B, width)`` if ``num_classes == 0``. ``aux`` holds ``"attn"``
+          ``(B, depth, heads, n, n)`` float32 probabilities (``n`` counts CLS and registers),
+          ``"attn_logits"`` (same shape, if asked), ``"hidden"`` ``(B, depth + 1, n, width)``
+          (embeddings, then each block's output before the final norm; if asked),
+          ``"tokens"`` ``(B, n, width)`` (after the final norm if ``final_norm == "all"``),
+          ``"pooled"`` ``(B, width)``, ``"num_prefix"`` (python int) and, for the TokenRank
+          head, ``"pool_weights"`` ``(B, gh·gw)`` (TokenRank over the patch tokens).
+        """
+        cfg = self.cfg
+        b, h, w, _ = images.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"image sides must be multiples of patch_size={cfg.patch_size}, got {h}x{w}; "
+                "resize or crop the images"
+            )
+        x = self.patch_embed(images)
+        gh, gw = x.shape[1], x.shape[2]
+        x = x.reshape(b, gh * gw, cfg.width)
+        pos_cls, pos_grid = self._pos_embed(gh, gw)
+        x = x + pos_grid.astype(x.dtype)
+        prefix = []
+        if self.cls is not None:
+            cls = self.cls[...]
+            if cfg.pos_embed_cls:
+                cls = cls + pos_cls
+            prefix.append(jnp.broadcast_to(cls, (b, 1, cfg.width)).astype(x.dtype))
+        if self.registers is not None:
+            reg = self.registers[...]
+            prefix.append(jnp.broadcast_to(reg, (b, *reg.shape[1:])).astype(x.dtype))
+        if prefix:
+            x = jnp.concatenate([*prefix, x], axis=1)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
+
+        hidden, attn, scores = [x], [], []
+        for block in self.blocks:
+            x, p, s = block(x)
+            hidden.append(x)
+            attn.append(p)
+            scores.append(s)
+
+        tokens = self.norm(x) if cfg.final_norm == "all" else x
+        num_prefix = cfg.num_prefix
+        aux = {"attn": jnp.stack(attn, axis=1), "num_prefix": num_prefix}
+        if cfg.pool == "cls":
+            pooled = tokens[:, 0]
+        elif cfg.pool == "mean":
+            pooled = tokens[:, num_prefix:].mean(axis=1)
+        elif cfg.pool == "map":
+            pooled = self.map_head(tokens[:, num_prefix:])
+        else:
+            pooled, weights = self.tokenrank_pool(scores[-1], tokens, num_prefix=num_prefix)
+            aux["pool_weights"] = weights
+        if cfg.final_norm == "pooled":
+            pooled = self.norm(pooled)
+        logits = self.head(pooled) if self.head is not None else pooled
+
+        if return_logits:
+            aux["attn_logits"] = jnp.stack(scores, axis=1)
+        if return_hidden:
+            aux["hidden"] = jnp.stack(hidden, axis=1)
+        aux["tokens"] = tokens
+        aux["pooled"] = pooled
+        return logits, aux

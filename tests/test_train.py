@@ -1,0 +1,258 @@
+"""Tests for experiments.train / experiments.ckpt: smoke run, checkpoints, kill-and-resume."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments.ckpt import Checkpointer, CheckpointError
+from experiments.configs import PRESETS, TrainConfig, get_preset
+from experiments.train import (
+    batch_indices,
+    load_model,
+    synthetic_data,
+    train_and_evaluate,
+)
+from markov_attn.nn import ViTConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY = TrainConfig(
+    model=ViTConfig(
+        image_size=16, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, pool="tokenrank"
+    ),
+    name="tiny",
+    data="synthetic",
+    train_size=64,
+    test_size=40,
+    batch_size=16,
+    steps=6,
+    lr=1e-2,
+    warmup_steps=1,
+    ckpt_every=2,
+    log_every=1,
+    eval_batch_size=32,
+)
+
+
+def _tiny(**kw) -> TrainConfig:
+    return dataclasses.replace(TINY, **kw)
+
+
+def _losses(workdir) -> list[tuple]:
+    lines = [
+        json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    return [(r["step"], r.get("loss"), r.get("acc"), r.get("test_acc")) for r in lines]
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """An uninterrupted tiny run: (workdir, summary)."""
+    workdir = tmp_path_factory.mktemp("full")
+    return workdir, train_and_evaluate(TINY, workdir, progress=False)
+
+
+def test_training_learns_the_synthetic_task(finished_run):
+    workdir, summary = finished_run
+    for key in ("test_acc", "test_loss", "train_loss", "step_time_ms", "images_per_s", "params"):
+        assert key in summary
+    assert summary["pool"] == "tokenrank" and summary["test_size"] == 40
+    assert json.loads((workdir / "summary.json").read_text())["steps"] == 6
+    assert [r[0] for r in _losses(workdir)] == [1, 2, 3, 4, 5, 6, 6]  # 6 train lines + test
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [4, 6]
+    assert summary["resumed_from"] == 0
+    assert summary["test_loss"] < np.log(10) - 0.05  # chance level: log(10), accuracy 0.1
+    assert summary["test_acc"] > 0.2
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = {
+        "params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(0.5)},
+        "opt_state": (np.int32(7), {"mu": np.ones(3, np.float32)}),
+    }
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() is None
+        ckpt.save(3, state, {"step": 3, "note": "x"})
+        ckpt.save(5, jax.tree.map(lambda x: x + 1, state), {"step": 5})
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+        restored, meta = ckpt.restore(abstract, step=3)
+        assert meta == {"step": 3, "note": "x"}
+        for a, b in zip(_leaves(restored), _leaves(state)):
+            np.testing.assert_array_equal(a, b)
+            assert a.dtype == b.dtype
+        assert ckpt.latest_step() == 5
+        assert ckpt.read_meta()["step"] == 5
+
+
+def test_model_round_trip(finished_run):
+    workdir, summary = finished_run
+    model, cfg = load_model(workdir)
+    assert cfg == TINY
+    data = synthetic_data(40, size=16, split="test")
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+    logits = forward(state, data["images"].astype(np.float32) / 255.0)
+    acc = float(np.mean(np.argmax(np.asarray(logits), -1) == data["labels"]))
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
+def test_kill_and_resume_follows_the_same_trajectory(tmp_path, finished_run):
+    full_dir, full = finished_run
+    # "killed" after step 5: the last checkpoint is step 4, steps 5 is lost and recomputed
+    partial = train_and_evaluate(TINY, tmp_path, stop_after=5, progress=False)
+    assert partial["step"] == 5 and not (tmp_path / "summary.json").exists()
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 4
+    resumed = train_and_evaluate(TINY, tmp_path, progress=False)
+    assert resumed["resumed_from"] == 4
+    assert _losses(tmp_path) == _losses(full_dir)  # identical metric lines, no duplicates
+    assert resumed["test_acc"] == full["test_acc"]
+    for a, b in zip(_leaves(load_model(tmp_path)[0]), _leaves(load_model(full_dir)[0])):
+        np.testing.assert_array_equal(a, b)
+    # a finished run restarts as a no-op and reports the same numbers
+    again = train_and_evaluate(TINY, tmp_path, progress=False)
+    assert again["resumed_from"] == 6 and again["test_acc"] == full["test_acc"]
+
+
+def test_killed_process_resumes(tmp_path):
+    """SIGKILL the CLI mid-run (after step 3; last checkpoint 2), rerun it, and compare with an
+    uninterrupted run of the same command (the processes share a compilation cache)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+    def cli(workdir, *extra):
+        argv = [
+            "--preset", "smoke", "--data", "synthetic", "--steps", "5", "--no-progress",
+            "--workdir", str(tmp_path / workdir), *extra,
+        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "experiments.train", *argv]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+
+    killed = cli("run", "--kill-at-step", "3")
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert [r[0] for r in _losses(tmp_path / "run")] == [2]  # log_every=2; step 3 not logged
+    for workdir in ("run", "full"):
+        done = cli(workdir)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    full = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert resumed["resumed_from"] == 2 and full["resumed_from"] == 0
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")
+    assert [r[0] for r in _losses(tmp_path / "run")] == [2, 4, 5, 5]
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["test_loss"] == full["test_loss"]
+
+
+def _corrupt(step_dir: pathlib.Path) -> None:
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.name != "commit_success.txt":
+            f.write_bytes(b"\x00garbage" * 3)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    train_and_evaluate(TINY, tmp_path, stop_after=2, progress=False)
+    _corrupt(tmp_path / "checkpoints" / "2")
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be restored.*Delete"):
+        train_and_evaluate(TINY, tmp_path, progress=False)
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        load_model(tmp_path)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train_and_evaluate(TINY, tmp_path, stop_after=2, progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        train_and_evaluate(_tiny(lr=0.5), tmp_path, progress=False)
+
+
+def test_missing_dataset_is_surfaced(tmp_path):
+    from markov_attn.data import DataMissingError
+
+    cfg = _tiny(data="bench", data_root=str(tmp_path / "nowhere"))
+    with pytest.raises(DataMissingError, match="apt-get install dataset-fashion-mnist"):
+        train_and_evaluate(cfg, tmp_path / "run", progress=False)
+
+
+def test_bench_data_smoke(tmp_path):
+    """A 2-step run of the CI smoke preset on the real generator (needs the Debian package)."""
+    from markov_attn.data import DataMissingError
+
+    cfg = get_preset("smoke", steps=2, warmup_steps=0, train_size=64, test_size=32)
+    try:
+        summary = train_and_evaluate(cfg, tmp_path, progress=False)
+    except DataMissingError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    assert summary["test_size"] == 32 and np.isfinite(summary["test_loss"])
+    assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "2").is_dir()
+    assert [r[0] for r in _losses(tmp_path)] == [2, 2]  # log_every=2, then the test line
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = [batch_indices(s, n=50, batch_size=16, seed=0) for s in range(6)]
+    b = [batch_indices(s, n=50, batch_size=16, seed=0) for s in range(6)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    epoch0 = np.concatenate(a[:3])
+    assert len(np.unique(epoch0)) == 48  # no repeats inside an epoch
+    assert not np.array_equal(a[0], a[3])  # a new permutation per epoch
+    assert not np.array_equal(a[0], batch_indices(0, n=50, batch_size=16, seed=1))
+
+
+def test_presets_and_overrides():
+    for name in PRESETS:
+        cfg = get_preset(name)
+        assert cfg.name == name and cfg.ckpt_every % cfg.log_every == 0
+    cfg = get_preset("cpu", pool="tokenrank", seed=3)
+    assert cfg.model.pool == "tokenrank" and cfg.seed == 3
+    assert cfg.model.image_size == 64 and cfg.model.width == 128 and cfg.model.depth == 6
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("tpu")
+    with pytest.raises(ValueError, match="unknown config field"):
+        get_preset("cpu", colour="red")
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        _tiny(ckpt_every=3, log_every=2)
+
+
+def test_compare_heads_table_and_readme(tmp_path, finished_run):
+    from experiments.compare_heads import END, START, aggregate, run_all, table, update_readme
+
+    base = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, pool="mean"))
+    summaries = run_all(base, pools=("tokenrank",), seeds=(0,), out=tmp_path, progress=False)
+    assert summaries[0]["test_acc"] == finished_run[1]["test_acc"]  # same config as TINY
+    fake = [
+        {"pool": p, "seed": s, "test_acc": a, "images_per_s": 100.0 / t, "step_time_ms": t}
+        for p, s, a, t in [("cls", 0, 0.5, 10.0), ("cls", 1, 0.7, 10.0),
+                           ("tokenrank", 0, 0.6, 12.0), ("tokenrank", 1, 0.6, 13.0)]
+    ]  # fmt: skip
+    rows = aggregate(fake)
+    assert rows[0]["test_acc"] == pytest.approx(0.6)
+    assert rows[0]["test_acc_sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert rows[1]["overhead_vs_cls_pct"] == pytest.approx(25.0)
+    meta = {"preset": "x", "budget": "b", "seeds": [0, 1], "device": "cpu", "command": "c"}
+    md = table(rows, meta=meta)
+    assert "| tokenrank | 0.600 ± 0.000 |" in md and "+25.0 %" in md
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\nbefore\n{START}\nold table\n{END}\nafter\n")
+    update_readme(readme, md)
+    text = readme.read_text()
+    assert "old table" not in text and md in text
+    assert text.startswith("# T\n\nbefore\n") and text.endswith(f"{END}\nafter\n")
+    update_readme(readme, md)
+    assert readme.read_text() == text  # idempotent
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, md)

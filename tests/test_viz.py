@@ -1,0 +1,90 @@
+"""Tests for markov_attn.viz and the demo's figure code."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from markov_attn.viz import bounce_strip, overlay, upsample
+
+
+def test_upsample_nearest_repeats_each_token():
+    m = np.arange(6, dtype=np.float32).reshape(2, 3)
+    up = upsample(m, (4, 6), method="nearest")
+    np.testing.assert_array_equal(up, np.kron(m, np.ones((2, 2))))
+
+
+def test_upsample_bilinear():
+    rng = np.random.default_rng(0)
+    m = rng.random((4, 4)).astype(np.float32)
+    up = upsample(m, (16, 16), method="bilinear")
+    assert up.shape == (16, 16)
+    np.testing.assert_allclose(up[0, 0], m[0, 0], rtol=1e-6)  # clamped corner
+    np.testing.assert_allclose(up[-1, -1], m[-1, -1], rtol=1e-6)
+    # token j's centre is pixel 4j + 1.5; pixel 4 lies 0.625 of the way from token 0 to 1
+    np.testing.assert_allclose(up[1, 4], m[0, 0] * 0.375 + m[0, 1] * 0.625, rtol=1e-5)
+    assert up.min() >= m.min() - 1e-6 and up.max() <= m.max() + 1e-6
+    const = upsample(np.full((3, 3), 2.0), (10, 7))
+    np.testing.assert_allclose(const, 2.0)
+
+
+def test_overlay_alpha_limits():
+    img = np.random.default_rng(1).random((8, 8, 3)).astype(np.float32)
+    m = np.array([[0.0, 1.0], [0.5, 0.25]])
+    np.testing.assert_allclose(overlay(img, m, alpha=0.0), img, atol=1e-7)
+    only = overlay(img, m, alpha=1.0, method="nearest", cmap="gray")
+    np.testing.assert_allclose(only[0, 0], 0.0, atol=1e-6)  # min -> black
+    np.testing.assert_allclose(only[0, 7], 1.0, atol=1e-6)  # max -> white
+    u8 = overlay((img * 255).astype(np.uint8), m, alpha=0.3)
+    assert u8.shape == (8, 8, 3) and u8.dtype == np.float32
+    assert 0.0 <= u8.min() and u8.max() <= 1.0
+    assert overlay(img[..., 0], m).shape == (8, 8, 3)  # grey image
+
+
+def test_bounce_strip_writes_a_png(tmp_path):
+    rng = np.random.default_rng(2)
+    images = rng.random((3, 16, 16, 3))
+    maps = {name: rng.random((3, 2, 2)) for name in ("TokenRank", "bounce 1", "column sum")}
+    path = tmp_path / "sub" / "strip.png"
+    fig = bounce_strip(images, maps, path=path, title="t", row_labels=["a", "b", "c"], dpi=50)
+    assert len(fig.axes) == 3 * 4
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        w, h = im.size
+    assert w > h  # 4 columns, 3 rows
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="grid"):
+        upsample(np.zeros(4), (8, 8))
+    with pytest.raises(ValueError, match="method"):
+        upsample(np.zeros((2, 2)), (8, 8), method="cubic")
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(np.zeros((8, 8, 3)), np.zeros((2, 2)), alpha=2.0)
+    with pytest.raises(ValueError, match=r"\(2, gh, gw\)"):
+        bounce_strip(np.zeros((2, 8, 8, 3)), {"x": np.zeros((3, 2, 2))})
+    with pytest.raises(ValueError, match="row_labels"):
+        bounce_strip(np.zeros((2, 8, 8, 3)), {"x": np.zeros((2, 2, 2))}, row_labels=["a"])
+
+
+def test_demo_maps_on_a_small_model():
+    import jax
+    from flax import nnx
+
+    from experiments.demo import attention_maps
+    from markov_attn.nn import ViT, ViTConfig
+
+    cfg = ViTConfig(
+        image_size=16, patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32,
+        num_classes=10, pool="tokenrank", tokenrank_krylov=4,
+    )  # fmt: skip
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    images = np.asarray(jax.random.uniform(jax.random.key(0), (2, 16, 16, 3)))
+    maps = attention_maps(model, images)
+    assert list(maps) == [
+        "logits", "TokenRank", "bounce 1", "bounce 2", "bounce 3", "bounce 4", "column sum"
+    ]  # fmt: skip
+    for name, m in maps.items():
+        if name != "logits":
+            assert m.shape == (2, 4, 4) and np.all(np.asarray(m) >= 0)
+    _, aux = model(images)
+    np.testing.assert_allclose(maps["TokenRank"].reshape(2, 16), aux["pool_weights"], atol=1e-5)
