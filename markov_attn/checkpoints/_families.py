@@ -1,0 +1,476 @@
+"""Per-family parameter mappings: PyTorch state dicts -> markov_attn.nn.ViT parameters.
+
+Each family function takes the state dict (numpy arrays, PyTorch layouts) and the parsed
+``config.json`` (or ``None``) and returns ``(ViTConfig keyword arguments, {ViT parameter path:
+array in Flax layout}, ignored keys, notes)``. Keys the mapping does not consume and that are not
+in the family's ignore list make :func:`markov_attn.checkpoints.load` fail: nothing is dropped
+silently.
+"""
+
+import math
+import re
+
+import numpy as np
+
+#: Supported families and the parameter names that identify them.
+FAMILIES = {
+    "hf_vit": "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
+    "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
+    "hf_dinov2": "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
+    "hf_dinov2_reg": "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
+    "hf_clip": "HuggingFace CLIPVisionModel / CLIPModel vision tower: "
+    "[vision_model.]embeddings.class_embedding + encoder.layers.N.self_attn.q_proj",
+    "timm": "timm VisionTransformer (also DINO v1 / DINOv2 original .pth): patch_embed.proj + "
+    "blocks.N.attn.qkv",
+}
+
+_GELU = {
+    "gelu": "exact",
+    "gelu_python": "exact",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_fast": "tanh",
+    "quick_gelu": "quick",
+}
+
+# HF default layer-norm eps per family, used when config.json is missing.
+_DEFAULT_EPS = {"hf_vit": 1e-12, "hf_dinov2": 1e-6, "hf_dinov2_reg": 1e-6, "hf_clip": 1e-5}
+
+
+def _strip_prefix(sd: dict, prefixes) -> dict:
+    for p in prefixes:
+        if any(k.startswith(p) for k in sd):
+            return {k[len(p) :] if k.startswith(p) else k: v for k, v in sd.items()}
+    return sd
+
+
+def detect(sd: dict) -> str:
+    """The family of a state dict from its parameter names (raises ``ValueError`` if unknown)."""
+    keys = set(sd)
+
+    def has(*names):
+        return all(any(k.endswith(n) or k == n for k in keys) for n in names)
+
+    if has("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
+        return "timm"
+    if has("embeddings.class_embedding", "encoder.layers.0.self_attn.q_proj.weight"):
+        return "hf_clip"
+    if has("embeddings.patch_embeddings.projection.weight", "encoder.layer.0.norm1.weight"):
+        if has("embeddings.register_tokens"):
+            return "hf_dinov2_reg"
+        return "hf_dinov2"
+    if has(
+        "embeddings.patch_embeddings.projection.weight", "encoder.layer.0.layernorm_before.weight"
+    ):
+        return "hf_vit"
+    sample = sorted(keys)[:12]
+    hint = ""
+    if has("transformer.resblocks.0.attn.in_proj_weight") or has("visual.conv1.weight"):
+        hint = " (this looks like an OpenAI/open_clip checkpoint, which is not supported yet)"
+    raise ValueError(
+        f"could not recognise the checkpoint family from its {len(keys)} parameter names{hint}; "
+        f"found e.g. {sample}. Supported: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items())
+    )
+
+
+def _t(w: np.ndarray) -> np.ndarray:  # torch Linear (out, in) -> Flax (in, out)
+    return np.ascontiguousarray(np.asarray(w).T)
+
+
+def _conv(w: np.ndarray) -> np.ndarray:  # torch (out, in, kh, kw) -> Flax (kh, kw, in, out)
+    return np.ascontiguousarray(np.asarray(w).transpose(2, 3, 1, 0))
+
+
+def _depth(sd: dict, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in sd if (m := rx.match(k))}
+    if not idx or idx != set(range(max(idx) + 1)):
+        raise ValueError(f"block indices {sorted(idx)} are not 0..L-1; the checkpoint is truncated")
+    return max(idx) + 1
+
+
+def _gelu(act, family: str) -> str:
+    if act is None:
+        return "quick" if family == "hf_clip" else "exact"
+    if act not in _GELU:
+        raise ValueError(f"hidden_act {act!r} is not supported; supported: {sorted(_GELU)}")
+    return _GELU[act]
+
+
+def _heads(width: int, given, config_value, notes: list) -> int:
+    if given is not None:
+        return int(given)
+    if config_value is not None:
+        return int(config_value)
+    if width % 64 == 0:
+        notes.append(f"num_heads not in a config; assumed head_dim 64 -> {width // 64} heads")
+        return width // 64
+    raise ValueError(
+        f"cannot tell the number of attention heads of a width-{width} model from its weights; "
+        "pass num_heads= to load() or put a config.json next to the weights"
+    )
+
+
+def _grid_from_pos(n_pos: int, extra: int) -> int | None:
+    side = math.isqrt(max(n_pos - extra, 0))
+    return side if side * side == n_pos - extra and side > 0 else None
+
+
+class _Taker:
+    """Pops keys from a state dict so that leftovers can be reported."""
+
+    def __init__(self, sd: dict):
+        self.sd = dict(sd)
+
+    def __call__(self, key: str) -> np.ndarray:
+        if key not in self.sd:
+            raise ValueError(f"parameter {key!r} is missing from the checkpoint")
+        return np.asarray(self.sd.pop(key))
+
+    def maybe(self, key: str):
+        return np.asarray(self.sd.pop(key)) if key in self.sd else None
+
+    def has(self, key: str) -> bool:
+        return key in self.sd
+
+    def ignore(self, *patterns: str) -> list[str]:
+        gone = [k for k in self.sd if any(re.fullmatch(p, k) for p in patterns)]
+        for k in gone:
+            del self.sd[k]
+        return gone
+
+
+def _norm(take, src: str, dst: str, p: dict) -> None:
+    p[f"{dst}.scale"] = take(f"{src}.weight")
+    p[f"{dst}.bias"] = take(f"{src}.bias")
+
+
+def _linear(take, src: str, dst: str, p: dict, *, bias: bool = True) -> None:
+    p[f"{dst}.kernel"] = _t(take(f"{src}.weight"))
+    if bias:
+        p[f"{dst}.bias"] = take(f"{src}.bias")
+
+
+def _qkv(take, q: str, k: str, v: str, dst: str, p: dict) -> bool:
+    ws = [take(f"{n}.weight") for n in (q, k, v)]
+    p[f"{dst}.kernel"] = _t(np.concatenate(ws, axis=0))
+    bs = [take.maybe(f"{n}.bias") for n in (q, k, v)]
+    if all(b is None for b in bs):
+        return False
+    if any(b is None for b in bs):
+        raise ValueError(f"only some of the q/k/v biases of {dst} are present")
+    p[f"{dst}.bias"] = np.concatenate(bs, axis=0)
+    return True
+
+
+def _patch(take, src: str, p: dict) -> tuple[int, int, bool]:
+    w = take(f"{src}.weight")
+    p["patch_embed.kernel"] = _conv(w)
+    b = take.maybe(f"{src}.bias")
+    if b is not None:
+        p["patch_embed.bias"] = b
+    return int(w.shape[-1]), int(w.shape[1]), b is not None
+
+
+def _check(cfg_val, shape_val, what: str):
+    if cfg_val is not None and int(cfg_val) != int(shape_val):
+        raise ValueError(
+            f"config.json says {what}={cfg_val} but the weights have {shape_val}; the config "
+            "does not belong to these weights"
+        )
+
+
+def hf(family: str, sd: dict, config: dict | None, *, num_heads=None):
+    """HF ViT / DINOv2 / DINOv2-with-registers."""
+    notes: list[str] = []
+    sd = _strip_prefix(sd, ("vit.", "dinov2.", "dinov2_with_registers."))
+    take = _Taker(sd)
+    c = dict(config or {})
+    if config is None:
+        notes.append(f"no config.json: eps {_DEFAULT_EPS[family]} and exact GELU assumed")
+    p: dict[str, np.ndarray] = {}
+    patch, chans, patch_bias = _patch(take, "embeddings.patch_embeddings.projection", p)
+    _check(c.get("patch_size"), patch, "patch_size")
+    cls = take("embeddings.cls_token")
+    width = int(cls.shape[-1])
+    _check(c.get("hidden_size"), width, "hidden_size")
+    p["cls"] = cls.reshape(1, 1, width)
+    pos = take("embeddings.position_embeddings").reshape(1, -1, width)
+    grid = _grid_from_pos(pos.shape[1], 1)
+    if grid is None:
+        raise ValueError(f"position embeddings of length {pos.shape[1]} are not 1 + a square grid")
+    p["pos_embed"] = pos
+    regs = take.maybe("embeddings.register_tokens")
+    if regs is not None:
+        p["registers"] = regs.reshape(1, -1, width)
+    dinov2 = family.startswith("hf_dinov2")
+    if dinov2 and c.get("use_swiglu_ffn"):
+        raise ValueError("DINOv2 checkpoints with the SwiGLU FFN (giant) are not supported")
+    depth = _depth(take.sd, r"encoder\.layer\.(\d+)\.")
+    _check(c.get("num_hidden_layers"), depth, "num_hidden_layers")
+    qkv_bias = True
+    mlp_dim = None
+    for i in range(depth):
+        s, d = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = s + "attention.attention."
+        qkv_bias = _qkv(take, att + "query", att + "key", att + "value", d + "attn.qkv", p)
+        _linear(take, s + "attention.output.dense", d + "attn.proj", p)
+        if dinov2:
+            _norm(take, s + "norm1", d + "norm1", p)
+            _norm(take, s + "norm2", d + "norm2", p)
+            _linear(take, s + "mlp.fc1", d + "mlp.fc1", p)
+            _linear(take, s + "mlp.fc2", d + "mlp.fc2", p)
+            p[d + "ls1"] = take(s + "layer_scale1.lambda1")
+            p[d + "ls2"] = take(s + "layer_scale2.lambda1")
+        else:
+            _norm(take, s + "layernorm_before", d + "norm1", p)
+            _norm(take, s + "layernorm_after", d + "norm2", p)
+            _linear(take, s + "intermediate.dense", d + "mlp.fc1", p)
+            _linear(take, s + "output.dense", d + "mlp.fc2", p)
+        mlp_dim = p[d + "mlp.fc1.kernel"].shape[1]
+    _norm(take, "layernorm", "norm", p)
+    num_classes = 0
+    ignore = [r"pooler\..*", r"embeddings\.mask_token", r".*position_ids"]
+    clf = take.maybe("classifier.weight")
+    if clf is not None and not dinov2 and clf.shape[1] == width:
+        p["head.kernel"] = _t(clf)
+        p["head.bias"] = take("classifier.bias")
+        num_classes = int(clf.shape[0])
+    elif clf is not None:
+        take.sd["classifier.weight"] = clf
+        ignore.append(r"classifier\..*")
+        notes.append("the DINOv2 classifier (on [CLS, mean patch]) is not loaded; backbone only")
+    ignored = take.ignore(*ignore)
+    kwargs = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        in_channels=chans,
+        width=width,
+        depth=depth,
+        num_heads=_heads(width, num_heads, c.get("num_attention_heads"), notes),
+        mlp_dim=int(mlp_dim),
+        num_classes=num_classes,
+        cls_token=True,
+        num_registers=0 if regs is None else int(regs.shape[1]),
+        pos_embed_cls=True,
+        # HF DINOv2-with-registers resizes with antialias=True, the others without.
+        pos_interp="bicubic_antialias" if family == "hf_dinov2_reg" else "bicubic",
+        pool="cls",
+        gelu=_gelu(c.get("hidden_act"), family),
+        layer_scale=1.0 if dinov2 else None,
+        norm_eps=float(c.get("layer_norm_eps", _DEFAULT_EPS[family])),
+        pre_norm=False,
+        final_norm="all",
+        qkv_bias=qkv_bias,
+        patch_bias=patch_bias,
+    )
+    return kwargs, p, take.sd, ignored, notes
+
+
+def clip(sd: dict, config: dict | None, *, num_heads=None):
+    """HF CLIPVisionModel, CLIPVisionModelWithProjection, or the vision tower of CLIPModel."""
+    notes: list[str] = []
+    c = dict(config or {})
+    if "vision_config" in c:
+        c = dict(c["vision_config"] or {})
+    if config is None:
+        notes.append("no config.json: eps 1e-5 and quick-GELU assumed")
+    ignored = [
+        k
+        for k in sd
+        if not k.startswith(
+            ("vision_model.", "embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+        )
+    ]
+    sd = {k: v for k, v in sd.items() if k not in set(ignored)}
+    sd = _strip_prefix(sd, ("vision_model.",))
+    take = _Taker(sd)
+    p: dict[str, np.ndarray] = {}
+    patch, chans, patch_bias = _patch(take, "embeddings.patch_embedding", p)
+    _check(c.get("patch_size"), patch, "patch_size")
+    cls = take("embeddings.class_embedding")
+    width = int(cls.shape[-1])
+    _check(c.get("hidden_size"), width, "hidden_size")
+    p["cls"] = cls.reshape(1, 1, width)
+    pos = take("embeddings.position_embedding.weight").reshape(1, -1, width)
+    grid = _grid_from_pos(pos.shape[1], 1)
+    if grid is None:
+        raise ValueError(f"position embeddings of length {pos.shape[1]} are not 1 + a square grid")
+    p["pos_embed"] = pos
+    _norm(take, "pre_layrnorm", "pre_norm", p)
+    depth = _depth(take.sd, r"encoder\.layers\.(\d+)\.")
+    _check(c.get("num_hidden_layers"), depth, "num_hidden_layers")
+    qkv_bias = True
+    for i in range(depth):
+        s, d = f"encoder.layers.{i}.", f"blocks.{i}."
+        a = s + "self_attn."
+        qkv_bias = _qkv(take, a + "q_proj", a + "k_proj", a + "v_proj", d + "attn.qkv", p)
+        _linear(take, a + "out_proj", d + "attn.proj", p)
+        _norm(take, s + "layer_norm1", d + "norm1", p)
+        _norm(take, s + "layer_norm2", d + "norm2", p)
+        _linear(take, s + "mlp.fc1", d + "mlp.fc1", p)
+        _linear(take, s + "mlp.fc2", d + "mlp.fc2", p)
+    _norm(take, "post_layernorm", "norm", p)
+    ignored += take.ignore(r".*position_ids")
+    if any(k.startswith("visual_projection") for k in ignored):
+        notes.append(
+            "visual_projection is not applied: the pooled output is the CLS after "
+            "post_layernorm (CLIPVisionModel's pooler_output)"
+        )
+    kwargs = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        in_channels=chans,
+        width=width,
+        depth=depth,
+        num_heads=_heads(width, num_heads, c.get("num_attention_heads"), notes),
+        mlp_dim=int(p["blocks.0.mlp.fc1.kernel"].shape[1]),
+        num_classes=0,
+        cls_token=True,
+        num_registers=0,
+        pos_embed_cls=True,
+        pos_interp="bicubic",
+        pool="cls",
+        gelu=_gelu(c.get("hidden_act"), "hf_clip"),
+        layer_scale=None,
+        norm_eps=float(c.get("layer_norm_eps", _DEFAULT_EPS["hf_clip"])),
+        pre_norm=True,
+        final_norm="pooled",
+        qkv_bias=qkv_bias,
+        patch_bias=patch_bias,
+    )
+    return kwargs, p, take.sd, ignored, notes
+
+
+# timm's standard ViT sizes (head_dim 64 except where listed)
+_TIMM_ARCH_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 16}
+
+
+def timm(sd: dict, config: dict | None, *, num_heads=None):
+    """timm VisionTransformer state dicts (also the original DINO / DINOv2 .pth layout)."""
+    notes: list[str] = []
+    c = dict(config or {})
+    margs = dict(c.get("model_args") or {})
+    take = _Taker(sd)
+    p: dict[str, np.ndarray] = {}
+    patch, chans, patch_bias = _patch(take, "patch_embed.proj", p)
+    _check(margs.get("patch_size"), patch, "patch_size")
+    width = int(p["patch_embed.kernel"].shape[-1])
+    _check(margs.get("embed_dim"), width, "embed_dim")
+    cls = take.maybe("cls_token")
+    regs = take.maybe("reg_token")
+    if regs is None:
+        regs = take.maybe("register_tokens")  # DINOv2 original layout
+    n_reg = 0 if regs is None else int(regs.shape[1])
+    pos = take.maybe("pos_embed")
+    if pos is None:
+        raise ValueError(
+            "timm checkpoints without an absolute pos_embed (RoPE, etc.) are not supported"
+        )
+    pos = pos.reshape(1, -1, width)
+    n_pos = pos.shape[1]
+    n_cls = 0 if cls is None else 1
+    img = margs.get("img_size")
+    if img is not None:
+        grid = int(img if np.isscalar(img) else img[0]) // patch
+        extra = n_pos - grid * grid
+    else:
+        # try: patches only (no_embed_class), CLS slot, CLS + register slots
+        for extra in (0, n_cls, n_cls + n_reg):
+            grid = _grid_from_pos(n_pos, extra)
+            if grid:
+                break
+        else:
+            raise ValueError(f"pos_embed of length {n_pos} does not fit a square patch grid")
+    if extra == 0:
+        pos_embed_cls = False
+    elif extra == n_cls:
+        pos_embed_cls = cls is not None
+    elif extra == n_cls + n_reg and n_reg:
+        # timm with registers and no_embed_class=False: the register slots of the position
+        # embedding are constants added to constant tokens, so fold them into the registers.
+        pos_embed_cls = cls is not None
+        regs = regs + pos[:, n_cls:extra]
+        pos = np.concatenate([pos[:, :n_cls], pos[:, extra:]], axis=1)
+        notes.append("register position embeddings folded into the register tokens")
+    else:
+        raise ValueError(
+            f"pos_embed of length {n_pos} does not match a {grid}x{grid} grid "
+            f"with {n_cls} class and {n_reg} register tokens"
+        )
+    if cls is not None:
+        p["cls"] = cls.reshape(1, 1, width)
+    if regs is not None:
+        p["registers"] = regs.reshape(1, -1, width)
+    p["pos_embed"] = pos
+    pre_norm = take.has("norm_pre.weight")
+    if pre_norm:
+        _norm(take, "norm_pre", "pre_norm", p)
+    depth = _depth(take.sd, r"blocks\.(\d+)\.")
+    layer_scale = take.has("blocks.0.ls1.gamma") or take.has("blocks.0.ls1.weight")
+    qkv_bias = take.has("blocks.0.attn.qkv.bias")
+    for i in range(depth):
+        s, d = f"blocks.{i}.", f"blocks.{i}."
+        _linear(take, s + "attn.qkv", d + "attn.qkv", p, bias=qkv_bias)
+        if take.has(s + "attn.q_bias"):
+            raise ValueError("BEiT-style q_bias/v_bias attention is not supported")
+        _linear(take, s + "attn.proj", d + "attn.proj", p)
+        _norm(take, s + "norm1", d + "norm1", p)
+        _norm(take, s + "norm2", d + "norm2", p)
+        _linear(take, s + "mlp.fc1", d + "mlp.fc1", p)
+        _linear(take, s + "mlp.fc2", d + "mlp.fc2", p)
+        if layer_scale:
+            for j in (1, 2):
+                g = take.maybe(f"{s}ls{j}.gamma")
+                p[f"{d}ls{j}"] = g if g is not None else take(f"{s}ls{j}.weight")
+    fc_norm = take.has("fc_norm.weight")
+    global_pool = c.get("global_pool") or margs.get("global_pool")
+    if fc_norm:
+        _norm(take, "fc_norm", "norm", p)
+        final_norm, pool = "pooled", "mean"
+        if take.has("norm.weight"):
+            raise ValueError("checkpoint has both norm and fc_norm; not a timm ViT layout")
+    else:
+        _norm(take, "norm", "norm", p)
+        final_norm = "all"
+        pool = "mean" if global_pool == "avg" else "cls" if cls is not None else "mean"
+    num_classes = 0
+    head = take.maybe("head.weight")
+    if head is not None:
+        if head.ndim != 2 or head.shape[1] != width:
+            raise ValueError(f"head.weight of shape {head.shape} is not a linear classifier")
+        p["head.kernel"] = _t(head)
+        p["head.bias"] = take("head.bias")
+        num_classes = int(head.shape[0])
+    ignored = take.ignore(r"mask_token", r".*\.attn\.(q|k)_norm\..*", r"head\.fc\..*")
+    if any(".q_norm." in k for k in ignored):
+        raise ValueError("timm ViTs with qk-norm are not supported")
+    if num_heads is None and margs.get("num_heads") is None:
+        arch = str(c.get("architecture", ""))
+        size = next((s for s in _TIMM_ARCH_HEADS if f"_{s}_" in f"_{arch}_"), None)
+        if size is not None and width == 64 * _TIMM_ARCH_HEADS[size]:
+            num_heads = _TIMM_ARCH_HEADS[size]
+    mlp_dim = int(p["blocks.0.mlp.fc1.kernel"].shape[1])
+    kwargs = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        in_channels=chans,
+        width=width,
+        depth=depth,
+        num_heads=_heads(width, num_heads, margs.get("num_heads"), notes),
+        mlp_dim=mlp_dim,
+        num_classes=num_classes,
+        cls_token=cls is not None,
+        num_registers=n_reg,
+        pos_embed_cls=pos_embed_cls,
+        pos_interp="bicubic_antialias",
+        pool=pool,
+        gelu="exact",
+        layer_scale=1.0 if layer_scale else None,
+        norm_eps=1e-6,
+        pre_norm=pre_norm,
+        final_norm=final_norm,
+        qkv_bias=qkv_bias,
+        patch_bias=patch_bias,
+    )
+    return kwargs, p, take.sd, ignored, notes

@@ -1,0 +1,167 @@
+"""load(): a PyTorch ViT checkpoint on disk -> markov_attn.nn.ViT with its weights."""
+
+import dataclasses
+import os
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import _families
+from ._io import find_json, read_state_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What :func:`load` found.
+
+    Attributes:
+      family: ``"hf_vit"``, ``"hf_dinov2"``, ``"hf_dinov2_reg"``, ``"hf_clip"`` or ``"timm"``.
+      path: the weight file read.
+      config: the parsed ``config.json`` (``{}`` when there was none).
+      preprocessor: the parsed ``preprocessor_config.json`` (HF) or ``{}``.
+      ignored: checkpoint keys deliberately not loaded (poolers, text towers, mask tokens...).
+      notes: assumptions made, in words (defaults used for a missing config, folded tensors).
+      num_prefix: tokens before the patches (CLS + registers).
+    """
+
+    family: str
+    path: pathlib.Path
+    config: dict
+    preprocessor: dict
+    ignored: tuple[str, ...]
+    notes: tuple[str, ...]
+    num_prefix: int
+
+
+def detect_family(path: str | os.PathLike, /) -> str:
+    """The family of the checkpoint at ``path``, from its parameter names.
+
+    Raises:
+      ValueError: the names match no supported family (the message lists what was found and
+        what is supported), or the file cannot be read.
+    """
+    sd, _ = read_state_dict(path)
+    return _families.detect(sd)
+
+
+def _build(kwargs: dict, params: dict, image_size: int | None):
+    from flax import nnx
+
+    from markov_attn.nn import ViT, ViTConfig
+    from markov_attn.nn.posembed import resize_pos_embed
+
+    if image_size is not None and image_size != kwargs["image_size"]:
+        p = kwargs["patch_size"]
+        if image_size % p:
+            raise ValueError(
+                f"image_size={image_size} is not a multiple of the patch size {p}; pick a multiple"
+            )
+        g0, g1 = kwargs["image_size"] // p, image_size // p
+        pos = params["pos_embed"]
+        n_cls = int(kwargs["cls_token"] and kwargs["pos_embed_cls"])
+        grid = np.asarray(pos[0, n_cls:]).reshape(g0, g0, -1)
+        new = np.asarray(resize_pos_embed(grid, (g1, g1), method=kwargs["pos_interp"]))
+        params["pos_embed"] = np.concatenate(
+            [pos[:, :n_cls], new.reshape(1, g1 * g1, -1).astype(pos.dtype)], axis=1
+        )
+        kwargs["image_size"] = image_size
+    cfg = ViTConfig(**kwargs)
+    abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    filled = {}
+    for path, var in flat.items():
+        name = ".".join(str(k) for k in path)
+        if name not in params:
+            raise ValueError(
+                f"the checkpoint provides no value for the model parameter {name!r}; this is a "
+                "loader bug or an unsupported variant"
+            )
+        value = np.asarray(params.pop(name))
+        want = tuple(var.get_value().shape)
+        if value.shape != want:
+            raise ValueError(
+                f"{name}: checkpoint shape {value.shape} does not match the model's {want}"
+            )
+        filled[path] = var.replace(jnp.asarray(value, dtype=jnp.float32))
+    if params:
+        raise ValueError(f"mapped parameters {sorted(params)} have no place in the model")
+    state = nnx.from_flat_state(filled)
+    return nnx.merge(graphdef, state), cfg
+
+
+def load(
+    path: str | os.PathLike,
+    /,
+    *,
+    image_size: int | None = None,
+    num_heads: int | None = None,
+    family: str | None = None,
+):
+    """Loads a PyTorch ViT checkpoint from disk into a :class:`markov_attn.nn.ViT`.
+
+    The family is detected from the parameter names (see :data:`FAMILIES`): HuggingFace
+    ``ViTModel`` / ``ViTForImageClassification`` (also DINO v1 in that format), ``Dinov2Model``,
+    ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` / the vision tower of ``CLIPModel``, and
+    timm ``VisionTransformer`` state dicts. ``config.json`` next to the weights, when present,
+    supplies the LayerNorm eps, the activation (exact GELU, tanh GELU, quick-GELU) and the
+    number of heads; layer sizes, patch size, image size and registers are read from the
+    tensor shapes and checked against it. Every tensor of the checkpoint is either loaded or
+    listed in ``info.ignored``; anything else is an error.
+
+    The model then reproduces the PyTorch forward pass (hidden states to ~1e-6, attention to
+    ~1e-7 in float32) at the native resolution and, with the family's position-embedding
+    interpolation (``cfg.pos_interp``), at other resolutions.
+
+    Args:
+      path: checkpoint directory (``model.safetensors`` or ``pytorch_model.bin`` plus
+        ``config.json``), or a weight file (``.safetensors``; ``.pth``/``.pt``/``.bin`` need
+        torch, imported only then).
+      image_size: build the model for this input side (pixels, a multiple of the patch size):
+        the position embeddings are resampled once, here, with the family's rule. Default: the
+        checkpoint's native size (other sizes are still accepted at call time).
+      num_heads: number of attention heads, needed only when there is no config saying it and
+        the width is not a multiple of 64.
+      family: skip detection and use this family (one of :data:`FAMILIES`).
+
+    Returns:
+      ``(model, cfg, info)``: the :class:`markov_attn.nn.ViT`, its
+      :class:`markov_attn.nn.ViTConfig` and a :class:`CheckpointInfo`.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: unreadable or corrupt file, unknown family, or tensors that do not fit (the
+        message says what was found and what is supported).
+    """
+    sd, weights = read_state_dict(path)
+    fam = family or _families.detect(sd)
+    if fam not in _families.FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_families.FAMILIES)}, got {fam!r}")
+    config = find_json(weights, "config.json")
+    preproc = find_json(weights, "preprocessor_config.json") or {}
+    sd = {k: np.asarray(v) for k, v in sd.items()}
+    if fam == "hf_clip":
+        kwargs, params, left, ignored, notes = _families.clip(sd, config, num_heads=num_heads)
+    elif fam == "timm":
+        kwargs, params, left, ignored, notes = _families.timm(sd, config, num_heads=num_heads)
+    else:
+        kwargs, params, left, ignored, notes = _families.hf(fam, sd, config, num_heads=num_heads)
+    if left:
+        raise ValueError(
+            f"{len(left)} tensors of this {fam} checkpoint are not understood: "
+            f"{sorted(left)[:10]}; it is probably a variant that is not supported "
+            f"(supported: {', '.join(_families.FAMILIES)})"
+        )
+    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    model, cfg = _build(kwargs, params, image_size)
+    info = CheckpointInfo(
+        family=fam,
+        path=weights,
+        config=dict(config or {}),
+        preprocessor=dict(preproc),
+        ignored=tuple(sorted(ignored)),
+        notes=tuple(notes),
+        num_prefix=cfg.num_prefix,
+    )
+    return model, cfg, info

@@ -1,0 +1,204 @@
+"""The image preprocessing each checkpoint family expects (resize, crop, mean/std).
+
+Defaults per family, used when the checkpoint directory has no ``preprocessor_config.json``
+(HF) or ``pretrained_cfg`` in ``config.json`` (timm); those files override them:
+
+============  ===========================================  ==================  =================
+family        resize / crop                                mean                std
+============  ===========================================  ==================  =================
+hf_vit        resize to size x size (bilinear), no crop    ImageNet            ImageNet
+hf_dinov2     shortest edge 256/224·size (bicubic),        ImageNet            ImageNet
+(+ _reg)      center crop size
+hf_clip       shortest edge size (bicubic), center crop    CLIP                CLIP
+timm          shortest edge floor(size / crop_pct)         ImageNet            ImageNet
+              (bicubic, crop_pct 0.875), center crop
+============  ===========================================  ==================  =================
+
+ImageNet mean/std = (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225); CLIP mean/std =
+(0.48145466, 0.4578275, 0.40821073) / (0.26862954, 0.26130258, 0.27577711). Google's
+supervised HF ViT checkpoints ship a ``preprocessor_config.json`` with mean = std = 0.5, which is
+read when present. Pixels are scaled to [0, 1] before normalising. Resizing uses PIL, as the
+HuggingFace image processors and torchvision (on PIL images) do.
+"""
+
+import math
+import os
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL resample codes as HF writes them in preprocessor_config.json
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _defaults(family: str) -> dict:
+    if family == "hf_vit":
+        return dict(
+            mode="square", scale=1.0, resample="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD
+        )
+    if family in ("hf_dinov2", "hf_dinov2_reg"):
+        return dict(
+            mode="short_crop",
+            scale=256 / 224,
+            resample="bicubic",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+    if family == "hf_clip":
+        return dict(mode="short_crop", scale=1.0, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
+    if family == "timm":
+        return dict(
+            mode="short_crop",
+            scale=1 / 0.875,
+            resample="bicubic",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+        )
+    raise ValueError(
+        f"unknown family {family!r}; pass one of 'hf_vit', 'hf_dinov2', 'hf_dinov2_reg', "
+        "'hf_clip', 'timm' or the CheckpointInfo returned by load()"
+    )
+
+
+def _side(v) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        for k in ("shortest_edge", "height", "width"):
+            if k in v:
+                return int(v[k])
+        return None
+    if isinstance(v, list | tuple):
+        return int(v[-1])
+    return int(v)
+
+
+def recipe(family_or_info, /, *, size: int | None = None) -> dict:
+    """The preprocessing recipe: ``mode``, ``resize`` (side), ``crop`` (side), ``resample``,
+    ``mean``, ``std``.
+
+    Args:
+      family_or_info: a family name or a :class:`CheckpointInfo` (whose preprocessor /
+        timm ``pretrained_cfg`` override the family defaults).
+      size: the output side in pixels (default: the checkpoint's ``image_size`` from its
+        config, else 224).
+
+    Examples:
+      >>> r = recipe("hf_clip", size=224)
+      >>> r["resize"], r["crop"], r["resample"]
+      (224, 224, 'bicubic')
+    """
+    info = None if isinstance(family_or_info, str) else family_or_info
+    family = family_or_info if info is None else info.family
+    r = _defaults(family)
+    native = None
+    if info is not None:
+        cfg = info.config.get("vision_config") or info.config
+        native = cfg.get("image_size")
+        pre = info.preprocessor
+        if family == "timm":
+            pc = info.config.get("pretrained_cfg") or {}
+            if "input_size" in pc:
+                native = int(pc["input_size"][-1])
+            if "crop_pct" in pc:
+                r["scale"] = 1.0 / float(pc["crop_pct"])
+            r["resample"] = pc.get("interpolation", r["resample"])
+            r["mean"] = tuple(pc.get("mean", r["mean"]))
+            r["std"] = tuple(pc.get("std", r["std"]))
+        if pre:
+            r["mean"] = tuple(pre.get("image_mean", r["mean"]))
+            r["std"] = tuple(pre.get("image_std", r["std"]))
+            if "resample" in pre:
+                r["resample"] = _PIL_RESAMPLE.get(int(pre["resample"]), "bicubic")
+            crop = _side(pre.get("crop_size")) if pre.get("do_center_crop", False) else None
+            short = _side(pre.get("size"))
+            if crop:
+                native = crop
+                if short:
+                    r["mode"], r["scale"] = "short_crop", short / crop
+            elif short:
+                native = short
+                r["mode"], r["scale"] = "square", 1.0
+            if "rescale_factor" in pre and not math.isclose(pre["rescale_factor"], 1 / 255):
+                raise ValueError(f"unsupported rescale_factor {pre['rescale_factor']}")
+    out = int(size or native or 224)
+    r["crop"] = out
+    r["resize"] = out if r["mode"] == "square" else math.floor(out * r["scale"])
+    return r
+
+
+def _to_pil(img):
+    from PIL import Image
+
+    if isinstance(img, str | os.PathLike):
+        with Image.open(img) as im:
+            return im.convert("RGB")
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images must be (H, W, C) with C in 1/3/4, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.min() >= 0 and a.max() <= 1:
+            a = np.round(a * 255)
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return Image.fromarray(a[..., :3])
+
+
+def preprocess(images, family_or_info, /, *, size: int | None = None) -> np.ndarray:
+    """Turns images into the normalised NHWC float32 batch a checkpoint family expects.
+
+    Args:
+      images: one image or a list of them: file paths, PIL images, or ``(H, W, C)`` arrays
+        (uint8, or floats in [0, 1]); also a stacked ``(N, H, W, C)`` array.
+      family_or_info: a family name (``"hf_vit"``, ``"hf_dinov2"``, ``"hf_dinov2_reg"``,
+        ``"hf_clip"``, ``"timm"``) or the :class:`CheckpointInfo` from :func:`load`, whose
+        preprocessing files take precedence over the family defaults (table in the module
+        docstring).
+      size: output side in pixels (default: the checkpoint's native input size, else 224).
+
+    Returns:
+      ``(N, size, size, 3)`` float32 array, ``(x / 255 - mean) / std``.
+
+    Examples:
+      >>> x = preprocess(np.full((40, 30, 3), 255, np.uint8), "hf_clip", size=16)
+      >>> x.shape, x.dtype
+      ((1, 16, 16, 3), dtype('float32'))
+    """
+    from PIL import Image
+
+    r = recipe(family_or_info, size=size)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    elif not isinstance(images, list | tuple):
+        images = [images]
+    resample = getattr(Image.Resampling, r["resample"].upper())
+    out = []
+    for img in images:
+        im = _to_pil(img)
+        w, h = im.size
+        if r["mode"] == "square":
+            im = im.resize((r["resize"], r["resize"]), resample=resample)
+        else:
+            short = r["resize"]
+            if w <= h:
+                nw, nh = short, int(short * h / w)
+            else:
+                nw, nh = int(short * w / h), short
+            im = im.resize((nw, nh), resample=resample)
+            c = r["crop"]
+            top, left = (nh - c) // 2, (nw - c) // 2
+            im = im.crop((left, top, left + c, top + c))
+        a = np.asarray(im, np.float32) / np.float32(255.0)
+        mean = np.asarray(r["mean"], np.float32)
+        std = np.asarray(r["std"], np.float32)
+        out.append((a - mean) / std)
+    return np.stack(out).astype(np.float32)

@@ -1,0 +1,11 @@
+"""Pulling attention probabilities out of other people's Flax models (NNX and Linen).
+
+Needs the ``nn`` extra (flax). Capturing forces the non-fused attention path: the
+``(n, n)`` probabilities are computed explicitly, so fused/flash kernels are bypassed while
+capturing.
+"""
+
+from ._linen import capture_attention_linen as capture_attention_linen
+from ._nnx import capture_attention as capture_attention
+
+__all__ = ["capture_attention", "capture_attention_linen"]

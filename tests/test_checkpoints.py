@@ -1,0 +1,287 @@
+"""Parity of the checkpoint loaders with PyTorch (committed fixtures + a live test)."""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from markov_attn import checkpoints as ck
+from markov_attn.nn import ViT
+from markov_attn.nn.posembed import bicubic_matrix, resize_pos_embed
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints"
+FAMILY_OF = {
+    "vit": "hf_vit",
+    "vit_cls": "hf_vit",
+    "dinov2": "hf_dinov2",
+    "dinov2_reg": "hf_dinov2_reg",
+    "clip": "hf_clip",
+    "clip_full": "hf_clip",
+    "timm": "timm",
+    "timm_reg": "timm",
+}
+HIDDEN_TOL, ATTN_TOL = 1e-5, 1e-6
+
+
+def _run(model, expected, tag):
+    px = jnp.asarray(expected[f"{tag}_pixels"]).transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    logits, aux = model(px, return_hidden=True)
+    kind = str(expected[f"{tag}_out_kind"])
+    out = {"tokens": aux["tokens"], "pooled": aux["pooled"], "logits": logits}[kind]
+    return np.asarray(aux["hidden"]), np.asarray(aux["attn"]), np.asarray(out)
+
+
+def _errors(model, expected, tag):
+    hidden, attn, out = _run(model, expected, tag)
+    assert hidden.shape == expected[f"{tag}_hidden"].shape
+    assert attn.shape == expected[f"{tag}_attn"].shape
+    return (
+        float(np.abs(hidden - expected[f"{tag}_hidden"]).max()),
+        float(np.abs(attn - expected[f"{tag}_attn"]).max()),
+        float(np.abs(out - expected[f"{tag}_out"]).max()),
+    )
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_OF))
+def loaded(request):
+    d = FIXTURES / request.param
+    model, cfg, info = ck.load(d)
+    return request.param, model, cfg, info, dict(np.load(d / "expected.npz"))
+
+
+@pytest.mark.parametrize("tag", ["native", "second"])
+def test_fixture_parity(loaded, tag):
+    name, model, cfg, info, expected = loaded
+    assert info.family == FAMILY_OF[name]
+    dh, da, do = _errors(model, expected, tag)
+    assert dh <= HIDDEN_TOL, f"{name} {tag}: hidden states off by {dh:.2e}"
+    assert da <= ATTN_TOL, f"{name} {tag}: attention off by {da:.2e}"
+    assert do <= HIDDEN_TOL, f"{name} {tag}: output off by {do:.2e}"
+    if tag == "second":  # the second resolution really does resample the position embedding
+        assert expected["second_pixels"].shape[-2:] != (cfg.image_size, cfg.image_size)
+
+
+def test_wrong_interpolation_is_detected():
+    # The parity test can fail: the other resampling rule misses by far more than the tolerance.
+    for name in ("vit", "timm"):
+        d = FIXTURES / name
+        model, cfg, _ = ck.load(d)
+        other = "bicubic" if cfg.pos_interp == "bicubic_antialias" else "bicubic_antialias"
+        model.cfg = dataclasses.replace(cfg, pos_interp=other)
+        dh, _, _ = _errors(model, dict(np.load(d / "expected.npz")), "second")
+        assert dh > 100 * HIDDEN_TOL
+
+
+def test_configs_read_from_files():
+    _, cfg, info = ck.load(FIXTURES / "vit")
+    assert (cfg.norm_eps, cfg.gelu, cfg.num_classes, cfg.final_norm) == (1e-12, "exact", 0, "all")
+    assert "pooler.dense.weight" in info.ignored
+    _, cfg, _ = ck.load(FIXTURES / "vit_cls")
+    assert cfg.num_classes == 3
+    _, cfg, _ = ck.load(FIXTURES / "dinov2_reg")
+    assert (cfg.num_registers, cfg.layer_scale, cfg.pos_interp) == (2, 1.0, "bicubic_antialias")
+    _, cfg, info = ck.load(FIXTURES / "clip_full")
+    assert (cfg.gelu, cfg.pre_norm, cfg.final_norm, cfg.patch_bias) == (
+        "quick",
+        True,
+        "pooled",
+        False,
+    )
+    assert cfg.norm_eps == 1e-5
+    assert any(k.startswith("text_model.") for k in info.ignored)
+    _, cfg, _ = ck.load(FIXTURES / "timm_reg")
+    assert (cfg.num_registers, cfg.pos_embed_cls, cfg.pre_norm, cfg.num_classes) == (
+        2,
+        False,
+        True,
+        3,
+    )
+
+
+def test_detect_family_and_file_path():
+    for name, fam in FAMILY_OF.items():
+        assert ck.detect_family(FIXTURES / name) == fam
+    # a weight file works as well as its directory
+    model, _cfg, info = ck.load(FIXTURES / "timm" / "model.safetensors")
+    assert info.family == "timm" and isinstance(model, ViT)
+
+
+def test_image_size_resamples_once():
+    d = FIXTURES / "dinov2"
+    model, cfg, _ = ck.load(d, image_size=24)
+    assert cfg.image_size == 24 and model.pos_embed[...].shape == (1, 1 + 36, 32)
+    base, _, _ = ck.load(d)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 24, 24, 3)), jnp.float32)
+    a = np.asarray(model(x)[1]["attn"])
+    b = np.asarray(base(x)[1]["attn"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ck.load(d, image_size=25)
+
+
+def test_timm_without_config_needs_heads(tmp_path):
+    shutil.copy(FIXTURES / "timm" / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="num_heads="):
+        ck.load(tmp_path)
+    _, cfg, _ = ck.load(tmp_path, num_heads=4)
+    assert cfg.num_heads == 4 and cfg.image_size == 16
+
+
+def test_unknown_family(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"conv1.weight": np.ones((2, 2), np.float32)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"could not recognise.*conv1\.weight.*Supported: hf_vit"):
+        ck.load(tmp_path)
+
+
+def test_corrupt_and_missing(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ck.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ck.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no weights found"):
+        ck.load(empty)
+
+
+def test_truncated_checkpoint_names_the_missing_tensor(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(FIXTURES / "vit" / "model.safetensors"))
+    del sd["encoder.layer.1.output.dense.bias"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    shutil.copy(FIXTURES / "vit" / "config.json", tmp_path / "config.json")
+    with pytest.raises(ValueError, match=r"encoder\.layer\.1\.output\.dense\.bias"):
+        ck.load(tmp_path)
+    sd = load_file(str(FIXTURES / "vit" / "model.safetensors"))
+    sd["encoder.layer.0.extra.weight"] = np.ones(3, np.float32)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="not understood"):
+        ck.load(tmp_path)
+
+
+def test_config_mismatch(tmp_path):
+    shutil.copy(FIXTURES / "dinov2" / "model.safetensors", tmp_path / "model.safetensors")
+    cfg = json.loads((FIXTURES / "dinov2" / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not belong to these weights"):
+        ck.load(tmp_path)
+
+
+def test_torch_pickle(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch not installed: .pth loading untested")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(FIXTURES / "timm" / "model.safetensors"))
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "w.pth")
+    shutil.copy(FIXTURES / "timm" / "config.json", tmp_path / "config.json")
+    model, _, _info = ck.load(tmp_path / "w.pth")
+    expected = dict(np.load(FIXTURES / "timm" / "expected.npz"))
+    dh, da, _ = _errors(model, expected, "native")
+    assert dh <= HIDDEN_TOL and da <= ATTN_TOL
+
+
+# --- position embedding resampling --------------------------------------------------------------
+
+
+def test_bicubic_matrix_reference():
+    # float64 reference of PyTorch's upsample_bicubic2d (align_corners=False, a=-0.75)
+    def ref(n_in, n_out):
+        a = -0.75
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            x = (i + 0.5) * n_in / n_out - 0.5
+            f = int(np.floor(x))
+            t = x - f
+            for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
+                d = abs(d)
+                w = (
+                    ((a + 2) * d - (a + 3)) * d * d + 1
+                    if d <= 1
+                    else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+                )
+                m[i, min(max(f + k, 0), n_in - 1)] += w
+        return m
+
+    for n_in, n_out in [(4, 6), (4, 3), (7, 16), (5, 2), (3, 3)]:
+        np.testing.assert_allclose(bicubic_matrix(n_in, n_out), ref(n_in, n_out), atol=1e-6)
+
+
+def test_resize_pos_embed_shapes_and_errors():
+    g = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+    assert resize_pos_embed(g, (6, 5)).shape == (2, 6, 5, 3)
+    np.testing.assert_array_equal(resize_pos_embed(g, (4, 4)), g)
+    # the two rules differ: PyTorch's non-antialiased cubic is not jax.image.resize's
+    d = resize_pos_embed(g, (6, 3)) - resize_pos_embed(g, (6, 3), method="bicubic_antialias")
+    assert float(jnp.abs(d).max()) > 1e-2
+    with pytest.raises(ValueError, match="method must be one of"):
+        resize_pos_embed(g, (2, 2), method="cubic")
+    with pytest.raises(ValueError, match=r"\(gh, gw, D\)"):
+        resize_pos_embed(g[0, 0], (2, 2))
+
+
+# --- preprocessing -------------------------------------------------------------------------------
+
+
+def test_preprocess_recipes(tmp_path):
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(img).save(path)
+    x = ck.preprocess(str(path), "hf_clip", size=16)
+    assert x.shape == (1, 16, 16, 3) and x.dtype == np.float32
+    # CLIP: shortest edge to 16 (bicubic), centre crop, CLIP mean/std
+    im = Image.fromarray(img).resize((21, 16), Image.Resampling.BICUBIC).crop((2, 0, 18, 16))
+    want = (np.asarray(im, np.float32) / 255 - np.float32(ck.CLIP_MEAN)) / np.float32(ck.CLIP_STD)
+    np.testing.assert_allclose(x[0], want, atol=1e-6)
+    # HF ViT: plain resize to a square, ImageNet mean/std
+    y = ck.preprocess([img, img], "hf_vit", size=8)
+    im = Image.fromarray(img).resize((8, 8), Image.Resampling.BILINEAR)
+    want = (np.asarray(im, np.float32) / 255 - np.float32(ck.IMAGENET_MEAN)) / np.float32(
+        ck.IMAGENET_STD
+    )
+    np.testing.assert_allclose(y[1], want, atol=1e-6)
+    # info: native size from the checkpoint's config; timm reads its pretrained_cfg crop_pct
+    _, _, info = ck.load(FIXTURES / "timm")
+    r = ck.recipe(info)
+    assert (r["crop"], r["resize"]) == (16, 17)
+    assert ck.preprocess(img, info).shape == (1, 16, 16, 3)
+    with pytest.raises(ValueError, match="unknown family"):
+        ck.preprocess(img, "resnet")
+
+
+# --- live parity ---
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "make_checkpoint_fixtures", ROOT / "scripts" / "make_checkpoint_fixtures.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["vit_cls", "dinov2_reg", "clip"])
+def test_live_parity(name, tmp_path):
+    pytest.importorskip("torch", reason="torch not installed: live parity needs torch")
+    pytest.importorskip("transformers", reason="transformers not installed: live parity needs it")
+    script = _script()
+    model_pt = script.build(name, seed=7)
+    script.save(name, model_pt, tmp_path / name)
+    model, _, _ = ck.load(tmp_path / name)
+    expected = dict(np.load(tmp_path / name / "expected.npz"))
+    for tag in ("native", "second"):
+        dh, da, do = _errors(model, expected, tag)
+        assert dh <= HIDDEN_TOL and da <= ATTN_TOL and do <= HIDDEN_TOL, (name, tag, dh, da)
