@@ -1,0 +1,579 @@
+"""Zero-shot segmentation from a trained ViT's attention chains, every map method side by side.
+
+Evaluates :data:`markov_attn.segmentation.METHODS` (CLS attention, column sum, rollout,
+bounces n = 1..5 forward from / reverse to CLS, TokenRank in/out, each uniform and
+λ2-weighted) plus the centre prior and the token-grid oracle on the benchmark's test split
+(Fashion-MNIST objects composited onto held-out natural photos, exact masks), with the
+protocol of ``chains.md`` §8 and percentile-bootstrap 95 % intervals (1,000 resamples of
+images, shared by all methods so differences between methods are paired).
+
+Command: ``python -m experiments.segment --run runs/demo`` (2,000 images; add ``--extended``
+for per-layer / last-3-layer / prefix-handling ablations, ``--update-readme`` to regenerate
+the README table). Writes ``runs/<name>/segment.json``, ``segment.md``,
+``segment_grid.png`` and ``segment_curves.png``.
+
+Runtime on 2 CPU cores (width-128 depth-6 ViT, 64 px, 65 tokens): see ``timing`` in
+``segment.json``; the main table takes well under the 5-minute budget.
+
+The data are synthetic and the numbers are not comparable with ImageNet-Segmentation.
+"""
+
+import os
+
+# On this 2-core CPU the big jitted step (forward + every map + metrics) intermittently wedged
+# XLA's multi-threaded Eigen pool (all threads in futex wait, never returning); single-threaded
+# Eigen avoids it (same symptom and workaround: PyAutoLabs/PyAutoFit#1530). One OpenBLAS thread
+# for the LAPACK calls (LU, eig) as well. Effective only before jax initialises its backend
+# (i.e. when run as a script); set XLA_FLAGS yourself otherwise.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+        + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from markov_attn import segmentation as seg
+
+SYNTHETIC_NOTE = (
+    "The data are synthetic (Fashion-MNIST objects composited onto held-out natural photos, "
+    "with exact masks); these numbers are not comparable with ImageNet-Segmentation results."
+)
+
+#: Reference rows (not attention methods).
+REFERENCES = {
+    "centre_prior": "centre prior (Gaussian)",
+    "oracle": "oracle (mask averaged per token)",
+}
+
+#: Methods shown in the figure grid.
+FIGURE_METHODS = (
+    "cls_attn",
+    "column_sum",
+    "rollout",
+    "bounce_fwd_1",
+    "bounce_fwd_2",
+    "bounce_fwd_5",
+    "bounce_rev_2",
+    "tokenrank_in",
+    "tokenrank_out",
+    "bounce_fwd_2_l2",
+    "oracle",
+)
+
+README_START, README_END = "<!-- seg:start -->", "<!-- seg:end -->"
+
+
+def label(name: str) -> str:
+    """Human-readable row label of a method name."""
+    if name in REFERENCES:
+        return REFERENCES[name]
+    base, at = [*name.split("@"), ""][:2]
+    parts = base.split("_")
+    suffix = []
+    if parts[-1].startswith("last"):
+        suffix.append(f"last {parts.pop()[4:]} layers")
+    if parts[-1] in ("patches", "full"):
+        suffix.append(f"{parts.pop()} chain")
+    weighted = parts[-1] == "l2"
+    if weighted:
+        parts.pop()
+    base = "_".join(parts)
+    names = {
+        "cls_attn": "CLS attention (head mean)",
+        "column_sum": "column sum",
+        "rollout": "attention rollout",
+        "tokenrank_in": "TokenRank in",
+        "tokenrank_out": "TokenRank out",
+    }
+    m = re.fullmatch(r"bounce_(fwd|rev)_(\d+)", base)
+    if m:
+        text = f"bounce n={m[2]} " + ("forward from CLS" if m[1] == "fwd" else "reverse to CLS")
+    else:
+        text = names.get(base, base)
+    if weighted:
+        text += ", λ2-weighted"
+    if at:
+        suffix.append(f"layer {at[1:]}")
+    return text + (f" ({', '.join(suffix)})" if suffix else "")
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def _load(source):
+    """``(model, info)`` from a run directory or an in-memory ``markov_attn.nn.ViT``."""
+    if isinstance(source, str | os.PathLike):
+        from experiments.train import load_model
+
+        model, cfg = load_model(source)
+        info = {"run": str(source), "data_seed": cfg.data_seed, "preset": cfg.name}
+    else:
+        model, info = source, {"run": None, "data_seed": 0, "preset": None}
+    mcfg = model.cfg
+    info.update(
+        image_size=mcfg.image_size,
+        patch_size=mcfg.patch_size,
+        depth=mcfg.depth,
+        heads=mcfg.num_heads,
+        width=mcfg.width,
+        pool=mcfg.pool,
+        num_prefix=mcfg.num_prefix,
+    )
+    return model, info
+
+
+def _step_fn(model, names: tuple[str, ...], methods: dict, *, grid, num_prefix, thresh):
+    """One jitted function: forward pass → all maps → per-image statistics of every method."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    items = {k: methods[k] for k in names if k in methods}
+
+    @jax.jit
+    def step(state, images, masks, prior, oracle):
+        m = nnx.merge(graphdef, state)
+        logits, aux = m(images, return_logits=True)
+        maps = seg.compute_maps(
+            aux["attn"], items, num_prefix=num_prefix, grid=grid, logits=aux["attn_logits"]
+        )
+        maps["centre_prior"] = jnp.broadcast_to(prior, oracle.shape)
+        maps["oracle"] = oracle
+        stacked = jnp.stack([maps[k] for k in names])
+        stats = seg.image_stats(stacked, masks[None], thresh=thresh)
+        return jnp.argmax(logits, axis=-1), stats, maps
+
+    return lambda images, masks, prior, oracle: step(state, images, masks, prior, oracle)
+
+
+# ----------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    source,
+    /,
+    *,
+    n_images: int = 2000,
+    batch_size: int = 250,
+    extended: bool = False,
+    methods: dict | None = None,
+    thresh: str | float = "mean",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    data_seed: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    figure_images: int = 6,
+    progress: bool = True,
+) -> dict:
+    """Scores every map method on ``n_images`` test images of the benchmark.
+
+    Args:
+        source: a run directory with a checkpoint (``experiments.train``), or an in-memory
+            ``markov_attn.nn.ViT``.
+        n_images: test images (indices ``0 .. n_images - 1`` of the test split).
+        batch_size: images per jitted step (one forward pass + all maps + all statistics).
+        extended: add :func:`markov_attn.segmentation.extended_methods` (per layer, last 3
+            layers, other prefix handling).
+        methods: name → ``MapMethod`` instead of the registry (reference rows always added).
+        thresh: threshold of the protocol (``"mean"``).
+        n_resamples: bootstrap resamples (shared by all methods).
+        seed: bootstrap seed.
+        data_seed: benchmark seed (default: the run's ``data_seed``, 0 for a bare model).
+        out_dir: if given, writes ``segment.json``, ``segment.md`` and the figures there.
+        figure_images: images in the figure grid.
+        progress: print progress lines to stderr.
+
+    Returns:
+        ``{"meta": ..., "timing": ..., "methods": {name: {"label", "spec", "metrics", "ci",
+        "delta_vs_cls", "delta_vs_uniform"?}}, "order": [...], "note": ...}``.
+    """
+    from markov_attn.data import centre_prior, make_split, oracle_map
+
+    t_all = time.perf_counter()
+    model, info = _load(source)
+    size, patch = info["image_size"], info["patch_size"]
+    grid = (size // patch, size // patch)
+    table = dict(seg.METHODS if methods is None else methods)
+    if extended:
+        table.update(seg.extended_methods(info["depth"]))
+    if info["num_prefix"] < 1:
+        table = {k: m for k, m in table.items() if not m.needs_cls}
+    names = tuple(table) + tuple(REFERENCES)
+    step = _step_fn(model, names, table, grid=grid, num_prefix=info["num_prefix"], thresh=thresh)
+    prior = jnp.asarray(centre_prior(size, grid[0]))
+    dseed = info["data_seed"] if data_seed is None else data_seed
+
+    parts, correct, fig_data = [], 0, None
+    t_data = t_compute = 0.0
+    first_step = None
+    for start in range(0, n_images, batch_size):
+        n = min(batch_size, n_images - start)
+        t0 = time.perf_counter()
+        batch = make_split("test", n, size=size, seed=dseed, start=start)
+        oracle = oracle_map(batch["masks"], grid[0])
+        t1 = time.perf_counter()
+        pred, stats, maps = step(batch["images"], batch["masks"], prior, oracle)
+        stats = jax.device_get(stats)
+        t2 = time.perf_counter()
+        t_data += t1 - t0
+        t_compute += t2 - t1
+        if first_step is None:
+            first_step = t2 - t1
+        correct += int(np.sum(np.asarray(pred) == batch["labels"]))
+        parts.append(stats)
+        if fig_data is None and figure_images:
+            k = min(figure_images, n)
+            fig_data = {
+                "images": batch["images"][:k],
+                "masks": batch["masks"][:k],
+                "maps": {m: np.asarray(maps[m][:k]) for m in FIGURE_METHODS if m in maps},
+            }
+        if progress:
+            print(
+                f"[segment] {start + n}/{n_images} images, {time.perf_counter() - t_all:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    all_stats = seg.SegStats(*(np.concatenate(v, axis=1) for v in zip(*parts)))
+
+    t0 = time.perf_counter()
+    counts = seg.bootstrap_counts(n_images, n_resamples=n_resamples, seed=seed)
+    per = {k: seg.SegStats(*(v[i] for v in all_stats)) for i, k in enumerate(names)}
+    results = {}
+    base = "cls_attn" if "cls_attn" in per else None
+    for k in names:
+        st = per[k]
+        entry = {
+            "label": label(k),
+            "spec": dataclasses.asdict(table[k]) if k in table else None,
+            "metrics": seg.summarize(st),
+            "ci": seg.bootstrap(st, counts=counts),
+        }
+        if base is not None and k != base:
+            entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
+        if k.endswith("_l2") and k[:-3] in per:
+            entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[k[:-3]])
+        for b in ("bounce_fwd_1", "bounce_rev_1"):
+            if k.startswith(b[:-1]) and k != b and b in per and k[len(b) - 1 :].isdigit():
+                entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[b])
+        results[k] = entry
+    t_boot = time.perf_counter() - t0
+
+    out = {
+        "note": SYNTHETIC_NOTE,
+        "meta": {
+            **info,
+            "n_images": n_images,
+            "grid": list(grid),
+            "thresh": thresh,
+            "protocol": "per-map min-max, nearest upsampling, mask = map > mean(map); "
+            "mIoU and pixel accuracy accumulated over images; mAP = mean per-image "
+            "AP of the continuous map (images with an empty mask left out)",
+            "bootstrap": {"n_resamples": n_resamples, "seed": seed, "level": 0.95},
+            "classification_acc": correct / n_images,
+            "backend": jax.default_backend(),
+            "methods_evaluated": len(names),
+        },
+        "timing": {
+            "total_s": time.perf_counter() - t_all,
+            "data_s": t_data,
+            "model_maps_stats_s": t_compute,
+            "first_step_incl_compile_s": first_step,
+            "bootstrap_s": t_boot,
+            "images_per_s_steady": (n_images - min(batch_size, n_images))
+            / max(t_compute - first_step, 1e-9)
+            if n_images > batch_size
+            else None,
+        },
+        "order": list(names),
+        "methods": results,
+    }
+    if out_dir is not None:
+        write_outputs(out, out_dir, fig_data=fig_data)
+    return out
+
+
+# ----------------------------------------------------------------------------------- outputs
+
+
+def _fmt(value: float, ci) -> str:
+    return f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _row(name: str, r: dict) -> str:
+    m, ci = r["metrics"], r["ci"]
+    return (
+        f"| {r['label']} | {_fmt(m['miou'], ci['miou'])} | {_fmt(m['map'], ci['map'])} | "
+        f"{_fmt(m['pixel_acc'], ci['pixel_acc'])} |"
+    )
+
+
+MAIN_ORDER = (
+    "centre_prior",
+    "oracle",
+    "cls_attn",
+    "column_sum",
+    "rollout",
+    *(f"bounce_fwd_{n}" for n in range(1, 6)),
+    *(f"bounce_rev_{n}" for n in range(1, 6)),
+    "tokenrank_in",
+    "tokenrank_out",
+)
+
+
+def main_table(results: dict) -> str:
+    """The results table in Markdown (main rows, then their λ2-weighted variants)."""
+    res = results["methods"]
+    meta = results["meta"]
+    rows = [n for n in MAIN_ORDER if n in res]
+    rows += [f"{n}_l2" for n in MAIN_ORDER if f"{n}_l2" in res]
+    head = [
+        f"Zero-shot segmentation, {meta['n_images']} test images of the synthetic benchmark "
+        f"({meta['image_size']} px, {meta['grid'][0]}×{meta['grid'][1]} tokens, ViT depth "
+        f"{meta['depth']}, {meta['heads']} heads, `{meta['pool']}` pooling). Last layer unless "
+        "stated (rollout: all layers). Values in %, 95 % bootstrap intervals in brackets.",
+        "",
+        "| map | mIoU | mAP | pixel acc |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join(head + [_row(n, res[n]) for n in rows]) + "\n"
+
+
+def _delta_lines(results: dict) -> list[str]:
+    res = results["methods"]
+    lines = []
+
+    def fmt_delta(d, metric):
+        lo, hi = d[metric]
+        sig = "" if lo <= 0 <= hi else (" (better)" if lo > 0 else " (worse)")
+        return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]{sig}"
+
+    named = [n for n in res if "delta_vs_cls" in res[n] and n not in REFERENCES]
+    if named:
+        lines += [
+            "",
+            "Paired differences against CLS attention (percentage points, 95 % "
+            'bootstrap interval; "better"/"worse" where it excludes 0):',
+            "",
+            "| map | ΔmIoU | ΔmAP |",
+            "|---|---|---|",
+        ]
+        for n in named:
+            d = res[n]["delta_vs_cls"]
+            lines.append(f"| {res[n]['label']} | {fmt_delta(d, 'miou')} | {fmt_delta(d, 'map')} |")
+    l2 = [n for n in res if "delta_vs_uniform" in res[n]]
+    if l2:
+        lines += [
+            "",
+            "λ2-weighted minus uniform heads (same method, paired):",
+            "",
+            "| map | ΔmIoU | ΔmAP |",
+            "|---|---|---|",
+        ]
+        for n in l2:
+            d = res[n]["delta_vs_uniform"]
+            lines.append(f"| {res[n]['label']} | {fmt_delta(d, 'miou')} | {fmt_delta(d, 'map')} |")
+    return lines
+
+
+def summary_lines(results: dict) -> list[str]:
+    """Which maps work best (by mIoU and mAP point estimates), for the closing note."""
+    res = results["methods"]
+    cand = [n for n in res if n not in REFERENCES]
+    if not cand:
+        return []
+    out = []
+    for metric in ("miou", "map"):
+        best = max(cand, key=lambda n: res[n]["metrics"][metric])
+        out.append(
+            f"- best by {metric}: {res[best]['label']} ({100 * res[best]['metrics'][metric]:.1f})"
+        )
+    for fam in ("bounce_fwd", "bounce_rev", "bounce_fwd_l2"):
+        names = [
+            f"bounce_{fam.split('_')[1]}_{n}" + ("_l2" if fam.endswith("l2") else "")
+            for n in range(1, 6)
+        ]
+        names = [n for n in names if n in res]
+        if names:
+            best = max(names, key=lambda n: res[n]["metrics"]["miou"])
+            out.append(f"- {fam}: best n by mIoU = {best.split('_')[2]}")
+    prior = res.get("centre_prior", {}).get("metrics", {}).get("miou")
+    if prior is not None:
+        beat = [n for n in cand if res[n]["ci"]["miou"][0] > prior]
+        out.append(
+            f"- {len(beat)} of {len(cand)} maps beat the centre prior's mIoU "
+            f"({100 * prior:.1f}) with their whole interval"
+        )
+    return out
+
+
+def markdown(results: dict) -> str:
+    """``segment.md``: note, main table, all other rows, paired differences, timing."""
+    res, meta, t = results["methods"], results["meta"], results["timing"]
+    lines = [
+        "# Zero-shot segmentation from attention chains",
+        "",
+        f"**{results['note']}**",
+        "",
+        main_table(results),
+    ]
+    extra = [
+        n
+        for n in results["order"]
+        if n not in MAIN_ORDER and not (n.endswith("_l2") and n[:-3] in MAIN_ORDER)
+    ]
+    if extra:
+        lines += ["## Ablations", "", "| map | mIoU | mAP | pixel acc |", "|---|---|---|---|"]
+        lines += [_row(n, res[n]) for n in extra]
+    lines += _delta_lines(results)
+    lines += ["", "## Summary", "", *summary_lines(results)]
+    lines += [
+        "",
+        "## Protocol and run",
+        "",
+        f"- {meta['protocol']}; threshold `{meta['thresh']}`.",
+        "- mAP (two-class, as the reference code's `get_ap_scores`) is in `segment.json` as "
+        "`map_2class`.",
+        f"- checkpoint: `{meta['run']}`; classifier test accuracy on these images "
+        f"{100 * meta['classification_acc']:.1f} %.",
+        f"- {meta['methods_evaluated']} maps on {meta['n_images']} images in "
+        f"{t['total_s']:.1f} s wall ({t['model_maps_stats_s']:.1f} s forward + maps + metrics, "
+        f"first step incl. compilation {t['first_step_incl_compile_s']:.1f} s; data "
+        f"generation {t['data_s']:.1f} s; bootstrap {t['bootstrap_s']:.1f} s), backend "
+        f"{meta['backend']}.",
+        "- figures: `segment_grid.png` (image, mask, each map and its mask), "
+        "`segment_curves.png` (mIoU and mAP against bounce count).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out_dir, /, *, fig_data: dict | None = None) -> dict:
+    """Writes ``segment.json``, ``segment.md`` and the two figures into ``out_dir``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "segment.json", "md": out_dir / "segment.md"}
+    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+    paths["md"].write_text(markdown(results))
+    try:
+        from markov_attn.viz.seg import metric_curves, save_figure, seg_grid
+    except ImportError:  # pragma: no cover - matplotlib missing
+        return paths
+    if fig_data is not None:
+        titles = {
+            k: label(k).replace(" (head mean)", "").replace(", ", "\n") for k in fig_data["maps"]
+        }
+        titles = {
+            k: v.replace(" forward from CLS", " fwd").replace(" reverse to CLS", " rev")
+            for k, v in titles.items()
+        }
+        titles.update({"oracle": "oracle", "centre_prior": "centre prior"})
+        fig = seg_grid(fig_data["images"], fig_data["masks"], fig_data["maps"], titles=titles)
+        paths["grid"] = save_figure(fig, out_dir / "segment_grid.png", dpi=80)
+    res = results["methods"]
+    fams = {
+        "forward from CLS": [f"bounce_fwd_{n}" for n in range(1, 6)],
+        "reverse to CLS": [f"bounce_rev_{n}" for n in range(1, 6)],
+        "forward, λ2 heads": [f"bounce_fwd_{n}_l2" for n in range(1, 6)],
+        "reverse, λ2 heads": [f"bounce_rev_{n}_l2" for n in range(1, 6)],
+    }
+    refs = {
+        "CLS attention": "cls_attn",
+        "column sum": "column_sum",
+        "rollout": "rollout",
+        "TokenRank in": "tokenrank_in",
+        "centre prior": "centre_prior",
+    }
+    fig = metric_curves(res, fams, references=refs)
+    paths["curves"] = save_figure(fig, out_dir / "segment_curves.png")
+    return paths
+
+
+def update_readme(results: dict, readme: str | os.PathLike = "README.md", /) -> str:
+    """Replaces the README text between ``<!-- seg:start -->`` and ``<!-- seg:end -->`` with
+    the main table, the synthetic-data statement and the command."""
+    path = pathlib.Path(readme)
+    text = path.read_text()
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(
+            f"{path} has no {README_START} ... {README_END} block; add the two markers where "
+            "the segmentation table belongs"
+        )
+    run = results["meta"]["run"] or "<run>"
+    block = "\n".join(
+        [
+            README_START,
+            "",
+            f"*{results['note']}*",
+            "",
+            main_table(results).rstrip(),
+            "",
+            *summary_lines(results),
+            "",
+            f"Generated by `python -m experiments.segment --run {run} --update-readme` "
+            f"({results['timing']['total_s']:.0f} s on {results['meta']['backend']}); "
+            f"full results in `{run}/segment.md`.",
+            "",
+            README_END,
+        ]
+    )
+    path.write_text(text[:i] + block + text[j + len(README_END) :])
+    return block
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.segment",
+        description="Zero-shot segmentation from a trained ViT's attention (synthetic benchmark).",
+    )
+    p.add_argument("--run", default="runs/demo", help="run directory with a checkpoint")
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--extended", action="store_true", help="add per-layer and other ablations")
+    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--out", help="output directory (default: the run directory)")
+    p.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="replace the README's seg:start/seg:end block with the table",
+    )
+    p.add_argument("--readme", default="README.md")
+    a = p.parse_args(argv)
+    try:
+        results = evaluate(
+            a.run,
+            n_images=a.n_images,
+            batch_size=a.batch_size,
+            extended=a.extended,
+            n_resamples=a.resamples,
+            out_dir=a.out or a.run,
+        )
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(main_table(results))
+    print("\n".join(summary_lines(results)))
+    print(f"total {results['timing']['total_s']:.1f} s; wrote {a.out or a.run}/segment.md")
+    if a.update_readme:
+        update_readme(results, a.readme)
+        print(f"updated {a.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
