@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # this turns that fusion off (see ../shared/spec/chains.md, numerics notes).
 export XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=
 
-.PHONY: demo test lint bench venv data clean
+.PHONY: demo test lint bench bench-stream bench-gpu venv data clean
 
 venv: $(STAMP)
 $(STAMP): pyproject.toml
@@ -28,7 +28,7 @@ $(FMNIST):
 
 test: $(STAMP) data
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -39,6 +39,12 @@ demo: $(STAMP) data
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_core
+
+bench-stream: $(STAMP)
+	$(PY) -m experiments.bench_stream
+
+bench-gpu: $(STAMP)
+	$(PY) -m experiments.bench_gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

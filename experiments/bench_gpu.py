@@ -53,11 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import markov_attn as ma  # noqa: E402
-
-try:
-    from markov_attn import bounce_qk, second_eigenvalue_qk, tokenrank_qk
-except ImportError:  # before the lead re-exports them from markov_attn/__init__.py
-    from markov_attn._stream import bounce_qk, second_eigenvalue_qk, tokenrank_qk
+from markov_attn import bounce_qk, second_eigenvalue_qk, tokenrank_qk  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KRYLOV = 128

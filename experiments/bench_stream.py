@@ -82,11 +82,7 @@ def _functions(d, block):
     import jax.numpy as jnp
 
     import markov_attn as ma
-
-    try:
-        from markov_attn import tokenrank_qk
-    except ImportError:  # before the lead re-exports it from markov_attn/__init__.py
-        from markov_attn._stream import tokenrank_qk
+    from markov_attn import tokenrank_qk
 
     scale = 1.0 / d**0.5
 
