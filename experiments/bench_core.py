@@ -265,11 +265,13 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--update-readme",
         action="store_true",
-        help="only copy the table of the last run (out/results.md) into README.md",
+        help="only rebuild the table of the last run (out/results.json) into README.md",
     )
     args = p.parse_args(argv)
     if args.update_readme:
-        update_readme((args.out / "results.md").read_text())
+        md = table(json.loads((args.out / "results.json").read_text()))
+        (args.out / "results.md").write_text(md)
+        update_readme(md)
         return {}
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  devices={jax.devices()}")
     results = dict(
