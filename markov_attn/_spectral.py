@@ -20,18 +20,24 @@ def _zero_sum_start(n: int, dtype) -> jax.Array:
     return x - jnp.mean(x)
 
 
-def _lambda2_arnoldi(a, krylov):
-    n = a.shape[-1]
+def lambda2_from_matvec(mv, shape, dtype, krylov):
+    """|λ2| from ``krylov`` Arnoldi steps of a product ``mv`` (``A x`` or ``A^T x``, which have
+    the same spectrum) on zero-sum vectors of ``shape`` ``(..., n)``, then Gelfand's formula."""
+    n = shape[-1]
     if n == 1:
-        return jnp.zeros(a.shape[:-2], a.dtype)
+        return jnp.zeros(shape[:-1], dtype)
     m = min(krylov, n - 1)
-    v0 = jnp.broadcast_to(_zero_sum_start(n, a.dtype), a.shape[:-1])
+    v0 = jnp.broadcast_to(_zero_sum_start(n, dtype), shape)
     project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
+    _, hess, _ = arnoldi(mv, v0, m, project=project)
+    return spectral_radius(hess[..., :m, :])
+
+
+def _lambda2_arnoldi(a, krylov):
     # In the basis {1, U} (U orthonormal, spanning the zero-sum vectors) A is block upper
     # triangular, [[1, *], [0, U^T A U]]: the compression P A P onto zero-sum vectors carries
     # every eigenvalue but the Perron 1. (A x is also the faster product layout.)
-    _, hess, _ = arnoldi(lambda x: matvec(a, x), v0, m, project=project)
-    return spectral_radius(hess[..., :m, :])
+    return lambda2_from_matvec(lambda x: matvec(a, x), a.shape[:-1], a.dtype, krylov)
 
 
 def _lambda2_eig(a):

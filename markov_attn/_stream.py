@@ -21,9 +21,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from ._chain import _keep_index, _uniform_or, check_index, one_hot
-from ._krylov import arnoldi, gmres, spectral_radius
-from ._spectral import KRYLOV_DIM, _zero_sum_start
-from ._tokenrank import GMRES_CYCLES, GMRES_RESTART, GMRES_TOL, POWER_STEPS, POWER_TOL
+from ._krylov import gmres
+from ._spectral import KRYLOV_DIM, lambda2_from_matvec
+from ._tokenrank import (
+    GMRES_CYCLES,
+    GMRES_RESTART,
+    GMRES_TOL,
+    m_operator,
+    mt_operator,
+    power_iterate,
+)
 from ._typing import Dist, DistLike, PerMatrix
 from ._util import HIGHEST, check_alpha, check_choice, compute_dtype, safe_normalize
 
@@ -289,40 +296,24 @@ def _keep(keep, n):
 # TokenRank
 
 
-def _m_matvec(ops, v, alpha):
-    # x -> (I - alpha A^T + alpha v 1^T) x, matrix-free
-    def mv(x):
-        atx = _apply_pass(*ops, x=x[..., None])[0][..., 0]
-        return x - alpha[..., None] * (atx - v * jnp.sum(x, -1, keepdims=True))
+def _at_mv(ops):
+    return lambda x: _apply_pass(*ops, x=x[..., None])[0][..., 0]
 
-    return mv
+
+def _a_mv(ops):
+    return lambda u: _apply_pass(*ops, u=u[..., None])[1][..., 0]
+
+
+def _m_matvec(ops, v, alpha):
+    return m_operator(_at_mv(ops), v, alpha)
 
 
 def _mt_matvec(ops, v, alpha):
-    # u -> (I - alpha A + alpha 1 v^T) u, matrix-free
-    def mv(u):
-        au = _apply_pass(*ops, u=u[..., None])[1][..., 0]
-        return u - alpha[..., None] * (au - jnp.sum(v * u, -1, keepdims=True))
-
-    return mv
+    return mt_operator(_a_mv(ops), v, alpha)
 
 
 def _power(ops, v, alpha):
-    def step(x):
-        atx = _apply_pass(*ops, x=x[..., None])[0][..., 0]
-        y = alpha[..., None] * atx + (1.0 - alpha[..., None]) * v
-        return y / jnp.sum(y, -1, keepdims=True)
-
-    def cond(s):
-        return (s[2] < POWER_STEPS) & (jnp.max(s[1]) > POWER_TOL)
-
-    def body(s):
-        x, _, it = s
-        y = step(x)
-        return y, jnp.sum(jnp.abs(y - x), -1), it + 1
-
-    delta0 = jnp.full(v.shape[:-1], jnp.inf, v.dtype)
-    return jax.lax.while_loop(cond, body, (v, delta0, jnp.asarray(0, jnp.int32)))[0]
+    return power_iterate(_at_mv(ops), v, alpha)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -567,16 +558,12 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, block):
     n = qs.shape[-2]
     if n == 1:
         return jnp.zeros(batch, qs.dtype)
-    m = min(krylov, n - 1)
     lse = _lse_op(qs, k, km, live, block)
-    v0 = jnp.broadcast_to(_zero_sum_start(n, qs.dtype), (*batch, n))
 
     def matvec(x):
         return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
 
-    project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
-    _, hess, _ = arnoldi(matvec, v0, m, project=project)
-    return spectral_radius(hess[..., :m, :])
+    return lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov)
 
 
 def second_eigenvalue_qk(

@@ -43,21 +43,34 @@ def _system(a, v, alpha):
     return eye - alpha[..., None, None] * (jnp.swapaxes(a, -1, -2) - v[..., :, None])
 
 
+def m_operator(at_mv, v, alpha):
+    """``x -> (I - alpha A^T + alpha v 1^T) x`` from a product ``at_mv(x) = A^T x``."""
+    return lambda x: x - alpha[..., None] * (at_mv(x) - v * jnp.sum(x, -1, keepdims=True))
+
+
+def mt_operator(a_mv, v, alpha):
+    """``u -> (I - alpha A + alpha 1 v^T) u`` from a product ``a_mv(u) = A u``."""
+    return lambda u: u - alpha[..., None] * (a_mv(u) - jnp.sum(v * u, -1, keepdims=True))
+
+
 def _m_matvec(a, v, alpha):
-    # x -> (I - alpha A^T + alpha v 1^T) x
-    return lambda x: x - alpha[..., None] * (matvec_t(a, x) - v * jnp.sum(x, -1, keepdims=True))
+    return m_operator(lambda x: matvec_t(a, x), v, alpha)
 
 
 def _mt_matvec(a, v, alpha):
-    # u -> (I - alpha A + alpha 1 v^T) u
-    return lambda u: u - alpha[..., None] * (matvec(a, u) - jnp.sum(v * u, -1, keepdims=True))
+    return mt_operator(lambda u: matvec(a, u), v, alpha)
 
 
 def _power(a, v, alpha):
-    """Teleported power method from ``v``; bounded, stops when every member moved < tol (L1)."""
+    return power_iterate(lambda x: matvec_t(a, x), v, alpha)
+
+
+def power_iterate(at_mv, v, alpha):
+    """Teleported power method from ``v`` with the product ``at_mv(x) = A^T x``; bounded, stops
+    when every member moved less than the tolerance (L1)."""
 
     def step(x):
-        y = alpha[..., None] * matvec_t(a, x) + (1.0 - alpha[..., None]) * v
+        y = alpha[..., None] * at_mv(x) + (1.0 - alpha[..., None]) * v
         return y / jnp.sum(y, -1, keepdims=True)
 
     def cond(s):
