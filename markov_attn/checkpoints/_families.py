@@ -172,6 +172,23 @@ def _patch(take, src: str, p: dict) -> tuple[int, int, bool]:
     return int(w.shape[-1]), int(w.shape[1]), b is not None
 
 
+def _hf_embeddings(take, c: dict, p: dict, patch_key: str, cls_key: str, pos_key: str):
+    """Patch embedding, CLS token and position embedding (CLS slot + square grid) of the
+    HuggingFace layouts, checked against config.json; fills ``p``."""
+    patch, chans, patch_bias = _patch(take, patch_key, p)
+    _check(c.get("patch_size"), patch, "patch_size")
+    cls = take(cls_key)
+    width = int(cls.shape[-1])
+    _check(c.get("hidden_size"), width, "hidden_size")
+    p["cls"] = cls.reshape(1, 1, width)
+    pos = take(pos_key).reshape(1, -1, width)
+    grid = _grid_from_pos(pos.shape[1], 1)
+    if grid is None:
+        raise ValueError(f"position embeddings of length {pos.shape[1]} are not 1 + a square grid")
+    p["pos_embed"] = pos
+    return patch, chans, patch_bias, width, grid
+
+
 def _check(cfg_val, shape_val, what: str):
     if cfg_val is not None and int(cfg_val) != int(shape_val):
         raise ValueError(
@@ -189,17 +206,14 @@ def hf(family: str, sd: dict, config: dict | None, *, num_heads=None):
     if config is None:
         notes.append(f"no config.json: eps {_DEFAULT_EPS[family]} and exact GELU assumed")
     p: dict[str, np.ndarray] = {}
-    patch, chans, patch_bias = _patch(take, "embeddings.patch_embeddings.projection", p)
-    _check(c.get("patch_size"), patch, "patch_size")
-    cls = take("embeddings.cls_token")
-    width = int(cls.shape[-1])
-    _check(c.get("hidden_size"), width, "hidden_size")
-    p["cls"] = cls.reshape(1, 1, width)
-    pos = take("embeddings.position_embeddings").reshape(1, -1, width)
-    grid = _grid_from_pos(pos.shape[1], 1)
-    if grid is None:
-        raise ValueError(f"position embeddings of length {pos.shape[1]} are not 1 + a square grid")
-    p["pos_embed"] = pos
+    patch, chans, patch_bias, width, grid = _hf_embeddings(
+        take,
+        c,
+        p,
+        "embeddings.patch_embeddings.projection",
+        "embeddings.cls_token",
+        "embeddings.position_embeddings",
+    )
     regs = take.maybe("embeddings.register_tokens")
     if regs is not None:
         p["registers"] = regs.reshape(1, -1, width)
@@ -286,17 +300,14 @@ def clip(sd: dict, config: dict | None, *, num_heads=None):
     sd = _strip_prefix(sd, ("vision_model.",))
     take = _Taker(sd)
     p: dict[str, np.ndarray] = {}
-    patch, chans, patch_bias = _patch(take, "embeddings.patch_embedding", p)
-    _check(c.get("patch_size"), patch, "patch_size")
-    cls = take("embeddings.class_embedding")
-    width = int(cls.shape[-1])
-    _check(c.get("hidden_size"), width, "hidden_size")
-    p["cls"] = cls.reshape(1, 1, width)
-    pos = take("embeddings.position_embedding.weight").reshape(1, -1, width)
-    grid = _grid_from_pos(pos.shape[1], 1)
-    if grid is None:
-        raise ValueError(f"position embeddings of length {pos.shape[1]} are not 1 + a square grid")
-    p["pos_embed"] = pos
+    patch, chans, patch_bias, width, grid = _hf_embeddings(
+        take,
+        c,
+        p,
+        "embeddings.patch_embedding",
+        "embeddings.class_embedding",
+        "embeddings.position_embedding.weight",
+    )
     _norm(take, "pre_layrnorm", "pre_norm", p)
     depth = _depth(take.sd, r"encoder\.layers\.(\d+)\.")
     _check(c.get("num_hidden_layers"), depth, "num_hidden_layers")
