@@ -1,7 +1,7 @@
 """The four pooling heads (cls, mean, map, tokenrank) at equal budget over several seeds.
 
-Command (the default: the ``compare`` preset, seeds 0 and 1, about 2-3 min per run on 2 cores,
-so ~20 min for the 8 runs)::
+Command (the default: the ``compare`` preset, seeds 0 and 1, about 5 min per run on 2 cores,
+so ~40 min for the 8 runs)::
 
     python -m experiments.compare_heads                       # runs/compare/{results.json,.md}
     python -m experiments.compare_heads --update-readme       # also copy the table into README.md
@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from .configs import PRESETS, TrainConfig, get_preset, override
-from .train import train_and_evaluate
+from .train import load_data, train_and_evaluate
 
 POOLS = ("cls", "mean", "map", "tokenrank")
 DATA_NOTES = {
@@ -151,7 +151,10 @@ def main(argv=None) -> int:
             steps=a.steps, warmup_steps=min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
         )
     base = get_preset(a.preset, **over)
-    summaries = run_all(base, pools=a.pools, seeds=a.seeds, out=a.out, progress=not a.no_progress)
+    data = load_data(base)  # every head and seed trains on the same images: generate them once
+    summaries = run_all(
+        base, pools=a.pools, seeds=a.seeds, out=a.out, data=data, progress=not a.no_progress
+    )
     rows = aggregate(summaries)
     command = "python -m experiments.compare_heads" + "".join(
         f" {x}" for x in (argv if argv is not None else sys.argv[1:])

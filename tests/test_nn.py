@@ -239,6 +239,18 @@ def test_gelu_variants_differ(images):
     assert not np.allclose(outs[0], outs[2], atol=1e-4)
 
 
+def test_patch_norm_removes_global_colour_and_contrast(images):
+    # Per-channel offsets and a global contrast change of the input shift and scale every patch
+    # embedding alike, so the instance-normalised tokens do not change; without the option they do.
+    shifted = 0.5 * images + jnp.array([0.1, -0.2, 0.3]).reshape(1, 1, 1, 3)
+    for patch_norm in (True, False):
+        model = _model(patch_norm=patch_norm)
+        a, b = model(images)[1]["tokens"], model(shifted)[1]["tokens"]
+        assert np.allclose(a, b, atol=1e-4) == patch_norm
+    x = _model(patch_norm=True).patch_embed(images)
+    assert x.shape == (3, 4, 4, 16)  # the option adds no parameters: same patch_embed
+
+
 def test_other_resolution_resizes_the_position_grid(images):
     model = _model(pool="mean")
     x = jax.random.uniform(jax.random.key(4), (2, 24, 20, 3))

@@ -227,6 +227,10 @@ class ViT(nnx.Module):
                 "resize or crop the images"
             )
         x = self.patch_embed(images)
+        if cfg.patch_norm:
+            mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+            var = jnp.var(x, axis=(1, 2), keepdims=True)
+            x = (x - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
         gh, gw = x.shape[1], x.shape[2]
         x = x.reshape(b, gh * gw, cfg.width)
         pos_cls, pos_grid = self._pos_embed(gh, gw)
