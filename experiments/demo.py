@@ -15,7 +15,7 @@ Which chain each map reads (last layer, as the pooling head does):
   the maps are shown over the patch tokens, each rescaled on its own.
 
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(about 5-8 min on 2 idle cores) plus under a minute for data, evaluation and figures.
+(about 9.5 min on 2 idle cores) plus under a minute for data, evaluation and figures.
 """
 
 import json

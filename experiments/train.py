@@ -544,6 +544,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="override the preset's steps (warm-up <= 10%%)")
     p.add_argument("--data", choices=("bench", "synthetic"))
     p.add_argument("--data-root", help="Fashion-MNIST directory (default: the Debian package's)")
+    p.add_argument(
+        "--no-patch-norm",
+        action="store_true",
+        help="turn the ViT's patch_norm off (the ablation: the model then stays at chance)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--kill-at-step", type=int, help=argparse.SUPPRESS)  # for the resume tests
     return p
@@ -563,6 +568,7 @@ def config_from_args(argv=None) -> TrainConfig:
         data=a.data,
         data_root=a.data_root,
         warmup_steps=warmup,
+        patch_norm=False if a.no_patch_norm else None,
     )
 
 

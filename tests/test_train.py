@@ -218,7 +218,15 @@ def test_presets_and_overrides():
         assert cfg.name == name and cfg.ckpt_every % cfg.log_every == 0
     cfg = get_preset("cpu", pool="tokenrank", seed=3)
     assert cfg.model.pool == "tokenrank" and cfg.seed == 3
-    assert cfg.model.image_size == 64 and cfg.model.width == 128 and cfg.model.depth == 6
+    assert cfg.model.image_size == 64 and cfg.model.width == 96 and cfg.model.depth == 4
+    assert cfg.model.patch_norm  # without it the cpu budget stays at chance
+    assert get_preset("compare").model == get_preset("cpu").model  # same model, fewer steps
+    assert get_preset("compare").steps < cfg.steps
+    from experiments.train import config_from_args
+
+    args = ["--workdir", "w", "--pool", "cls", "--no-patch-norm"]
+    assert not config_from_args(args).model.patch_norm
+    assert config_from_args(["--workdir", "w"]).model.patch_norm
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("tpu")
     with pytest.raises(ValueError, match="unknown config field"):
