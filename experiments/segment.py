@@ -482,12 +482,11 @@ def _lambda2_lines(meta: dict) -> list[str]:
     lam = meta.get("last_layer_lambda2")
     if not lam:
         return []
-    fmt = lambda v: ", ".join(f"{x:.2f}" for x in v)
+    mean, sd, w = (", ".join(f"{x:.2f}" for x in lam[k]) for k in ("mean", "sd", "weights_mean"))
+    uniform = 1 / len(lam["mean"])
     return [
-        f"- last layer, per head: mean |λ2| of the patch chain [{fmt(lam['mean'])}] "
-        f"(sd over images [{fmt(lam['sd'])}]); mean λ2 head weights [{fmt(lam['weights_mean'])}]"
-        " (uniform would be "
-        f"{1 / len(lam['mean']):.2f} each)."
+        f"- last layer, per head: mean |λ2| of the patch chain [{mean}] (sd over images [{sd}]); "
+        f"mean λ2 head weights [{w}] (uniform would be {uniform:.2f} each)."
     ]
 
 
