@@ -190,3 +190,60 @@ def test_linen_bad_variables():
     model = _LinenModel()
     with pytest.raises(Exception, match="params"):
         capture_attention_linen(model, {}, _x())
+
+
+def _reference_cross(xq, xk, q_kernel, q_bias, k_kernel, k_bias):
+    """float64 softmax(q kᵀ/√d) with queries from ``xq`` and keys from ``xk``."""
+    xq, xk = np.asarray(xq, np.float64), np.asarray(xk, np.float64)
+    q = np.einsum("bnd,dhe->bnhe", xq, np.asarray(q_kernel, np.float64)) + np.asarray(q_bias)
+    k = np.einsum("bnd,dhe->bnhe", xk, np.asarray(k_kernel, np.float64)) + np.asarray(k_bias)
+    s = np.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+class _NNXDecoderBlock(nnx.Module):
+    """Self-attention over ``x`` then cross-attention from ``x`` to a separate ``context``."""
+
+    def __init__(self, rngs):
+        self.self_attn = nnx.MultiHeadAttention(HEADS, FEAT, decode=False, rngs=rngs)
+        self.cross_attn = nnx.MultiHeadAttention(HEADS, FEAT, decode=False, rngs=rngs)
+
+    def __call__(self, x, context):
+        h = x + self.self_attn(x)
+        return h + self.cross_attn(h, context), h
+
+
+def test_nnx_cross_attention_is_returned():
+    n_ctx = 3  # != N: the cross-attention map is (N, n_ctx), not square
+    model = _NNXDecoderBlock(nnx.Rngs(6))
+    x = _x(6)
+    ctx = jnp.asarray(np.random.default_rng(7).normal(size=(2, n_ctx, FEAT)), jnp.float32)
+    maps = capture_attention(model, x, ctx)
+    assert sorted(maps) == ["cross_attn", "self_attn"]
+    assert maps["self_attn"].shape == (2, HEADS, N, N)
+    got = np.asarray(maps["cross_attn"])
+    assert got.shape == (2, HEADS, N, n_ctx)
+    _, h = model(x, ctx)
+    a = model.cross_attn
+    want = _reference_cross(
+        h, ctx, a.query.kernel[...], a.query.bias[...], a.key.kernel[...], a.key.bias[...]
+    )
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+class _LinenCross(nn.Module):
+    @nn.compact
+    def __call__(self, x, context):
+        return nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=FEAT)(x, context)
+
+
+def test_nnx_and_linen_agree_on_cross_attention_shapes():
+    x = _x(8)
+    ctx = jnp.asarray(np.random.default_rng(9).normal(size=(2, 3, FEAT)), jnp.float32)
+    linen = _LinenCross()
+    variables = linen.init(jax.random.key(2), x, ctx)
+    (lin,) = capture_attention_linen(linen, variables, x, ctx).values()
+    mha = nnx.MultiHeadAttention(HEADS, FEAT, decode=False, rngs=nnx.Rngs(10))
+    (nx,) = capture_attention(mha, x, ctx).values()
+    assert lin.shape == nx.shape == (2, HEADS, N, 3)

@@ -23,7 +23,7 @@ def _interceptor(next_fun, args, kwargs, context):
 
 def capture_attention_linen(
     module: nn.Module, variables, /, *args, method=None, rngs=None, **kwargs
-) -> dict[str, Float[Array, "batch heads n n"]]:
+) -> dict[str, Float[Array, "*batch heads n_q n_k"]]:
     """Applies a Linen ``module`` and returns the attention probabilities of every layer.
 
     The Linen twin of :func:`capture_attention`, for models built from

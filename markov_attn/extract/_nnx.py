@@ -74,7 +74,8 @@ def _collect(intermediates, names) -> dict:
         values = var.get_value() if hasattr(var, "get_value") else var
         if not isinstance(values, tuple):
             values = (values,)
-        values = [v for v in values if getattr(v, "ndim", 0) >= 3 and v.shape[-1] == v.shape[-2]]
+        # (..., heads, n_q, n_k): cross-attention maps are rectangular and kept as they are
+        values = [v for v in values if getattr(v, "ndim", 0) >= 3]
         key = "/".join(str(p) for p in path[:-1])
         if len(values) == 1:
             out[key] = values[0]
@@ -86,7 +87,7 @@ def _collect(intermediates, names) -> dict:
 
 def capture_attention(
     model: nnx.Module, /, *args, **kwargs
-) -> dict[str, Float[Array, "batch heads n n"]]:
+) -> dict[str, Float[Array, "*batch heads n_q n_k"]]:
     """Runs ``model(*args, **kwargs)`` and returns the attention probabilities of every layer.
 
     Works on any Flax NNX model built from :class:`flax.nnx.MultiHeadAttention` (and on
@@ -108,7 +109,11 @@ def capture_attention(
 
     Returns:
       ``{module path: (batch..., heads, n_q, n_k)}``, the path joined with ``/`` (e.g.
-      ``"blocks/0/attn"``). A module called several times gets ``path#0``, ``path#1``, ...
+      ``"blocks/0/attn"``), row ``q`` being the distribution of query ``q`` over the keys.
+      Cross-attention (``n_q != n_k``, keys from another input) is returned like
+      self-attention; only square maps are Markov chains over one token set, so check the
+      shape before passing a map to the chain functions. A module called several times gets
+      ``path#0``, ``path#1``, ...
 
     Examples:
       >>> import jax.numpy as jnp
