@@ -46,11 +46,64 @@ def test_bounce_strip_writes_a_png(tmp_path):
     maps = {name: rng.random((3, 2, 2)) for name in ("TokenRank", "bounce 1", "column sum")}
     path = tmp_path / "sub" / "strip.png"
     fig = bounce_strip(images, maps, path=path, title="t", row_labels=["a", "b", "c"], dpi=50)
-    assert len(fig.axes) == 3 * 4
+    assert len(fig.axes) == 3 * 4 + 1  # panels + the colour bar
+    assert fig.axes[-1].get_ylabel() == "map value, one scale for all panels"
     with Image.open(path) as im:
         assert im.format == "PNG"
         w, h = im.size
     assert w > h  # 4 columns, 3 rows
+
+
+def _panel_contrast(fig, col):
+    """Largest per-channel standard deviation over the pixels of panel ``col`` (first row)."""
+    rgb = np.asarray(fig.axes[col].images[0].get_array(), np.float64)
+    return float(np.std(rgb, axis=(0, 1)).max())
+
+
+def _flat_and_peaked(rng, g=4):
+    flat = np.full((1, g, g), 1.0 / g**2) + 1e-4 * rng.random((1, g, g))  # uniform + noise
+    peaked = np.full((1, g, g), 0.2 / (g**2 - 1))
+    peaked[0, 1, 2] = 0.8
+    return flat / flat.sum(), peaked
+
+
+def test_shared_scale_shows_a_flat_map_flat():
+    flat, peaked = _flat_and_peaked(np.random.default_rng(3))
+    images = np.zeros((1, 16, 16, 3))
+    fig = bounce_strip(images, {"flat": flat, "peaked": peaked}, alpha=1.0, method="nearest")
+    assert _panel_contrast(fig, 1) < 0.05 * _panel_contrast(fig, 2)
+    # the colour bar spans the shared range [0, largest value] and says what it shows
+    bar = fig.axes[-1]
+    assert bar.get_ylim() == pytest.approx((0.0, 0.8))
+    assert "one scale for all panels" in bar.get_ylabel()
+    # alone in its own figure the flat map is still flat: the scale starts at 0, not its min
+    alone = bounce_strip(images, {"flat": flat}, alpha=1.0, method="nearest")
+    assert _panel_contrast(alone, 1) < 0.05 * _panel_contrast(fig, 2)
+
+
+def test_minmax_scale_is_stated():
+    flat, peaked = _flat_and_peaked(np.random.default_rng(4))
+    images = np.zeros((1, 16, 16, 3))
+    fig = bounce_strip(
+        images, {"flat": flat, "peaked": peaked}, alpha=1.0, method="nearest", scale="minmax"
+    )
+    # per-panel stretch: the flat map's noise fills the colour range too ...
+    assert _panel_contrast(fig, 1) > 0.2 * _panel_contrast(fig, 2)
+    # ... and the colour bar says so
+    assert "min–max" in fig.axes[-1].get_ylabel()
+    assert fig.axes[-1].get_ylim() == pytest.approx((0.0, 1.0))
+
+
+def test_fixed_scale_and_label():
+    _, peaked = _flat_and_peaked(np.random.default_rng(5))
+    fig = bounce_strip(
+        np.zeros((1, 16, 16, 3)), {"p": peaked}, vmax=2.0, label="mass / uniform", alpha=1.0
+    )
+    assert fig.axes[-1].get_ylim() == pytest.approx((0.0, 2.0))
+    assert fig.axes[-1].get_ylabel() == "mass / uniform"
+    np.testing.assert_allclose(
+        overlay(np.zeros((4, 4, 3)), np.full((2, 2), 3.0), vmax=2.0, alpha=1.0, cmap="gray"), 1.0
+    )  # clipped at vmax
 
 
 def test_bad_inputs():
@@ -64,6 +117,18 @@ def test_bad_inputs():
         bounce_strip(np.zeros((2, 8, 8, 3)), {"x": np.zeros((3, 2, 2))})
     with pytest.raises(ValueError, match="row_labels"):
         bounce_strip(np.zeros((2, 8, 8, 3)), {"x": np.zeros((2, 2, 2))}, row_labels=["a"])
+    with pytest.raises(ValueError, match="scale must be one of"):
+        bounce_strip(np.zeros((1, 8, 8, 3)), {"x": np.zeros((1, 2, 2))}, scale="log")
+    with pytest.raises(ValueError, match='pass scale="shared"'):
+        bounce_strip(np.zeros((1, 8, 8, 3)), {"x": np.zeros((1, 2, 2))}, scale="minmax", vmax=1)
+    with pytest.raises(ValueError, match="vmax must exceed vmin"):
+        bounce_strip(np.zeros((1, 8, 8, 3)), {"x": np.zeros((1, 2, 2))}, vmin=1.0, vmax=1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        bounce_strip(np.zeros((1, 8, 8, 3)), {"x": np.full((1, 2, 2), np.nan)})
+    with pytest.raises(ValueError, match="maps is empty"):
+        bounce_strip(np.zeros((1, 8, 8, 3)), {})
+    with pytest.raises(ValueError, match="vmax must exceed vmin"):
+        overlay(np.zeros((8, 8, 3)), np.zeros((2, 2)), vmin=0.5, vmax=0.5)
 
 
 def test_demo_maps_on_a_small_model():

@@ -7,6 +7,8 @@ import numpy as np
 from jaxtyping import ArrayLike, Float
 
 UPSAMPLES = ("nearest", "bilinear")
+#: colour scalings of :func:`bounce_strip`
+SCALES = ("shared", "minmax")
 
 
 def _matplotlib():
@@ -103,6 +105,8 @@ def overlay(
     cmap: str = "inferno",
     alpha: float = 0.6,
     rescale: bool = True,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Float[np.ndarray, "h w 3"]:
     """Blends a colour-mapped token map over an image.
 
@@ -112,7 +116,13 @@ def overlay(
       method: upsampling, ``"nearest"`` or ``"bilinear"`` (see :func:`upsample`).
       cmap: matplotlib colormap name.
       alpha: opacity of the map (0 = image only, 1 = map only).
-      rescale: min-max rescale the map to [0, 1] before colouring (else it is clipped).
+      rescale: min-max rescale the map to [0, 1] before colouring (else it is clipped to
+        [0, 1]). This stretches every map to full contrast, a nearly flat one included; pass
+        ``vmin``/``vmax`` to colour on a fixed scale instead.
+      vmin: value drawn with the lowest colour (with ``vmax``: a fixed linear scale, values
+        outside clipped; ``rescale`` is then ignored). Default: 0 when only ``vmax`` is given.
+      vmax: value drawn with the highest colour. Default: the map's maximum when only ``vmin``
+        is given.
 
     Returns:
       float32 RGB ``(H, W, 3)`` in [0, 1].
@@ -126,10 +136,31 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     up = upsample(token_map, img.shape[:2], method=method)
-    up = _rescale(up) if rescale else np.clip(up, 0.0, 1.0)
+    if vmin is not None or vmax is not None:
+        lo = 0.0 if vmin is None else float(vmin)
+        hi = float(np.max(up)) if vmax is None else float(vmax)
+        if not hi > lo:
+            raise ValueError(f"vmax must exceed vmin, got vmin={lo}, vmax={hi}")
+        up = np.clip((up - lo) / (hi - lo), 0.0, 1.0)
+    else:
+        up = _rescale(up) if rescale else np.clip(up, 0.0, 1.0)
     matplotlib, _ = _matplotlib()
     colours = matplotlib.colormaps[cmap](up)[..., :3].astype(np.float32)
     return (1.0 - alpha) * img + alpha * colours
+
+
+def _scale(arrays: dict, scale: str, vmin, vmax) -> tuple[float, float]:
+    """The colour range ``(vmin, vmax)`` shared by every panel (``"shared"``), or (0, 1)."""
+    if scale == "minmax":
+        return 0.0, 1.0
+    values = [float(np.min(v)) for v in arrays.values()] + [0.0]
+    lo = min(values) if vmin is None else float(vmin)
+    hi = max(float(np.max(v)) for v in arrays.values()) if vmax is None else float(vmax)
+    if vmax is None and not hi > lo:  # all maps constant at lo: any range shows them flat
+        hi = lo + 1.0
+    if not hi > lo:
+        raise ValueError(f"vmax must exceed vmin, got vmin={lo}, vmax={hi}")
+    return lo, hi
 
 
 def bounce_strip(
@@ -143,61 +174,93 @@ def bounce_strip(
     alpha: float = 0.6,
     title: str | None = None,
     row_labels: list[str] | None = None,
+    scale: str = "shared",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    label: str | None = None,
     cell: float = 1.6,
     dpi: int = 100,
 ):
     """The bounce-strip figure: one row per image, the image then one overlaid map per column.
 
     Typical columns: ``"TokenRank"``, ``"bounce 1"`` ... ``"bounce 4"`` (from the CLS token),
-    ``"column sum"``. Each map is min-max rescaled on its own.
+    ``"column sum"``. A colour bar on the right states the scale. With ``scale="shared"``
+    (default) every panel is coloured on one linear scale, from ``vmin`` (default
+    ``min(0, smallest value)``) to ``vmax`` (default: the largest value of all maps), so a flat
+    map looks flat and panels can be compared. ``scale="minmax"`` stretches each panel from its
+    own minimum to its own maximum (the colour bar then says so): shapes are easier to see but
+    a nearly flat map looks as contrasted as a peaked one.
 
     Args:
       images: ``(N, H, W, 3)`` (float in [0, 1] or uint8).
       maps: column title -> ``(N, gh, gw)`` token maps, in display order.
-      path: if given, the figure is saved there as PNG (parent directories created) and closed.
+      path: if given, the figure is saved there as PNG (parent directories created, an existing
+        file replaced) and closed.
       method: upsampling (``"nearest"`` | ``"bilinear"``).
       cmap: colormap name.
       alpha: map opacity.
       title: optional figure title.
       row_labels: optional label per row, written under the image (e.g. class and prediction).
+      scale: ``"shared"`` (one absolute scale for all panels) or ``"minmax"`` (per panel).
+      vmin: lower end of the shared scale (``scale="shared"`` only).
+      vmax: upper end of the shared scale (``scale="shared"`` only).
+      label: colour bar label, the unit of the maps (default: the scaling, in words).
       cell: size of one panel in inches.
       dpi: resolution of the saved PNG.
 
     Returns:
-      The matplotlib ``Figure`` (already closed when ``path`` is given; it can still be saved).
+      The matplotlib ``Figure`` (already closed when ``path`` is given; it can still be saved);
+      its last axes is the colour bar.
 
     Examples:
       >>> import numpy as np
       >>> fig = bounce_strip(np.zeros((2, 16, 16, 3)), {"a": np.ones((2, 2, 2))})
-      >>> len(fig.axes)
-      4
+      >>> len(fig.axes)  # 2 rows x (image, map) + the colour bar
+      5
       >>> save_png(fig, "/dev/null")
       '/dev/null'
     """
     images = np.asarray(images)
     if images.ndim not in (3, 4):
         raise ValueError(f"images must be (N, H, W[, C]), got shape {images.shape}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "minmax" and (vmin is not None or vmax is not None):
+        raise ValueError('vmin/vmax set a shared scale; pass scale="shared" or drop them')
     n = images.shape[0]
     if row_labels is not None and len(row_labels) != n:
         raise ValueError(f"row_labels must have one entry per image ({n}), got {len(row_labels)}")
-    arrays = {k: np.asarray(v) for k, v in maps.items()}
+    arrays = {k: np.asarray(v, np.float32) for k, v in maps.items()}
+    if not arrays:
+        raise ValueError("maps is empty; pass at least one {title: (N, gh, gw)} map")
     for k, v in arrays.items():
         if v.ndim != 3 or v.shape[0] != n:
             raise ValueError(
                 f"map {k!r} must have shape ({n}, gh, gw) (one grid per image), got {v.shape}"
             )
-    _, plt = _matplotlib()
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"map {k!r} has NaN or infinite values; check the computation")
+    lo, hi = _scale(arrays, scale, vmin, vmax)
+    if label is None:
+        label = (
+            "each panel min–max stretched (0 = its min, 1 = its max)"
+            if scale == "minmax"
+            else "map value, one scale for all panels"
+        )
+    matplotlib, plt = _matplotlib()
     cols = 1 + len(arrays)
+    bar = 0.9  # inches on the right for the colour bar and its label
+    width = cell * cols + bar
     fig, axes = plt.subplots(
-        n, cols, figsize=(cell * cols, cell * n + (0.4 if title else 0.0)), squeeze=False
+        n, cols, figsize=(width, cell * n + (0.4 if title else 0.0)), squeeze=False
     )
+    shared = {} if scale == "minmax" else {"vmin": lo, "vmax": hi}
     for r in range(n):
         img = _as_image(images[r])
         axes[r, 0].imshow(img, interpolation="nearest")
         for c, (name, m) in enumerate(arrays.items(), start=1):
-            axes[r, c].imshow(
-                overlay(img, m[r], method=method, cmap=cmap, alpha=alpha), interpolation="nearest"
-            )
+            rgb = overlay(img, m[r], method=method, cmap=cmap, alpha=alpha, **shared)
+            axes[r, c].imshow(rgb, interpolation="nearest")
             if r == 0:
                 axes[r, c].set_title(name, fontsize=9)
         if r == 0:
@@ -209,7 +272,15 @@ def bounce_strip(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    right = 1.0 - bar / width
+    fig.tight_layout(rect=(0.0, 0.0, right, 1.0))
+    cax = fig.add_axes((right + 0.1 * bar / width, 0.12, 0.15 * bar / width, 0.72))
+    mappable = matplotlib.cm.ScalarMappable(
+        norm=matplotlib.colors.Normalize(lo, hi), cmap=matplotlib.colormaps[cmap]
+    )
+    cb = fig.colorbar(mappable, cax=cax)
+    cb.set_label(label, fontsize=7)
+    cb.ax.tick_params(labelsize=7)
     if path is not None:
         save_png(fig, path, dpi=dpi)
     return fig

@@ -88,7 +88,7 @@ def seg_grid(
     axes[1, 1].text(
         0.0,
         0.5,
-        "row 2: predicted mask\n(green: true outline)",
+        "row 1: map, min–max\nstretched per image\nrow 2: predicted mask\n(green: true outline)",
         fontsize=6,
         transform=axes[1, 1].transAxes,
         va="center",
