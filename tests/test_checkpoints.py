@@ -5,6 +5,7 @@ import importlib.util
 import json
 import pathlib
 import shutil
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +28,10 @@ FAMILY_OF = {
     "timm_reg": "timm",
 }
 HIDDEN_TOL, ATTN_TOL = 1e-5, 1e-6
+
+# The HF fixtures ship no preprocessor_config.json; the warning that load() gives about it is
+# tested in test_missing_preprocessor_config_*, and noise everywhere else.
+pytestmark = pytest.mark.filterwarnings("ignore::markov_attn.checkpoints.AssumedDefaultsWarning")
 
 
 def _run(model, expected, tag):
@@ -245,12 +250,10 @@ def test_preprocess_recipes(tmp_path):
     im = Image.fromarray(img).resize((21, 16), Image.Resampling.BICUBIC).crop((2, 0, 18, 16))
     want = (np.asarray(im, np.float32) / 255 - np.float32(ck.CLIP_MEAN)) / np.float32(ck.CLIP_STD)
     np.testing.assert_allclose(x[0], want, atol=1e-6)
-    # HF ViT: plain resize to a square, ImageNet mean/std
+    # HF ViT: plain resize to a square, mean = std = 0.5 (ViTImageProcessor's defaults)
     y = ck.preprocess([img, img], "hf_vit", size=8)
     im = Image.fromarray(img).resize((8, 8), Image.Resampling.BILINEAR)
-    want = (np.asarray(im, np.float32) / 255 - np.float32(ck.IMAGENET_MEAN)) / np.float32(
-        ck.IMAGENET_STD
-    )
+    want = (np.asarray(im, np.float32) / 255 - np.float32(0.5)) / np.float32(0.5)
     np.testing.assert_allclose(y[1], want, atol=1e-6)
     # info: native size from the checkpoint's config; timm reads its pretrained_cfg crop_pct
     _, _, info = ck.load(FIXTURES / "timm")
@@ -259,6 +262,54 @@ def test_preprocess_recipes(tmp_path):
     assert ck.preprocess(img, info).shape == (1, 16, 16, 3)
     with pytest.raises(ValueError, match="unknown family"):
         ck.preprocess(img, "resnet")
+
+
+def _copy_fixture(name, dest):
+    dest.mkdir()
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(FIXTURES / name / f, dest / f)
+    return dest
+
+
+def test_missing_preprocessor_config_follows_hf_vit_defaults_and_warns(tmp_path):
+    d = _copy_fixture("vit", tmp_path / "vit")
+    with pytest.warns(ck.AssumedDefaultsWarning, match=r"preprocessor_config\.json") as rec:
+        _, _, info = ck.load(d)
+    msg = str(rec[0].message)
+    assert "hf_vit defaults" in msg and "mean=(0.5, 0.5, 0.5)" in msg and "bilinear" in msg
+    assert any("preprocessor_config.json" in n for n in info.notes)
+    r = ck.recipe(info)
+    assert (r["mean"], r["std"], r["mode"]) == (ck.HALF_MEAN, ck.HALF_STD, "square")
+    # the file, when present, is read and silences the warning (DINO v1 ships ImageNet stats)
+    pre = {"image_mean": list(ck.IMAGENET_MEAN), "image_std": list(ck.IMAGENET_STD)}
+    (d / "preprocessor_config.json").write_text(json.dumps(pre))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, info = ck.load(d)
+    assert ck.recipe(info)["mean"] == ck.IMAGENET_MEAN and not info.notes
+
+
+@pytest.mark.parametrize(
+    ("name", "stats"),
+    [("dinov2", "mean=(0.485, 0.456, 0.406)"), ("clip", "mean=(0.48145466")],
+)
+def test_missing_preprocessor_config_other_hf_families_warn(tmp_path, name, stats):
+    d = _copy_fixture(name, tmp_path / name)
+    with pytest.warns(ck.AssumedDefaultsWarning, match=r"preprocessor_config\.json") as rec:
+        ck.load(d)
+    assert stats in str(rec[0].message)
+
+
+def test_timm_pretrained_cfg_needs_no_warning_but_its_absence_does(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ck.load(FIXTURES / "timm")  # config.json carries pretrained_cfg mean/std
+    d = _copy_fixture("timm", tmp_path / "timm")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["pretrained_cfg"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(ck.AssumedDefaultsWarning, match="pretrained_cfg"):
+        ck.load(d)
 
 
 # --- live parity ---

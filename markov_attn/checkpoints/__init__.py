@@ -11,8 +11,11 @@ from ._load import detect_family as detect_family
 from ._load import load as load
 from ._preprocess import CLIP_MEAN as CLIP_MEAN
 from ._preprocess import CLIP_STD as CLIP_STD
+from ._preprocess import HALF_MEAN as HALF_MEAN
+from ._preprocess import HALF_STD as HALF_STD
 from ._preprocess import IMAGENET_MEAN as IMAGENET_MEAN
 from ._preprocess import IMAGENET_STD as IMAGENET_STD
+from ._preprocess import AssumedDefaultsWarning as AssumedDefaultsWarning
 from ._preprocess import preprocess as preprocess
 from ._preprocess import recipe as recipe
 
@@ -20,8 +23,11 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "FAMILIES",
+    "HALF_MEAN",
+    "HALF_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "AssumedDefaultsWarning",
     "CheckpointInfo",
     "detect_family",
     "load",

@@ -3,12 +3,14 @@
 import dataclasses
 import os
 import pathlib
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 
 from . import _families
 from ._io import find_json, read_state_dict
+from ._preprocess import AssumedDefaultsWarning, missing_preprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,10 @@ def load(
     tensor shapes and checked against it. Every tensor of the checkpoint is either loaded or
     listed in ``info.ignored``; anything else is an error.
 
+    Defaults assumed for missing files (preprocessing without ``preprocessor_config.json``,
+    LayerNorm eps or heads without ``config.json``) are listed in ``info.notes`` and each raises
+    an :class:`AssumedDefaultsWarning` naming the file to add.
+
     The model then reproduces the PyTorch forward pass (hidden states to ~1e-6, attention to
     ~1e-7 in float32) at the native resolution and, with the family's position-embedding
     interpolation (``cfg.pos_interp``), at other resolutions.
@@ -155,6 +161,11 @@ def load(
         )
     params = {k: np.asarray(v, np.float32) for k, v in params.items()}
     model, cfg = _build(kwargs, params, image_size)
+    assumed = missing_preprocessing(fam, config, preproc)
+    notes = [*notes, assumed] if assumed else list(notes)
+    for note in notes:
+        if "assum" in note:
+            warnings.warn(f"{weights}: {note}", AssumedDefaultsWarning, stacklevel=2)
     info = CheckpointInfo(
         family=fam,
         path=weights,

@@ -1,12 +1,14 @@
 """The image preprocessing each checkpoint family expects (resize, crop, mean/std).
 
 Defaults per family, used when the checkpoint directory has no ``preprocessor_config.json``
-(HF) or ``pretrained_cfg`` in ``config.json`` (timm); those files override them:
+(HF) or ``pretrained_cfg`` in ``config.json`` (timm); those files override them, and
+:func:`~markov_attn.checkpoints.load` warns (:class:`AssumedDefaultsWarning`) when it has to
+fall back on these defaults:
 
 ============  ===========================================  ==================  =================
 family        resize / crop                                mean                std
 ============  ===========================================  ==================  =================
-hf_vit        resize to size x size (bilinear), no crop    ImageNet            ImageNet
+hf_vit        resize to size x size (bilinear), no crop    0.5                 0.5
 hf_dinov2     shortest edge 256/224·size (bicubic),        ImageNet            ImageNet
 (+ _reg)      center crop size
 hf_clip       shortest edge size (bicubic), center crop    CLIP                CLIP
@@ -15,10 +17,15 @@ timm          shortest edge floor(size / crop_pct)         ImageNet            I
 ============  ===========================================  ==================  =================
 
 ImageNet mean/std = (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225); CLIP mean/std =
-(0.48145466, 0.4578275, 0.40821073) / (0.26862954, 0.26130258, 0.27577711). Google's
-supervised HF ViT checkpoints ship a ``preprocessor_config.json`` with mean = std = 0.5, which is
-read when present. Pixels are scaled to [0, 1] before normalising. Resizing uses PIL, as the
-HuggingFace image processors and torchvision (on PIL images) do.
+(0.48145466, 0.4578275, 0.40821073) / (0.26862954, 0.26130258, 0.27577711). ``hf_vit`` follows
+HF's ``ViTImageProcessor`` defaults (mean = std = 0.5, as Google's supervised ViTs ship);
+DINO v1 in HF format ships a ``preprocessor_config.json`` with ImageNet mean/std, which is read
+when present. ``hf_dinov2`` follows the ``preprocessor_config.json`` every official DINOv2
+checkpoint ships (HF's ``BitImageProcessor`` class defaults, CLIP mean/std at shortest edge
+224, are not what DINOv2 was trained with); ``hf_clip`` is ``CLIPImageProcessor``'s defaults;
+``timm`` is timm's global defaults (many timm ViTs, e.g. the AugReg ones, use mean = std = 0.5
+instead, stated in their ``pretrained_cfg``). Pixels are scaled to [0, 1] before normalising.
+Resizing uses PIL, as the HuggingFace image processors and torchvision (on PIL images) do.
 """
 
 import math
@@ -30,6 +37,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: HF's IMAGENET_STANDARD_MEAN / _STD, the defaults of its ViTImageProcessor
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+
+class AssumedDefaultsWarning(UserWarning):
+    """A checkpoint lacks a file saying how it was trained, and defaults were assumed."""
+
 
 # PIL resample codes as HF writes them in preprocessor_config.json
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -37,9 +52,7 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 
 def _defaults(family: str) -> dict:
     if family == "hf_vit":
-        return dict(
-            mode="square", scale=1.0, resample="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD
-        )
+        return dict(mode="square", scale=1.0, resample="bilinear", mean=HALF_MEAN, std=HALF_STD)
     if family in ("hf_dinov2", "hf_dinov2_reg"):
         return dict(
             mode="short_crop",
@@ -75,6 +88,32 @@ def _side(v) -> int | None:
     if isinstance(v, list | tuple):
         return int(v[-1])
     return int(v)
+
+
+def missing_preprocessing(family: str, config: dict | None, preprocessor: dict | None) -> str:
+    """What is assumed for a checkpoint without its preprocessing file, in words, or ``""``."""
+    if family == "timm":
+        pc = (config or {}).get("pretrained_cfg") or {}
+        if "mean" in pc and "std" in pc:
+            return ""
+        what, fix = (
+            "no pretrained_cfg mean/std in config.json",
+            "put timm's pretrained_cfg (mean, std, crop_pct, interpolation) into config.json",
+        )
+    else:
+        if preprocessor:
+            return ""
+        what, fix = (
+            "no preprocessor_config.json next to the weights",
+            "copy the model's preprocessor_config.json next to the weights",
+        )
+    r = _defaults(family)
+    crop = "resize to a square" if r["mode"] == "square" else "shortest-edge resize + centre crop"
+    return (
+        f"{what}: assuming the {family} defaults ({crop}, {r['resample']}, "
+        f"mean={tuple(r['mean'])}, std={tuple(r['std'])}); if the model was trained otherwise "
+        f"its maps are computed on wrongly normalised pixels: {fix}"
+    )
 
 
 def recipe(family_or_info, /, *, size: int | None = None) -> dict:
