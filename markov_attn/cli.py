@@ -3,7 +3,8 @@
 Usage::
 
     markov-attn maps --checkpoint DIR --image a.jpg b.png [--method bounce --steps 2
-                     --layer -1 --alpha 0.99 --heads lambda2 --size 224 --out maps/]
+                     --layer -1 --alpha 0.99 --heads lambda2 --size 224 --out maps/
+                     --overwrite]
 
 ``DIR`` is a supported pretrained checkpoint (HF ViT / DINO / DINOv2 / CLIP, timm; see
 :func:`markov_attn.checkpoints.load`) or a run directory of this project's training script
@@ -11,7 +12,14 @@ Usage::
 path, i.e. run from the repository root). For every image it writes a PNG overlay of the chosen
 map(s) and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
 chosen layer. The heads of that layer are combined into one chain with λ2 weights
-(``--heads``) before computing the maps, except for ``rollout`` which uses all layers.
+(``--heads``) before computing the maps, except for ``rollout`` which uses all layers and the
+plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``) are
+not replaced unless ``--overwrite`` is given.
+
+Figures are drawn on one colour scale for all panels of a figure, in units of the uniform
+distribution (patch mass × number of patches: 1 = uniform, so a flat map looks flat), with a
+colour bar. Bad input (a file that is not a checkpoint or not an image, a ``--size`` the model
+cannot take) ends with one line on stderr saying what to change, and exit status 1.
 
 Methods (all maps are over the patch grid, from the layer's head-averaged chain ``A``):
 
@@ -29,6 +37,7 @@ import math
 import os
 import pathlib
 import sys
+import warnings
 
 import numpy as np
 
@@ -58,11 +67,24 @@ def _parser() -> argparse.ArgumentParser:
         default="lambda2",
         help="how heads are averaged into one chain (default lambda2)",
     )
-    m.add_argument("--size", type=int, default=None, help="input side in pixels (default: native)")
+    m.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input side in pixels, a multiple of the patch size (default: native)",
+    )
     m.add_argument("--top", type=int, default=5, help="top TokenRank tokens to print")
     m.add_argument("--out", default="maps", help="output directory (default ./maps)")
+    m.add_argument(
+        "--overwrite", action="store_true", help="replace existing output files in --out"
+    )
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _fail(message: str):
+    """Ends the command with ``markov-attn: error: message`` on stderr and exit status 1."""
+    raise SystemExit(f"markov-attn: error: {message}")
 
 
 def _is_run_dir(path: pathlib.Path) -> bool:
@@ -78,22 +100,70 @@ class _Loaded:
         self.description = description
 
 
+def _readable(image_path):
+    """Opens ``image_path`` with PIL and decodes it, or ends the command saying it is no image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(image_path)
+        im.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        _fail(f"{image_path} is not an image PIL can read ({e}); pass PNG or JPEG files")
+    return im
+
+
+def _check_size(size, patch: int, native: int) -> None:
+    if size is not None and (size < patch or size % patch):
+        lo = max(patch, size // patch * patch) if size > 0 else patch
+        _fail(
+            f"--size {size} is not a positive multiple of the model's patch size {patch}; "
+            f"pass e.g. --size {lo} or --size {lo + patch} (native: {native})"
+        )
+
+
+def _outputs(images, method: str, out_dir: pathlib.Path, overwrite: bool) -> list[pathlib.Path]:
+    """The PNG path of each image; refuses clashes and, without ``overwrite``, existing files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"--out {out_dir} is a file; pass a directory")
+    pngs = [out_dir / f"{pathlib.Path(p).stem}_{method}.png" for p in images]
+    seen = {}
+    for img, png in zip(images, pngs):
+        if png in seen:
+            _fail(
+                f"{seen[png]} and {img} would both be written to {png}; rename one of them or "
+                "run them with different --out directories"
+            )
+        seen[png] = img
+    if not overwrite:
+        existing = [str(p) for p in [*pngs, out_dir / "stats.json"] if p.exists()]
+        if existing:
+            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+            _fail(
+                f"{existing[0]}{more} already exists; pass --overwrite to replace it or "
+                "choose another --out directory"
+            )
+    return pngs
+
+
 def _load_run(path: pathlib.Path, size) -> _Loaded:
     try:
         from experiments.train import load_model
     except ImportError as e:
-        raise SystemExit(
+        _fail(
             f"{path} is a training run directory; loading it needs the repository's "
             f"'experiments' package: run markov-attn from the repository root ({e})"
-        ) from e
-    model, tcfg = load_model(path)
+        )
+    try:
+        model, tcfg = load_model(path)
+    except (ValueError, OSError) as e:
+        _fail(f"cannot load the training run {path}: {e}")
     cfg = tcfg.model
     side = size or cfg.image_size
 
     def prepare(image_path):
         from PIL import Image
 
-        with Image.open(image_path) as im:
+        with _readable(image_path) as im:
             im = im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
             return np.asarray(im, np.float32)[None] / np.float32(255.0)
 
@@ -101,14 +171,28 @@ def _load_run(path: pathlib.Path, size) -> _Loaded:
 
 
 def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
-    from markov_attn.checkpoints import load, preprocess, recipe
+    from markov_attn.checkpoints import AssumedDefaultsWarning, load, preprocess, recipe
 
-    model, cfg, info = load(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AssumedDefaultsWarning)
+        try:
+            model, cfg, info = load(path)
+        except (ValueError, OSError) as e:
+            hint = (
+                " (a training run directory needs a checkpoints/ folder)" if path.is_dir() else ""
+            )
+            _fail(f"cannot load the checkpoint {path}: {e}{hint}")
+    for w in caught:
+        if issubclass(w.category, AssumedDefaultsWarning):
+            print(f"markov-attn: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     r = recipe(info, size=size)
     mean, std = np.asarray(r["mean"], np.float32), np.asarray(r["std"], np.float32)
 
     def prepare(image_path):
-        return preprocess([image_path], info, size=size)
+        with _readable(image_path) as im:
+            return preprocess([im], info, size=size)
 
     def unnormalize(x):
         return np.clip(x * std + mean, 0.0, 1.0)
@@ -135,13 +219,14 @@ def _maps(method, attn_all, chain, *, layer, steps, alpha, has_cls, num_prefix):
     if method == "bounce":
         x0 = 0 if has_cls else jnp.full((n,), 1.0 / n, jnp.float32)
         xs = ma.bounce(chain, x0, steps=steps, alpha=alpha)
-        return {f"bounce {t}": xs[t] for t in range(1, steps + 1)}
+        start = "CLS" if has_cls else "uniform"
+        return {f"bounce {t} from {start}": xs[t] for t in range(1, steps + 1)}
     if method == "tokenrank":
         return {"TokenRank": ma.tokenrank(chain, alpha=alpha)}
     if method == "colsum":
         return {"column sum": ma.column_sum(chain)}
     if not has_cls:
-        raise SystemExit(
+        _fail(
             f"--method {method} needs a CLS token; this model has none "
             "(use bounce, tokenrank or colsum)"
         )
@@ -149,7 +234,7 @@ def _maps(method, attn_all, chain, *, layer, steps, alpha, has_cls, num_prefix):
         depth = attn_all.shape[0]
         last = layer % depth
         roll = ma.rollout(attn_all[: last + 1])
-        return {"rollout": ma.row_select(roll, 0)}
+        return {f"rollout to layer {last}": ma.row_select(roll, 0)}
     return {"CLS row": ma.row_select(chain, 0)}
 
 
@@ -166,21 +251,28 @@ def maps_command(args) -> int:
     from markov_attn.viz import bounce_strip
 
     if args.steps < 1:
-        raise SystemExit("--steps must be >= 1")
+        _fail(f"--steps must be >= 1, got {args.steps}")
     if not 0.0 <= args.alpha <= 1.0:
-        raise SystemExit("--alpha must lie in [0, 1]")
+        _fail(f"--alpha must lie in [0, 1], got {args.alpha}")
+    if args.top < 0:
+        _fail(f"--top must be >= 0, got {args.top}")
+    if args.size is not None and args.size <= 0:
+        _fail(f"--size must be a positive number of pixels, got {args.size}")
     path = pathlib.Path(args.checkpoint)
     if not path.exists():
-        raise SystemExit(f"checkpoint {path} does not exist")
+        _fail(f"checkpoint {path} does not exist")
     for img in args.image:
         if not os.path.isfile(img):
-            raise SystemExit(f"image {img} does not exist")
+            _fail(f"image {img} does not exist")
+        _readable(img).close()
     loaded = _load_run(path, args.size) if _is_run_dir(path) else _load_pretrained(path, args.size)
     model, cfg = loaded.model, loaded.cfg
     depth = cfg.depth
     if not -depth <= args.layer < depth:
-        raise SystemExit(f"--layer must lie in [-{depth}, {depth - 1}], got {args.layer}")
+        _fail(f"--layer must lie in [-{depth}, {depth - 1}], got {args.layer}")
+    _check_size(args.size, cfg.patch_size, cfg.image_size)
     out_dir = pathlib.Path(args.out)
+    pngs = _outputs(args.image, args.method, out_dir, args.overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     has_cls = bool(cfg.cls_token)
     num_prefix = int(cfg.num_prefix)
@@ -204,7 +296,7 @@ def maps_command(args) -> int:
     else:
         iterator = images
     report = []
-    for img_path in iterator:
+    for img_path, png in zip(iterator, pngs):
         x = loaded.prepare(img_path)
         attn = forward(jnp.asarray(x))[0]  # (L, H, n, n)
         layer_attn = attn[args.layer]  # (H, n, n)
@@ -223,14 +315,24 @@ def maps_command(args) -> int:
             has_cls=has_cls,
             num_prefix=num_prefix,
         )
-        grids = {k: np.asarray(v)[num_prefix:].reshape(1, gh, gw) for k, v in maps.items()}
         stem = pathlib.Path(img_path).stem
-        png = out_dir / f"{stem}_{args.method}.png"
+        # units of the uniform distribution over patches: 1 = uniform, on one scale
+        n_patches = gh * gw
+        grids = {
+            k: np.asarray(v)[num_prefix:].reshape(1, gh, gw) * n_patches for k, v in maps.items()
+        }
+        if args.method == "rollout":
+            title = f"{stem}: rollout of layers 0-{args.layer % depth}, mean of heads"
+        else:
+            title = f"{stem}: layer {args.layer % depth}, heads weighted by {args.heads}"
+            if args.method in ("bounce", "tokenrank"):
+                title += f", alpha {args.alpha:g}"
         bounce_strip(
             loaded.unnormalize(x),
             grids,
             path=png,
-            title=f"{stem}: layer {args.layer % depth}, {args.heads} heads",
+            title=title,
+            label="patch mass × number\nof patches (1 = uniform)",
         )
         top = np.argsort(-tr)[: args.top]
         n = tr.shape[0]
@@ -277,7 +379,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "maps":
         return maps_command(args)
-    raise SystemExit(f"unknown command {args.command}")  # pragma: no cover
+    _fail(f"unknown command {args.command}")  # pragma: no cover
 
 
 if __name__ == "__main__":

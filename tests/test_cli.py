@@ -149,3 +149,145 @@ def test_maps_on_training_run(images, tmp_path, capsys):
     )
     assert rc == 0 and _is_png(out / "img0_tokenrank.png")
     assert "training run" in capsys.readouterr().out
+
+
+def _maps_args(checkpoint, image, out, *extra):
+    return ["maps", "--checkpoint", str(checkpoint), "--image", *image, "--out", str(out),
+            "--no-progress", *extra]  # fmt: skip
+
+
+def _one_line_error(argv) -> str:
+    """Runs the CLI expecting a clean failure: a one-line message, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg, msg  # a str code prints, exit status 1
+    assert msg.startswith("markov-attn: error: ")
+    return msg
+
+
+def test_truncated_safetensors_is_a_one_line_error(images, tmp_path):
+    data = (FIXTURES / "vit" / "model.safetensors").read_bytes()
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    msg = _one_line_error(_maps_args(bad, images[1:], tmp_path / "o"))
+    assert "not a readable safetensors file" in msg and "re-download" in msg
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_directory_that_is_not_a_checkpoint(images, tmp_path):
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "readme.txt").write_text("hello")
+    msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
+    assert "no weights found" in msg and "model.safetensors" in msg and "checkpoints/" in msg
+
+
+def test_text_file_as_image(images, tmp_path):
+    txt = tmp_path / "cat.png"
+    txt.write_text("not really a picture")
+    msg = _one_line_error(_maps_args(FIXTURES / "vit", [images[1], str(txt)], tmp_path / "o"))
+    assert str(txt) in msg and "not an image" in msg and "PNG or JPEG" in msg
+    assert not (tmp_path / "o").exists()  # refused before the first image was processed
+
+
+@pytest.mark.parametrize("size", [13, 2, 0, -8])
+def test_unsupported_size(images, tmp_path, size):
+    msg = _one_line_error(
+        _maps_args(FIXTURES / "vit", images[1:], tmp_path / "o", "--size", str(size))
+    )
+    assert "--size" in msg
+    if size > 0:  # names the nearest sizes that work
+        assert "multiple of the model's patch size 4" in msg
+        assert f"--size {max(4, size // 4 * 4)} or" in msg
+
+
+def test_errors_reach_stderr_as_one_line_from_the_shell(images, tmp_path):
+    import subprocess
+    import sys
+
+    txt = tmp_path / "x.png"
+    txt.write_text("text")
+    argv = _maps_args(FIXTURES / "vit", [str(txt)], tmp_path / "o")
+    r = subprocess.run(
+        [sys.executable, "-m", "markov_attn.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("markov-attn: error: ") and "not an image" in r.stderr
+
+
+def test_existing_outputs_are_not_overwritten(images, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = _maps_args(FIXTURES / "vit", images[1:], out, "--method", "cls")
+    assert cli.main(argv) == 0
+    png = out / "img1_cls.png"
+    before = png.read_bytes()
+    msg = _one_line_error(argv)
+    assert str(png) in msg and "--overwrite" in msg
+    assert png.read_bytes() == before
+    assert cli.main([*argv, "--overwrite", "--alpha", "0.5"]) == 0
+    assert _is_png(png)
+    # another method in the same directory would still replace stats.json
+    assert "stats.json" in _one_line_error(_maps_args(FIXTURES / "vit", images[1:], out))
+    # two images with the same stem would write the same PNG
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    twin = other / pathlib.Path(images[1]).name
+    twin.write_bytes(pathlib.Path(images[1]).read_bytes())
+    msg = _one_line_error(_maps_args(FIXTURES / "vit", [images[1], str(twin)], tmp_path / "o2"))
+    assert "would both be written" in msg
+    f = tmp_path / "file"
+    f.write_text("")
+    assert "is a file" in _one_line_error(_maps_args(FIXTURES / "vit", images[1:], f))
+    capsys.readouterr()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Records the arguments of every figure the CLI draws (no PNG is written)."""
+    import markov_attn.viz
+
+    calls = []
+
+    def fake(images, maps, /, **kwargs):
+        calls.append(dict(kwargs, maps={k: np.asarray(v) for k, v in maps.items()}))
+
+    monkeypatch.setattr(markov_attn.viz, "bounce_strip", fake)
+    return calls
+
+
+def test_figure_titles_name_what_was_computed(images, tmp_path, drawn, capsys):
+    vit = FIXTURES / "vit"
+    cli.main(_maps_args(vit, images[1:], tmp_path / "a", "--method", "rollout", "--layer", "0"))
+    cli.main(_maps_args(vit, images[1:], tmp_path / "b", "--heads", "gap", "--alpha", "0.9"))
+    cli.main(_maps_args(vit, images[1:], tmp_path / "c", "--method", "colsum"))
+    rollout, bounce, colsum = drawn
+    # rollout fuses every layer up to --layer with the plain head mean, not lambda2 weights
+    assert rollout["title"] == "img1: rollout of layers 0-0, mean of heads"
+    assert list(rollout["maps"]) == ["rollout to layer 0"]
+    assert bounce["title"] == "img1: layer 1, heads weighted by gap, alpha 0.9"
+    assert list(bounce["maps"]) == ["bounce 1 from CLS", "bounce 2 from CLS"]
+    assert colsum["title"] == "img1: layer 1, heads weighted by lambda2"
+    capsys.readouterr()
+
+
+def test_figures_are_on_a_stated_uniform_scale(images, tmp_path, drawn, capsys):
+    cli.main(_maps_args(FIXTURES / "vit", images[1:], tmp_path / "o", "--method", "tokenrank"))
+    (call,) = drawn
+    assert "1 = uniform" in call["label"] and call.get("scale", "shared") == "shared"
+    (grid,) = call["maps"].values()
+    # patch masses times the number of patches: mean <= 1 (the CLS keeps the rest)
+    assert grid.shape == (1, 4, 4) and 0.5 < grid.mean() <= 1 + 1e-5
+    capsys.readouterr()
+
+
+def test_missing_preprocessor_config_is_a_warning_line(images, tmp_path, capsys):
+    assert cli.main(_maps_args(FIXTURES / "vit", images[1:], tmp_path / "o")) == 0
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("markov-attn: warning: ")]
+    assert "preprocessor_config.json" in line and "mean=(0.5, 0.5, 0.5)" in line

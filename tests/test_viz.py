@@ -47,7 +47,7 @@ def test_bounce_strip_writes_a_png(tmp_path):
     path = tmp_path / "sub" / "strip.png"
     fig = bounce_strip(images, maps, path=path, title="t", row_labels=["a", "b", "c"], dpi=50)
     assert len(fig.axes) == 3 * 4 + 1  # panels + the colour bar
-    assert fig.axes[-1].get_ylabel() == "map value, one scale for all panels"
+    assert "one scale" in fig.axes[-1].get_ylabel()
     with Image.open(path) as im:
         assert im.format == "PNG"
         w, h = im.size
@@ -75,7 +75,7 @@ def test_shared_scale_shows_a_flat_map_flat():
     # the colour bar spans the shared range [0, largest value] and says what it shows
     bar = fig.axes[-1]
     assert bar.get_ylim() == pytest.approx((0.0, 0.8))
-    assert "one scale for all panels" in bar.get_ylabel()
+    assert "one scale" in bar.get_ylabel()
     # alone in its own figure the flat map is still flat: the scale starts at 0, not its min
     alone = bounce_strip(images, {"flat": flat}, alpha=1.0, method="nearest")
     assert _panel_contrast(alone, 1) < 0.05 * _panel_contrast(fig, 2)

@@ -243,13 +243,13 @@ def bounce_strip(
     lo, hi = _scale(arrays, scale, vmin, vmax)
     if label is None:
         label = (
-            "each panel min–max stretched (0 = its min, 1 = its max)"
+            "each panel min–max stretched\n(0 = its min, 1 = its max)"
             if scale == "minmax"
-            else "map value, one scale for all panels"
+            else "map value, one scale\nfor all panels"
         )
     matplotlib, plt = _matplotlib()
     cols = 1 + len(arrays)
-    bar = 0.9  # inches on the right for the colour bar and its label
+    bar = 1.0  # inches on the right for the colour bar and its label
     width = cell * cols + bar
     fig, axes = plt.subplots(
         n, cols, figsize=(width, cell * n + (0.4 if title else 0.0)), squeeze=False
@@ -271,7 +271,7 @@ def bounce_strip(
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, wrap=True)
     right = 1.0 - bar / width
     fig.tight_layout(rect=(0.0, 0.0, right, 1.0))
     cax = fig.add_axes((right + 0.1 * bar / width, 0.12, 0.15 * bar / width, 0.72))
