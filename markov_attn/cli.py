@@ -187,7 +187,10 @@ def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
             print(f"markov-attn: warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    r = recipe(info, size=size)
+    try:
+        r = recipe(info, size=size)
+    except ValueError as e:
+        _fail(f"cannot preprocess images for {path}: {e}")
     mean, std = np.asarray(r["mean"], np.float32), np.asarray(r["std"], np.float32)
 
     def prepare(image_path):

@@ -312,6 +312,18 @@ def test_timm_pretrained_cfg_needs_no_warning_but_its_absence_does(tmp_path):
         ck.load(d)
 
 
+def test_preprocessor_flags_are_honoured(tmp_path):
+    d = _copy_fixture("vit", tmp_path / "vit")
+    (d / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    _, _, info = ck.load(d)
+    img = np.full((8, 8, 3), 51, np.uint8)
+    np.testing.assert_allclose(ck.preprocess(img, info, size=4), 0.2, atol=1e-6)  # 51 / 255
+    (d / "preprocessor_config.json").write_text(json.dumps({"do_rescale": False}))
+    _, _, info = ck.load(d)
+    with pytest.raises(ValueError, match="do_rescale=False.*preprocess the images yourself"):
+        ck.recipe(info)
+
+
 # --- live parity ---
 
 

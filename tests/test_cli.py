@@ -291,3 +291,13 @@ def test_missing_preprocessor_config_is_a_warning_line(images, tmp_path, capsys)
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("markov-attn: warning: ")]
     assert "preprocessor_config.json" in line and "mean=(0.5, 0.5, 0.5)" in line
+
+
+def test_unsupported_preprocessor_config(images, tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    for f in ("model.safetensors", "config.json"):
+        (d / f).write_bytes((FIXTURES / "vit" / f).read_bytes())
+    (d / "preprocessor_config.json").write_text(json.dumps({"rescale_factor": 1.0}))
+    msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
+    assert "rescale_factor=1.0" in msg and "preprocess the images yourself" in msg

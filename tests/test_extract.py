@@ -247,3 +247,12 @@ def test_nnx_and_linen_agree_on_cross_attention_shapes():
     mha = nnx.MultiHeadAttention(HEADS, FEAT, decode=False, rngs=nnx.Rngs(10))
     (nx,) = capture_attention(mha, x, ctx).values()
     assert lin.shape == nx.shape == (2, HEADS, N, 3)
+
+
+def test_nothing_captured_is_an_error():
+    with pytest.raises(ValueError, match=r"no attention probabilities.*Linear.*sow"):
+        capture_attention(nnx.Linear(FEAT, FEAT, rngs=nnx.Rngs(0)), _x())
+    dense = nn.Dense(FEAT)
+    variables = dense.init(jax.random.key(0), _x())
+    with pytest.raises(ValueError, match=r"no attention probabilities.*Dense.*sow"):
+        capture_attention_linen(dense, variables, _x())

@@ -162,8 +162,15 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
             elif short:
                 native = short
                 r["mode"], r["scale"] = "square", 1.0
-            if "rescale_factor" in pre and not math.isclose(pre["rescale_factor"], 1 / 255):
-                raise ValueError(f"unsupported rescale_factor {pre['rescale_factor']}")
+            if pre.get("do_normalize", True) is False:  # HF skips mean/std entirely
+                r["mean"], r["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+            rescale = pre.get("rescale_factor", 1 / 255)
+            if pre.get("do_rescale", True) is False or not math.isclose(rescale, 1 / 255):
+                raise ValueError(
+                    f"preprocessor_config.json sets do_rescale={pre.get('do_rescale', True)}, "
+                    f"rescale_factor={rescale}; only pixels scaled by 1/255 are supported: "
+                    "preprocess the images yourself and call the model on them"
+                )
     out = int(size or native or 224)
     r["crop"] = out
     r["resize"] = out if r["mode"] == "square" else math.floor(out * r["scale"])

@@ -43,6 +43,9 @@ def capture_attention_linen(
       rngs: PRNG keys for ``apply`` (e.g. dropout).
       **kwargs: keyword arguments of the call.
 
+    Raises:
+      ValueError: nothing was captured (the module has no attention this function can see).
+
     Returns:
       ``{module path: (batch..., heads, n_q, n_k)}`` with paths like
       ``"Block_0/MultiHeadDotProductAttention_0"``. A module called several times gets
@@ -73,4 +76,10 @@ def capture_attention_linen(
         else:
             for i, v in enumerate(values):
                 out[f"{key}#{i}"] = v
+    if not out:
+        raise ValueError(
+            f"no attention probabilities were captured from {type(module).__name__}: it calls "
+            "no flax.linen.MultiHeadDotProductAttention and sows none as 'attention_weights'; "
+            "sow them in its attention, e.g. self.sow('intermediates', 'attention_weights', p)"
+        )
     return out

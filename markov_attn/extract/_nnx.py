@@ -107,6 +107,9 @@ def capture_attention(
       *args: positional arguments of the model call.
       **kwargs: keyword arguments of the model call.
 
+    Raises:
+      ValueError: nothing was captured (the model has no attention this function can see).
+
     Returns:
       ``{module path: (batch..., heads, n_q, n_k)}``, the path joined with ``/`` (e.g.
       ``"blocks/0/attn"``), row ``q`` being the distribution of query ``q`` over the keys.
@@ -135,4 +138,12 @@ def capture_attention(
     finally:
         for m, fn in patched:
             m.attention_fn = fn
-    return _collect(intermediates, SOWN_NAMES)
+    maps = _collect(intermediates, SOWN_NAMES)
+    if not maps:
+        raise ValueError(
+            f"no attention probabilities were captured from {type(model).__name__}: it calls no "
+            "flax.nnx.MultiHeadAttention and sows none under "
+            f"{' or '.join(repr(n) for n in SOWN_NAMES)}; sow them in its attention, e.g. "
+            "self.sow(nnx.Intermediate, 'attn', probs)"
+        )
+    return maps
