@@ -6,28 +6,49 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from ._chain import _reverse, _uniform_or, check_index, one_hot
+from ._chain import _reverse, _teleport, _uniform_or, check_index, check_v, one_hot
 from ._typing import ChainLike, DistLike
-from ._util import as_chain, check_alpha, check_choice, matvec_t, safe_normalize
+from ._util import (
+    as_chain,
+    check_alpha,
+    check_choice,
+    check_count,
+    check_values,
+    invalid_dists,
+    invalid_matrices,
+    matvec_t,
+    poison,
+    safe_normalize,
+    traced_range,
+)
+
+DIRECTIONS = ("forward", "reverse")
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "direction"))
-def _bounce(attn, x0, alpha, v, steps, direction):
+@functools.partial(jax.jit, static_argnames=("steps", "direction", "teleport_first"))
+def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     a = as_chain(attn)
-    if direction == "reverse":
+    a = poison(a, invalid_matrices(a))
+    n = a.shape[-1]
+    alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
+    if direction == "reverse" and teleport_first:
+        # the paper's reverse chain: reverse(teleport(A)), stepped without teleporting again
+        a = _reverse(_teleport(a, alpha, v))
+        alpha = jnp.ones_like(alpha)
+    elif direction == "reverse":
         a = _reverse(a)
     a = safe_normalize(a)
-    n = a.shape[-1]
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
         batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape)
         x = one_hot(x0, n, batch, a.dtype)
     else:
         batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape[:-1])
-        x = safe_normalize(jnp.broadcast_to(x0.astype(a.dtype), (*batch, n)))
+        x0 = x0.astype(a.dtype)
+        x = poison(safe_normalize(x0), invalid_dists(x0))
+        x = jnp.broadcast_to(x, (*batch, n))
     a = jnp.broadcast_to(a, (*batch, n, n))
     v = jnp.broadcast_to(_uniform_or(v, n, a.dtype), (*batch, n))
-    alpha = jnp.asarray(alpha, a.dtype)
 
     def step(x, _):
         y = alpha * matvec_t(a, x) + (1.0 - alpha) * jnp.sum(x, -1, keepdims=True) * v
@@ -47,6 +68,7 @@ def bounce(
     alpha: float | Float[ArrayLike, ""] = 0.99,
     v: DistLike | None = None,
     direction: str = "forward",
+    teleport_first: bool = True,
 ) -> Float[Array, "*batch steps_plus_1 n"]:
     r"""Multi-bounce (indirect) attention maps :math:`x_0, x_1, \dots, x_{\text{steps}}`.
 
@@ -59,8 +81,16 @@ def bounce(
     summed over :math:`k`. From one-hot(CLS), :math:`x_1` is the CLS attention row and
     :math:`x_2` the paper's best segmentation map; from uniform, :math:`x_1` is the column mean.
     ``direction="reverse"`` walks the reverse chain (:func:`reverse`): its first step is "who
-    looks at the start token". As ``steps`` grows, :math:`x_k` tends to :func:`tokenrank` at
-    rate :math:`(\alpha|\lambda_2|)^k`.
+    looks at the start token". By default (``teleport_first=True``, the paper's code) that is
+    the reverse of the teleported chain, :math:`\mathrm{reverse}(T)`, stepped as it is;
+    ``teleport_first=False`` teleports the reversed chain instead (they differ by up to a few
+    1e-3 per entry for :math:`\alpha < 1`). As ``steps`` grows, :math:`x_k` tends to
+    :func:`tokenrank` (same ``direction`` and ``teleport_first``) at rate
+    :math:`(\alpha|\lambda_2|)^k`.
+
+    Input contract: rows are renormalised; NaN/inf or negative entries, ``alpha`` outside
+    ``[0, 1]``, an index outside ``[-n, n)`` or an invalid ``x0``/``v`` raise a ``ValueError``
+    when concrete and give NaN under ``jit``.
 
     Args:
       attn: attention ``(..., n, n)``, row-stochastic over the last axis.
@@ -71,6 +101,8 @@ def bounce(
       alpha: teleportation weight in ``[0, 1]``; ``1.0`` = no teleportation (traced).
       v: teleport distribution ``(..., n)``, uniform by default.
       direction: ``"forward"`` or ``"reverse"``.
+      teleport_first: for ``direction="reverse"``: reverse the teleported chain (default, the
+        paper's order) or teleport the reversed chain (``False``).
 
     Returns:
       ``(..., steps + 1, n)``: the maps, stacked on a new axis before the token axis, each
@@ -85,12 +117,14 @@ def bounce(
       >>> [round(float(p), 3) for p in xs[2]]
       [0.243, 0.039, 0.026, 0.476, 0.217]
     """
-    check_choice("direction", direction, ("forward", "reverse"))
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int (number of bounces), got {steps!r}")
+    check_choice("direction", direction, DIRECTIONS)
+    steps = check_count("steps", steps, what=" (number of bounces)")
     check_alpha(alpha)
     attn = jnp.asarray(attn)
     as_chain(attn)  # shape check with a clear message
+    check_values(attn)
+    if v is not None:
+        check_v(v)
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
         check_index(x0, attn.shape[-1])
@@ -99,7 +133,9 @@ def bounce(
             f"x0 must be a token index (integer) or a distribution over the "
             f"{attn.shape[-1]} tokens, got {x0.dtype} array of shape {x0.shape}"
         )
-    return _bounce(attn, x0, alpha, v, steps, direction)
+    else:
+        check_v(x0, "x0")
+    return _bounce(attn, x0, alpha, v, steps, direction, bool(teleport_first))
 
 
 __all__ = ["bounce"]

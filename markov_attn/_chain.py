@@ -1,6 +1,8 @@
 """Building and inspecting chains: softmax, renormalisation, teleportation, the reverse chain,
 the one-step operations, and the eager validator."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,14 @@ from ._util import (
     as_chain,
     check_alpha,
     check_square,
+    check_values,
     compute_dtype,
+    invalid_dists,
+    invalid_matrices,
     is_concrete,
+    poison,
     safe_normalize,
+    traced_range,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -60,14 +67,20 @@ def _keep_index(keep, n: int) -> np.ndarray | None:
     return idx.astype(np.int32)
 
 
-@jax.jit
-def _transition(logits, idx, mask):
+@functools.partial(jax.jit, static_argnames=("causal",))
+def _transition(logits, idx, mask, causal):
     dtype = compute_dtype(logits.dtype)
     logits = logits.astype(dtype)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-        if mask.ndim < logits.ndim:  # key mask (..., n)
+        if mask.ndim < logits.ndim:  # key mask (..., n) -> (..., 1, n)
             mask = mask[..., None, :]
+    if causal:  # key j visible to query i iff j <= i, in the original token order
+        n0 = logits.shape[-1]
+        tri = jnp.tril(jnp.ones((n0, n0), bool))
+        if mask is not None:
+            tri = tri.reshape((1,) * (mask.ndim - 2) + tri.shape)
+        mask = tri if mask is None else mask & tri
     if idx is not None:
         logits = jnp.take(jnp.take(logits, idx, axis=-2), idx, axis=-1)
         if mask is not None:
@@ -84,8 +97,8 @@ def _transition(logits, idx, mask):
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     e = jnp.where(mask, jnp.exp(jnp.where(mask, logits - m, 0.0)), 0.0)
     s = jnp.sum(e, axis=-1, keepdims=True)
-    ok = s > 0
-    return jnp.where(ok, e / jnp.where(ok, s, 1.0), jnp.asarray(1.0 / n, dtype))
+    empty = s == 0  # every key masked: uniform; a NaN score gives NaN (never uniform)
+    return jnp.where(empty, jnp.asarray(1.0 / n, dtype), e / jnp.where(empty, 1.0, s))
 
 
 def transition(
@@ -94,6 +107,7 @@ def transition(
     *,
     keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
     mask: Bool[ArrayLike, "*#batch n"] | Bool[ArrayLike, "*#batch n n"] | None = None,
+    causal: bool = False,
 ) -> Float[Array, "*batch m m"]:
     r"""Row-softmax of pre-softmax attention scores, the chain's transition matrix.
 
@@ -115,6 +129,10 @@ def transition(
         over the original ``n`` tokens (before ``keep``). A row whose keys are all masked
         becomes uniform (the dangling-node convention of PageRank). Masked tokens stay states
         of the chain; drop them with ``keep`` to remove them.
+      causal: decoder (causal) attention: query ``i`` sees keys ``j <= i`` only (in the
+        original token order, combined with ``mask``). The chain is lower triangular: token 0
+        is absorbing without teleportation, and its eigenvalues are its diagonal (which
+        :func:`second_eigenvalue` reads exactly).
 
     Returns:
       Row-stochastic ``(..., m, m)`` float32 array, ``m`` = number of kept tokens.
@@ -124,6 +142,8 @@ def transition(
       >>> A = ma.transition(jnp.zeros((4, 4)), keep=slice(1, None))
       >>> A.shape, float(A[0, 0])
       ((3, 3), 0.3333...)
+      >>> ma.transition(jnp.zeros((3, 3)), causal=True)[2].tolist()
+      [0.3333..., 0.3333..., 0.3333...]
     """
     logits = jnp.asarray(logits)
     check_square(logits.shape, "logits")
@@ -137,13 +157,17 @@ def transition(
             raise ValueError(
                 f"mask must have shape (..., {n}) (keys) or (..., {n}, {n}), got {mask.shape}"
             )
-    return _transition(logits, None if idx is None else jnp.asarray(idx), mask)
+    if causal and idx is not None and np.any(np.diff(idx) < 0):
+        raise ValueError(
+            "causal=True needs keep= in increasing token order (the causal order); sort it"
+        )
+    return _transition(logits, None if idx is None else jnp.asarray(idx), mask, bool(causal))
 
 
 @jax.jit
 def _normalize(weights):
     w = weights.astype(compute_dtype(weights.dtype))
-    return safe_normalize(w, axis=-1)
+    return poison(safe_normalize(w, axis=-1), invalid_matrices(w))
 
 
 def normalize(weights: ChainLike, /) -> Chain:
@@ -159,7 +183,8 @@ def normalize(weights: ChainLike, /) -> Chain:
       Row-stochastic float32 ``(..., n, n)``.
 
     Raises:
-      ValueError: if concrete weights are negative or not finite.
+      ValueError: if concrete weights are negative or not finite (under ``jit`` such a
+        matrix comes back as NaN).
 
     Examples:
       >>> import markov_attn as ma
@@ -185,12 +210,28 @@ def normalize(weights: ChainLike, /) -> Chain:
 
 
 def _uniform_or(v, n: int, dtype, batch_shape=()):
+    """``v`` renormalised (NaN where it has a NaN/inf or negative entry), or uniform."""
     if v is None:
         return jnp.full((*batch_shape, n), 1.0 / n, dtype)
     v = jnp.asarray(v).astype(dtype)
     if v.shape[-1:] != (n,):
-        raise ValueError(f"v must be a distribution over the {n} tokens, got shape {v.shape}")
-    return safe_normalize(v)
+        raise ValueError(
+            f"v must be a distribution over the {n} tokens, shape (..., {n}), got shape {v.shape}"
+        )
+    return poison(safe_normalize(v), invalid_dists(v))
+
+
+def check_v(v, name: str = "v") -> None:
+    """Eager checks of a teleport distribution (values, when concrete)."""
+    arr = np.asarray(v) if isinstance(v, list | tuple) else v
+    if jnp.ndim(arr) == 0:
+        raise ValueError(f"{name} must be a distribution (..., n) over the tokens, got a scalar")
+    if is_concrete(arr):
+        x = np.asarray(arr, np.float64)
+        if not np.all(np.isfinite(x)) or np.any(x < 0):
+            raise ValueError(f"{name} must be finite and non-negative (a distribution)")
+        if np.any(x.sum(-1) == 0):
+            raise ValueError(f"{name} sums to zero; pass a distribution over the tokens")
 
 
 @jax.jit
@@ -200,7 +241,8 @@ def _teleport(attn, alpha, v):
     v = _uniform_or(v, n, a.dtype)
     if v.ndim < a.ndim - 1:
         v = v.reshape((1,) * (a.ndim - 1 - v.ndim) + v.shape)
-    alpha = jnp.asarray(alpha, a.dtype)
+    alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
+    a = poison(a, invalid_matrices(a))
     return alpha * a + (1.0 - alpha) * v[..., None, :]
 
 
@@ -232,12 +274,16 @@ def teleport(
       [[0.75, 0.25], [0.25, 0.75]]
     """
     check_alpha(alpha)
+    check_values(attn)
+    if v is not None:
+        check_v(v)
     return _teleport(attn, alpha, v)
 
 
 @jax.jit
 def _reverse(attn):
     a = as_chain(attn)
+    a = poison(a, invalid_matrices(a))
     return jnp.swapaxes(safe_normalize(a, axis=-2), -1, -2)
 
 
@@ -261,6 +307,7 @@ def reverse(attn: ChainLike, /) -> Chain:
       >>> ma.reverse([[0.5, 0.5], [1.0, 0.0]]).tolist()
       [[0.3333333432674408, 0.6666666865348816], [1.0, 0.0]]
     """
+    check_values(attn)
     return _reverse(attn)
 
 
@@ -270,7 +317,7 @@ def reverse(attn: ChainLike, /) -> Chain:
 
 def one_hot(index, n: int, batch_shape: tuple, dtype) -> jax.Array:
     """One-hot distributions for integer token indices broadcast (right-aligned) against
-    ``batch_shape``."""
+    ``batch_shape``; NaN for an index outside ``[-n, n)`` (a traced index cannot raise)."""
     index = jnp.asarray(index)
     if index.ndim > len(batch_shape):
         raise ValueError(
@@ -278,8 +325,9 @@ def one_hot(index, n: int, batch_shape: tuple, dtype) -> jax.Array:
             f"{batch_shape}; index arrays broadcast against the leading axes of attn"
         )
     index = jnp.broadcast_to(index, batch_shape)
+    ok = (index >= -n) & (index < n)
     index = jnp.where(index < 0, index + n, index)
-    return jax.nn.one_hot(index, n, dtype=dtype)
+    return poison(jax.nn.one_hot(index, n, dtype=dtype), ~ok)
 
 
 def check_index(index, n: int) -> None:
@@ -294,7 +342,7 @@ def check_index(index, n: int) -> None:
 @jax.jit
 def _column_sum(attn):
     a = as_chain(attn)
-    return jnp.mean(a, axis=-2)
+    return poison(jnp.mean(a, axis=-2), invalid_matrices(a))
 
 
 def column_sum(attn: ChainLike, /) -> Dist:
@@ -311,6 +359,7 @@ def column_sum(attn: ChainLike, /) -> Dist:
       >>> ma.column_sum([[0.5, 0.5], [1.0, 0.0]]).tolist()
       [0.75, 0.25]
     """
+    check_values(attn)
     return _column_sum(attn)
 
 
@@ -318,7 +367,8 @@ def column_sum(attn: ChainLike, /) -> Dist:
 def _row_select(attn, i):
     a = as_chain(attn)
     e = one_hot(i, a.shape[-1], a.shape[:-1][:-1], a.dtype)
-    return jnp.einsum("...i,...ij->...j", e, a, precision=HIGHEST)
+    out = jnp.einsum("...i,...ij->...j", e, a, precision=HIGHEST)
+    return poison(out, invalid_matrices(a))
 
 
 def row_select(attn: ChainLike, i: Integer[ArrayLike, "*#batch"], /) -> Dist:
@@ -339,6 +389,7 @@ def row_select(attn: ChainLike, i: Integer[ArrayLike, "*#batch"], /) -> Dist:
     attn = jnp.asarray(attn)
     check_square(attn.shape)
     check_index(i, attn.shape[-1])
+    check_values(attn)
     return _row_select(attn, i)
 
 
@@ -369,6 +420,7 @@ def column_select(attn: ChainLike, j: Integer[ArrayLike, "*#batch"], /) -> Dist:
     attn = jnp.asarray(attn)
     check_square(attn.shape)
     check_index(j, attn.shape[-1])
+    check_values(attn)
     return _column_select(attn, j)
 
 

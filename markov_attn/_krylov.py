@@ -6,6 +6,7 @@ and a vmapped call never waits on an unbounded slowest member.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,83 +79,162 @@ def arnoldi(matvec: MatVec, v0: jax.Array, steps: int, *, project: MatVec | None
     return basis, hess, beta
 
 
-def _lstsq_hessenberg(hess, rhs):
-    """Least squares ``min ||rhs - H y||`` for upper Hessenberg ``H`` ``(..., m + 1, m)``.
+def gmres_cycle(matvec: MatVec, r: jax.Array, *, steps: int, rtol: float):
+    """One GMRES cycle from zero for ``M d = r``, ending early when every member is done.
 
-    Givens rotations and back substitution in plain JAX ops: no LAPACK call, so nothing here
-    can hit jaxlib 0.10's CPU thread-pool deadlock in batched LAPACK kernels, and it lowers on
-    every backend. Robust to breakdown: a (numerically) zero pivot gives a zero coefficient.
+    Arnoldi (CGS2) with Givens rotations applied as the Hessenberg matrix grows, so the
+    residual estimate ``|g_{k+1}| / ||r||`` of every member is known after each product; the
+    cycle stops when all estimates are at most ``rtol`` or after ``steps`` products (static
+    bound). Plain JAX ops only (no LAPACK), so it lowers on every backend.
+
+    Returns:
+      ``(d, est, k)``: the correction ``(..., n)``, each member's relative residual estimate
+      ``(...)`` and the number of products used.
     """
-    m = hess.shape[-1]
-    dtype = hess.dtype
+    dtype = r.dtype
     tiny = jnp.finfo(dtype).tiny * 1e4
-
-    def rotate(k, carry):
-        h, g = carry
-        a, b = h[..., k, :], h[..., k + 1, :]
-        x, y = a[..., k], b[..., k]
-        r = jnp.sqrt(x * x + y * y)
-        ok = r > tiny
-        c = jnp.where(ok, x / jnp.where(ok, r, 1.0), 1.0)
-        s = jnp.where(ok, y / jnp.where(ok, r, 1.0), 0.0)
-        h = h.at[..., k, :].set(c[..., None] * a + s[..., None] * b)
-        h = h.at[..., k + 1, :].set(c[..., None] * b - s[..., None] * a)
-        gk, gk1 = g[..., k], g[..., k + 1]
-        g = g.at[..., k].set(c * gk + s * gk1).at[..., k + 1].set(c * gk1 - s * gk)
-        return h, g
-
-    r, g = jax.lax.fori_loop(0, m, rotate, (hess, rhs))
-    diag = jnp.abs(jnp.diagonal(r[..., :m, :], axis1=-2, axis2=-1))
-    small = diag <= 1e-7 * jnp.maximum(jnp.max(diag, axis=-1, keepdims=True), tiny)
-
-    def back(i, y):
-        k = m - 1 - i
-        acc = g[..., k] - jnp.sum(r[..., k, :] * y, axis=-1)
-        piv = r[..., k, k]
-        yk = jnp.where(small[..., k], 0.0, acc / jnp.where(small[..., k], 1.0, piv))
-        return y.at[..., k].set(yk)
-
-    return jax.lax.fori_loop(0, m, back, jnp.zeros((*hess.shape[:-2], m), dtype))
-
-
-def gmres(
-    matvec: MatVec,
-    b: jax.Array,
-    x0: jax.Array,
-    *,
-    restart: int = 20,
-    max_restarts: int = 10,
-    tol: float | jax.Array = 1e-6,
-):
-    """Restarted GMRES for a batch of systems ``M x = b``; ``(x, relative residual, cycles)``.
-
-    Stops when every member's residual ``||b - M x||_2 <= tol ||b||_2`` or after
-    ``max_restarts`` cycles of ``restart`` products (both bounds static).
-    """
-    bnorm = _norm(b)
-    tiny = jnp.finfo(b.dtype).tiny * 1e4
-
-    def residual(x):
-        r = b - matvec(x)
-        return r, _norm(r) / jnp.maximum(bnorm, tiny)
+    m = steps
+    beta = _norm(r)
+    basis = jnp.zeros((*r.shape[:-1], m + 1, r.shape[-1]), dtype)
+    basis = basis.at[..., 0, :].set(_safe_div(r, beta, tiny))
+    rmat = jnp.zeros((*r.shape[:-1], m, m), dtype)  # rotated Hessenberg, upper triangular
+    cs = jnp.zeros((*r.shape[:-1], m), dtype)
+    sn = jnp.zeros((*r.shape[:-1], m), dtype)
+    g = jnp.zeros((*r.shape[:-1], m + 1), dtype).at[..., 0].set(beta)
+    scale = jnp.zeros(r.shape[:-1], dtype)
+    est0 = jnp.where(beta > tiny, 1.0, 0.0).astype(dtype)
 
     def cond(state):
-        _, rel, it = state
-        return (it < max_restarts) & jnp.any(rel > tol)
+        k, *_, est = state
+        return (k < m) & jnp.any(est > rtol)
 
     def body(state):
-        x, _, it = state
-        r, _ = residual(x)
-        basis, hess, beta = arnoldi(matvec, r, restart)
-        rhs = jnp.zeros(hess.shape[:-1], b.dtype).at[..., 0].set(beta)
-        y = _lstsq_hessenberg(hess, rhs)
-        x = x + jnp.einsum("...kn,...k->...n", basis[..., :-1, :], y, precision=HIGHEST)
-        _, rel = residual(x)
-        return x, rel, it + 1
+        k, basis, rmat, cs, sn, g, scale, _ = state
+        w = matvec(basis[..., k, :])
+        scale = jnp.maximum(scale, _norm(w))
+        w, h = _orthogonalize(basis, w)
+        hn = _norm(w)
+        hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
+        basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
+        col = h[..., :m]  # entries 0..k are live (the rest are zero)
 
-    _, rel0 = residual(x0)
-    x, rel, it = jax.lax.while_loop(cond, body, (x0, rel0, jnp.asarray(0, jnp.int32)))
-    return x, rel, it
+        def rot(i, col):
+            a, b = col[..., i], col[..., i + 1]
+            c, s_ = cs[..., i], sn[..., i]
+            return col.at[..., i].set(c * a + s_ * b).at[..., i + 1].set(c * b - s_ * a)
+
+        col = jnp.concatenate([col, jnp.zeros((*col.shape[:-1], 1), dtype)], axis=-1)
+        col = col.at[..., k + 1].set(hn)
+        col = jax.lax.fori_loop(0, k, rot, col)
+        x, y = col[..., k], col[..., k + 1]
+        rr = jnp.sqrt(x * x + y * y)
+        ok = rr > tiny
+        c = jnp.where(ok, x / jnp.where(ok, rr, 1.0), 1.0)
+        s_ = jnp.where(ok, y / jnp.where(ok, rr, 1.0), 0.0)
+        col = col.at[..., k].set(c * x + s_ * y).at[..., k + 1].set(0.0)
+        cs = cs.at[..., k].set(c)
+        sn = sn.at[..., k].set(s_)
+        rmat = rmat.at[..., :, k].set(col[..., :m])
+        gk = g[..., k]
+        g = g.at[..., k].set(c * gk).at[..., k + 1].set(-s_ * gk)
+        est = jnp.abs(g[..., k + 1]) / jnp.maximum(beta, tiny)
+        return k + 1, basis, rmat, cs, sn, g, scale, est
+
+    state = (jnp.asarray(0, jnp.int32), basis, rmat, cs, sn, g, scale, est0)
+    k, basis, rmat, _, _, g, _, est = jax.lax.while_loop(cond, body, state)
+    diag = jnp.abs(jnp.diagonal(rmat, axis1=-2, axis2=-1))
+    live = jnp.broadcast_to(jnp.arange(m) < k, diag.shape)
+    small = ~live | (diag <= 1e-7 * jnp.maximum(jnp.max(diag, axis=-1, keepdims=True), tiny))
+
+    def back(i, y):
+        j = m - 1 - i
+        acc = g[..., j] - jnp.sum(rmat[..., j, :] * y, axis=-1)
+        piv = rmat[..., j, j]
+        yj = jnp.where(small[..., j], 0.0, acc / jnp.where(small[..., j], 1.0, piv))
+        return y.at[..., j].set(yj)
+
+    y = jax.lax.fori_loop(0, m, back, jnp.zeros((*r.shape[:-1], m), dtype))
+    d = jnp.einsum("...kn,...k->...n", basis[..., :-1, :], y, precision=HIGHEST)
+    return d, est, k
+
+
+class Refined(NamedTuple):
+    """Result of :func:`refined_gmres`."""
+
+    x: jax.Array  #: the solution ``(..., n)``
+    residual: jax.Array  #: ``||b - M x||_1`` with the accurate product, per member
+    steps: jax.Array  #: products with the fast operator (all members together)
+    converged: jax.Array  #: per member: threshold met, or refinement at the rounding floor
+
+
+def refined_gmres(
+    fast: MatVec,
+    accurate: MatVec,
+    b: jax.Array,
+    *,
+    threshold: jax.Array,
+    restart: int = 20,
+    inner_rtol: float = 1e-3,
+    max_refinements: int = 8,
+) -> Refined:
+    """GMRES with iterative refinement: ``M x = b`` to the accuracy of the residual.
+
+    Each refinement computes the true residual ``r = b - M x`` with the ``accurate`` product,
+    then solves ``M d = r`` with one :func:`gmres_cycle` of the ``fast`` product (at most
+    ``restart`` products, ending early at relative residual ``inner_rtol``) and adds ``d``.
+    A member stops when ``||r||_1 <= threshold`` (converged), or when a refinement reduced
+    its residual by less than a tenth of what the inner solve promised (the residual is at its
+    rounding floor: converged as far as float arithmetic allows), or after
+    ``max_refinements`` (not converged). A correction is kept unless it more than doubles the
+    residual (at the rounding floor the residual is noise, and a correction that does not
+    lower it still lowers the error).
+
+    Why: a stopping rule on the residual alone is not enough when ``M`` is ill-conditioned
+    (nearly reducible chains): the float32 product ``A^T x`` accumulates an error along slow
+    directions that the inverse amplifies; refinement with an accurate residual removes it.
+    """
+    x0 = jnp.zeros_like(b)
+    r0 = b  # the residual of x = 0 needs no product
+    n0 = jnp.sum(jnp.abs(r0), axis=-1)
+    noise = 8 * jnp.finfo(b.dtype).eps * n0  # rounding level of an accurate residual
+    active0 = ~(n0 <= threshold)
+
+    def cond(state):
+        it, *_, active, _ = state
+        return (it < max_refinements) & jnp.any(active)
+
+    def body(state):
+        it, x, r, nres, steps, active, conv = state
+        d, est, k = gmres_cycle(fast, r, steps=restart, rtol=inner_rtol)
+        x_new = x + d
+        r_new = b - accurate(x_new)
+        n_new = jnp.sum(jnp.abs(r_new), axis=-1)
+        # accept unless the step diverged: at the rounding floor the residual is noise, and a
+        # correction that does not lower it can still lower the error
+        ok = jnp.isfinite(n_new) & ((n_new <= 2.0 * nres) | (n_new <= noise))
+        keep = active & ok
+        x = jnp.where(keep[..., None], x_new, x)
+        r = jnp.where(keep[..., None], r_new, r)
+        nres_next = jnp.where(keep, n_new, nres)
+        met = nres_next <= threshold
+        # a refinement that gained less than a tenth of what GMRES promised: rounding floor
+        floor = n_new > 10.0 * jnp.maximum(est, inner_rtol) * nres
+        stop = active & (met | floor | ~ok)
+        conv = jnp.where(stop, met | (floor & ok), conv)
+        active = active & ~stop
+        return it + 1, x, r, nres_next, steps + k, active, conv
+
+    state = (
+        jnp.asarray(0, jnp.int32),
+        x0,
+        r0,
+        n0,
+        jnp.asarray(0, jnp.int32),
+        active0,
+        ~active0,
+    )
+    _, x, _, nres, steps, active, conv = jax.lax.while_loop(cond, body, state)
+    return Refined(x, nres, steps, conv & ~active)
 
 
 def spectral_radius(mat: jax.Array, *, squarings: int = 24) -> jax.Array:

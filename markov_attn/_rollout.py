@@ -4,9 +4,21 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._util import HIGHEST, check_choice, check_square, compute_dtype, safe_normalize
+from ._util import (
+    HIGHEST,
+    check_choice,
+    check_square,
+    check_values,
+    compute_dtype,
+    invalid_matrices,
+    is_concrete,
+    poison,
+    safe_normalize,
+    traced_range,
+)
 
 FUSIONS = ("mean", "max", "min")
 
@@ -14,9 +26,10 @@ FUSIONS = ("mean", "max", "min")
 @functools.partial(jax.jit, static_argnames=("head_fusion",))
 def _rollout(attn, residual, head_fusion):
     a = attn.astype(compute_dtype(attn.dtype))
+    bad = jnp.any(invalid_matrices(a), axis=(-2, -1))  # per stack of layers and heads
     fused = {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[head_fusion](a, axis=-3)
     n = a.shape[-1]
-    residual = jnp.asarray(residual, a.dtype)
+    residual = traced_range(jnp.asarray(residual, a.dtype), 0.0, 1.0)
     eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), fused.shape)
     layers = residual * eye + (1.0 - residual) * fused
     layers = safe_normalize(layers)
@@ -26,7 +39,7 @@ def _rollout(attn, residual, head_fusion):
         return jnp.matmul(layer, r, precision=HIGHEST), None
 
     out, _ = jax.lax.scan(step, layers[0], layers[1:])
-    return out
+    return poison(out, bad)
 
 
 def rollout(
@@ -52,7 +65,9 @@ def rollout(
       head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
 
     Returns:
-      ``(..., n, n)`` row-stochastic joint attention.
+      ``(..., n, n)`` row-stochastic joint attention. NaN/inf or negative attention, or a
+      ``residual`` outside ``[0, 1]``, raise a ``ValueError`` when concrete and give NaN under
+      ``jit``.
 
     Examples:
       >>> import jax.numpy as jnp, markov_attn as ma
@@ -67,8 +82,14 @@ def rollout(
             f"attn_layers must be (..., layers, heads, n, n), got shape {attn_layers.shape}; "
             "add a heads axis with x[..., None, :, :] if you already fused heads"
         )
-    if isinstance(residual, int | float) and not 0.0 <= residual <= 1.0:
-        raise ValueError(f"residual must lie in [0, 1], got {residual}")
+    if is_concrete(residual):
+        r = np.asarray(residual, np.float64)
+        if r.ndim or not 0.0 <= float(r) <= 1.0:
+            raise ValueError(
+                f"residual must be a number in [0, 1] (the weight of the identity), got "
+                f"{residual!r}"
+            )
+    check_values(attn_layers, "attn_layers")
     return _rollout(attn_layers, residual, head_fusion)
 
 

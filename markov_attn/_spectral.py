@@ -6,9 +6,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from . import _host
 from ._krylov import arnoldi, spectral_radius
 from ._typing import ChainLike, PerMatrix
-from ._util import as_chain, check_choice, map_over_batch, matvec, safe_normalize
+from ._util import (
+    as_chain,
+    check_choice,
+    check_count,
+    check_values,
+    invalid_matrices,
+    map_over_batch,
+    matvec,
+    poison,
+    safe_normalize,
+)
 
 METHODS = ("arnoldi", "eig")
 KRYLOV_DIM = 128
@@ -40,20 +51,44 @@ def _lambda2_arnoldi(a, krylov):
     return lambda2_from_matvec(lambda x: matvec(a, x), a.shape[:-1], a.dtype, krylov)
 
 
+def _second_largest(mod):
+    """The second-largest value over the last axis (0 for a single value)."""
+    if mod.shape[-1] < 2:
+        return jnp.zeros(mod.shape[:-1], mod.dtype)
+    return jnp.sort(mod, axis=-1)[..., -2]
+
+
 def _lambda2_eig(a):
-    w = jnp.linalg.eigvals(a)
-    mod = jnp.sort(jnp.abs(w), axis=-1)
-    return mod[..., -2].astype(a.dtype) if a.shape[-1] > 1 else jnp.zeros(a.shape[:-2], a.dtype)
+    return _second_largest(jnp.abs(_host.eigvals(a))).astype(a.dtype)
+
+
+def triangular(a: jax.Array) -> jax.Array:
+    """``(...)`` flags: matrices that are exactly lower or upper triangular (causal heads)."""
+    n = a.shape[-1]
+    i = jnp.arange(n)
+    upper = (i[None, :] > i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
+    lower = (i[None, :] < i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
+    return jnp.all(jnp.where(upper, a == 0, True), axis=(-2, -1)) | jnp.all(
+        jnp.where(lower, a == 0, True), axis=(-2, -1)
+    )
+
+
+def _lambda2_triangular(a):
+    """|λ2| of a triangular matrix: its eigenvalues are its diagonal, exactly."""
+    return _second_largest(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _lambda2(a, method, krylov):
+    tri = triangular(a)
+    exact = _lambda2_triangular(a)
     if method == "eig":
-        return _lambda2_eig(a)
+        return jnp.where(tri, exact, _lambda2_eig(a))
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
-    return map_over_batch(
+    est = map_over_batch(
         lambda x: _lambda2_arnoldi(x, krylov), a, batch_ndim=a.ndim - 2, item_bytes=item
     )
+    return jnp.where(tri, exact, est)
 
 
 def _lambda2_fwd(a, method, krylov):
@@ -64,7 +99,7 @@ def _lambda2_bwd(method, krylov, a, g):
     # First-order perturbation of a simple eigenvalue: d lam = l^T dA r with l^T r = 1, and
     # d|lam| = Re(conj(lam) d lam) / |lam|. Needs the eigenvectors: CPU/GPU only.
     n = a.shape[-1]
-    w, vr = jnp.linalg.eig(a)
+    w, vr = _host.eig(a)
     perron = jnp.argmin(jnp.abs(w - 1.0), axis=-1)
     tokens = jnp.arange(n).reshape((1,) * perron.ndim + (n,))
     mod = jnp.where(tokens == perron[..., None], -1.0, jnp.abs(w))
@@ -72,10 +107,18 @@ def _lambda2_bwd(method, krylov, a, g):
     lam = jnp.take_along_axis(w, k2[..., None], axis=-1)[..., 0]
     r = jnp.take_along_axis(vr, k2[..., None, None], axis=-1)[..., 0]
     e = jax.nn.one_hot(k2, n, dtype=vr.dtype)
-    left = jnp.linalg.solve(jnp.swapaxes(vr, -1, -2), e[..., None])[..., 0]
+    left = _host.solve(jnp.swapaxes(vr, -1, -2), e)
     unit = jnp.conj(lam) / jnp.maximum(jnp.abs(lam), jnp.finfo(a.dtype).tiny)
     grad = jnp.real(unit[..., None, None] * left[..., :, None] * r[..., None, :])
-    return (g[..., None, None] * grad.astype(a.dtype),)
+    # a triangular matrix: |λ2| is one diagonal entry's modulus
+    d = jnp.diagonal(a, axis1=-2, axis2=-1)
+    order = jnp.argsort(jnp.abs(d), axis=-1)
+    k = order[..., -2] if n > 1 else order[..., -1]
+    eye_k = jax.nn.one_hot(k, n, dtype=a.dtype)
+    sign = jnp.sign(jnp.take_along_axis(d, k[..., None], axis=-1))
+    grad_tri = (sign * eye_k)[..., :, None] * eye_k[..., None, :]
+    grad = jnp.where(triangular(a)[..., None, None], grad_tri, grad.astype(a.dtype))
+    return (g[..., None, None] * grad,)
 
 
 _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
@@ -83,8 +126,10 @@ _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
 
 @functools.partial(jax.jit, static_argnames=("method", "krylov"))
 def _second_eigenvalue(attn, method, krylov):
-    a = safe_normalize(as_chain(attn))
-    return _lambda2(a, method, krylov)
+    a = as_chain(attn)
+    bad = invalid_matrices(a)
+    a = safe_normalize(jnp.where(bad[..., None, None], 1.0, a))
+    return poison(_lambda2(a, method, krylov), bad)
 
 
 def second_eigenvalue(
@@ -102,14 +147,35 @@ def second_eigenvalue(
     Arnoldi (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` give a small Hessenberg
     matrix :math:`H` whose
     spectral radius, found with matmuls only by Gelfand's formula
-    :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. Exact when
-    ``krylov >= n - 1``; at ``n = 197`` and ``1025`` on attention stacks it matches
-    ``numpy.linalg.eigvals`` to about 1e-5. ``method="eig"`` calls ``jnp.linalg.eigvals``:
-    :math:`O(n^3)`, CPU and GPU only (it does not lower for TPU), the oracle.
+    :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. On attention stacks at
+    ``n = 197`` and ``1025`` it matches ``numpy.linalg.eigvals`` to about 1e-5.
+    ``method="eig"`` is a dense eigendecomposition, :math:`O(n^3)`, the oracle: on CPU it runs
+    in NumPy through a host callback (jaxlib 0.10's batched CPU LAPACK kernels can deadlock
+    when several run concurrently in one jitted program), on GPU ``jnp.linalg.eigvals``; it does
+    not lower for TPU.
+
+    **Causal (triangular) heads are exact:** a lower- or upper-triangular matrix (decoder
+    attention, see ``transition(..., causal=True)``) has its diagonal as eigenvalues, so every
+    matrix that is exactly triangular gets the second-largest :math:`|A_{ii}|` (both methods).
+    Its eigenvalues are ill-conditioned (the matrix is far from normal), so no Krylov or float32
+    eigen-solver can be trusted there: an Arnoldi estimate on a 64-token causal head can read
+    0.75 where the eigenvalues give 0.05, even with ``krylov = n - 1``.
+
+    **Other non-normal heads** (nearly triangular, nearly a permutation, near-circulant and
+    nearly reducible at once): the Arnoldi value is the spectral radius of the Krylov
+    compression, which converges to |λ2| but is sensitive to rounding when eigenvalues are
+    ill-conditioned; errors up to ~1e-3–1e-2 are possible there (~1e-2 for near-permutations at
+    ``n ≈ 1000``). A larger ``krylov`` or ``method="eig"`` helps for normal-ish heads; for
+    highly non-normal ones the eigenvalues themselves are not determined to float32 accuracy by
+    the matrix entries.
 
     Gradients use the eigenvector formula :math:`d|\lambda| = \mathrm{Re}(\bar\lambda\, l^\top
-    dA\, r)/|\lambda|` and need ``jnp.linalg.eig`` in the backward pass (CPU/GPU). At a
-    repeated |λ2| (other than a complex-conjugate pair) the modulus is not differentiable.
+    dA\, r)/|\lambda|` and need an eigendecomposition in the backward pass (CPU/GPU); for a
+    triangular matrix, the derivative of its diagonal entry. At a repeated |λ2| (other than a
+    complex-conjugate pair) the modulus is not differentiable.
+
+    NaN/inf or negative entries raise a ``ValueError`` when the values are concrete and give
+    NaN for that matrix under ``jit``.
 
     Args:
       attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
@@ -128,8 +194,8 @@ def second_eigenvalue(
       0.626
     """
     check_choice("method", method, METHODS)
-    if not isinstance(krylov, int) or krylov < 1:
-        raise ValueError(f"krylov must be a positive int, got {krylov!r}")
+    krylov = check_count("krylov", krylov, minimum=1, what=" (Krylov dimension)")
+    check_values(attn)
     return _second_eigenvalue(attn, method, krylov)
 
 

@@ -20,19 +20,23 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
-from ._chain import _keep_index, _uniform_or, check_index, one_hot
-from ._krylov import gmres
+from ._chain import _keep_index, _uniform_or, check_index, check_v, one_hot
 from ._spectral import KRYLOV_DIM, lambda2_from_matvec
-from ._tokenrank import (
-    GMRES_CYCLES,
-    GMRES_RESTART,
-    GMRES_TOL,
-    m_operator,
-    mt_operator,
-    power_iterate,
-)
+from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import Dist, DistLike, PerMatrix
-from ._util import HIGHEST, check_alpha, check_choice, compute_dtype, safe_normalize
+from ._util import (
+    ACCURATE_BLOCK,
+    HIGHEST,
+    check_alpha,
+    check_choice,
+    check_count,
+    compute_dtype,
+    invalid_dists,
+    is_concrete,
+    poison,
+    safe_normalize,
+    traced_range,
+)
 
 #: Default number of queries per block (a tile is ``(block, n)`` per matrix).
 BLOCK = 512
@@ -98,8 +102,11 @@ def _lse_pass(qs, k, km, live, block):
     return _from_blocks(lb, n, -1)
 
 
-def _apply_pass(qs, k, lse, km, live, block, x=None, u=None):
-    """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``."""
+def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
+    """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
+
+    ``accurate=True`` sums ``A^T x`` within a block in partial sums of ``ACCURATE_BLOCK``
+    queries (see ``markov_attn._util.matvec_t_accurate``)."""
     n = qs.shape[-2]
     xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
     if x is not None:
@@ -109,7 +116,13 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None):
     def body(acc, blk):
         p = _tile(blk["q"], k, blk["l"], km, live)
         out = None
-        if x is not None:
+        if x is not None and accurate and block % ACCURATE_BLOCK == 0 and block > ACCURATE_BLOCK:
+            nb = block // ACCURATE_BLOCK
+            xb = blk["x"].reshape((*blk["x"].shape[:-2], nb, ACCURATE_BLOCK, -1))
+            pb = p.reshape((*p.shape[:-2], nb, ACCURATE_BLOCK, p.shape[-1]))
+            part = jnp.einsum("...kir,...kij->...kjr", xb, pb, precision=HIGHEST)
+            acc = acc + jnp.sum(part, axis=-3)
+        elif x is not None:
             acc = acc + jnp.einsum("...ir,...ij->...jr", blk["x"], p, precision=HIGHEST)
         if u is not None:
             out = jnp.einsum("...ij,...jr->...ir", p, u, precision=HIGHEST)
@@ -282,9 +295,19 @@ def _check(q, k, key_mask, block, name="q"):
                 f"{key_mask.dtype} {key_mask.shape}; full (n, n) masks are not supported when "
                 "streaming: build the matrix with ma.transition(..., mask=) instead"
             )
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block must be a positive int (queries per tile), got {block!r}")
+    check_count("block", block, minimum=1, what=" (queries per tile)")
+    for name, x in (("q", q), ("k", k)):
+        if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(
+                f"{name} contains NaN or inf; check the projection that produced it (under jit "
+                "the result is NaN for the affected matrices)"
+            )
     return q, k, key_mask
+
+
+def _bad_qk(qs, k):
+    """``(...)`` flags: matrices whose queries or keys hold NaN/inf."""
+    return ~(jnp.all(jnp.isfinite(qs), axis=(-2, -1)) & jnp.all(jnp.isfinite(k), axis=(-2, -1)))
 
 
 def _keep(keep, n):
@@ -296,80 +319,37 @@ def _keep(keep, n):
 # TokenRank
 
 
-def _at_mv(ops):
-    return lambda x: _apply_pass(*ops, x=x[..., None])[0][..., 0]
-
-
-def _a_mv(ops):
-    return lambda u: _apply_pass(*ops, u=u[..., None])[1][..., 0]
-
-
-def _m_matvec(ops, v, alpha):
-    return m_operator(_at_mv(ops), v, alpha)
-
-
-def _mt_matvec(ops, v, alpha):
-    return mt_operator(_a_mv(ops), v, alpha)
-
-
-def _power(ops, v, alpha):
-    return power_iterate(_at_mv(ops), v, alpha)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _stationary_qk(qs, k, km, live, v, alpha, block, method):
-    return _stationary_qk_fwd(qs, k, km, live, v, alpha, block, method)[0]
-
-
-def _stationary_qk_fwd(qs, k, km, live, v, alpha, block, method):
-    lse = _lse_pass(qs, k, km, live, block)
-    ops = (qs, k, lse, km, live, block)
-    if method == "gmres":
-        pi, _, _ = gmres(
-            _m_matvec(ops, v, alpha),
-            v,
-            v,
-            restart=GMRES_RESTART,
-            max_restarts=GMRES_CYCLES,
-            tol=GMRES_TOL,
-        )
-    else:
-        pi = _power(ops, v, alpha)
-    pi = safe_normalize(jnp.maximum(pi, 0.0))
-    return pi, (qs, k, lse, km, live, v, alpha, pi)
-
-
-def _stationary_qk_bwd(block, method, res, g):
-    qs, k, lse, km, live, v, alpha, pi = res
-    ops = (qs, k, lse, km, live, block)
-    u, _, _ = gmres(
-        _mt_matvec(ops, v, alpha),
-        g,
-        g,
-        restart=GMRES_RESTART,
-        max_restarts=GMRES_CYCLES,
-        tol=GMRES_TOL,
+def stream_operator(block: int) -> Operator:
+    """The :class:`Operator` of a streamed chain; its parameters are
+    ``(qs, k, lse, km, live)``."""
+    return Operator(
+        at=lambda p, x: _at_op(*p, x[..., None], block)[..., 0],
+        a=lambda p, u: _a_op(*p, u[..., None], block)[..., 0],
+        at_accurate=lambda p, x: _apply_pass(*p, block, x=x[..., None], accurate=True)[0][..., 0],
     )
-    # dL/dA = alpha pi u^T; through the softmax: dS_ij = alpha pi_i A_ij (u_j - (A u)_i)
-    dq, dk, _, _, atpi = _grad_pass(
-        qs, k, lse, km, live, block, pi[..., None], u[..., None], fold=True, want_pta=True
-    )
-    a_ = alpha[..., None, None]
-    dv = (1.0 - alpha[..., None]) * u
-    dalpha = jnp.sum(u * (atpi[..., 0] - v), -1)
-    return a_ * dq, a_ * dk, None, None, dv, dalpha
 
 
-_stationary_qk.defvjp(_stationary_qk_fwd, _stationary_qk_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("block", "method"))
-def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method):
+@functools.partial(jax.jit, static_argnames=("block", "method", "tol", "max_steps"))
+def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method, tol, max_steps):
     qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
     n = qs.shape[-2]
-    v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*batch, n))
-    alpha = jnp.broadcast_to(jnp.asarray(alpha, qs.dtype), batch)
-    return _stationary_qk(qs, k, km, live, v, alpha, block, method)
+    v = _uniform_or(v, n, qs.dtype)
+    alpha = jnp.asarray(alpha, qs.dtype)
+    batch = jnp.broadcast_shapes(batch, v.shape[:-1], alpha.shape)
+    bad = ~((alpha >= 0) & (alpha <= 1))
+    bad = jnp.broadcast_to(bad, batch) | jnp.broadcast_to(invalid_dists(v), batch)
+    bad = bad | _bad_qk(qs, k)
+    qs = jnp.where(bad[..., None, None], 0.0, jnp.broadcast_to(qs, (*batch, *qs.shape[-2:])))
+    k = jnp.where(bad[..., None, None], 0.0, jnp.broadcast_to(k, qs.shape))
+    if km is not None:
+        km = jnp.broadcast_to(km, (*batch, n))
+        live = jnp.broadcast_to(live, batch)
+    v = jnp.where(bad[..., None], 1.0 / n, jnp.broadcast_to(v, (*batch, n)))
+    alpha = jnp.where(bad, 0.5, jnp.broadcast_to(alpha, batch))
+    lse = _lse_op(qs, k, km, live, block)
+    opts = Options(method, tol, max_steps)
+    pi, info = stationary(stream_operator(block), opts, (qs, k, lse, km, live), v, alpha)
+    return poison(pi, bad), info._replace(converged=info.converged & ~bad)
 
 
 def tokenrank_qk(
@@ -384,7 +364,10 @@ def tokenrank_qk(
     keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
     block: int = BLOCK,
     method: str = "gmres",
-) -> Dist:
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    return_info: bool = False,
+) -> Dist | tuple[Dist, SolveInfo]:
     r"""TokenRank streamed from queries and keys, without the ``n × n`` attention matrix.
 
     Equals ``ma.tokenrank(ma.transition(scale * q @ kᵀ, keep=keep, mask=key_mask), alpha=alpha,
@@ -392,13 +375,13 @@ def tokenrank_qk(
     ``q``, ``k`` and the row log-sum-exp, holding at most a ``(block, n)`` tile of :math:`A` per
     matrix: memory :math:`O(n d + \text{block}\cdot n)` instead of :math:`O(n^2)`.
 
-    The system :math:`(I - \alpha A^\top + \alpha v\mathbf{1}^\top)\pi = v` is solved by
-    restarted GMRES (restart 20, relative residual 1e-6; about 20–60 passes over Q and K) or,
-    with ``method="power"``, by the teleported power method. Gradients with respect to ``q``,
-    ``k``, ``alpha`` and ``v`` are implicit (one adjoint GMRES solve with :math:`A u`), and the
-    softmax backward :math:`dS_{ij} = \alpha\pi_i A_{ij}(u_j - (Au)_i)` is contracted to
-    ``dq`` and ``dk`` blockwise, recomputing the tiles like flash attention's backward, so
-    reverse mode also stays at :math:`O(n d + \text{block}\cdot n)` memory.
+    The system :math:`(I - \alpha A^\top + \alpha v\mathbf{1}^\top)\pi = v` is solved by the
+    same solver as :func:`tokenrank` (GMRES with iterative refinement, or the power method),
+    with blockwise products. Gradients with respect to ``q``, ``k``, ``alpha`` and ``v`` are
+    implicit (one adjoint solve with :math:`A u`); the cotangent :math:`\alpha\pi u^\top` of
+    :math:`A` is contracted to ``dq`` and ``dk`` blockwise through the softmax, recomputing the
+    tiles like flash attention's backward, so reverse mode also stays at
+    :math:`O(n d + \text{block}\cdot n)` memory.
 
     Args:
       q: queries ``(..., n, d)`` (any leading batch/layer/head axes; bf16 is computed in
@@ -413,10 +396,14 @@ def tokenrank_qk(
         ``keep=slice(1, None)`` drops CLS), as in :func:`transition`. Must be concrete.
       block: queries per tile (static); memory per matrix is about ``3 * block * n * 4``
         bytes.
-      method: ``"gmres"`` (default) or ``"power"``; the adjoint always uses GMRES.
+      method: ``"gmres"`` (default) or ``"power"``.
+      tol: target L1 error (static; see :func:`tokenrank`).
+      max_steps: bound on products (GMRES) or power steps.
+      return_info: also return a :class:`SolveInfo` per matrix.
 
     Returns:
-      ``(..., m)`` float32 distributions over the ``m`` kept tokens.
+      ``(..., m)`` float32 distributions over the ``m`` kept tokens (NaN for a matrix whose
+      ``q``/``k`` hold NaN/inf or whose ``alpha``/``v`` are invalid, under ``jit``).
 
     Examples:
       >>> import jax, markov_attn as ma
@@ -428,8 +415,27 @@ def tokenrank_qk(
     """
     check_choice("method", method, METHODS)
     check_alpha(alpha)
+    if v is not None:
+        check_v(v)
     q, k, key_mask = _check(q, k, key_mask, block)
-    return _tokenrank_qk(q, k, scale, alpha, v, key_mask, _keep(keep, q.shape[-2]), block, method)
+    if not isinstance(tol, float | int) or isinstance(tol, bool) or not tol > 0:
+        raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
+    if max_steps is not None:
+        max_steps = check_count("max_steps", max_steps, minimum=1)
+    pi, info = _tokenrank_qk(
+        q,
+        k,
+        scale,
+        alpha,
+        v,
+        key_mask,
+        _keep(keep, q.shape[-2]),
+        block,
+        method,
+        float(tol),
+        max_steps,
+    )
+    return (pi, info) if return_info else pi
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +449,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
     if jnp.issubdtype(x0.dtype, jnp.integer):
         if batch_starts:  # (..., r) indices -> (..., n, r)
             bshape = jnp.broadcast_shapes(batch, x0.shape[:-1])
-            x = jax.nn.one_hot(jnp.where(x0 < 0, x0 + n, x0), n, dtype=qs.dtype)
+            x = one_hot(x0, n, x0.shape, qs.dtype)
             x = jnp.broadcast_to(x, (*bshape, x0.shape[-1], n))
         else:
             bshape = jnp.broadcast_shapes(batch, x0.shape)
@@ -453,8 +459,8 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
         if not batch_starts:
             x = x[..., None, :]
         bshape = jnp.broadcast_shapes(batch, x.shape[:-2])
-        x = safe_normalize(jnp.broadcast_to(x, (*bshape, *x.shape[-2:])))
-    x.shape[-2]
+        x = poison(safe_normalize(x), invalid_dists(x))
+        x = jnp.broadcast_to(x, (*bshape, *x.shape[-2:]))
     x = jnp.swapaxes(x, -1, -2)  # (..., n, r): all start vectors share each pass
     qs = jnp.broadcast_to(qs, (*bshape, n, qs.shape[-1]))
     k = jnp.broadcast_to(k, qs.shape)
@@ -462,7 +468,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
         km = jnp.broadcast_to(km, (*bshape, n))
         live = jnp.broadcast_to(live, bshape)
     v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*bshape, n))[..., None]
-    alpha = jnp.asarray(alpha, qs.dtype)
+    alpha = traced_range(jnp.asarray(alpha, qs.dtype), 0.0, 1.0)
     lse = _lse_op(qs, k, km, live, block)
 
     def step(x, _):
@@ -528,9 +534,10 @@ def bounce_qk(
       >>> xs.shape
       (3, 3, 40)
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise ValueError(f"steps must be a non-negative int (number of bounces), got {steps!r}")
+    steps = check_count("steps", steps, what=" (number of bounces)")
     check_alpha(alpha)
+    if v is not None:
+        check_v(v)
     q, k, key_mask = _check(q, k, key_mask, block)
     idx = _keep(keep, q.shape[-2])
     m = q.shape[-2] if idx is None else int(idx.shape[0])
@@ -558,12 +565,15 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, block):
     n = qs.shape[-2]
     if n == 1:
         return jnp.zeros(batch, qs.dtype)
+    bad = _bad_qk(qs, k)
+    qs = jnp.where(bad[..., None, None], 0.0, qs)
+    k = jnp.where(bad[..., None, None], 0.0, k)
     lse = _lse_op(qs, k, km, live, block)
 
     def matvec(x):
         return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
 
-    return lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov)
+    return poison(lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov), bad)
 
 
 def second_eigenvalue_qk(
@@ -606,8 +616,7 @@ def second_eigenvalue_qk(
       >>> bool(abs(lam - dense) < 1e-4)
       True
     """
-    if not isinstance(krylov, int) or krylov < 1:
-        raise ValueError(f"krylov must be a positive int, got {krylov!r}")
+    krylov = check_count("krylov", krylov, minimum=1, what=" (Krylov dimension)")
     q, k, key_mask = _check(q, k, key_mask, block)
     return _second_eigenvalue_qk(q, k, scale, key_mask, _keep(keep, q.shape[-2]), krylov, block)
 

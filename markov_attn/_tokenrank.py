@@ -6,231 +6,87 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Float
 
-from ._chain import _reverse, _uniform_or
-from ._krylov import gmres
+from ._chain import _reverse, _teleport, _uniform_or, check_v
+from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import ChainLike, Dist, DistLike
 from ._util import (
     as_chain,
     check_alpha,
     check_choice,
-    map_over_batch,
+    check_count,
+    check_values,
+    invalid_dists,
+    invalid_matrices,
     matvec,
     matvec_t,
+    matvec_t_accurate,
+    poison,
     safe_normalize,
 )
 
 METHODS = ("auto", "solve", "gmres", "power")
-# "auto": on CPU always GMRES (no LAPACK call: jaxlib 0.10's batched CPU LAPACK kernels can
-# deadlock the intra-op thread pool when several run concurrently in one program, and the
-# chunked GMRES is faster there: 2-core CPU, 96 matrices, n = 197: 66 ms vs 90 ms; n = 1025:
-# 0.8 s vs ~15 s); on GPU/TPU dense LU up to this size and GMRES above.
+DIRECTIONS = ("in", "out")
+#: ``method="auto"`` on GPU/TPU uses the dense solve up to this ``n`` and GMRES above; on CPU it
+#: is always GMRES (no LAPACK call, and faster there).
 AUTO_SOLVE_MAX_N = 256
 
-# Bounds for the iterative methods. With alpha <= 0.99 the power method's L1 error after k
-# steps is at most 2 alpha^k, so 1,600 steps reach 2e-7 in the worst case; GMRES needs far fewer
-# products (chains.md: <= 60 for 1e-5 on attention stacks).
-POWER_STEPS = 1600
-POWER_TOL = 1e-7
-GMRES_RESTART = 20
-GMRES_CYCLES = 15
-GMRES_TOL = 1e-6
 
-
-def _system(a, v, alpha):
-    """The matrix ``M = I - alpha A^T + alpha v 1^T`` of ``M pi = v`` (valid for alpha = 1)."""
-    n = a.shape[-1]
-    eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
-    return eye - alpha[..., None, None] * (jnp.swapaxes(a, -1, -2) - v[..., :, None])
-
-
-def m_operator(at_mv, v, alpha):
-    """``x -> (I - alpha A^T + alpha v 1^T) x`` from a product ``at_mv(x) = A^T x``."""
-    return lambda x: x - alpha[..., None] * (at_mv(x) - v * jnp.sum(x, -1, keepdims=True))
-
-
-def mt_operator(a_mv, v, alpha):
-    """``u -> (I - alpha A + alpha 1 v^T) u`` from a product ``a_mv(u) = A u``."""
-    return lambda u: u - alpha[..., None] * (a_mv(u) - jnp.sum(v * u, -1, keepdims=True))
-
-
-def _m_matvec(a, v, alpha):
-    return m_operator(lambda x: matvec_t(a, x), v, alpha)
-
-
-def _mt_matvec(a, v, alpha):
-    return mt_operator(lambda u: matvec(a, u), v, alpha)
-
-
-def _power(a, v, alpha):
-    return power_iterate(lambda x: matvec_t(a, x), v, alpha)
-
-
-def power_iterate(at_mv, v, alpha):
-    """Teleported power method from ``v`` with the product ``at_mv(x) = A^T x``; bounded, stops
-    when every member moved less than the tolerance (L1)."""
-
-    def step(x):
-        y = alpha[..., None] * at_mv(x) + (1.0 - alpha[..., None]) * v
-        return y / jnp.sum(y, -1, keepdims=True)
-
-    def cond(s):
-        _, delta, k = s
-        return (k < POWER_STEPS) & (jnp.max(delta) > POWER_TOL)
-
-    def body(s):
-        x, _, k = s
-        y = step(x)
-        return y, jnp.sum(jnp.abs(y - x), -1), k + 1
-
-    x0 = v
-    delta0 = jnp.full(v.shape[:-1], jnp.inf, v.dtype)
-    x, _, _ = jax.lax.while_loop(cond, body, (x0, delta0, jnp.asarray(0, jnp.int32)))
-    return x
-
-
-def _power_adjoint(a, v, alpha, pi, g):
-    """Centred iteration for the adjoint: r = g - (pi.g) 1, w <- T w + r; stays in pi-perp and
-    contracts at alpha |lambda_2| (chains.md §5)."""
-    r = g - jnp.sum(pi * g, -1, keepdims=True)
-
-    def t_mv(w):  # T w with T = alpha A + (1 - alpha) 1 v^T
-        return alpha[..., None] * matvec(a, w) + (1.0 - alpha[..., None]) * jnp.sum(
-            v * w, -1, keepdims=True
-        )
-
-    def cond(s):
-        _, delta, k = s
-        return (k < POWER_STEPS) & (jnp.max(delta) > POWER_TOL)
-
-    def body(s):
-        w, _, k = s
-        w2 = t_mv(w) + r
-        scale = jnp.maximum(jnp.max(jnp.abs(w2), -1), 1e-30)
-        return w2, jnp.max(jnp.abs(w2 - w), -1) / scale, k + 1
-
-    delta0 = jnp.full(g.shape[:-1], jnp.inf, g.dtype)
-    w, _, _ = jax.lax.while_loop(cond, body, (r, delta0, jnp.asarray(0, jnp.int32)))
-    return w
-
-
-def _finish(pi):
-    return safe_normalize(jnp.maximum(pi, 0.0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _stationary(a, v, alpha, method):
-    return _stationary_fwd(a, v, alpha, method)[0]
-
-
-def _item_bytes(a):
-    return a.shape[-1] * a.shape[-1] * a.dtype.itemsize
-
-
-def _gmres_solve(a, v, alpha, b, transpose):
-    op = _mt_matvec if transpose else _m_matvec
-    x, _, _ = gmres(
-        op(a, v, alpha), b, b, restart=GMRES_RESTART, max_restarts=GMRES_CYCLES, tol=GMRES_TOL
+def dense_operator(a: jax.Array) -> Operator:
+    """The :class:`Operator` of a stack of dense chains ``(..., n, n)``."""
+    return Operator(
+        at=matvec_t,
+        a=matvec,
+        at_accurate=matvec_t_accurate,
+        dense=lambda a: a,
+        item_bytes=a.shape[-1] * a.shape[-1] * a.dtype.itemsize,
     )
-    return x
 
 
-def _solve_pi(a, v, alpha):
-    lu, piv = jax.scipy.linalg.lu_factor(_system(a, v, alpha))
-    return jax.scipy.linalg.lu_solve((lu, piv), v[..., None])[..., 0], (lu, piv)
-
-
-def _solve_u(a, v, alpha, g):
-    # M^T u = g with M^T = I - alpha A + alpha 1 v^T
-    return jnp.linalg.solve(jnp.swapaxes(_system(a, v, alpha), -1, -2), g[..., None])[..., 0]
-
-
-def _gmres_pi(a, v, alpha):
-    return map_over_batch(
-        lambda a, v, al: _gmres_solve(a, v, al, v, False),
+def _solve(a, v, alpha, method, opts):
+    op = dense_operator(a)
+    if method != "auto":
+        return stationary(op, Options(method, *opts), a, v, alpha)
+    dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
+    return jax.lax.platform_dependent(
         a,
         v,
         alpha,
-        batch_ndim=a.ndim - 2,
-        item_bytes=_item_bytes(a),
+        cpu=lambda a, v, al: stationary(op, Options("gmres", *opts), a, v, al),
+        default=lambda a, v, al: stationary(
+            op, Options("solve" if dense else "gmres", *opts), a, v, al
+        ),
     )
 
 
-def _gmres_u(a, v, alpha, g):
-    return map_over_batch(
-        lambda a, v, al, g: _gmres_solve(a, v, al, g, True),
-        a,
-        v,
-        alpha,
-        g,
-        batch_ndim=a.ndim - 2,
-        item_bytes=_item_bytes(a),
-    )
-
-
-def _stationary_fwd(a, v, alpha, method):
-    nb = a.ndim - 2
-    res = None
-    if method == "auto":
-        dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
-        pi = jax.lax.platform_dependent(
-            a,
-            v,
-            alpha,
-            cpu=_gmres_pi,
-            default=(lambda *x: _solve_pi(*x)[0]) if dense else _gmres_pi,
-        )
-    elif method == "solve":
-        pi, res = _solve_pi(a, v, alpha)
-    elif method == "gmres":
-        pi = _gmres_pi(a, v, alpha)
-    else:
-        pi = map_over_batch(_power, a, v, alpha, batch_ndim=nb, item_bytes=_item_bytes(a))
-    pi = _finish(pi)
-    return pi, (a, v, alpha, pi, res)
-
-
-def _stationary_bwd(method, residuals, g):
-    a, v, alpha, pi, res = residuals
-    nb = a.ndim - 2
-    if method == "auto":
-        dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
-        u = jax.lax.platform_dependent(
-            a, v, alpha, g, cpu=_gmres_u, default=_solve_u if dense else _gmres_u
-        )
-    elif method == "solve":
-        u = jax.scipy.linalg.lu_solve(res, g[..., None], trans=1)[..., 0]
-    elif method == "gmres":
-        u = _gmres_u(a, v, alpha, g)
-    else:
-        u = map_over_batch(
-            _power_adjoint, a, v, alpha, pi, g, batch_ndim=nb, item_bytes=_item_bytes(a)
-        )
-    # M dpi = (1 - alpha) dv + alpha dA^T pi + dalpha (A^T pi - v),  u = M^-T g
-    da = alpha[..., None, None] * pi[..., :, None] * u[..., None, :]
-    dv = (1.0 - alpha[..., None]) * u
-    dalpha = jnp.sum(u * (matvec_t(a, pi) - v), -1)
-    return da, dv, dalpha
-
-
-_stationary.defvjp(_stationary_fwd, _stationary_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("direction", "method"))
-def _tokenrank(attn, alpha, v, direction, method):
+@functools.partial(
+    jax.jit, static_argnames=("direction", "method", "tol", "max_steps", "teleport_first")
+)
+def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first):
     a = as_chain(attn)
-    if direction == "out":
-        a = _reverse(a)
-    # Renormalising rows makes the result a well-defined function of any non-negative input
-    # (the implicit VJP below assumes row-stochastic A) and absorbs bf16 rounding.
-    a = safe_normalize(a)
     n = a.shape[-1]
-    v = _uniform_or(v, n, a.dtype)
+    bad = invalid_matrices(a)
     alpha = jnp.asarray(alpha, a.dtype)
+    bad_alpha = ~((alpha >= 0) & (alpha <= 1))
+    v = _uniform_or(v, n, a.dtype)
     batch = jnp.broadcast_shapes(a.shape[:-2], v.shape[:-1], alpha.shape)
+    bad = jnp.broadcast_to(bad, batch) | jnp.broadcast_to(bad_alpha, batch)
+    bad = bad | jnp.broadcast_to(invalid_dists(v), batch)
+    # invalid members are solved on a harmless stand-in and come back as NaN
     a = jnp.broadcast_to(a, (*batch, n, n))
-    v = jnp.broadcast_to(v, (*batch, n))
-    alpha = jnp.broadcast_to(alpha, batch)
-    return _stationary(a, v, alpha, method)
+    a = jnp.where(bad[..., None, None], jnp.asarray(1.0 / n, a.dtype), a)
+    v = jnp.where(bad[..., None], jnp.asarray(1.0 / n, a.dtype), jnp.broadcast_to(v, (*batch, n)))
+    alpha = jnp.where(bad, jnp.asarray(0.5, a.dtype), jnp.broadcast_to(alpha, batch))
+    if direction == "out":
+        if teleport_first:  # the paper's reverse chain: reverse(teleport(A)), not teleported again
+            a = _reverse(_teleport(a, alpha[..., None, None], v))
+            alpha = jnp.ones_like(alpha)
+        else:
+            a = _reverse(a)
+    # Renormalising rows makes the result a well-defined function of any non-negative input
+    # (the implicit VJP assumes row-stochastic A) and absorbs bf16 rounding.
+    a = safe_normalize(a)
+    pi, info = _solve(a, v, alpha, method, (tol, max_steps))
+    return poison(pi, bad), info._replace(converged=info.converged & ~bad)
 
 
 def tokenrank(
@@ -241,53 +97,85 @@ def tokenrank(
     v: DistLike | None = None,
     direction: str = "in",
     method: str = "auto",
-) -> Dist:
+    tol: float = 1e-6,
+    max_steps: int | None = None,
+    teleport_first: bool = True,
+    return_info: bool = False,
+) -> Dist | tuple[Dist, SolveInfo]:
     r"""TokenRank: the stationary distribution of the teleported attention chain.
 
     With :math:`T = \alpha A + (1-\alpha)\mathbf{1}v^\top`, TokenRank is the unique :math:`\pi`
     with :math:`T^\top \pi = \pi`, :math:`\pi \ge 0`, :math:`\mathbf{1}^\top\pi = 1`: the global
     incoming importance of each token. It solves
 
-    .. math:: (I - \alpha A^\top + \alpha v \mathbf{1}^\top)\,\pi = v,
+    .. math:: M\pi = v, \qquad M = I - \alpha A^\top + \alpha v \mathbf{1}^\top,
 
     which for :math:`\alpha < 1` is :math:`(I - \alpha A^\top)\pi = (1-\alpha) v` and for
-    :math:`\alpha = 1` still pins the normalisation. ``direction="out"`` uses the reverse chain
-    (:func:`reverse`), an outgoing importance.
+    :math:`\alpha = 1` still pins the normalisation. Since :math:`\mathbf{1}^\top M =
+    \mathbf{1}^\top`, a residual :math:`r` bounds the error:
+    :math:`\|\hat\pi - \pi\|_1 \le \frac{1+\alpha}{1-\alpha}\|r\|_1`.
 
-    Methods (all give the same answer to float32 rounding, with ``alpha <= 0.99``):
+    ``direction="out"`` is the stationary distribution of the reverse chain, an outgoing
+    importance. By default (``teleport_first=True``, the paper's code) the reverse chain is
+    that of the *teleported* chain, :math:`\mathrm{reverse}(T)` (see :func:`reverse`), which
+    is irreducible and is not teleported again; ``teleport_first=False`` teleports the reverse
+    chain instead, :math:`\alpha\,\mathrm{reverse}(A) + (1-\alpha)\mathbf{1}v^\top` (the two
+    differ by up to ~1e-2 in L1).
+
+    Methods (all reach the same accuracy: L1 error within 1e-5 of a float64 solve for any
+    chain with ``alpha <= 0.99``, nearly reducible ones included):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
       ``"gmres"`` above.
-    - ``"solve"``: dense LU, :math:`O(n^3)` per matrix, accurate to about 1e-6 (L1) in
-      float32; runs on CPU, GPU and TPU. On CPU with jaxlib 0.10 avoid several concurrent
-      batched LU calls inside one jitted program: jaxlib's batched CPU LAPACK kernels can
-      deadlock the intra-op thread pool (fixed in jaxlib 0.11); ``"auto"`` never calls LAPACK
-      on CPU.
-    - ``"gmres"``: matrix-free restarted GMRES (restart 20, at most 15 cycles, relative
-      residual 1e-6), :math:`O(n^2)` per product; the better choice for large ``n``. On CPU
-      the batch is processed in cache-sized chunks (each chunk's matrices stay in the last-level
-      cache across products and stop iterating when they converge); on GPU/TPU all at once.
-    - ``"power"``: the teleported power method from ``v`` until the L1 change is below 1e-7
-      (at most 1,600 steps; the reference code's 200 steps leave errors up to 2e-2).
+    - ``"gmres"``: matrix-free GMRES with iterative refinement, :math:`O(n^2)` per product:
+      each refinement takes the true residual with an accurate (blocked-sum) product and
+      corrects with one GMRES cycle of at most 20 products (ending early at a relative
+      residual of 1e-3), until the error bound meets ``tol`` or the residual reaches float32
+      rounding. A stopping rule on the residual alone is not enough on nearly reducible
+      chains: the plain float32 product errs along the slow direction, which the solve
+      amplifies by up to :math:`(1+\alpha)/(1-\alpha)`. On CPU the batch runs in cache-sized
+      chunks.
+    - ``"solve"``: a dense solve, :math:`O(n^3)` per matrix. On CPU it runs in NumPy (float64)
+      through a host callback, because jaxlib 0.10's batched CPU LAPACK kernels can deadlock
+      when several run concurrently in one jitted program; on GPU it is ``jnp.linalg.solve``.
+      Not for TPU (use ``"gmres"``).
+    - ``"power"``: the teleported power method from ``v`` with the accurate product, until the
+      L1 change :math:`\delta` gives :math:`\alpha\delta/(1-\alpha) \le` ``tol`` or reaches
+      float32 rounding (at most ``max_steps``, 3,000 by default; the reference code's 200
+      steps leave errors up to 2e-2).
 
     Gradients are implicit, never an unrolled loop: for a cotangent :math:`\bar g`, one adjoint
-    solve :math:`u = M^{-\top}\bar g` gives :math:`\partial L/\partial A = \alpha\,\pi u^\top`,
-    :math:`\partial L/\partial v = (1-\alpha)u` (the solve reuses the LU factors).
+    solve :math:`u = M^{-\top}\bar g` (same method) gives :math:`\partial L/\partial A =
+    \alpha\,\pi u^\top`, :math:`\partial L/\partial v = (1-\alpha)u`.
 
     ``alpha = 1`` (no teleportation) is allowed but ill-conditioned: for nearly reducible chains
     (:math:`|\lambda_2|` within ~1e-4 of 1) no float32 method is accurate, and for reducible
     chains the stationary distribution is not unique.
 
+    Input contract: rows are renormalised (so rows that do not sum to 1 are read as weights, and
+    an all-zero row becomes uniform). A NaN/inf or negative entry, ``alpha`` outside
+    ``[0, 1]`` or an invalid ``v`` raises a ``ValueError`` when the values are concrete, and
+    gives NaN for that matrix under ``jit``.
+
     Args:
-      attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows are renormalised
-        here; bf16/f16 inputs are computed in float32).
+      attn: attention ``(..., n, n)``, row-stochastic over the last axis (bf16/f16 inputs are
+        computed in float32).
       alpha: teleportation weight in ``[0, 1]``, a scalar or one per matrix; traced.
       v: teleport (personalisation) distribution ``(..., n)``, uniform by default.
       direction: ``"in"`` (the chain itself) or ``"out"`` (the reverse chain).
       method: ``"auto"``, ``"solve"``, ``"gmres"`` or ``"power"``.
+      tol: target L1 error of the iterative methods (static); they stop when the error bound
+        meets it or at the float32 rounding floor, whichever comes first.
+      max_steps: bound on matrix–vector products (GMRES, 200 by default) or power steps (3,000
+        by default).
+      teleport_first: for ``direction="out"``, reverse the teleported chain (default, the
+        paper's order) or teleport the reversed chain (``False``).
+      return_info: also return a :class:`SolveInfo` (residual, error bound, steps, converged)
+        per matrix.
 
     Returns:
-      ``(..., n)`` float32 distributions, non-negative, summing to 1.
+      ``(..., n)`` float32 distributions, non-negative, summing to 1 (and the ``SolveInfo``
+      with ``return_info=True``).
 
     Examples:
       >>> import markov_attn as ma
@@ -296,11 +184,24 @@ def tokenrank(
       ...      [0.53, 0.03, 0.03, 0.06, 0.35]]
       >>> [round(float(p), 3) for p in ma.tokenrank(A)]
       [0.278, 0.044, 0.031, 0.271, 0.376]
+      >>> pi, info = ma.tokenrank(A, return_info=True)
+      >>> bool(info.converged)
+      True
     """
-    check_choice("direction", direction, ("in", "out"))
+    check_choice("direction", direction, DIRECTIONS)
     check_choice("method", method, METHODS)
     check_alpha(alpha)
-    return _tokenrank(attn, alpha, v, direction, method)
+    check_values(attn)
+    if v is not None:
+        check_v(v, "v")
+    if not isinstance(tol, float | int) or isinstance(tol, bool) or not tol > 0:
+        raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
+    if max_steps is not None:
+        max_steps = check_count("max_steps", max_steps, minimum=1)
+    pi, info = _tokenrank(
+        attn, alpha, v, direction, method, float(tol), max_steps, bool(teleport_first)
+    )
+    return (pi, info) if return_info else pi
 
 
 __all__ = ["tokenrank"]

@@ -24,7 +24,69 @@ def as_chain(attn, name: str = "attn") -> jax.Array:
     return attn.astype(compute_dtype(attn.dtype))
 
 
+def check_values(x, name: str = "attn", *, allow_zero_rows: bool = True) -> None:
+    """Eager value check of a probability array, when its values are known now.
+
+    Raises a ``ValueError`` for NaN/inf or negative entries. Under ``jit`` nothing can be
+    raised; the jitted functions return NaN for such matrices instead (see :func:`poison`).
+    """
+    if isinstance(x, list | tuple):
+        x = np.asarray(x)
+    if not is_concrete(x):
+        return
+    arr = jnp.asarray(x)
+    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
+        return
+    finite, nonneg = jax.device_get(_value_flags(arr))
+    if not finite:
+        raise ValueError(
+            f"{name} contains NaN or inf; check the attention extraction (an all-masked row "
+            "gives NaN in a plain softmax; ma.transition handles masks, and ma.check_chain "
+            "says where the bad entries are)"
+        )
+    if not nonneg:
+        raise ValueError(
+            f"{name} has negative entries; attention probabilities are non-negative: pass "
+            "pre-softmax scores through ma.transition (ma.check_chain says where)"
+        )
+
+
+@jax.jit
+def _value_flags(x):
+    return jnp.all(jnp.isfinite(x)), jnp.all(x >= 0)
+
+
+def poison(x: jax.Array, bad: jax.Array) -> jax.Array:
+    """``x`` with NaN wherever ``bad`` (broadcast against the leading axes of ``x``) is true.
+
+    The jitted counterpart of an eager ``ValueError``: an invalid input gives NaN, never a
+    plausible number.
+    """
+    bad = jnp.asarray(bad)
+    bad = bad.reshape(bad.shape + (1,) * (x.ndim - bad.ndim))
+    return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
+
+
+def invalid_matrices(a: jax.Array) -> jax.Array:
+    """``(...)`` flags: matrices with a NaN/inf or a negative entry."""
+    return ~jnp.all(jnp.isfinite(a) & (a >= 0), axis=(-2, -1))
+
+
+def invalid_dists(x: jax.Array) -> jax.Array:
+    """``(...)`` flags: vectors ``(..., n)`` with a NaN/inf or a negative entry."""
+    return ~jnp.all(jnp.isfinite(x) & (x >= 0), axis=-1)
+
+
+def traced_range(x: jax.Array, lo: float, hi: float) -> jax.Array:
+    """``x`` where ``lo <= x <= hi``, NaN elsewhere (the traced twin of an eager range check)."""
+    return jnp.where((x >= lo) & (x <= hi), x, jnp.asarray(jnp.nan, x.dtype))
+
+
 def check_square(shape, name: str = "attn") -> None:
+    if len(shape) >= 2 and shape[-1] == shape[-2] == 0:
+        raise ValueError(
+            f"{name} has no tokens (shape {tuple(shape)}); a chain needs at least one token"
+        )
     if len(shape) < 2:
         raise ValueError(
             f"{name} must have at least two axes (..., n, n), got shape {tuple(shape)}; "
@@ -45,6 +107,34 @@ def matvec_t(attn: jax.Array, x: jax.Array) -> jax.Array:
 def matvec(attn: jax.Array, x: jax.Array) -> jax.Array:
     """``attn x`` at full precision: ``(..., n, n), (..., n) -> (..., n)``."""
     return jnp.einsum("...ij,...j->...i", attn, x, precision=HIGHEST)
+
+
+# Terms per partial sum of the accurate product (see matvec_t_accurate).
+ACCURATE_BLOCK = 32
+
+
+def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
+    """``attn^T x`` with blocked summation: partial sums over ``ACCURATE_BLOCK`` rows, then a
+    sum of the partials.
+
+    XLA's CPU ``attn^T x`` accumulates the ``n`` terms of each output in one float32 running
+    sum, an L1 error of about ``1e-6`` at ``n = 1025``; blocking brings it to the rounding of
+    the output (about ``6e-8``). Iterative solvers use it for their true residuals, where an
+    error along a slowly mixing direction is amplified by up to ``(1 + alpha) / (1 - alpha)``.
+    """
+    n = attn.shape[-1]
+    b = ACCURATE_BLOCK
+    nb, tail = divmod(n, b)
+    if nb <= 1:
+        return matvec_t(attn, x)
+    head = nb * b
+    a = attn[..., :head, :].reshape((*attn.shape[:-2], nb, b, n))
+    xs = x[..., :head].reshape((*x.shape[:-1], nb, b))
+    part = jnp.einsum("...kij,...ki->...kj", a, xs, precision=HIGHEST)
+    y = jnp.sum(part, axis=-2)
+    if tail:
+        y = y + matvec_t(attn[..., head:, :], x[..., head:])
+    return y
 
 
 def is_concrete(x) -> bool:
@@ -73,12 +163,27 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def check_count(name: str, value, *, minimum: int = 0, what: str = "") -> int:
+    """An integer option (Python or NumPy integer, not bool) of at least ``minimum``."""
+    kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {kind}{what}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {kind}{what}, got {value!r}")
+    return int(value)
+
+
 def safe_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``x / x.sum(axis)``; where the sum is zero, the uniform distribution instead."""
+    """``x / x.sum(axis)``; where the sum is exactly zero, the uniform distribution instead.
+
+    NaN and inf propagate (a sum that is not finite gives NaN, never a uniform row).
+    """
     s = jnp.sum(x, axis=axis, keepdims=True)
     n = x.shape[axis]
-    ok = s > 0
-    return jnp.where(ok, x / jnp.where(ok, s, 1.0), jnp.asarray(1.0 / n, x.dtype))
+    zero = s == 0
+    finite = jnp.all(jnp.isfinite(x), axis=axis, keepdims=True)
+    out = jnp.where(zero, jnp.asarray(1.0 / n, x.dtype), x / jnp.where(zero, 1.0, s))
+    return jnp.where(finite, out, jnp.asarray(jnp.nan, x.dtype))
 
 
 # Cache budget for one chunk of matrices on CPU. Iterative methods read every matrix once per
@@ -98,6 +203,8 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
     returns a pytree of arrays with those leading axes.
     """
     batch = args[0].shape[:batch_ndim]
+    if not all(isinstance(d, int) for d in batch):  # symbolic batch (jax.export): no chunks
+        return fn(*args)
     total = int(np.prod(batch)) if batch else 1
     chunk = max(1, CPU_CHUNK_BYTES // max(1, item_bytes))
     if batch_ndim == 0 or total <= chunk:

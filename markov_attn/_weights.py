@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._util import check_choice, compute_dtype, is_concrete, safe_normalize
+from ._util import check_choice, compute_dtype, is_concrete, safe_normalize, traced_range
 
 MODES = ("lambda2", "gap", "uniform")
 
@@ -21,6 +21,7 @@ def _head_weights(lam2, mode, axis):
         w = 1.0 - lam2
     else:
         w = jnp.ones_like(lam2)
+    w = traced_range(w, -1e-6, 1.0 + 1e-6)  # out of range (or NaN) under jit: NaN weights
     w = jnp.clip(w, 0.0, None)
     return jnp.moveaxis(safe_normalize(jnp.moveaxis(w, axis, -1)), -1, axis)
 
@@ -59,10 +60,16 @@ def head_weights(
         raise ValueError(f"axis {axis} is out of range for lam2 of shape {lam2.shape}")
     if is_concrete(lam2):
         x = np.asarray(lam2, np.float64)
-        if not np.all(np.isfinite(x)) or np.any(x < -1e-6) or np.any(x > 1 + 1e-6):
+        if not np.all(np.isfinite(x)):
+            raise ValueError(
+                f"lam2 contains {int(np.sum(~np.isfinite(x)))} NaN/inf value(s); |λ2| from "
+                "ma.second_eigenvalue is NaN only for an invalid attention matrix (check it "
+                "with ma.check_chain)"
+            )
+        if np.any(x < -1e-6) or np.any(x > 1 + 1e-6):
             raise ValueError(
                 "lam2 must hold eigenvalue moduli in [0, 1] (from ma.second_eigenvalue), got "
-                f"values in [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]"
+                f"values in [{x.min():.3g}, {x.max():.3g}]"
             )
     return _head_weights(lam2, mode, axis % lam2.ndim)
 
@@ -73,6 +80,7 @@ def _average(x, weights, axis):
     if weights is None:
         return jnp.mean(x, axis=axis)
     w = weights.astype(x.dtype)
+    w = jnp.where(w >= 0, w, jnp.nan)  # negative or NaN weights give NaN, never a mean
     w = jnp.moveaxis(safe_normalize(jnp.moveaxis(w, axis, -1)), -1, axis)
     w = w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
     return jnp.sum(w * x, axis=axis)
@@ -124,8 +132,10 @@ def average(
                 "(B, L, H) for chains (B, L, H, n, n) with axis=-3 or maps (B, L, H, n) "
                 "with axis=-2"
             )
-        if is_concrete(weights) and np.any(np.asarray(weights) < 0):
-            raise ValueError("weights must be non-negative (use ma.head_weights)")
+        if is_concrete(weights):
+            w = np.asarray(weights, np.float64)
+            if not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise ValueError("weights must be finite and non-negative (use ma.head_weights)")
     return _average(x, weights, axis)
 
 

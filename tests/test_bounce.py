@@ -23,18 +23,24 @@ def test_paper_vectors():
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.99, 0.7])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "reverse-teleport-last"])
 def test_matches_float64(rng, alpha, direction):
     a = testing.random_chains(rng, (2, 3), 13, kind="metastable")
-    chain = a if direction == "forward" else reverse(a)
+    if direction == "forward":
+        chain, step_alpha, kw = a, alpha, {}
+    elif direction == "reverse":  # the paper's order: reverse(teleport(A)), not re-teleported
+        chain, step_alpha, kw = reverse(alpha * a + (1 - alpha) / 13), 1.0, {}
+    else:
+        chain, step_alpha, kw = reverse(a), alpha, {"teleport_first": False}
+    kw["direction"] = direction.split("-")[0]
     x0 = rng.dirichlet(np.ones(13), size=(2, 3))
-    out = ma.bounce(a.astype(np.float32), x0, steps=5, alpha=alpha, direction=direction)
+    out = ma.bounce(a.astype(np.float32), x0, steps=5, alpha=alpha, **kw)
     assert out.shape == (2, 3, 6, 13) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, bounces(chain, x0, 5, alpha), atol=2e-6)
+    np.testing.assert_allclose(out, bounces(chain, x0, 5, step_alpha), atol=2e-6)
     # index start = one-hot start, an index array broadcasts over the batch axes
     idx = np.array([0, 5, 12])
-    out = ma.bounce(a.astype(np.float32), idx, steps=3, alpha=alpha, direction=direction)
-    ref = bounces(chain, np.broadcast_to(np.eye(13)[idx], (2, 3, 13)), 3, alpha)
+    out = ma.bounce(a.astype(np.float32), idx, steps=3, alpha=alpha, **kw)
+    ref = bounces(chain, np.broadcast_to(np.eye(13)[idx], (2, 3, 13)), 3, step_alpha)
     np.testing.assert_allclose(out, ref, atol=2e-6)
 
 

@@ -71,10 +71,16 @@ def test_per_matrix_alpha(rng):
         np.testing.assert_allclose(out[k], stationary(a[k], alphas[k]), atol=2e-6)
 
 
-def test_direction_out_is_reverse_chain(rng):
+def test_direction_out_is_reverse_of_teleported_chain(rng):
+    # the paper's order: reverse(teleport(A)), its stationary distribution without re-teleporting
     a = testing.random_chains(rng, (2, 2), 20)
+    t = 0.99 * a + 0.01 / 20
     out = ma.tokenrank(a.astype(np.float32), direction="out")
-    np.testing.assert_allclose(out, stationary(reverse(a), 0.99), atol=2e-6)
+    np.testing.assert_allclose(out, stationary(reverse(t), 1.0), atol=2e-6)
+    # the other order on request: teleport(reverse(A))
+    other = ma.tokenrank(a.astype(np.float32), direction="out", teleport_first=False)
+    np.testing.assert_allclose(other, stationary(reverse(a), 0.99), atol=2e-6)
+    assert np.abs(np.asarray(out) - np.asarray(other)).sum(-1).max() > 1e-4  # they differ
 
 
 def test_bf16_and_f16_inputs(rng):
@@ -202,8 +208,9 @@ def test_iterative_methods_are_bounded_on_adversarial_input():
     out = ma.tokenrank(perm, alpha=1.0, method="power")
     assert np.all(np.isfinite(np.asarray(out)))
     nan = jnp.full((4, 4), jnp.nan)
-    for method in METHODS:
-        ma.tokenrank(nan, method=method).block_until_ready()  # returns (NaN), never hangs
+    for method in METHODS:  # NaN under jit (eagerly it raises), never a hang
+        out = jax.jit(lambda a: ma.tokenrank(a, method=method))(nan)
+        assert np.all(np.isnan(np.asarray(out)))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,94 @@
+"""Dense LAPACK routines that never hang on CPU.
+
+jaxlib 0.10's batched CPU LAPACK kernels (``getrf``, ``geev``, ...) can deadlock the intra-op
+thread pool when several of them run concurrently inside one jitted program (all pool threads
+end up waiting in each other's batch partitions). On CPU these wrappers therefore hand the
+work to NumPy through ``jax.pure_callback`` (NumPy's LAPACK runs outside XLA's thread pool, in
+float64); on GPU, and for float64 input in x64 mode, they call ``jnp.linalg`` directly. Both are batched over leading axes and
+work under ``jit`` and ``vmap``; they are not differentiable themselves (the callers define
+their own VJPs). A host callback cannot be serialised, so functions using these export for
+GPU (``platforms=["cuda"]``) but not for CPU; none of them lowers for TPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _wide(*dtypes) -> bool:
+    """float64 work (x64 mode) goes to ``jnp.linalg`` directly: a host callback cannot return
+    float64 under the thread-local ``jax.enable_x64`` context (its thread sees float32)."""
+    return any(jnp.dtype(d).itemsize >= 8 and jnp.dtype(d) != jnp.complex64 for d in dtypes)
+
+
+def _np_solve(m, b, *, dtype):
+    wide = np.complex128 if np.iscomplexobj(m) or np.iscomplexobj(b) else np.float64
+    m64 = np.asarray(m, wide)
+    b64 = np.asarray(b, wide)
+    with np.errstate(all="ignore"):
+        try:
+            x = np.linalg.solve(m64, b64[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # a singular matrix somewhere in the batch
+            x = np.full(np.broadcast_shapes(m64.shape[:-1], b64.shape), np.nan)
+    return x.astype(dtype)
+
+
+def _np_eig(a, *, dtype):
+    a64 = np.asarray(a, np.float64)
+    if not np.all(np.isfinite(a64)):  # LAPACK refuses NaN; give NaN back, batch-wise
+        bad = ~np.all(np.isfinite(a64), axis=(-2, -1))
+        a64 = np.where(bad[..., None, None], 0.0, a64)
+    else:
+        bad = None
+    w, vr = np.linalg.eig(a64)
+    if bad is not None:
+        w = np.where(bad[..., None], np.nan, w)
+        vr = np.where(bad[..., None, None], np.nan, vr)
+    return w.astype(dtype), vr.astype(dtype)
+
+
+def solve(m: jax.Array, b: jax.Array) -> jax.Array:
+    """``m^{-1} b`` for ``(..., n, n)`` and ``(..., n)`` (batch axes must match)."""
+
+    def on_cpu(m, b):
+        dtype = jnp.result_type(m.dtype, b.dtype)
+        out = jax.ShapeDtypeStruct(jnp.broadcast_shapes(m.shape[:-1], b.shape), dtype)
+        fn = functools.partial(_np_solve, dtype=np.dtype(dtype))
+        return jax.pure_callback(fn, out, m, b, vmap_method="broadcast_all")
+
+    def other(m, b):
+        return jnp.linalg.solve(m, b[..., None])[..., 0]
+
+    if _wide(m.dtype, b.dtype):
+        return other(m, b)
+    return jax.lax.platform_dependent(m, b, cpu=on_cpu, default=other)
+
+
+def eig(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues ``(..., n)`` and right eigenvectors ``(..., n, n)`` (complex64, or
+    complex128 for float64 input)."""
+    cdtype = jnp.result_type(a.dtype, jnp.complex64)
+
+    def on_cpu(a):
+        n = a.shape[-1]
+        out = (
+            jax.ShapeDtypeStruct((*a.shape[:-2], n), cdtype),
+            jax.ShapeDtypeStruct(a.shape, cdtype),
+        )
+        fn = functools.partial(_np_eig, dtype=np.dtype(cdtype))
+        return jax.pure_callback(fn, out, a, vmap_method="broadcast_all")
+
+    def other(a):
+        w, vr = jnp.linalg.eig(a)
+        return w.astype(cdtype), vr.astype(cdtype)
+
+    if _wide(a.dtype):
+        return other(a)
+    return jax.lax.platform_dependent(a, cpu=on_cpu, default=other)
+
+
+def eigvals(a: jax.Array) -> jax.Array:
+    """Eigenvalues ``(..., n)``."""
+    return eig(a)[0]

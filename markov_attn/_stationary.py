@@ -1,0 +1,282 @@
+r"""One stationary-distribution solver over matrix–vector products, with its implicit VJP.
+
+The dense (:func:`markov_attn.tokenrank`) and the streaming (:func:`markov_attn.tokenrank_qk`)
+paths solve the same fixed point and differ only in how they multiply by :math:`A`; both call
+:func:`stationary` with an :class:`Operator`.
+
+The system is :math:`M\pi = v` with :math:`M = I - \alpha A^\top + \alpha v\mathbf{1}^\top`
+(valid for :math:`\alpha = 1` too). Since :math:`\mathbf{1}^\top M = \mathbf{1}^\top`, an
+approximate solution with residual :math:`r = v - M\hat\pi` has error
+
+.. math:: \|\hat\pi - \pi\|_1 \le \frac{1 + \alpha}{1 - \alpha}\,\|r\|_1,
+
+the bound reported as :attr:`SolveInfo.error_bound` and used by the ``tol`` stopping rule.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from . import _host
+from ._krylov import refined_gmres
+from ._util import map_over_batch, safe_normalize
+
+SOLVERS = ("gmres", "power", "solve")
+
+
+class SolveInfo(NamedTuple):
+    """How a stationary solve went, per matrix (``return_info=True``).
+
+    Attributes:
+      residual: :math:`\\|v - M\\pi\\|_1` of the returned :math:`\\pi` before its final
+        renormalisation, computed with an accurate (blocked) product.
+      error_bound: :math:`(1+\\alpha)/(1-\\alpha)` times the residual, a bound on the L1 error
+        (``inf`` at :math:`\\alpha = 1`, where no such bound exists). It is pessimistic at the
+        float32 rounding floor, where the residual is rounding noise rather than error.
+      steps: matrix–vector products (or power steps) used; members of one batch chunk share a
+        count.
+      converged: the bound met ``tol``, or the iteration reached the rounding floor of float32
+        (no further progress possible); ``False`` when the step limit stopped it first, or
+        for a NaN input.
+    """
+
+    residual: Float[Array, "*batch"]
+    error_bound: Float[Array, "*batch"]
+    steps: Int[Array, "*batch"]
+    converged: Bool[Array, "*batch"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static solver options (see :func:`markov_attn.tokenrank`)."""
+
+    method: str = "gmres"
+    tol: float = 1e-6
+    max_steps: int | None = None
+    restart: int = 20
+
+    def steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return 200 if self.method == "gmres" else 3000
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """A chain given by products. ``params`` is any pytree of arrays with the batch leading.
+
+    Attributes:
+      at: ``(params, x) -> A^T x`` for ``x`` ``(..., n)`` (the fast product).
+      a: ``(params, u) -> A u``.
+      at_accurate: ``A^T x`` accurate to the rounding of its output (for true residuals).
+      dense: ``params -> A`` (only for ``method="solve"``); ``None`` for matrix-free chains.
+      item_bytes: bytes per matrix when ``params`` is a dense stack (enables cache-sized
+        chunks of the batch on CPU); ``None`` otherwise.
+    """
+
+    at: Callable[[Any, jax.Array], jax.Array]
+    a: Callable[[Any, jax.Array], jax.Array]
+    at_accurate: Callable[[Any, jax.Array], jax.Array]
+    dense: Callable[[Any], jax.Array] | None = None
+    item_bytes: int | None = None
+
+
+def _m(at, p, v, alpha):
+    """``x -> (I - alpha A^T + alpha v 1^T) x``."""
+    return lambda x: x - alpha[..., None] * (at(p, x) - v * jnp.sum(x, -1, keepdims=True))
+
+
+def _mt(a, p, v, alpha):
+    """``u -> (I - alpha A + alpha 1 v^T) u``."""
+    return lambda u: u - alpha[..., None] * (a(p, u) - jnp.sum(v * u, -1, keepdims=True))
+
+
+def _threshold(tol, alpha, scale):
+    """Residual (L1) at which the error bound ``(1 + alpha) / (1 - alpha) ||r||`` meets tol."""
+    return tol * scale * (1.0 - alpha) / (1.0 + alpha)
+
+
+def _bound(res, alpha):
+    return jnp.where(alpha < 1.0, res * (1.0 + alpha) / jnp.maximum(1.0 - alpha, 1e-30), jnp.inf)
+
+
+def _batched(op, fn, p, *rest):
+    """``fn(p, *rest)`` chunked over the batch on CPU when ``p`` is a dense stack."""
+    if op.item_bytes is None:
+        return fn(p, *rest)
+    return map_over_batch(fn, p, *rest, batch_ndim=rest[0].ndim - 1, item_bytes=op.item_bytes)
+
+
+def _power(op, opts, p, v, alpha):
+    """Teleported power method from ``v`` with the accurate product.
+
+    Stops a member when the L1 change ``delta`` gives ``alpha delta / (1 - alpha) <= tol``
+    (then its error is below ``tol``), or when ``delta`` has not reached a new minimum for
+    ``2 / (1 - alpha)`` steps (at most 400): it then only fluctuates at float rounding.
+    """
+    stop_delta = opts.tol * (1.0 - alpha) / jnp.maximum(alpha, 1e-30)
+    patience = jnp.minimum(400.0, 2.0 / jnp.maximum(1.0 - alpha, 1e-30))
+
+    def step(x):
+        y = alpha[..., None] * op.at_accurate(p, x) + (1.0 - alpha[..., None]) * v
+        return y / jnp.sum(y, -1, keepdims=True)
+
+    def cond(s):
+        *_, active, k = s
+        return (k < opts.steps()) & jnp.any(active)
+
+    def body(s):
+        x, delta, best, since, active, k = s
+        y = step(x)
+        d = jnp.sum(jnp.abs(y - x), -1)
+        x = jnp.where(active[..., None], y, x)
+        delta = jnp.where(active, d, delta)
+        improved = delta < best
+        best = jnp.where(improved, delta, best)
+        since = jnp.where(improved, 0, since + 1)
+        active = active & ~(delta <= stop_delta) & (since < patience) & jnp.isfinite(delta)
+        return x, delta, best, since, active, k + 1
+
+    inf = jnp.full(v.shape[:-1], jnp.inf, v.dtype)
+    zero = jnp.zeros(v.shape[:-1], jnp.int32)
+    state = (v, inf, inf, zero, jnp.ones(v.shape[:-1], bool), jnp.asarray(0, jnp.int32))
+    x, delta, _, _, active, k = jax.lax.while_loop(cond, body, state)
+    conv = ~active & jnp.isfinite(delta)
+    return x, jnp.broadcast_to(k, conv.shape), conv
+
+
+def _residual(op, p, v, alpha, x):
+    return jnp.sum(jnp.abs(v - _m(op.at_accurate, p, v, alpha)(x)), -1)
+
+
+def _forward(op, opts, p, v, alpha):
+    """``(x, residual, steps, converged)``, ``x`` before the final renormalisation."""
+    if opts.method == "solve":
+        n = v.shape[-1]
+        a = op.dense(p)
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+        m = eye - alpha[..., None, None] * (
+            jnp.swapaxes(a, -1, -2) - v[..., :, None]
+        )
+        x = _host.solve(m, v)
+        steps = jnp.zeros(v.shape[:-1], jnp.int32)
+        return x, _residual(op, p, v, alpha, x), steps, jnp.all(jnp.isfinite(x), -1)
+    if opts.method == "power":
+
+        def run_power(p, v, al):
+            x, steps, conv = _power(op, opts, p, v, al)
+            return x, _residual(op, p, v, al, x), steps, conv
+
+        return _batched(op, run_power, p, v, alpha)
+
+    def run(p, v, al):
+        ref = refined_gmres(
+            _m(op.at, p, v, al),
+            _m(op.at_accurate, p, v, al),
+            v,
+            threshold=_threshold(opts.tol, al, 1.0),
+            restart=opts.restart,
+            max_refinements=max(1, opts.steps() // opts.restart),
+        )
+        steps = jnp.broadcast_to(ref.steps, ref.converged.shape)
+        return ref.x, ref.residual, steps, ref.converged
+
+    return _batched(op, run, p, v, alpha)
+
+
+def _adjoint(op, opts, p, v, alpha, pi, g):
+    """``u`` with ``M^T u = g`` (any solution of the singular-at-alpha-1 system that gives the
+    same gradient for row-stochastic perturbations)."""
+    if opts.method == "solve":
+        n = v.shape[-1]
+        a = op.dense(p)
+        eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
+        mt = eye - alpha[..., None, None] * (a - v[..., None, :])
+        return _host.solve(mt, g)
+    if opts.method == "power":
+        adjoint = functools.partial(_power_adjoint, op, opts)
+        return _batched(op, adjoint, p, v, alpha, pi, g)
+
+    def run(p, v, al, g):
+        scale = jnp.sum(jnp.abs(g), -1)
+        mt = _mt(op.a, p, v, al)
+        ref = refined_gmres(
+            mt,
+            mt,
+            g,
+            threshold=_threshold(opts.tol, al, scale),
+            restart=opts.restart,
+            max_refinements=max(1, opts.steps() // opts.restart),
+        )
+        return ref.x
+
+    return _batched(op, run, p, v, alpha, g)
+
+
+def _power_adjoint(op, opts, p, v, alpha, pi, g):
+    """Centred iteration for the adjoint: r = g - (pi.g) 1, w <- T w + r; it stays in pi-perp
+    and contracts at alpha |lambda_2|, like the forward power method."""
+    r = g - jnp.sum(pi * g, -1, keepdims=True)
+    eps = jnp.finfo(g.dtype).eps
+    stop = jnp.maximum(opts.tol * (1.0 - alpha), 8 * eps)
+
+    def t_mv(w):  # T w with T = alpha A + (1 - alpha) 1 v^T
+        return alpha[..., None] * op.a(p, w) + (1.0 - alpha[..., None]) * jnp.sum(
+            v * w, -1, keepdims=True
+        )
+
+    def cond(s):
+        _, delta, k = s
+        return (k < opts.steps()) & jnp.any(delta > stop)
+
+    def body(s):
+        w, _, k = s
+        w2 = t_mv(w) + r
+        scale = jnp.maximum(jnp.max(jnp.abs(w2), -1), 1e-30)
+        return w2, jnp.max(jnp.abs(w2 - w), -1) / scale, k + 1
+
+    delta0 = jnp.full(g.shape[:-1], jnp.inf, g.dtype)
+    w, _, _ = jax.lax.while_loop(cond, body, (r, delta0, jnp.asarray(0, jnp.int32)))
+    return w
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def stationary(op: Operator, opts: Options, p, v, alpha):
+    """The stationary distribution ``(..., n)`` and its :class:`SolveInfo`.
+
+    Args:
+      op: the chain's products (static).
+      opts: solver options (static).
+      p: the operator's parameters (differentiable).
+      v: teleport distributions ``(..., n)``, broadcast to the batch.
+      alpha: teleportation weights ``(...)``.
+    """
+    return _stationary_fwd(op, opts, p, v, alpha)[0]
+
+
+def _stationary_fwd(op, opts, p, v, alpha):
+    x, res, steps, conv = _forward(op, opts, p, v, alpha)
+    pi = safe_normalize(jnp.maximum(x, 0.0))
+    bad = ~jnp.all(jnp.isfinite(pi), -1)
+    info = SolveInfo(res, _bound(res, alpha), steps, conv & ~bad)
+    return (pi, info), (p, v, alpha, pi)
+
+
+def _stationary_bwd(op, opts, residuals, cotangents):
+    p, v, alpha, pi = residuals
+    g = cotangents[0]
+    u = _adjoint(op, opts, p, v, alpha, pi, g)
+    # M dpi = (1 - alpha) dv + alpha dA^T pi + dalpha (A^T pi - v),  u = M^-T g
+    atpi, pullback = jax.vjp(lambda p: op.at(p, pi), p)
+    (dp,) = pullback(alpha[..., None] * u)
+    dv = (1.0 - alpha[..., None]) * u
+    dalpha = jnp.sum(u * (atpi - v), -1)
+    return dp, dv, dalpha
+
+
+stationary.defvjp(_stationary_fwd, _stationary_bwd)
