@@ -28,7 +28,7 @@ DIRECTIONS = ("forward", "reverse")
 @functools.partial(jax.jit, static_argnames=("steps", "direction", "teleport_first"))
 def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     a = as_chain(attn)
-    a = poison(a, invalid_matrices(a))
+    bad = invalid_matrices(a)
     n = a.shape[-1]
     alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
     if direction == "reverse" and teleport_first:
@@ -49,6 +49,7 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
         x = jnp.broadcast_to(x, (*batch, n))
     a = jnp.broadcast_to(a, (*batch, n, n))
     v = jnp.broadcast_to(_uniform_or(v, n, a.dtype), (*batch, n))
+    bad = bad | jnp.isnan(alpha) | jnp.any(jnp.isnan(v), axis=-1)  # the start map too
 
     def step(x, _):
         y = alpha * matvec_t(a, x) + (1.0 - alpha) * jnp.sum(x, -1, keepdims=True) * v
@@ -56,7 +57,8 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
         return y, y
 
     _, xs = jax.lax.scan(step, x, None, length=steps)
-    return jnp.concatenate([x[..., None, :], jnp.moveaxis(xs, 0, -2)], axis=-2)
+    out = jnp.concatenate([x[..., None, :], jnp.moveaxis(xs, 0, -2)], axis=-2)
+    return poison(out, jnp.broadcast_to(bad, batch))
 
 
 def bounce(

@@ -4,10 +4,11 @@ jaxlib 0.10's batched CPU LAPACK kernels (``getrf``, ``geev``, ...) can deadlock
 thread pool when several of them run concurrently inside one jitted program (all pool threads
 end up waiting in each other's batch partitions). On CPU these wrappers therefore hand the
 work to NumPy through ``jax.pure_callback`` (NumPy's LAPACK runs outside XLA's thread pool, in
-float64); on GPU, and for float64 input in x64 mode, they call ``jnp.linalg`` directly. Both are batched over leading axes and
-work under ``jit`` and ``vmap``; they are not differentiable themselves (the callers define
-their own VJPs). A host callback cannot be serialised, so functions using these export for
-GPU (``platforms=["cuda"]``) but not for CPU; none of them lowers for TPU.
+float64); on GPU, and for float64 input in x64 mode, they call ``jnp.linalg`` directly. Both
+are batched over leading axes and work under ``jit`` and ``vmap``; they are not differentiable
+themselves (the callers define their own VJPs). A host callback cannot be serialised, so the
+CPU path does not export; ``solve`` exports for GPU and TPU, ``eig`` for neither (no TPU
+lowering, and the GPU kernel has no serialisation guarantee).
 """
 
 import functools

@@ -63,7 +63,7 @@ class Options:
     def steps(self) -> int:
         if self.max_steps is not None:
             return self.max_steps
-        return 200 if self.method == "gmres" else 3000
+        return 3000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,16 @@ class Operator:
     Attributes:
       at: ``(params, x) -> A^T x`` for ``x`` ``(..., n)`` (the fast product).
       a: ``(params, u) -> A u``.
-      at_accurate: ``A^T x`` accurate to the rounding of its output (for true residuals).
+      prepare: ``params -> acc``, whatever :attr:`offdiag` needs (run once per solve, inside
+        the batch chunk).
+      offdiag: ``(acc, x) -> (A - diag(A))^T x``, accurate to the rounding of its output.
+      diag: ``params -> diag(A)`` ``(..., n)``.
+
+    True residuals take the diagonal apart, :math:`Mx = (1 - \alpha d)\\odot x - \alpha
+    (A - D)^\top x + \alpha v\\,\\mathbf{1}^\top x`, so that a token with a large self-weight
+    (an attention sink, where :math:`A_{jj} \approx 1`) does not cancel :math:`x_j` against
+    :math:`\alpha (A^\top x)_j` in float32: that cancellation, amplified by
+    :math:`1/(1-\alpha)` along the sink, limited float32 accuracy to about 1.4e-5.
       dense: ``params -> A`` (only for ``method="solve"``); ``None`` for matrix-free chains.
       item_bytes: bytes per matrix when ``params`` is a dense stack (enables cache-sized
         chunks of the batch on CPU); ``None`` otherwise.
@@ -81,7 +90,9 @@ class Operator:
 
     at: Callable[[Any, jax.Array], jax.Array]
     a: Callable[[Any, jax.Array], jax.Array]
-    at_accurate: Callable[[Any, jax.Array], jax.Array]
+    prepare: Callable[[Any], Any]
+    offdiag: Callable[[Any, jax.Array], jax.Array]
+    diag: Callable[[Any], jax.Array]
     dense: Callable[[Any], jax.Array] | None = None
     item_bytes: int | None = None
 
@@ -89,6 +100,14 @@ class Operator:
 def _m(at, p, v, alpha):
     """``x -> (I - alpha A^T + alpha v 1^T) x``."""
     return lambda x: x - alpha[..., None] * (at(p, x) - v * jnp.sum(x, -1, keepdims=True))
+
+
+def _m_accurate(op, p, v, alpha):
+    """``M x`` with the diagonal taken apart (see :class:`Operator`)."""
+    acc = op.prepare(p)
+    keep = 1.0 - alpha[..., None] * op.diag(p)
+    al = alpha[..., None]
+    return lambda x: keep * x - al * (op.offdiag(acc, x) - v * jnp.sum(x, -1, keepdims=True))
 
 
 def _mt(a, p, v, alpha):
@@ -122,8 +141,10 @@ def _power(op, opts, p, v, alpha):
     stop_delta = opts.tol * (1.0 - alpha) / jnp.maximum(alpha, 1e-30)
     patience = jnp.minimum(400.0, 2.0 / jnp.maximum(1.0 - alpha, 1e-30))
 
+    acc, d = op.prepare(p), op.diag(p)
+
     def step(x):
-        y = alpha[..., None] * op.at_accurate(p, x) + (1.0 - alpha[..., None]) * v
+        y = alpha[..., None] * (d * x + op.offdiag(acc, x)) + (1.0 - alpha[..., None]) * v
         return y / jnp.sum(y, -1, keepdims=True)
 
     def cond(s):
@@ -151,7 +172,7 @@ def _power(op, opts, p, v, alpha):
 
 
 def _residual(op, p, v, alpha, x):
-    return jnp.sum(jnp.abs(v - _m(op.at_accurate, p, v, alpha)(x)), -1)
+    return jnp.sum(jnp.abs(v - _m_accurate(op, p, v, alpha)(x)), -1)
 
 
 def _forward(op, opts, p, v, alpha):
@@ -160,9 +181,7 @@ def _forward(op, opts, p, v, alpha):
         n = v.shape[-1]
         a = op.dense(p)
         eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype), a.shape)
-        m = eye - alpha[..., None, None] * (
-            jnp.swapaxes(a, -1, -2) - v[..., :, None]
-        )
+        m = eye - alpha[..., None, None] * (jnp.swapaxes(a, -1, -2) - v[..., :, None])
         x = _host.solve(m, v)
         steps = jnp.zeros(v.shape[:-1], jnp.int32)
         return x, _residual(op, p, v, alpha, x), steps, jnp.all(jnp.isfinite(x), -1)
@@ -177,7 +196,7 @@ def _forward(op, opts, p, v, alpha):
     def run(p, v, al):
         ref = refined_gmres(
             _m(op.at, p, v, al),
-            _m(op.at_accurate, p, v, al),
+            _m_accurate(op, p, v, al),
             v,
             threshold=_threshold(opts.tol, al, 1.0),
             restart=opts.restart,

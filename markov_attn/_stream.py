@@ -105,16 +105,20 @@ def _lse_pass(qs, k, km, live, block):
 def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
     """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
 
-    ``accurate=True`` sums ``A^T x`` within a block in partial sums of ``ACCURATE_BLOCK``
-    queries (see ``markov_attn._util.matvec_t_accurate``)."""
+    ``accurate=True`` gives ``(A - diag(A))^T x`` summed within a block in partial sums of
+    ``ACCURATE_BLOCK`` queries (see ``markov_attn._util.matvec_t_accurate``)."""
     n = qs.shape[-2]
     xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
     if x is not None:
         xs["x"] = _to_blocks(x, block, -2)
+    if accurate:
+        xs["i"] = _to_blocks(jnp.arange(n), block, -1)
     acc0 = jnp.zeros(x.shape, x.dtype) if x is not None else None
 
     def body(acc, blk):
         p = _tile(blk["q"], k, blk["l"], km, live)
+        if accurate:  # the off-diagonal part only (see _stationary.Operator)
+            p = jnp.where(blk["i"][:, None] == jnp.arange(n)[None, :], 0.0, p)
         out = None
         if x is not None and accurate and block % ACCURATE_BLOCK == 0 and block > ACCURATE_BLOCK:
             nb = block // ACCURATE_BLOCK
@@ -283,6 +287,8 @@ def _check(q, k, key_mask, block, name="q"):
             f"and {k.shape}; slice them to the same tokens (keep= drops tokens from both)"
         )
     n = q.shape[-2]
+    if n == 0:
+        raise ValueError(f"q and k have no tokens (shape {q.shape}); a chain needs a token")
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask)
         if (
@@ -319,13 +325,35 @@ def _keep(keep, n):
 # TokenRank
 
 
+def _diag(p):
+    """``A_ii`` from ``(qs, k, lse, km, live)`` in ``O(n d)``."""
+    qs, k, lse, km, live = p
+    s = jnp.sum(qs * k, axis=-1)
+    if live is not None:
+        s = jnp.where(live[..., None], s, 0.0)
+    d = jnp.exp(s - lse)
+    return d if km is None else jnp.where(km, d, 0.0)
+
+
+def _diag(p):
+    """``A_ii`` from ``(qs, k, lse, km, live)`` in ``O(n d)``."""
+    qs, k, lse, km, live = p
+    s = jnp.sum(qs * k, axis=-1)
+    if live is not None:
+        s = jnp.where(live[..., None], s, 0.0)
+    d = jnp.exp(s - lse)
+    return d if km is None else jnp.where(km, d, 0.0)
+
+
 def stream_operator(block: int) -> Operator:
     """The :class:`Operator` of a streamed chain; its parameters are
     ``(qs, k, lse, km, live)``."""
     return Operator(
         at=lambda p, x: _at_op(*p, x[..., None], block)[..., 0],
         a=lambda p, u: _a_op(*p, u[..., None], block)[..., 0],
-        at_accurate=lambda p, x: _apply_pass(*p, block, x=x[..., None], accurate=True)[0][..., 0],
+        prepare=lambda p: p,
+        offdiag=lambda p, x: _apply_pass(*p, block, x=x[..., None], accurate=True)[0][..., 0],
+        diag=_diag,
     )
 
 
@@ -479,6 +507,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
 
     _, xs = jax.lax.scan(step, x, None, length=steps)
     out = jnp.concatenate([x[None], xs], axis=0)  # (steps + 1, ..., n, r)
+    out = poison(out, _bad_qk(qs, k)[None, ..., None, None])
     out = jnp.moveaxis(out, 0, -1)  # (..., n, r, steps + 1)
     out = jnp.moveaxis(out, -3, -1)  # (..., r, steps + 1, n)
     return out if batch_starts else out[..., 0, :, :]

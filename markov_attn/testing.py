@@ -13,6 +13,11 @@ where it struggles, so the generators cover the kinds seen in real ViTs:
   nearly a permutation, so all eigenvalues have almost the same modulus. The hard case for
   Krylov estimates of |λ2| (see ``second_eigenvalue``).
 - ``"dirichlet"``: independent Dirichlet rows.
+- ``"reducible"``: two halves of the tokens whose attention across the halves is damped by
+  ``e^-strength`` (12 gives |λ2| within ~1e-5 of 1): nearly reducible, the ill-conditioned
+  case for stationary solvers.
+- ``"causal"``: decoder attention, a row softmax over keys ``j <= i`` with an attention sink at
+  token 0: lower triangular, so its eigenvalues are its diagonal (ill-conditioned ones).
 
 Examples:
   >>> import numpy as np
@@ -24,7 +29,16 @@ Examples:
 
 import numpy as np
 
-KINDS = ("diffuse", "attention", "metastable", "circulant", "permutation", "dirichlet")
+KINDS = (
+    "diffuse",
+    "attention",
+    "metastable",
+    "circulant",
+    "permutation",
+    "dirichlet",
+    "reducible",
+    "causal",
+)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -49,11 +63,11 @@ def random_chains(
       rng: NumPy generator (fresh randomness per call).
       batch: leading shape.
       n: number of tokens.
-      kind: one of ``"diffuse"``, ``"attention"``, ``"metastable"``, ``"circulant"``,
-        ``"dirichlet"``.
+      kind: one of :data:`KINDS`.
       d: head dimension of the synthetic queries and keys.
-      strength: logit margin of the structure (metastable clusters, circulant shift); 6 gives
-        |λ2| around 0.9–0.99, 14 gives nearly reducible chains (|λ2| > 0.999).
+      strength: logit margin of the structure (metastable clusters, circulant shift, the
+        damping of the reducible halves, the causal sink); 6 gives |λ2| around 0.9–0.99, 14
+        gives nearly reducible chains (|λ2| > 0.999).
       clusters: number of metastable clusters.
     """
     if kind not in KINDS:
@@ -69,6 +83,14 @@ def random_chains(
     temp = np.exp(rng.normal(0.0, 0.5, size=(*batch, 1, 1)))
     if kind == "attention":
         return _softmax(temp * s)
+    if kind == "reducible":
+        half = np.arange(n) < n // 2
+        return _softmax(s + strength * (half[:, None] == half[None, :]))
+    if kind == "causal":
+        causal = np.tril(np.ones((n, n), bool))
+        sink = np.zeros(n)
+        sink[0] = min(strength, 6.0) * 0.5
+        return _softmax(np.where(causal, 2.0 * temp * s + sink, -np.inf))
     if kind == "metastable":
         labels = rng.integers(0, clusters, size=(*batch, n))
         same = labels[..., :, None] == labels[..., None, :]

@@ -85,3 +85,20 @@ def test_tpu_modules_use_no_host_kernels():
     for name in ("tokenrank-solve", "grad-tokenrank-solve", "second_eigenvalue"):
         text = _export(*FUNCTIONS[name], "tpu").mlir_module()
         assert "lapack" not in text.lower(), name
+
+
+# A host callback (method="solve" on CPU) cannot be serialised; on TPU/GPU it is a plain solve.
+NO_CPU_EXPORT = {"tokenrank-solve"}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_exports_with_a_symbolic_batch_axis(name, platform):
+    # users export models with a dynamic batch: a symbolic leading axis must go through
+    if platform == "cpu" and name in NO_CPU_EXPORT:
+        pytest.skip("host callback on CPU (documented)")
+    fn, args = FUNCTIONS[name]
+    (b,) = jax.export.symbolic_shape("b")
+    sym = [jax.ShapeDtypeStruct((b, *a.shape), a.dtype) for a in args]
+    exported = jax.export.export(jax.jit(fn), platforms=[platform])(*sym)
+    assert exported.in_avals[0].shape[0] == b
