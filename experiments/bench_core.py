@@ -4,7 +4,8 @@ Builds realistic attention stacks (batch 8, 12 heads: 4 metastable, 4 near-circu
 4 diffuse heads) at n = 197 and n = 1025 and prints, in one run, time and accuracy against
 float64 references for
 
-- ours: ``ma.tokenrank`` (default dense solve, and ``method="gmres"``) and
+- ours: ``ma.tokenrank`` (``method="solve"``, on CPU a float64 NumPy solve through a host
+  callback, and ``method="gmres"``, the CPU default: GMRES with iterative refinement) and
   ``ma.second_eigenvalue`` (Arnoldi + Gelfand, no eigendecomposition);
 - the reference code's algorithms (PyTorch when importable, else NumPy):
   ``matrix_power(A, 20).mean(-2)``, the 200-step teleported power method (stop when the L1
