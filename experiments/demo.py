@@ -34,6 +34,7 @@ from markov_attn.nn import TokenRankPool
 from markov_attn.viz import bounce_strip
 
 from .configs import get_preset
+from .curves import plot_learning_curve
 from .train import load_model, train_and_evaluate
 
 WORKDIR = pathlib.Path("runs/demo")
@@ -115,7 +116,9 @@ def main() -> int:
     print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
     summary = train_and_evaluate(cfg, WORKDIR)
     model, cfg = load_model(WORKDIR)
-    paths = write_figures(model, cfg, WORKDIR / "figures")
+    paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {cfg.name} preset, "
+                                     f"{cfg.model.pool} head"))]  # fmt: skip
+    paths += write_figures(model, cfg, WORKDIR / "figures")
     wall = time.perf_counter() - t0
     keys = ("test_acc", "test_loss", "images_per_s", "step_time_ms", "train_time_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
