@@ -133,18 +133,25 @@ def table(rows: list[dict], /) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__)
     p.add_argument("--base", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, help="steps of every variant (required unless --all)")
     p.add_argument("--train-size", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--all", action="store_true", help="train nothing; tabulate every run in <out>")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     a = p.parse_args(argv)
-    rows = run_variants(
-        a.variants, base=a.base, steps=a.steps, train_size=a.train_size,
-        batch_size=a.batch_size, out=a.out, progress=not a.no_progress,
-    )  # fmt: skip
+    if a.all:
+        stored = json.loads((pathlib.Path(a.out) / "results.json").read_text()).values()
+        rows = sorted(stored, key=lambda r: (r["steps"] * r["batch_size"], r["batch_size"]))
+    elif a.steps is None:
+        p.error("--steps is required (or --all to tabulate the stored runs)")
+    else:
+        rows = run_variants(
+            a.variants, base=a.base, steps=a.steps, train_size=a.train_size,
+            batch_size=a.batch_size, out=a.out, progress=not a.no_progress,
+        )  # fmt: skip
     md = table(rows)
     (pathlib.Path(a.out) / "results.md").write_text(md)
     print(md)
