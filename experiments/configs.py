@@ -142,8 +142,8 @@ def cpu() -> TrainConfig:
     ~15 s of data generation and ~5 s per evaluation); 24 min measured with the cores shared
     (1-minute load 4-6).
     Expected (TokenRank head, measured): test accuracy 0.25 on the benchmark's classification
-    task (Fashion-MNIST objects on held-out photos; 0.252 and, on an earlier run, 0.255), still
-    rising at the end; chance is 0.1. Without ``patch_norm`` this model stays at chance for the
+    task (Fashion-MNIST objects on held-out photos; 0.252 and, on an earlier run, 0.255);
+    chance is 0.1. Without ``patch_norm`` this model stays at chance for the
     whole budget (loss ln 10).
     """
     return TrainConfig(
