@@ -46,6 +46,7 @@ __all__ = [
     "main",
     "synthetic_data",
     "train_and_evaluate",
+    "training_loss",
 ]
 
 # Fields that do not change the trajectory: a resumed run may change them.
@@ -181,6 +182,15 @@ class _Compiled(NamedTuple):
     eval_step: object
 
 
+def training_loss(logits, labels, /, *, label_smoothing: float = 0.0):
+    """Mean cross-entropy against one-hot targets mixed with ``label_smoothing`` of the uniform
+    distribution (``optax.smooth_labels``)."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
 def _random_shift(key, images, shift: int, /):
     """Translates each image of ``images`` (B, H, W, C) by its own random offset in
     ``[-shift, shift]`` pixels per axis, filling with the edge pixels."""
@@ -240,13 +250,7 @@ def _compiled(cfg: TrainConfig) -> _Compiled:
 
         def loss_fn(p):
             logits, new_stats = forward(p, stats, images_u8, train=True)
-            if cfg.label_smoothing:
-                targets = optax.smooth_labels(
-                    jax.nn.one_hot(labels, logits.shape[-1]), cfg.label_smoothing
-                )
-                loss = optax.softmax_cross_entropy(logits, targets).mean()
-            else:
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            loss = training_loss(logits, labels, label_smoothing=cfg.label_smoothing)
             return loss, (logits, new_stats)
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
