@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from .configs import PRESETS, TrainConfig, get_preset, override
+from .readme import markers, replace_block
 from .train import load_data, train_and_evaluate
 
 POOLS = ("cls", "mean", "map", "tokenrank")
@@ -32,7 +33,7 @@ DATA_NOTES = {
     "published benchmark.",
     "synthetic": "random class colours plus noise (a pipeline check, not a benchmark).",
 }
-START, END = "<!-- heads:start -->", "<!-- heads:end -->"
+START, END = markers("heads")
 
 
 def run_all(
@@ -122,16 +123,7 @@ def update_readme(readme: str | pathlib.Path, text: str, /) -> None:
     Raises:
       ValueError: if the markers are missing or out of order (nothing is written).
     """
-    readme = pathlib.Path(readme)
-    src = readme.read_text()
-    i, j = src.find(START), src.find(END)
-    if i < 0 or j < 0 or j < i:
-        raise ValueError(
-            f"{readme} must contain the markers {START} and {END} (in that order); add them "
-            "where the heads table should go"
-        )
-    new = src[: i + len(START)] + "\n" + text.rstrip("\n") + "\n" + src[j:]
-    readme.write_text(new)
+    replace_block(readme, "heads", text)
 
 
 def main(argv=None) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "main",
     "synthetic_data",
     "train_and_evaluate",
+    "training_loss",
 ]
 
 # Fields that do not change the trajectory: a resumed run may change them.
@@ -56,6 +57,7 @@ _FREE_FIELDS = (
     "ckpt_every",
     "keep_checkpoints",
     "eval_batch_size",
+    "eval_every",
 )
 
 
@@ -172,12 +174,34 @@ def make_optimizer(cfg: TrainConfig, /) -> optax.GradientTransformation:
 
 
 class _Compiled(NamedTuple):
-    graphdef: object
+    graphdef: object  # inference mode (batch norms on running statistics)
     rest: object
     tx: optax.GradientTransformation
-    init: object  # () -> (params, opt_state)
+    init: object  # () -> (params, batch_stats, opt_state)
     train_step: object
     eval_step: object
+
+
+def training_loss(logits, labels, /, *, label_smoothing: float = 0.0):
+    """Mean cross-entropy against one-hot targets mixed with ``label_smoothing`` of the uniform
+    distribution (``optax.smooth_labels``)."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _random_shift(key, images, shift: int, /):
+    """Translates each image of ``images`` (B, H, W, C) by its own random offset in
+    ``[-shift, shift]`` pixels per axis, filling with the edge pixels."""
+    b, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
 
 
 def _new_model(cfg: TrainConfig) -> ViT:
@@ -190,12 +214,18 @@ def _compiled(cfg: TrainConfig) -> _Compiled:
     one process (resume, tests) compile once. ``cfg`` must have the free fields normalised."""
     tx = make_optimizer(cfg)
     schedule = _schedule(cfg)
-    graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: _new_model(cfg)), nnx.Param, ...)
+    abstract = nnx.eval_shape(lambda: _new_model(cfg))
+    graphdef, _, _, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    # training mode: batch norms (the conv stem's, if any) normalise with batch statistics
+    abstract.set_attributes(use_running_average=False, raise_if_not_found=False)
+    train_graphdef = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)[0]
     aug_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    shift_key = jax.random.fold_in(jax.random.key(cfg.seed), 2)
 
     def init_fn():
-        params = nnx.state(_new_model(cfg), nnx.Param)
-        return params, tx.init(params)
+        model = _new_model(cfg)
+        params = nnx.state(model, nnx.Param)
+        return params, nnx.state(model, nnx.BatchStat), tx.init(params)
 
     def init():
         # One program for all initialisers, compiled without optimisation: XLA's optimising
@@ -204,32 +234,34 @@ def _compiled(cfg: TrainConfig) -> _Compiled:
         # committed to the device like restored arrays, so both hit the same compiled step
         return jax.device_put(compiled(), jax.devices()[0])
 
-    def forward(params, images_u8):
-        model = nnx.merge(graphdef, params, rest)
+    def forward(params, stats, images_u8, *, train=False):
+        model = nnx.merge(train_graphdef if train else graphdef, params, stats, rest, copy=True)
         logits, _ = model(images_u8.astype(jnp.float32) / 255.0)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32), nnx.state(model, nnx.BatchStat)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, images_u8, labels, step):
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(params, stats, opt_state, images_u8, labels, step):
         if cfg.flip:
             key = jax.random.fold_in(aug_key, step)
             flip = jax.random.bernoulli(key, 0.5, (images_u8.shape[0],))
             images_u8 = jnp.where(flip[:, None, None, None], images_u8[:, :, ::-1], images_u8)
+        if cfg.shift:
+            images_u8 = _random_shift(jax.random.fold_in(shift_key, step), images_u8, cfg.shift)
 
         def loss_fn(p):
-            logits = forward(p, images_u8)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, logits
+            logits, new_stats = forward(p, stats, images_u8, train=True)
+            loss = training_loss(logits, labels, label_smoothing=cfg.label_smoothing)
+            return loss, (logits, new_stats)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-        return params, opt_state, {"loss": loss, "acc": acc, "lr": schedule(step)}
+        return params, stats, opt_state, {"loss": loss, "acc": acc, "lr": schedule(step)}
 
     @jax.jit
-    def eval_step(params, images_u8, labels, valid):
-        logits = forward(params, images_u8)
+    def eval_step(params, stats, images_u8, labels, valid):
+        logits, _ = forward(params, stats, images_u8)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return jnp.sum(loss * valid), jnp.sum(correct * valid)
@@ -244,13 +276,24 @@ def _normalised(cfg: TrainConfig) -> TrainConfig:
 
 
 def _abstract_train_state(cfg: TrainConfig, tx):
-    params = nnx.state(nnx.eval_shape(lambda: _new_model(cfg)), nnx.Param)
+    model = nnx.eval_shape(lambda: _new_model(cfg))
+    params = nnx.state(model, nnx.Param)
     opt_state = jax.eval_shape(tx.init, params)
-    return {"params": params, "opt_state": opt_state}
+    return _train_state(params, nnx.state(model, nnx.BatchStat), opt_state)
 
 
-def evaluate(eval_step, params, data: dict, *, batch_size: int) -> dict:
-    """Test loss and accuracy over ``data`` (last batch padded and masked)."""
+def _train_state(params, stats, opt_state) -> dict:
+    """The checkpointed state; ``batch_stats`` only for models with batch norms, so that
+    checkpoints of the others keep their layout."""
+    state = {"params": params, "opt_state": opt_state}
+    if jax.tree.leaves(stats):
+        state["batch_stats"] = stats
+    return state
+
+
+def evaluate(eval_step, params, data: dict, *, batch_size: int, stats=None) -> dict:
+    """Test loss and accuracy over ``data`` (last batch padded and masked); ``stats`` = the
+    batch-norm statistics (an empty state for models without batch norms)."""
     images, labels = data["images"], data["labels"]
     n = len(labels)
     total_loss = total_correct = 0.0
@@ -263,7 +306,7 @@ def evaluate(eval_step, params, data: dict, *, batch_size: int) -> dict:
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             y = np.concatenate([y, np.zeros(pad, y.dtype)])
             valid[m:] = 0.0
-        loss, correct = eval_step(params, x, y, valid)
+        loss, correct = eval_step(params, stats, x, y, valid)
         total_loss += float(loss)
         total_correct += float(correct)
     return {"test_loss": total_loss / n, "test_acc": total_correct / n, "test_size": n}
@@ -283,11 +326,12 @@ def config_from_dict(d: dict, /) -> TrainConfig:
 
 
 def _config_dict(cfg: TrainConfig) -> dict:
+    """The config as JSON stores it (dtypes as names, tuples as lists)."""
     d = dataclasses.asdict(cfg)
     for k in ("dtype", "param_dtype"):
         if d["model"][k] is not None:
             d["model"][k] = jnp.dtype(d["model"][k]).name
-    return d
+    return json.loads(json.dumps(d))
 
 
 def _check_same_run(stored: dict, cfg: TrainConfig, workdir: pathlib.Path) -> None:
@@ -312,7 +356,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> None:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("step", 0) <= step and rec.get("split") != "test":
+        if rec.get("step", 0) <= step and not rec.get("final"):
             keep.append(line)
     path.write_text("".join(x + "\n" for x in keep))
 
@@ -386,10 +430,11 @@ def train_and_evaluate(
     train_step, eval_step = fns.train_step, fns.eval_step
     start = 0
     if latest is None:
-        params, opt_state = fns.init()
+        params, stats, opt_state = fns.init()
     else:
         state, meta = ckpt.restore(_abstract_train_state(cfg, fns.tx), step=latest)
         params, opt_state = state["params"], state["opt_state"]
+        stats = state.get("batch_stats", nnx.State({}))
         start = int(meta["step"])
     n_params = _count_params(params)
     _truncate_metrics(metrics_path, start)
@@ -413,8 +458,8 @@ def train_and_evaluate(
     with metrics_path.open("a") as mfile:
         for step in range(start, end):
             idx = batch_indices(step, n=n_train, batch_size=cfg.batch_size, seed=cfg.seed)
-            params, opt_state, m = train_step(
-                params, opt_state, train_images[idx], train_labels[idx], jnp.int32(step)
+            params, stats, opt_state, m = train_step(
+                params, stats, opt_state, train_images[idx], train_labels[idx], jnp.int32(step)
             )
             window.append(m)
             done = step + 1
@@ -444,10 +489,18 @@ def train_and_evaluate(
                         img_s=f"{last['img_per_s']:.0f}",
                     )
                 window, window_start, window_t, save_time = [], done, time.perf_counter(), 0.0
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                t_eval = time.perf_counter()
+                test = evaluate(
+                    eval_step, params, data["test"], batch_size=cfg.eval_batch_size, stats=stats
+                )
+                mfile.write(json.dumps({"step": done, "split": "test", **test}) + "\n")
+                mfile.flush()
+                save_time += time.perf_counter() - t_eval  # not counted as training time
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
                 meta = {**_trajectory_state(cfg, done, n_train), "config": _config_dict(cfg)}
                 t_save = time.perf_counter()
-                ckpt.save(done, {"params": params, "opt_state": opt_state}, meta)
+                ckpt.save(done, _train_state(params, stats, opt_state), meta)
                 save_time += time.perf_counter() - t_save  # not counted as training time
             if bar is not None:
                 bar.update(1)
@@ -463,10 +516,10 @@ def train_and_evaluate(
         return {"step": end, "params": params, "opt_state": opt_state, "last": last}
 
     t0 = time.perf_counter()
-    test = evaluate(eval_step, params, data["test"], batch_size=cfg.eval_batch_size)
+    test = evaluate(eval_step, params, data["test"], batch_size=cfg.eval_batch_size, stats=stats)
     eval_time = time.perf_counter() - t0
     with metrics_path.open("a") as mfile:
-        mfile.write(json.dumps({"step": cfg.steps, "split": "test", **test}) + "\n")
+        mfile.write(json.dumps({"step": cfg.steps, "split": "test", "final": True, **test}) + "\n")
 
     if timed_steps == 0 and start < end:  # a single window: fall back to it (incl. compile)
         timed_steps, timed_seconds = end - start, train_time
@@ -524,8 +577,8 @@ def load_model(workdir: str | os.PathLike, /, *, step: int | None = None):
     finally:
         ckpt.close()
     abstract = nnx.eval_shape(lambda: _new_model(cfg))
-    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
-    model = nnx.merge(graphdef, state["params"], rest)
+    graphdef, _, stats, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
+    model = nnx.merge(graphdef, state["params"], state.get("batch_stats", stats), rest)
     return model, cfg
 
 

@@ -276,3 +276,30 @@ def test_bad_inputs_and_configs():
 def test_core_functions_used_by_the_head_exist():
     for name in ("transition", "second_eigenvalue", "head_weights", "average", "tokenrank"):
         assert callable(getattr(ma, name))
+
+
+def test_conv_stem_keeps_the_token_grid(images):
+    model = _model(conv_stem=(4,), pool="tokenrank")
+    assert model.patch_embed.kernel.shape == (2, 2, 4, 16)  # patch 4 after one halving
+    assert model.stem.convs[0].kernel.shape == (3, 3, 3, 4)
+    logits, aux = model(images)
+    assert logits.shape == (3, 5) and aux["attn"].shape == (3, 2, 2, 17, 17)
+    assert aux["pool_weights"].shape == (3, 16)
+    assert _model().stem is None  # the default: the plain patch embedding, no extra parameters
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _model(conv_stem=(4, 4, 4))  # patch 4 cannot be halved three times
+    cfg = dataclasses.replace(SMALL, conv_stem=[4])  # lists (JSON) become tuples (hashable)
+    assert cfg.conv_stem == (4,) and hash(cfg)
+
+
+def test_conv_stem_batch_norm_modes(images):
+    # Inference mode (the default): running statistics, so an image's output does not depend on
+    # the other images of the batch. Training mode: batch statistics, so it does.
+    model = _model(conv_stem=(4,))
+    alone = model(images[:1])[0]
+    np.testing.assert_allclose(model(images)[0][:1], alone, atol=1e-5)
+    model.set_attributes(use_running_average=False, raise_if_not_found=False)
+    x = jax.random.normal(jax.random.key(9), images.shape)
+    y = model(images)[1]["tokens"]
+    assert not np.allclose(y[:1], model(jnp.concatenate([images[:1], x[1:]]))[1]["tokens"][:1])
+    assert np.abs(np.asarray(model.stem.norms[0].mean[...])).max() > 0  # running mean updated

@@ -264,3 +264,95 @@ def test_compare_heads_table_and_readme(tmp_path, finished_run):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, md)
+
+
+def test_conv_stem_run_checkpoints_its_batch_statistics(tmp_path):
+    model = dataclasses.replace(TINY.model, conv_stem=(4,))
+    cfg = _tiny(model=model, eval_every=2, steps=4)
+    summary = train_and_evaluate(cfg, tmp_path, progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tests = [r for r in lines if r.get("split") == "test"]
+    assert [r["step"] for r in tests] == [2, 4] and tests[-1]["final"]  # periodic + final eval
+    assert summary["test_acc"] == tests[-1]["test_acc"]
+    loaded, stored = load_model(tmp_path)
+    assert stored == cfg and loaded.stem.norms[0].use_running_average  # inference mode
+    mean = np.asarray(loaded.stem.norms[0].mean[...])
+    assert np.abs(mean).max() > 0  # the running statistics were trained and restored
+    data = synthetic_data(40, size=16, split="test")
+    logits = loaded(data["images"].astype(np.float32) / 255.0)[0]
+    acc = float(np.mean(np.argmax(np.asarray(logits), -1) == data["labels"]))
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-6)
+    # a killed run resumes its batch statistics too
+    other = tmp_path / "resumed"
+    train_and_evaluate(cfg, other, stop_after=3, progress=False)
+    again = train_and_evaluate(cfg, other, progress=False)
+    assert again["resumed_from"] == 2 and again["test_acc"] == summary["test_acc"]
+    np.testing.assert_array_equal(load_model(other)[0].stem.norms[0].mean[...], mean)
+
+
+def test_random_shift_translates_each_image():
+    from experiments.train import _random_shift
+
+    images = jax.random.uniform(jax.random.key(0), (6, 12, 12, 3))
+    out = np.asarray(_random_shift(jax.random.key(1), images, 2))
+    assert out.shape == images.shape
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+    moved = 0
+    for i in range(6):  # each output is one crop of its edge-padded input
+        crops = [(a, b) for a in range(5) for b in range(5)
+                 if np.array_equal(padded[i, a : a + 12, b : b + 12], out[i])]  # fmt: skip
+        assert crops
+        moved += crops[0] != (2, 2)
+    assert moved > 0
+    np.testing.assert_array_equal(_random_shift(jax.random.key(1), images, 2), out)
+
+
+def test_label_smoothing_and_shift_change_the_trajectory(finished_run, tmp_path):
+    # one run with both (each compile costs seconds); the shift itself is tested above
+    # same schedule and batches as the plain run; its first two steps are enough
+    train_and_evaluate(_tiny(label_smoothing=0.2, shift=2), tmp_path, stop_after=2, progress=False)
+    plain = next(r for r in _losses(finished_run[0]) if r[0] == 2)
+    assert next(r for r in _losses(tmp_path) if r[0] == 2)[1] != plain[1]
+
+
+def test_label_smoothing_loss_matches_its_formula():
+    from experiments.train import training_loss
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(5, 4)), rng.integers(0, 4, 5)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for eps in (0.0, 0.1, 0.5):
+        targets = (1 - eps) * np.eye(4)[labels] + eps / 4
+        want = -(targets * logp).sum(-1).mean()
+        got = training_loss(np.float32(logits), labels, label_smoothing=eps)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="eval_every"):
+        _tiny(eval_every=3, log_every=2, ckpt_every=2)
+
+
+def test_learning_curve_figure(finished_run, tmp_path):
+    from experiments.curves import plot_learning_curve, read_metrics
+
+    workdir, summary = finished_run
+    train, test = read_metrics(workdir)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["test_acc"] for r in test] == [summary["test_acc"]]
+    path = plot_learning_curve(workdir, path=tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_blocks_and_ablation_table(tmp_path):
+    from experiments.ablation import table
+    from experiments.readme import replace_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- x:start -->\nold\n<!-- x:end -->\nb\n")
+    replace_block(readme, "x", "new\n")
+    assert readme.read_text() == "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n"
+    with pytest.raises(ValueError, match="y:start"):
+        replace_block(readme, "y", "z")
+    row = {"variant": "v", "overrides": {"lr": 0.003}, "steps": 10, "batch_size": 8,
+           "train_size": 80, "test_size": 40, "test_acc": 0.25, "train_acc": 0.5,
+           "step_time_ms": 12.3, "load_at_start": 1.0, "wall_time_s": 9.0}  # fmt: skip
+    md = table([row])
+    assert "| v | lr=0.003 | 10 × 8 | 80 | 0.250 | 0.500 | 12 | 1.0 | 9 |" in md

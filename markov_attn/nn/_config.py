@@ -40,6 +40,15 @@ class ViTConfig:
         ``"pooled"`` = on the pooled vector only (CLIP); ``"none"``.
       qkv_bias: bias in the fused ``qkv`` projection.
       patch_bias: bias in the patch-embedding convolution.
+      conv_stem: output channels of a convolutional stem run before the patch embedding
+        (a hybrid ViT, Dosovitskiy et al. 2021; Xiao et al. 2021): one stage per entry, a 3×3
+        convolution, a batch normalisation, a ReLU and a 2×2 max-pool. The patch embedding then
+        has kernel and stride ``patch_size // 2**len(conv_stem)``, so the token grid
+        (``grid``) and everything built on it (attention maps, TokenRank pooling,
+        segmentation) are unchanged. The batch norms use their running statistics unless
+        switched to batch statistics for training (``use_running_average=False``, as
+        ``experiments/train.py`` does). ``()`` = the plain linear patch embedding (every
+        pretrained family).
       patch_norm: standardise each channel of the patch embeddings over the patch grid of each
         image (instance normalisation, no parameters) before the position embedding is added.
         It removes an image's global colour and brightness from the tokens, which lets a small
@@ -77,6 +86,7 @@ class ViTConfig:
     final_norm: str = "all"
     qkv_bias: bool = True
     patch_bias: bool = True
+    conv_stem: tuple[int, ...] = ()
     patch_norm: bool = False
     tokenrank_alpha: float = 0.99
     tokenrank_weighting: str = "lambda2"
@@ -105,6 +115,15 @@ class ViTConfig:
                 f"ViTConfig.image_size ({self.image_size}) must be a multiple of patch_size "
                 f"({self.patch_size})"
             )
+        stride = 2 ** len(self.conv_stem)
+        if self.patch_size % stride or any(int(c) < 1 for c in self.conv_stem):
+            raise ValueError(
+                f"ViTConfig.conv_stem {self.conv_stem} halves the resolution "
+                f"{len(self.conv_stem)} times, so patch_size ({self.patch_size}) must be a "
+                f"multiple of {stride} (and every channel count >= 1); drop stem layers or "
+                "enlarge the patches"
+            )
+        object.__setattr__(self, "conv_stem", tuple(int(c) for c in self.conv_stem))
         if self.pool == "cls" and not self.cls_token:
             raise ValueError("pool='cls' needs cls_token=True; or pick pool='mean'/'map'")
         if self.num_registers < 0:

@@ -1,5 +1,6 @@
 """A Vision Transformer in Flax NNX that returns its attention explicitly."""
 
+import itertools
 import math
 
 import jax
@@ -99,6 +100,34 @@ class Block(nnx.Module):
         return x + y, probs, scores
 
 
+class ConvStem(nnx.Module):
+    """Convolutional stem (``cfg.conv_stem``): per stage a 3×3 convolution (no bias), a
+    ``BatchNorm``, a ReLU and a 2×2 max-pool, halving the resolution each time.
+
+    The batch norms start in inference mode (running statistics, ``use_running_average=True``);
+    training switches them with ``model.set_attributes(use_running_average=False)`` and carries
+    their ``nnx.BatchStat`` state along with the parameters.
+    """
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        chans = (cfg.in_channels, *cfg.conv_stem)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.convs = nnx.List([
+            nnx.Conv(cin, cout, (3, 3), padding="SAME", use_bias=False, **kw)
+            for cin, cout in itertools.pairwise(chans)
+        ])  # fmt: skip
+        self.norms = nnx.List([
+            nnx.BatchNorm(c, use_running_average=True, momentum=0.9, epsilon=1e-5, **kw)
+            for c in cfg.conv_stem
+        ])  # fmt: skip
+
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 c2"]:
+        for conv, norm in zip(self.convs, self.norms):
+            x = jax.nn.relu(norm(conv(x)))
+            x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+        return x
+
+
 class ViT(nnx.Module):
     """Vision Transformer whose call returns every layer's attention as Markov chains.
 
@@ -137,9 +166,10 @@ class ViT(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        p = cfg.patch_size
+        p = cfg.patch_size // 2 ** len(cfg.conv_stem)
+        self.stem = ConvStem(cfg, rngs=rngs) if cfg.conv_stem else None
         self.patch_embed = nnx.Conv(
-            cfg.in_channels,
+            cfg.conv_stem[-1] if cfg.conv_stem else cfg.in_channels,
             cfg.width,
             (p, p),
             strides=(p, p),
@@ -226,7 +256,7 @@ class ViT(nnx.Module):
                 f"image sides must be multiples of patch_size={cfg.patch_size}, got {h}x{w}; "
                 "resize or crop the images"
             )
-        x = self.patch_embed(images)
+        x = self.patch_embed(images if self.stem is None else self.stem(images))
         if cfg.patch_norm:
             mean = jnp.mean(x, axis=(1, 2), keepdims=True)
             var = jnp.var(x, axis=(1, 2), keepdims=True)

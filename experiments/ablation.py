@@ -1,0 +1,165 @@
+"""What each change of the ``make demo`` recipe buys: short runs of named variants.
+
+Each variant is a set of overrides of a base preset (``cpu`` by default), trained for the same
+(short) budget with the TokenRank head into ``<out>/<variant>_<steps>``; finished runs are
+skipped on a rerun. The results (test accuracy, train accuracy over the last logged window,
+steady-state step time, wall time) go to ``<out>/results.json`` (every run ever made there,
+keyed by variant and budget) and ``<out>/results.md``::
+
+    python -m experiments.ablation --steps 240 --variants old stem stem_shift
+    python -m experiments.ablation --steps 240 --variants old stem --update-readme
+
+Step times depend on the machine's load; the table says what the load was at the start of each
+run (``os.getloadavg``, 1-minute average).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+from .configs import PRESETS, get_preset
+from .readme import replace_block
+from .train import load_data, train_and_evaluate
+
+STEM = (32, 64, 128)
+VARIANTS = {
+    "old": {},
+    "stem": {"conv_stem": STEM},
+    "stem_nopn": {"conv_stem": STEM, "patch_norm": False},
+    "stem_shift": {"conv_stem": STEM, "shift": 4},
+    "stem64": {"conv_stem": (32, 64), "patch_size": 8},
+    "stem_ls": {"conv_stem": STEM, "label_smoothing": 0.1},
+    "stem_lr2": {"conv_stem": STEM, "lr": 2e-3},
+    "stem_lr3": {"conv_stem": STEM, "lr": 3e-3},
+    "lr3e-4": {"lr": 3e-4},
+    "stem_shift_ls": {"conv_stem": STEM, "shift": 4, "label_smoothing": 0.1},
+}
+"""Variant name -> overrides of the base preset (training or ViT fields)."""
+
+
+def describe(overrides: dict, /) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(base preset)"
+
+
+def run_variants(
+    names,
+    /,
+    *,
+    base: str = "cpu",
+    steps: int,
+    train_size: int | None = None,
+    batch_size: int | None = None,
+    out: str | pathlib.Path = "runs/ablation",
+    progress: bool = True,
+) -> list[dict]:
+    """Trains each variant of ``names`` for ``steps`` steps; returns one row per variant."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    common = {"steps": steps, "warmup_steps": max(1, steps // 12), "ckpt_every": steps}
+    common["log_every"] = next(k for k in (20, 10, 5, 4, 2, 1) if steps % k == 0)
+    if train_size is not None:
+        common["train_size"] = train_size
+    if batch_size is not None:
+        common["batch_size"] = batch_size
+    data, rows = {}, []
+    for name in names:
+        cfg = get_preset(base, pool="tokenrank", **common, **VARIANTS[name])
+        key = f"{name}_{steps}" + (f"_n{train_size}" if train_size else "")
+        key += f"_b{batch_size}" if batch_size else ""
+        workdir = out / key
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        if (workdir / "summary.json").exists():
+            summary = json.loads((workdir / "summary.json").read_text())
+        else:
+            size = (cfg.model.image_size, cfg.train_size, cfg.test_size, cfg.data_seed)
+            if size not in data:  # variants with the same images share one generation
+                data = {size: load_data(cfg)}
+            summary = train_and_evaluate(cfg, workdir, data=data[size], progress=progress)
+            results[key] = {
+                "variant": name,
+                "overrides": {k: list(v) if isinstance(v, tuple) else v
+                              for k, v in VARIANTS[name].items()},
+                "base": base,
+                "steps": steps,
+                "batch_size": cfg.batch_size,
+                "train_size": cfg.train_size,
+                "test_size": summary["test_size"],
+                "test_acc": summary["test_acc"],
+                "train_acc": summary["train_acc"],
+                "step_time_ms": summary["step_time_ms"],
+                "params": summary["params"],
+                "wall_time_s": time.perf_counter() - t0,
+                "load_at_start": load,
+                "command": f"python -m experiments.ablation --base {base} --steps {steps}"
+                + (f" --train-size {train_size}" if train_size else "")
+                + (f" --batch-size {batch_size}" if batch_size else "")
+                + f" --variants {name}",
+            }  # fmt: skip
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+        rows.append(results[key])
+    return rows
+
+
+def table(rows: list[dict], /) -> str:
+    """The Markdown ablation table of ``rows`` (as stored in ``results.json``)."""
+    lines = [
+        "| variant | change against the old `cpu` recipe | steps × batch | train images "
+        "| test acc | train acc (last 20 steps) | step time (ms) | load | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {describe(r['overrides'])} | {r['steps']} × {r['batch_size']} "
+            f"| {r['train_size']} | {r['test_acc']:.3f} | {r['train_acc']:.3f} "
+            f"| {r['step_time_ms']:.0f} | {r['load_at_start']:.1f} | {r['wall_time_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"TokenRank head, test accuracy on {rows[0]['test_size']} benchmark test images "
+        f"(chance 0.1); {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs "
+        "(load = 1-minute load average when the run started). Rows from "
+        "`python -m experiments.ablation` (each row's command is in `runs/ablation/results.json`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__)
+    p.add_argument("--base", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, help="steps of every variant (required unless --all)")
+    p.add_argument("--train-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=sorted(VARIANTS))
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--all", action="store_true", help="train nothing; tabulate every run in <out>")
+    p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    a = p.parse_args(argv)
+    if a.all:
+        stored = json.loads((pathlib.Path(a.out) / "results.json").read_text()).values()
+        rows = sorted(stored, key=lambda r: (r["steps"] * r["batch_size"], r["batch_size"]))
+    elif a.steps is None:
+        p.error("--steps is required (or --all to tabulate the stored runs)")
+    else:
+        rows = run_variants(
+            a.variants, base=a.base, steps=a.steps, train_size=a.train_size,
+            batch_size=a.batch_size, out=a.out, progress=not a.no_progress,
+        )  # fmt: skip
+    md = table(rows)
+    (pathlib.Path(a.out) / "results.md").write_text(md)
+    print(md)
+    if a.update_readme:
+        replace_block(a.update_readme, "ablation", md)
+        print(f"updated {a.update_readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

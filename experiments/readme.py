@@ -1,0 +1,27 @@
+"""Writing generated Markdown into the README between ``<!-- name:start -->`` and
+``<!-- name:end -->`` markers (one helper for every script that publishes a table)."""
+
+import pathlib
+
+
+def markers(name: str, /) -> tuple[str, str]:
+    """The start and end markers of block ``name``."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_block(readme, name: str, text: str, /) -> None:
+    """Replaces the text between the ``name`` markers of ``readme`` with ``text``.
+
+    Raises:
+      ValueError: if the markers are missing or out of order (nothing is written).
+    """
+    start, end = markers(name)
+    readme = pathlib.Path(readme)
+    src = readme.read_text()
+    i, j = src.find(start), src.find(end)
+    if i < 0 or j < 0 or j < i:
+        raise ValueError(
+            f"{readme} must contain the markers {start} and {end} (in that order); add them "
+            f"where the {name} block should go"
+        )
+    readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
