@@ -174,7 +174,7 @@ def refined_gmres(
     *,
     threshold: jax.Array,
     restart: int = 20,
-    inner_rtol: float = 1e-3,
+    inner_rtol: float = 1e-4,
     max_refinements: int = 8,
 ) -> Refined:
     """GMRES with iterative refinement: ``M x = b`` to the accuracy of the residual.

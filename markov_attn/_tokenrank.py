@@ -79,9 +79,9 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
     batch = jnp.broadcast_shapes(a.shape[:-2], v.shape[:-1], alpha.shape)
     bad = jnp.broadcast_to(bad, batch) | jnp.broadcast_to(bad_alpha, batch)
     bad = bad | jnp.broadcast_to(invalid_dists(v), batch)
-    # invalid members are solved on a harmless stand-in and come back as NaN
+    # invalid members come back as NaN (a NaN matrix stops its own iteration at once; the
+    # matrix is not copied to sanitise it)
     a = jnp.broadcast_to(a, (*batch, n, n))
-    a = jnp.where(bad[..., None, None], jnp.asarray(1.0 / n, a.dtype), a)
     v = jnp.where(bad[..., None], jnp.asarray(1.0 / n, a.dtype), jnp.broadcast_to(v, (*batch, n)))
     alpha = jnp.where(bad, jnp.asarray(0.5, a.dtype), jnp.broadcast_to(alpha, batch))
     if direction == "out":
@@ -138,7 +138,7 @@ def tokenrank(
     - ``"gmres"``: matrix-free GMRES with iterative refinement, :math:`O(n^2)` per product:
       each refinement takes the true residual with an accurate (blocked-sum) product and
       corrects with one GMRES cycle of at most 20 products (ending early at a relative
-      residual of 1e-3), until the error bound meets ``tol`` or the residual reaches float32
+      residual of 1e-4), until the error bound meets ``tol`` or the residual reaches float32
       rounding. A stopping rule on the residual alone is not enough on nearly reducible
       chains: the plain float32 product errs along the slow direction, which the solve
       amplifies by up to :math:`(1+\alpha)/(1-\alpha)`. On CPU the batch runs in cache-sized

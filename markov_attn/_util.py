@@ -178,14 +178,13 @@ def check_count(name: str, value, *, minimum: int = 0, what: str = "") -> int:
 def safe_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """``x / x.sum(axis)``; where the sum is exactly zero, the uniform distribution instead.
 
-    NaN and inf propagate (a sum that is not finite gives NaN, never a uniform row).
+    NaN propagates (a NaN sum gives NaN, never a uniform row); an inf gives NaN or zeros, and
+    the public functions turn any matrix with a NaN/inf entry into NaN.
     """
     s = jnp.sum(x, axis=axis, keepdims=True)
     n = x.shape[axis]
     zero = s == 0
-    finite = jnp.all(jnp.isfinite(x), axis=axis, keepdims=True)
-    out = jnp.where(zero, jnp.asarray(1.0 / n, x.dtype), x / jnp.where(zero, 1.0, s))
-    return jnp.where(finite, out, jnp.asarray(jnp.nan, x.dtype))
+    return jnp.where(zero, jnp.asarray(1.0 / n, x.dtype), x / jnp.where(zero, 1.0, s))
 
 
 # Cache budget for one chunk of matrices on CPU. Iterative methods read every matrix once per
