@@ -128,8 +128,7 @@ _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
 def _second_eigenvalue(attn, method, krylov):
     a = as_chain(attn)
     bad = invalid_matrices(a)
-    a = safe_normalize(jnp.where(bad[..., None, None], 1.0, a))
-    return poison(_lambda2(a, method, krylov), bad)
+    return poison(_lambda2(safe_normalize(a), method, krylov), bad)
 
 
 def second_eigenvalue(
