@@ -32,10 +32,10 @@ from ._util import (
     check_count,
     compute_dtype,
     invalid_dists,
-    is_concrete,
     poison,
     safe_normalize,
     traced_range,
+    value_flags,
 )
 
 #: Default number of queries per block (a tile is ``(block, n)`` per matrix).
@@ -303,7 +303,8 @@ def _check(q, k, key_mask, block, name="q"):
             )
     check_count("block", block, minimum=1, what=" (queries per tile)")
     for name, x in (("q", q), ("k", k)):
-        if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        flags = value_flags(x)
+        if flags is not None and not flags[0]:
             raise ValueError(
                 f"{name} contains NaN or inf; check the projection that produced it (under jit "
                 "the result is NaN for the affected matrices)"
@@ -323,16 +324,6 @@ def _keep(keep, n):
 
 # --------------------------------------------------------------------------------------------
 # TokenRank
-
-
-def _diag(p):
-    """``A_ii`` from ``(qs, k, lse, km, live)`` in ``O(n d)``."""
-    qs, k, lse, km, live = p
-    s = jnp.sum(qs * k, axis=-1)
-    if live is not None:
-        s = jnp.where(live[..., None], s, 0.0)
-    d = jnp.exp(s - lse)
-    return d if km is None else jnp.where(km, d, 0.0)
 
 
 def _diag(p):

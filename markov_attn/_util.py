@@ -24,22 +24,32 @@ def as_chain(attn, name: str = "attn") -> jax.Array:
     return attn.astype(compute_dtype(attn.dtype))
 
 
-def check_values(x, name: str = "attn", *, allow_zero_rows: bool = True) -> None:
+def value_flags(x) -> tuple[bool, bool] | None:
+    """``(all finite, all non-negative)`` of a float array whose values are known now, or
+    ``None`` (traced, inside someone's ``jit``, empty or not floating)."""
+    if isinstance(x, list | tuple):
+        x = np.asarray(x)
+    if not is_concrete(x):
+        return None
+    arr = jnp.asarray(x)
+    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
+        return None
+    finite, nonneg = _value_flags(arr)
+    if isinstance(finite, jax.core.Tracer):  # concrete input, but traced by an outer jit
+        return None
+    return bool(finite), bool(nonneg)
+
+
+def check_values(x, name: str = "attn") -> None:
     """Eager value check of a probability array, when its values are known now.
 
     Raises a ``ValueError`` for NaN/inf or negative entries. Under ``jit`` nothing can be
     raised; the jitted functions return NaN for such matrices instead (see :func:`poison`).
     """
-    if isinstance(x, list | tuple):
-        x = np.asarray(x)
-    if not is_concrete(x):
+    flags = value_flags(x)
+    if flags is None:
         return
-    arr = jnp.asarray(x)
-    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
-        return
-    finite, nonneg = _value_flags(arr)
-    if isinstance(finite, jax.core.Tracer):  # inside someone's jit: the NaN path covers it
-        return
+    finite, nonneg = flags
     if not finite:
         raise ValueError(
             f"{name} contains NaN or inf; check the attention extraction (an all-masked row "
