@@ -37,6 +37,22 @@ VARIANTS = {
     "stem_lr3": {"conv_stem": STEM, "lr": 3e-3},
     "lr3e-4": {"lr": 3e-4},
     "stem_shift_ls": {"conv_stem": STEM, "shift": 4, "label_smoothing": 0.1},
+    "shift": {"shift": 4},
+    "shift_ls": {"shift": 4, "label_smoothing": 0.1},
+    "lr2": {"lr": 2e-3},
+    "deep": {"depth": 6, "width": 128, "mlp_dim": 512},
+    "fresh": {"train_size": 92_160},
+    "stem_fresh": {"conv_stem": STEM, "train_size": 92_160},
+    "fresh_shift_ls": {"train_size": 92_160, "shift": 4, "label_smoothing": 0.1},
+    # overrides of the new ``cpu`` preset (strided stem, 92,160 images)
+    "base": {},
+    "base_shift": {"shift": 4},
+    "base_ls": {"label_smoothing": 0.1},
+    "base_lr2": {"lr": 2e-3},
+    "base_wide_stem": {"conv_stem": (48, 96, 192)},
+    "base_maxpool": {"conv_stem_downsample": "maxpool"},
+    "base_20k": {"train_size": 20_000},
+    "base_nopn": {"patch_norm": False},
 }
 """Variant name -> overrides of the base preset (training or ViT fields)."""
 

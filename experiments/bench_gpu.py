@@ -246,6 +246,8 @@ def main(argv=None):
         copy_GBps=copy_bw / 1e9,
         workloads={},
     )
+    out = pathlib.Path(a.out or ROOT / "runs" / ("bench_gpu_small" if a.small else "bench_gpu"))
+    out.mkdir(parents=True, exist_ok=True)
     for name, cfg in WORKLOADS[preset].items():
         if a.only and name != a.only:
             continue
@@ -253,10 +255,9 @@ def main(argv=None):
         stats = getattr(dev, "memory_stats", lambda: None)()
         if stats and "peak_bytes_in_use" in stats:
             res["workloads"][name]["peak_device_bytes"] = int(stats["peak_bytes_in_use"])
-    out = pathlib.Path(a.out or ROOT / "runs" / ("bench_gpu_small" if a.small else "bench_gpu"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    (out / "results.md").write_text(_markdown(res))
+        # written after each workload, so that a run cut short keeps what it measured
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        (out / "results.md").write_text(_markdown(res))
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return res
 

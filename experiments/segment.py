@@ -116,9 +116,10 @@ def label(name: str) -> str:
 def _load(source):
     """``(model, info)`` from a run directory or an in-memory ``markov_attn.nn.ViT``."""
     if isinstance(source, str | os.PathLike):
-        from experiments.train import load_model
+        from experiments.train import load_model, load_weights
 
-        model, cfg = load_model(source)
+        is_file = str(source).endswith(".npz")
+        model, cfg = load_weights(source) if is_file else load_model(source)
         info = {"run": str(source), "data_seed": cfg.data_seed, "preset": cfg.name}
     else:
         model, info = source, {"run": None, "data_seed": 0, "preset": None}
@@ -573,7 +574,12 @@ def main(argv=None) -> int:
         prog="python -m experiments.segment",
         description="Zero-shot segmentation from a trained ViT's attention (synthetic benchmark).",
     )
-    p.add_argument("--run", default="runs/demo", help="run directory with a checkpoint")
+    p.add_argument(
+        "--run",
+        default="runs/demo",
+        help="run directory with a checkpoint, or a weights file (.npz) from save_weights, "
+        "such as the committed reference model experiments/reference/vit_reference.npz",
+    )
     p.add_argument("--n-images", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--extended", action="store_true", help="add per-layer and other ablations")
@@ -586,6 +592,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--readme", default="README.md")
     a = p.parse_args(argv)
+    out = a.out or (f"runs/{pathlib.Path(a.run).stem}" if a.run.endswith(".npz") else a.run)
     try:
         results = evaluate(
             a.run,
@@ -593,14 +600,14 @@ def main(argv=None) -> int:
             batch_size=a.batch_size,
             extended=a.extended,
             n_resamples=a.resamples,
-            out_dir=a.out or a.run,
+            out_dir=out,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(main_table(results))
     print("\n".join(summary_lines(results)))
-    print(f"total {results['timing']['total_s']:.1f} s; wrote {a.out or a.run}/segment.md")
+    print(f"total {results['timing']['total_s']:.1f} s; wrote {out}/segment.md")
     if a.update_readme:
         update_readme(results, a.readme)
         print(f"updated {a.readme}")

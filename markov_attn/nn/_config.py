@@ -9,6 +9,7 @@ GELUS = ("exact", "tanh", "quick")
 FINAL_NORMS = ("all", "pooled", "none")
 POS_INTERPS = ("bicubic", "bicubic_antialias")
 WEIGHTINGS = ("lambda2", "gap", "uniform")
+STEM_DOWNSAMPLES = ("maxpool", "stride")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ViTConfig:
     qkv_bias: bool = True
     patch_bias: bool = True
     conv_stem: tuple[int, ...] = ()
+    conv_stem_downsample: str = "maxpool"
     patch_norm: bool = False
     tokenrank_alpha: float = 0.99
     tokenrank_weighting: str = "lambda2"
@@ -114,6 +116,11 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.image_size ({self.image_size}) must be a multiple of patch_size "
                 f"({self.patch_size})"
+            )
+        if self.conv_stem_downsample not in STEM_DOWNSAMPLES:
+            raise ValueError(
+                f"conv_stem_downsample must be one of {STEM_DOWNSAMPLES}, "
+                f"got {self.conv_stem_downsample!r}"
             )
         stride = 2 ** len(self.conv_stem)
         if self.patch_size % stride or any(int(c) < 1 for c in self.conv_stem):

@@ -1,0 +1,79 @@
+"""The committed reference model (experiments/reference/): it loads, it is the ``gpu`` preset,
+and it classifies a slice of the benchmark's test split as well as its record says."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+train = pytest.importorskip("experiments.train")
+configs = pytest.importorskip("experiments.configs")
+
+REF = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "reference"
+
+
+def test_reference_model_accuracy_on_a_test_slice():
+    from markov_attn.data import make_split
+
+    record = json.loads((REF / "reference.json").read_text())
+    model, cfg = train.load_weights(REF / record["file"])
+    assert dataclasses.asdict(cfg) == dataclasses.asdict(
+        configs.get_preset("gpu", pool="tokenrank")
+    )
+    d = make_split("test", 250)
+    logits, aux = model(jnp.asarray(d["images"]))
+    acc = float((np.asarray(logits).argmax(-1) == d["labels"]).mean())
+    # the record: 0.792 on this slice on CPU (0.7725 on all 2,000 test images on the GPU)
+    assert acc == pytest.approx(record["cpu_check"]["test_acc"], abs=0.02)
+    assert acc > 0.7  # chance is 0.1
+    assert aux["attn"].shape == (250, cfg.model.depth, cfg.model.num_heads, 65, 65)
+
+
+def test_save_and_load_weights_round_trip(tmp_path):
+    cfg = configs.get_preset("smoke", data="synthetic", conv_stem=(4,), steps=2)
+    train.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    path = train.save_weights(tmp_path / "run", tmp_path / "w.npz")
+    loaded, lcfg = train.load_weights(path)
+    model, _ = train.load_model(tmp_path / "run")
+    x = jnp.linspace(0, 1, 2 * 32 * 32 * 3).reshape(2, 32, 32, 3)
+    np.testing.assert_array_equal(np.asarray(loaded(x)[0]), np.asarray(model(x)[0]))
+    assert lcfg == cfg
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=48))
+    train.train_and_evaluate(other, tmp_path / "other", progress=False)
+    bad = train.save_weights(tmp_path / "other", tmp_path / "bad.npz")
+    with np.load(bad) as z, np.load(path) as good:  # splice one config into the other's arrays
+        arrays = {k: z[k] for k in z.files}
+        arrays["config.json"] = good["config.json"]
+    np.savez(tmp_path / "spliced.npz", **arrays)
+    with pytest.raises(train.CheckpointError, match="another model"):
+        train.load_weights(tmp_path / "spliced.npz")
+
+
+def test_cli_set_overrides_any_field():
+    cfg = train.config_from_args(
+        ["--preset", "smoke", "--workdir", "x", "--set", "shift=3", "--set", "conv_stem=(8, 16)",
+         "--set", "pool=mean", "--set", "label_smoothing=0.1"]
+    )  # fmt: skip
+    assert (cfg.shift, cfg.model.conv_stem, cfg.model.pool, cfg.label_smoothing) == (
+        3, (8, 16), "mean", 0.1
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown config field"):
+        train.config_from_args(["--preset", "smoke", "--workdir", "x", "--set", "nope=1"])
+
+
+def test_gpu_report_regenerates_the_readme_blocks(tmp_path):
+    """The README's GPU tables come from the committed results by one command."""
+    gpu_report = pytest.importorskip("experiments.gpu_report")
+    readme = tmp_path / "README.md"
+    names = ("gpu-bench", "gpu-recipe", "gpu-heads")
+    readme.write_text("".join(f"<!-- {n}:start -->\nold\n<!-- {n}:end -->\n" for n in names))
+    assert gpu_report.main(["--update-readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text
+    assert "NVIDIA H100" in text and "| tokenrank |" in text and "| stem_fresh |" in text
+    training = json.loads((gpu_report.RESULTS / "training.json").read_text())
+    best = max(r["test_acc"] for r in training["sweep"].values())
+    assert f"{best:.3f}" in text
