@@ -292,6 +292,16 @@ def test_conv_stem_keeps_the_token_grid(images):
     assert cfg.conv_stem == (4,) and hash(cfg)
 
 
+def test_strided_conv_stem_keeps_the_token_grid(images):
+    model = _model(conv_stem=(4,), conv_stem_downsample="stride")
+    plain = _model(conv_stem=(4,))
+    (_, aux), (_, auxb) = model(images), plain(images)
+    assert aux["attn"].shape == auxb["attn"].shape
+    assert model.stem.convs[0].strides == (2, 2) and plain.stem.convs[0].strides == (1, 1)
+    with pytest.raises(ValueError, match="conv_stem_downsample"):
+        _model(conv_stem=(4,), conv_stem_downsample="avg")
+
+
 def test_conv_stem_batch_norm_modes(images):
     # Inference mode (the default): running statistics, so an image's output does not depend on
     # the other images of the batch. Training mode: batch statistics, so it does.
