@@ -123,30 +123,34 @@ def matvec(attn: jax.Array, x: jax.Array) -> jax.Array:
 
 # Terms per partial sum of the accurate product (see matvec_t_accurate).
 ACCURATE_BLOCK = 32
+# Rows per partial sum of the dense accurate product (matvec_t_accurate): one GEMM row each.
+ACCURATE_GEMM_BLOCK = 64
 
 
 def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
-    """``attn^T x`` with blocked summation: partial sums over ``ACCURATE_BLOCK`` rows, then a
-    sum of the partials.
+    """``attn^T x`` with blocked summation: partial sums over ``ACCURATE_GEMM_BLOCK`` rows, then
+    a sum of the partials.
 
     XLA's CPU ``attn^T x`` accumulates the ``n`` terms of each output in one float32 running
     sum, an L1 error of about ``1e-6`` at ``n = 1025``; blocking brings it to the rounding of
     the output (about ``6e-8``). Iterative solvers use it for their true residuals, where an
     error along a slowly mixing direction is amplified by up to ``(1 + alpha) / (1 - alpha)``.
+
+    The partial sums come from one matrix product ``X @ attn`` whose ``k``-th row holds the
+    entries of ``x`` in rows block ``k`` and zeros elsewhere (the zeros add nothing, so each
+    output of the product is a sum of at most ``ACCURATE_GEMM_BLOCK`` terms): a GEMM with
+    ``ceil(n / 64)`` rows, about 3× a plain product on the 2-core CPU, where the earlier batched
+    per-block products took 7×.
     """
-    n = attn.shape[-1]
-    b = ACCURATE_BLOCK
-    nb, tail = divmod(n, b)
-    if nb <= 1:
+    m = attn.shape[-2]
+    b = ACCURATE_GEMM_BLOCK
+    if m <= b:
         return matvec_t(attn, x)
-    head = nb * b
-    a = attn[..., :head, :].reshape((*attn.shape[:-2], nb, b, n))
-    xs = x[..., :head].reshape((*x.shape[:-1], nb, b))
-    part = jnp.einsum("...kij,...ki->...kj", a, xs, precision=HIGHEST)
-    y = jnp.sum(part, axis=-2)
-    if tail:
-        y = y + matvec_t(attn[..., head:, :], x[..., head:])
-    return y
+    nb = -(-m // b)
+    owner = (jnp.arange(m) // b)[None, :] == jnp.arange(nb)[:, None]  # (nb, m)
+    owner = owner.reshape((1,) * (x.ndim - 1) + owner.shape)
+    blocks = jnp.where(owner, x[..., None, :], jnp.zeros((), x.dtype))
+    return jnp.sum(jnp.matmul(blocks, attn, precision=HIGHEST), axis=-2)
 
 
 def is_concrete(x) -> bool:
