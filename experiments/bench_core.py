@@ -20,8 +20,9 @@ matrices at n = 1025 is timed on the first 12 and scaled by 8 (stated in the out
     python -m experiments.bench_core --sizes 197     # quick
     python -m experiments.bench_core --update-readme # copy the table into README.md
 
-On CPU set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (the Makefile does): jaxlib 0.10.2
-otherwise fuses matmul chains with reductions into a slow kernel.
+On CPU the flag XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= matters (jaxlib 0.10.2
+otherwise fuses matmul chains with reductions into a slow kernel); the ``experiments`` package
+adds it when imported first, as ``python -m experiments.bench_core`` does.
 """
 
 import argparse
@@ -30,8 +31,6 @@ import os
 import platform
 import time
 from pathlib import Path
-
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 import jax
 import jax.numpy as jnp

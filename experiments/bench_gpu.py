@@ -37,23 +37,16 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 import time
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-if FLAG not in os.environ.get("XLA_FLAGS", ""):  # harmless off CPU
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import markov_attn as ma
+from markov_attn import bounce_qk, second_eigenvalue_qk, tokenrank_qk
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import markov_attn as ma  # noqa: E402
-from markov_attn import bounce_qk, second_eigenvalue_qk, tokenrank_qk  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
 KRYLOV = 128

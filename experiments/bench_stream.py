@@ -36,13 +36,7 @@ import subprocess
 import sys
 import time
 
-FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-if FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FLAG).strip()
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     "full": dict(
