@@ -539,34 +539,51 @@ class MetastableStates(NamedTuple):
     k: int
 
 
-@functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
-def _metastable(attn, eta, tol, k, p, iters):
+def _prepare(attn, eta):
+    """Chain, weights and invalid-matrix flags; invalid matrices replaced by uniform ones."""
     a = as_chain(attn)
-    n = a.shape[-1]
-    if eta is None:
-        eta = jnp.full(a.shape[:-1], 1.0 / n, a.dtype)
-    else:
-        eta = jnp.broadcast_to(jnp.asarray(eta, a.dtype), a.shape[:-1])
+    eta = jnp.broadcast_to(jnp.asarray(eta, a.dtype), a.shape[:-1])
     bad = invalid_matrices(a) | invalid_dists(eta) | ~jnp.all(eta > 0, axis=-1)
     eta = safe_normalize(jnp.where(bad[..., None], 1.0, eta))
-    a = _sanitize(a, bad)
-    v, t, products = _subspace_core(a, k, p, iters, tol)
+    return _sanitize(a, bad), eta, bad
+
+
+def _states(a, eta, bad, v, t, products, tol, k):
     full = _finish(a, v, t, k, tol, products)
     st = _gpcca(a, full.basis, eta)
     # a cut complex pair leaves no invariant subspace to cluster: NaN, like an invalid input
     bad_out = bad | full.split
-    return (
-        full,
-        _States(
-            memberships=poison(st.memberships, bad_out),
-            assignment=jnp.where(bad_out[..., None], -1, st.assignment),
-            coarse=poison(st.coarse, bad_out),
-            metastability=poison(st.metastability, bad_out),
-            crispness=poison(st.crispness, bad_out),
-            min_chi=poison(st.min_chi, bad_out),
-        ),
-        bad,
+    return full, _States(
+        memberships=poison(st.memberships, bad_out),
+        assignment=jnp.where(bad_out[..., None], -1, st.assignment),
+        coarse=poison(st.coarse, bad_out),
+        metastability=poison(st.metastability, bad_out),
+        crispness=poison(st.crispness, bad_out),
+        min_chi=poison(st.min_chi, bad_out),
     )
+
+
+@functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
+def _metastable(attn, eta, tol, k, p, iters):
+    a, eta, bad = _prepare(attn, eta)
+    v, t, products = _subspace_core(a, k, p, iters, tol)
+    return _states(a, eta, bad, v, t, products, tol, k)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
+def _leading_basis(attn, eta, tol, k, p, iters):
+    """The ``p``-column ordered basis for ``k`` states at most, and its Ritz values."""
+    a, _, _ = _prepare(attn, eta)
+    v, t, products = _subspace_core(a, k, p, iters, tol)
+    ritz, starts = _ritz_values(t)
+    return v, t, products, ritz, starts
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _metastable_from(attn, eta, v, t, products, tol, k):
+    """G-PCCA on the leading ``k`` columns of an ordered basis computed for a larger ``k``."""
+    a, eta, bad = _prepare(attn, eta)
+    return _states(a, eta, bad, v, t, products, tol, k)
 
 
 def _check_eta(eta, n):
@@ -645,8 +662,9 @@ def metastable_states(
     **Choosing k.** ``k=None`` takes the ``k`` in ``k_range`` (clipped to ``n - 1``) with the
     largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
-    each). That costs one extra subspace iteration with ``k = k_max``, needs concrete values and
-    so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
+    each). The subspace iteration then runs once for ``k_max`` and G-PCCA uses the leading
+    ``k`` columns of its ordered basis (which span the ``k``-subspace). It needs concrete values
+    and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
     a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex pair in
     half raises eagerly; under ``jit`` that matrix gets NaN memberships and ``converged = False``.
 
@@ -675,12 +693,14 @@ def metastable_states(
     Examples:
       >>> import numpy as np
       >>> import markov_attn as ma
-      >>> blocks = np.kron(np.eye(2), np.full((3, 3), 0.3)) + 0.1 / 6  # two sticky triples
-      >>> ms = ma.metastable_states(blocks)
+      >>> labels = np.array([0, 0, 0, 0, 1, 1])  # two groups, 90 % of attention stays inside
+      >>> size = np.bincount(labels)[labels][:, None]
+      >>> A = np.where(labels[:, None] == labels, 0.9 / size, 0.1 / (6 - size))
+      >>> ms = ma.metastable_states(A)
       >>> ms.k, ms.assignment.tolist()
-      (2, [0, 0, 0, 1, 1, 1])
+      (2, [0, 0, 0, 0, 1, 1])
       >>> round(float(ms.metastability), 3)
-      1.9
+      1.8
     """
     a = jnp.asarray(attn) if isinstance(attn, list | tuple) else attn
     shape = np.shape(a)
@@ -691,6 +711,9 @@ def metastable_states(
     oversample = check_count("oversample", oversample, minimum=1)
     iters = check_count("iters", iters, minimum=1)
     check_choice("split", split, SPLIT)
+    # one weights array of the batch's shape, so every call of one shape shares a program
+    eta = np.full(shape[:-1], 1.0 / n, np.float32) if eta is None else eta
+    eta = jnp.broadcast_to(jnp.asarray(eta), shape[:-1])
     if k is None:
         if not is_concrete(jnp.asarray(a) if not isinstance(a, jax.Array) else a):
             raise ValueError(
@@ -706,13 +729,15 @@ def metastable_states(
                 f"k_range = {tuple(k_range)} leaves no k in [2, n - 1] for n = {n} tokens; "
                 "a chain needs at least 3 tokens to have metastable states"
             )
-        full = _schur_subspace(a, tol, hi, min(hi + oversample, n), iters)
-        if not is_concrete(full.ritz):  # concrete input inside someone's jit
+        # one iteration for k_max: its ordered basis also holds the subspaces of smaller k
+        basis = _leading_basis(a, eta, tol, hi, min(hi + oversample, n), iters)
+        if not is_concrete(basis[3]):  # concrete input inside someone's jit
             raise ValueError("k=None needs concrete values (eager mode); pass k= under jit")
-        k = choose_k(full.ritz, (lo, hi), cuts=full.starts)
-    k = _check_k(k, n, 2, " (number of metastable states)")
-    p = min(k + oversample, n)
-    full, st, _ = _metastable(a, eta, tol, k, p, iters)
+        k = choose_k(basis[3], (lo, hi), cuts=basis[4])
+        full, st = _metastable_from(a, eta, *basis[:3], tol, k)
+    else:
+        k = _check_k(k, n, 2, " (number of metastable states)")
+        full, st = _metastable(a, eta, tol, k, min(k + oversample, n), iters)
     _check_split(full, k, split)
     return MetastableStates(
         *st,

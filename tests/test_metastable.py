@@ -13,6 +13,10 @@ N = 48  # one shape (3, N, N) and k = 3 for most tests: each program compiles on
 K = 3
 
 
+_states = jax.jit(lambda x: ma.metastable_states(x, k=K))
+_subspace = jax.jit(lambda x: ma.schur_subspace(x, k=K))
+
+
 def _blocky(rng, batch, n, clusters, *, strength=6.0, reversible=False):
     """Softmax attention with planted clusters; symmetric logits give a reversible chain."""
     labels = np.sort(rng.integers(0, clusters, size=(*batch, n)), axis=-1)
@@ -82,8 +86,7 @@ def test_subspace_matches_sorted_schur_on_nonreversible_chains(rng):
         np.testing.assert_allclose(np.trace(s.schur[i]), lam.sum().real, atol=1e-5)
         np.testing.assert_allclose(np.abs(lam), mod[:K], atol=2e-3)
         np.testing.assert_allclose(s.gap[i], mod[K - 1] - mod[K], atol=2e-3)
-    jitted = jax.jit(lambda x: ma.schur_subspace(x, k=K))(a)
-    np.testing.assert_allclose(jitted.basis, s.basis, atol=1e-6)
+    np.testing.assert_allclose(_subspace(a).basis, s.basis, atol=1e-6)
 
 
 def test_pcca_matches_deeptime_on_reversible_chains(rng):
@@ -101,10 +104,6 @@ def test_pcca_matches_deeptime_on_reversible_chains(rng):
         assert np.abs(chi - ref.memberships[:, perm]).max() <= 0.1
 
 
-_states = jax.jit(lambda x: ma.metastable_states(x, k=K))
-_subspace = jax.jit(lambda x: ma.schur_subspace(x, k=K))
-
-
 def test_memberships_are_a_partition_of_unity(rng):
     a, labels = _stack(rng)
     ms = ma.metastable_states(a, k=K)
@@ -120,12 +119,10 @@ def test_memberships_are_a_partition_of_unity(rng):
     assert np.all(np.asarray(ms.converged))
     for i in range(3):  # the planted clusters
         assert _agreement(np.asarray(ms.assignment[i]), labels[i], K) >= 0.99
-    # batching: vmap = the batched call; jit = eager
+    # batching: vmap = the batched call (jit = eager: see test_bad_inputs)
     vm = jax.vmap(lambda x: ma.metastable_states(x, k=K))(a)
-    jitted = _states(a)
     for name in ("memberships", "coarse", "metastability", "residual", "assignment"):
         np.testing.assert_allclose(getattr(vm, name), getattr(ms, name), atol=1e-5)
-        np.testing.assert_allclose(getattr(jitted, name), getattr(ms, name), atol=1e-6)
 
 
 def test_block_diagonal_chains_give_crisp_states():
@@ -173,10 +170,12 @@ def test_bad_inputs(rng):
         ma.metastable_states(a, k=K, split="ignore")
     with pytest.raises(ValueError, match="k=None"):
         jax.jit(lambda x: ma.metastable_states(x).memberships)(a)
-    # under jit: NaN for the bad matrix only, never a plausible number
-    out = _states(bad)
+    # jit = eager; under jit: NaN for the bad matrix only, never a plausible number
+    eager, jitted, out = ma.metastable_states(a, k=K), _states(a), _states(bad)
+    for name in ("memberships", "coarse", "metastability", "residual", "assignment"):
+        np.testing.assert_allclose(getattr(jitted, name), getattr(eager, name), atol=1e-6)
     for i in (0, 2):
-        np.testing.assert_allclose(out.memberships[i], _states(a).memberships[i], atol=1e-6)
+        np.testing.assert_allclose(out.memberships[i], jitted.memberships[i], atol=1e-6)
     assert np.all(np.isnan(np.asarray(out.memberships[1])))
     assert np.all(np.asarray(out.assignment[1]) == -1)
     assert np.isnan(float(out.metastability[1])) and not bool(out.converged[1])
