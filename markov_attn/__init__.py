@@ -20,7 +20,7 @@ from ._chain import reverse as reverse
 from ._chain import row_select as row_select
 from ._chain import teleport as teleport
 from ._chain import transition as transition
-from ._metastable import MetastableStates as MetastableStates
+from ._metastable import MetastableStates as MetastableStates  # result types (not in __all__)
 from ._metastable import SchurSubspace as SchurSubspace
 from ._metastable import metastable_states as metastable_states
 from ._metastable import schur_subspace as schur_subspace
@@ -39,8 +39,6 @@ from ._weights import head_weights as head_weights
 __version__ = "0.1.0"
 
 __all__ = [
-    "MetastableStates",
-    "SchurSubspace",
     "average",
     "bounce",
     "bounce_qk",

@@ -712,7 +712,7 @@ def metastable_states(
     iters = check_count("iters", iters, minimum=1)
     check_choice("split", split, SPLIT)
     # one weights array of the batch's shape, so every call of one shape shares a program
-    eta = np.full(shape[:-1], 1.0 / n, np.float32) if eta is None else eta
+    eta = jnp.full(shape[:-1], 1.0 / n, jnp.float32) if eta is None else eta
     eta = jnp.broadcast_to(jnp.asarray(eta), shape[:-1])
     if k is None:
         if not is_concrete(jnp.asarray(a) if not isinstance(a, jax.Array) else a):
