@@ -402,7 +402,8 @@ def schur_subspace(
     :math:`|\lambda_{p+1} / \lambda_k|^t` (without the reordering, only like
     :math:`|\lambda_{k+1} / \lambda_k|^t`). QR is Householder in plain ``jax.numpy``; there is
     no LAPACK call, host callback or nonsymmetric eigensolver (``jnp.linalg.eig`` and ``schur``
-    have no TPU lowering), so it runs and exports on CPU, GPU and TPU. Iteration stops when every
+    have no TPU lowering), so it runs on CPU and lowers for GPU and TPU (checked with
+    ``jax.export``, also with a symbolic batch axis). Iteration stops when every
     matrix of a batch chunk has residual ``<= tol``, or after ``iters`` products.
 
     **Convergence is reported, never assumed.** ``converged`` needs the residual at most
