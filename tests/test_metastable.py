@@ -122,6 +122,12 @@ def test_memberships_are_a_partition_of_unity(rng):
     assert np.all(np.asarray(ms.converged))
     for i in range(3):  # the planted clusters
         assert _agreement(np.asarray(ms.assignment[i]), labels[i], K) >= 0.99
+    # invariants: relabelling tokens permutes the rows; teleportation changes no state
+    perm = rng.permutation(N)
+    shuffled = ma.metastable_states(a[:, perm][:, :, perm], k=K)
+    np.testing.assert_allclose(shuffled.memberships, ms.memberships[:, perm], atol=1e-3)
+    teleported = ma.metastable_states(np.asarray(ma.teleport(a, alpha=0.9)), k=K)
+    np.testing.assert_allclose(teleported.memberships, ms.memberships, atol=1e-3)
     # batching: vmap = the batched call (jit = eager: see test_bad_inputs)
     vm = jax.vmap(lambda x: ma.metastable_states(x, k=K))(a)
     for name in ("memberships", "coarse", "metastability", "residual", "assignment"):
