@@ -4,7 +4,8 @@ An attention matrix is row-stochastic, so it is the transition matrix of a Marko
 tokens (Erel et al., "Attention (as Discrete-Time Markov) Chains", arXiv 2507.17657). This package
 gives pure, jitted, batched and differentiable JAX functions over attention arrays of shape
 ``(..., n, n)``: multi-bounce maps, TokenRank (the stationary distribution), |λ2| and the
-spectral gap, λ2 head weighting and attention rollout.
+spectral gap, λ2 head weighting, attention rollout, and metastable states (G-PCCA on a
+real Schur basis computed without eigendecomposition).
 
 ``import markov_attn`` needs only jax, numpy and jaxtyping; the Flax model lives in
 ``markov_attn.nn``.
@@ -19,6 +20,10 @@ from ._chain import reverse as reverse
 from ._chain import row_select as row_select
 from ._chain import teleport as teleport
 from ._chain import transition as transition
+from ._metastable import MetastableStates as MetastableStates  # result types (not in __all__)
+from ._metastable import SchurSubspace as SchurSubspace
+from ._metastable import metastable_states as metastable_states
+from ._metastable import schur_subspace as schur_subspace
 from ._rollout import rollout as rollout
 from ._shard import shard_stack as shard_stack
 from ._shard import stack_spec as stack_spec
@@ -41,10 +46,12 @@ __all__ = [
     "column_select",
     "column_sum",
     "head_weights",
+    "metastable_states",
     "normalize",
     "reverse",
     "rollout",
     "row_select",
+    "schur_subspace",
     "second_eigenvalue",
     "second_eigenvalue_qk",
     "shard_stack",

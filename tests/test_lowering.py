@@ -39,6 +39,8 @@ FUNCTIONS = {
     "grad-tokenrank_qk": (jax.grad(lambda q, k: ma.tokenrank_qk(q, k, block=4).sum()), (Q, Q)),
     "bounce_qk": (lambda q, k: ma.bounce_qk(q, k, 0, steps=2, block=4), (Q, Q)),
     "second_eigenvalue_qk": (lambda q, k: ma.second_eigenvalue_qk(q, k, block=4), (Q, Q)),
+    "schur_subspace": (lambda a: ma.schur_subspace(a, k=3), (A,)),
+    "metastable_states": (lambda a: ma.metastable_states(a, k=3), (A,)),
 }
 
 # Documented exceptions: general eigendecomposition has no TPU lowering in JAX 0.10, so
@@ -82,7 +84,14 @@ def test_every_public_function_is_covered():
 
 def test_tpu_modules_use_no_host_kernels():
     # A CPU LAPACK custom call in a TPU module would mean the lowering silently fell back.
-    for name in ("tokenrank-solve", "grad-tokenrank-solve", "second_eigenvalue"):
+    names = (
+        "tokenrank-solve",
+        "grad-tokenrank-solve",
+        "second_eigenvalue",
+        "schur_subspace",
+        "metastable_states",
+    )
+    for name in names:
         text = _export(*FUNCTIONS[name], "tpu").mlir_module()
         assert "lapack" not in text.lower(), name
 

@@ -1,0 +1,794 @@
+"""Metastable states: the dominant invariant subspace of a chain and G-PCCA memberships.
+
+Everything on the default path is matmuls, Householder reflections and fixed-size loops in
+plain ``jax.numpy``: no LAPACK call, no host callback, no nonsymmetric eigensolver, so it
+lowers for CPU, GPU and TPU alike.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Complex, Float, Int
+
+from ._typing import ChainLike, DistLike, PerMatrix
+from ._util import (
+    HIGHEST,
+    as_chain,
+    check_choice,
+    check_count,
+    check_square,
+    check_values,
+    invalid_dists,
+    invalid_matrices,
+    is_concrete,
+    map_over_batch,
+    poison,
+    safe_normalize,
+)
+
+#: Products with the chain between two orthonormalisations (and Schur–Rayleigh–Ritz steps).
+RR_EVERY = 5
+#: Each reordering of the small projected matrix ``H`` takes ``RR_ROUNDS`` QR factorisations
+#: of ``H^(2^RR_SQUARINGS)``: as many unshifted QR steps as ``RR_ROUNDS * 2^RR_SQUARINGS``.
+RR_ROUNDS = 2
+RR_SQUARINGS = 3
+#: Default range searched when ``metastable_states(k=None)`` picks the number of states.
+K_RANGE = (2, 10)
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=HIGHEST)
+
+
+def _t(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+def _col(x, j):
+    return jax.lax.dynamic_index_in_dim(x, j, axis=x.ndim - 1, keepdims=False)
+
+
+def _reflect(v, x):
+    """``(I - 2 v v^T) x`` for unit (or zero) ``v`` ``(..., m)`` and ``x`` ``(..., m, p)``."""
+    return (
+        x
+        - 2.0
+        * v[..., :, None]
+        * jnp.einsum("...m,...mp->...p", v, x, precision=HIGHEST)[..., None, :]
+    )
+
+
+def _qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Thin QR of ``(..., m, p)`` (``m >= p``) by Householder reflections, ``diag(R) >= 0``.
+
+    Plain jnp in a loop over columns, so it lowers everywhere, compiles once whatever ``p``,
+    and avoids jaxlib's batched CPU LAPACK kernels. A rank-deficient ``x`` still gives an
+    orthonormal ``Q``.
+    """
+    m, p = x.shape[-2:]
+    tiny = jnp.finfo(x.dtype).tiny * 1e4
+    rows = jnp.arange(m)
+
+    def forward(j, carry):
+        r, vs = carry
+        col = jnp.where(rows >= j, _col(r, j), 0.0)
+        alpha = jnp.sqrt(jnp.sum(col * col, axis=-1))
+        head = jnp.sum(jnp.where(rows == j, col, 0.0), axis=-1)
+        sign = jnp.where(head >= 0, 1.0, -1.0).astype(x.dtype)
+        v = col + jnp.where(rows == j, (sign * alpha)[..., None], 0.0)
+        vn = jnp.sqrt(jnp.sum(v * v, axis=-1))
+        ok = vn > tiny
+        v = jnp.where(ok[..., None], v / jnp.where(ok, vn, 1.0)[..., None], 0.0)
+        vs = jax.lax.dynamic_update_index_in_dim(vs, v, j, axis=vs.ndim - 2)
+        return _reflect(v, r), vs
+
+    vs = jnp.zeros((*x.shape[:-2], p, m), x.dtype)
+    r, vs = jax.lax.fori_loop(0, p, forward, (x, vs))
+
+    def backward(i, q):
+        v = jax.lax.dynamic_index_in_dim(vs, p - 1 - i, axis=vs.ndim - 2, keepdims=False)
+        return _reflect(v, q)
+
+    q = jax.lax.fori_loop(0, p, backward, jnp.broadcast_to(jnp.eye(m, p, dtype=x.dtype), x.shape))
+    r = r[..., :p, :]
+    s = jnp.where(jnp.diagonal(r, axis1=-2, axis2=-1) < 0, -1.0, 1.0).astype(x.dtype)
+    return q * s[..., None, :], r * s[..., :, None]
+
+
+def _small_inverse(m: jax.Array) -> jax.Array:
+    """Inverse of small ``(..., k, k)`` matrices: Householder QR and back substitution (a
+    near-singular pivot is floored at ``eps`` times the largest entry of ``R``)."""
+    k = m.shape[-1]
+    q, r = _qr(m)
+    b = _t(q)
+    scale = jnp.max(jnp.abs(r), axis=(-2, -1))
+    floor = jnp.finfo(m.dtype).eps * jnp.maximum(scale, jnp.finfo(m.dtype).tiny)
+
+    def back(i, y):
+        row = k - 1 - i
+        ri = jax.lax.dynamic_index_in_dim(r, row, axis=r.ndim - 2, keepdims=False)
+        bi = jax.lax.dynamic_index_in_dim(b, row, axis=b.ndim - 2, keepdims=False)
+        acc = bi - jnp.einsum("...j,...jm->...m", ri, y, precision=HIGHEST)
+        piv = _col(ri, row)
+        piv = jnp.where(jnp.abs(piv) > floor, piv, jnp.where(piv < 0, -floor, floor))
+        return jax.lax.dynamic_update_index_in_dim(y, acc / piv[..., None], row, axis=y.ndim - 2)
+
+    return jax.lax.fori_loop(0, k, back, jnp.zeros_like(b))
+
+
+def _order_by_modulus(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``U`` orthogonal with ``U^T H U = T`` whose diagonal blocks tend to decreasing modulus
+    (complex pairs stay 2x2 blocks): unshifted QR iteration, ``2^RR_SQUARINGS`` steps at a
+    time as the QR factorisation of the normalised power ``H^(2^RR_SQUARINGS)`` (the product
+    of ``m`` QR steps' ``Q`` factors is the ``Q`` factor of ``H^m``)."""
+    u = jnp.broadcast_to(jnp.eye(h.shape[-1], dtype=h.dtype), h.shape)
+
+    def power(t):
+        for _ in range(RR_SQUARINGS):
+            t = _mm(t, t)
+            t = t / jnp.maximum(jnp.max(jnp.abs(t), axis=(-2, -1), keepdims=True), 1e-30)
+        return t
+
+    def body(_, carry):
+        t, u = carry
+        q, _ = _qr(power(t))
+        return _mm(_t(q), _mm(t, q)), _mm(u, q)
+
+    return jax.lax.fori_loop(0, RR_ROUNDS, body, (h, u))
+
+
+def _ritz_values(t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Eigenvalues of a (nearly) block upper triangular ``(..., p, p)`` matrix from its 1x1
+    and 2x2 diagonal blocks, and ``(..., p)`` flags: position ``i`` starts a complex 2x2 block.
+
+    A 2x2 block is where the subdiagonal entry is above ``1e-5`` of the matrix scale (blocks
+    taken greedily from the top); its eigenvalues are ``tr/2 ± sqrt(tr^2/4 - det)``, complex
+    when the discriminant is negative.
+    """
+    scale = jnp.max(jnp.abs(t), axis=(-2, -1))
+    diag = jnp.diagonal(t, axis1=-2, axis2=-1)
+    a, d = diag[..., :-1], diag[..., 1:]
+    b = jnp.diagonal(t, offset=1, axis1=-2, axis2=-1)
+    c = jnp.diagonal(t, offset=-1, axis1=-2, axis2=-1)
+    coupled = jnp.abs(c) > 1e-5 * scale[..., None]
+
+    def greedy(prev, cpl):
+        start = cpl & ~prev
+        return start, start
+
+    _, start = jax.lax.scan(greedy, jnp.zeros(t.shape[:-2], bool), jnp.moveaxis(coupled, -1, 0))
+    start = jnp.moveaxis(start, 0, -1)  # (..., p - 1): a block covers i, i + 1
+    half = 0.5 * (a + d)
+    disc = 0.25 * (a - d) ** 2 + b * c
+    root = jnp.sqrt(jnp.abs(disc))
+    cplx = start & (disc < 0)
+    pad = jnp.zeros((*t.shape[:-2], 1), bool)
+    zero = jnp.zeros((*t.shape[:-2], 1), t.dtype)
+    first = jnp.concatenate([start, pad], axis=-1)  # position i opens a block
+    second = jnp.concatenate([pad, start], axis=-1)  # position i closes one
+    cfirst = jnp.concatenate([cplx, pad], axis=-1)
+    csecond = jnp.concatenate([pad, cplx], axis=-1)
+    half_f, root_f = jnp.concatenate([half, zero], -1), jnp.concatenate([root, zero], -1)
+    half_s, root_s = jnp.concatenate([zero, half], -1), jnp.concatenate([zero, root], -1)
+    re = jnp.where(first, jnp.where(cfirst, half_f, half_f + root_f), diag)
+    re = jnp.where(second, jnp.where(csecond, half_s, half_s - root_s), re)
+    im = jnp.where(cfirst, root_f, 0.0) - jnp.where(csecond, root_s, 0.0)
+    return jax.lax.complex(re, im), cfirst
+
+
+def _start_basis(n: int, p: int) -> np.ndarray:
+    """``[1/sqrt(n), generic columns]`` orthonormalised, a trace-time constant (fixed seed:
+    reproducible)."""
+    x = np.random.default_rng(0).standard_normal((n, p))
+    x[:, 0] = 1.0
+    q, r = np.linalg.qr(x)
+    return q * np.where(np.diagonal(r) < 0, -1.0, 1.0)
+
+
+def _leading_residuals(v, w, t):
+    """``(..., p)``: entry ``j - 1`` is ``||A V_j - V_j T_jj||_F`` for the leading ``j`` columns,
+    from ``W = A V`` and ``T = V^T W`` (the part of ``W`` outside ``span V`` is orthogonal to it,
+    the part inside is the block of ``T`` below the leading one)."""
+    p = t.shape[-1]
+    outside = jnp.sum((w - _mm(v, t)) ** 2, axis=-2)  # per column
+    idx = jnp.arange(p)
+    size = idx[:, None, None] + 1  # block size j = 1..p
+    mask = (idx[None, None, :] < size) & (idx[None, :, None] >= size)  # (j, row, col)
+    below = jnp.einsum("jrc,...rc->...j", mask.astype(t.dtype), t * t, precision=HIGHEST)
+    inside = jnp.cumsum(outside, axis=-1)
+    return jnp.sqrt(inside + below)
+
+
+def _best_k(t, ks):
+    """Per matrix, the ``k`` in ``ks = (lo, hi)`` with the largest Ritz-modulus gap that cuts
+    no complex pair (``(...)`` int32)."""
+    lo, hi = ks
+    ritz, starts = _ritz_values(t)
+    mod = jnp.sort(jnp.abs(ritz), axis=-1)[..., ::-1]
+    gaps = mod[..., lo - 1 : hi] - mod[..., lo : hi + 1]
+    gaps = jnp.where(starts[..., lo - 1 : hi], -jnp.inf, gaps)
+    return lo + jnp.argmax(gaps, axis=-1).astype(jnp.int32)
+
+
+def _iterate(a, p, iters, tol, ks):
+    """Block orthogonal iteration with Schur–Rayleigh–Ritz reordering on ``a`` ``(..., n, n)``.
+
+    Each round: ``RR_EVERY`` products, a QR, one more product and the reordering of
+    ``V^T A V``. Returns the ``(..., n, p)`` basis, the ``(..., p, p)`` reordered projection and
+    the number of products. Stops early when every member's residual is at most ``tol``: that
+    of the leading ``k`` columns, with ``k`` fixed (``ks = (k, k)``) or, for ``ks = (lo, hi)``,
+    the ``k`` in that range with the largest current Ritz-modulus gap.
+    """
+    n = a.shape[-1]
+    v0 = jnp.asarray(_start_basis(n, p), a.dtype)
+    v = jnp.broadcast_to(v0, (*a.shape[:-2], n, p))
+    rounds = max(1, -(-iters // (RR_EVERY + 1)))
+
+    def cond(state):
+        it, *_, res = state
+        return (it < rounds) & jnp.any(~(res <= tol))
+
+    def body(state):
+        it, v, _, _ = state
+        v = _qr(jax.lax.fori_loop(0, RR_EVERY, lambda _, x: _mm(a, x), v))[0]
+        w = _mm(a, v)
+        t, u = _order_by_modulus(_mm(_t(v), w))
+        v, w = _mm(v, u), _mm(w, u)
+        lead = _leading_residuals(v, w, t)
+        if ks[0] == ks[1]:
+            res = lead[..., ks[0] - 1]
+        else:
+            best = _best_k(t, ks)
+            res = jnp.take_along_axis(lead, (best - 1)[..., None], axis=-1)[..., 0]
+        return it + 1, v, t, res
+
+    t = jnp.zeros((*a.shape[:-2], p, p), a.dtype)
+    res = jnp.full(a.shape[:-2], jnp.inf, a.dtype)
+    it, v, t, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), v, t, res))
+    return v, t, it * (RR_EVERY + 1)
+
+
+def _frob(x):
+    return jnp.sqrt(jnp.sum(x * x, axis=(-2, -1)))
+
+
+def _sanitize(a, bad):
+    """Rows renormalised; invalid matrices replaced by the uniform chain (which converges at
+    once), so they do not hold a batch's iteration to its limit. Their outputs are poisoned."""
+    n = a.shape[-1]
+    return jnp.where(
+        bad[..., None, None], 1.0 / n, safe_normalize(jnp.where(bad[..., None, None], 1.0, a))
+    )
+
+
+class _Full(NamedTuple):
+    basis: jax.Array
+    schur: jax.Array
+    ritz: jax.Array
+    residual: jax.Array
+    gap: jax.Array
+    split: jax.Array
+    starts: jax.Array
+    converged: jax.Array
+    products: jax.Array
+
+
+def _subspace_core(a, k, p, iters, tol, ks=None):
+    """The ``k``-dimensional dominant subspace of valid chains ``a`` (no input checks)."""
+    a = jax.lax.stop_gradient(a)  # memberships are held fixed under differentiation
+    item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
+    v, t, products = map_over_batch(
+        lambda x: _iterate(x, p, iters, tol, ks or (k, k)),
+        a,
+        batch_ndim=a.ndim - 2,
+        item_bytes=item,
+    )
+    return v, t, products
+
+
+def _finish(a, v, t, k, tol, products):
+    """Residual, Ritz values, gap and flags of the leading ``k`` columns of ``v``."""
+    ritz, starts = _ritz_values(t)
+    vk = v[..., :k]
+    av = _mm(a, vk)
+    r = _mm(_t(vk), av)
+    residual = _frob(av - _mm(vk, r))
+    mod = jnp.sort(jnp.abs(ritz), axis=-1)[..., ::-1]
+    gap = mod[..., k - 1] - mod[..., k]
+    split = starts[..., k - 1]
+    ortho = _frob(_mm(_t(vk), vk) - jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), r.shape))
+    converged = (residual <= tol) & (gap > 0) & ~split & (ortho <= 1e-4)
+    products = jnp.broadcast_to(products, residual.shape)
+    return _Full(vk, r, ritz, residual, gap, split, starts, converged, products)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
+def _schur_subspace(attn, tol, k, p, iters):
+    a = as_chain(attn)
+    bad = invalid_matrices(a)
+    a = _sanitize(a, bad)
+    v, t, products = _subspace_core(a, k, p, iters, tol)
+    full = _finish(a, v, t, k, tol, products)
+    cut = bad | full.split  # a cut complex pair: no invariant subspace of that dimension
+    return full._replace(
+        basis=poison(full.basis, cut),
+        schur=poison(full.schur, cut),
+        ritz=poison(full.ritz, bad),
+        residual=poison(full.residual, bad),
+        gap=poison(full.gap, bad),
+        converged=full.converged & ~bad,
+    )
+
+
+class SchurSubspace(NamedTuple):
+    """Result of :func:`schur_subspace` (leading axes ``...`` are the batch)."""
+
+    #: ``(..., n, k)`` orthonormal basis ``V`` of the right invariant subspace, ``A V = V R``;
+    #: its first column is the constant vector ``1/sqrt(n)``.
+    basis: Float[Array, "*batch n k"]
+    #: ``(..., k, k)`` Rayleigh quotient ``R = V^T A V``, block upper triangular up to the
+    #: residual, blocks ordered by decreasing eigenvalue modulus (complex pairs are 2x2 blocks).
+    schur: Float[Array, "*batch k k"]
+    #: ``(..., k)`` complex64 eigenvalues read from ``R``'s diagonal blocks, decreasing modulus.
+    eigenvalues: Complex[Array, "*batch k"]
+    #: ``(...)`` Frobenius residual ``||A V - V R||_F``.
+    residual: PerMatrix
+    #: ``(...)`` modulus gap ``|λ_k| - |λ_{k+1}|`` from the Ritz values (0 at a complex pair).
+    gap: PerMatrix
+    #: ``(...)`` residual at most ``tol``, ``gap > 0``, no complex pair cut, ``V`` orthonormal.
+    converged: Bool[Array, "*batch"]
+    #: ``(...)`` products ``A V`` used (every member of a batch chunk runs as long as its
+    #: slowest one).
+    products: Int[Array, "*batch"]
+
+
+def _check_k(k, n, minimum, what):
+    k = check_count("k", k, minimum=minimum, what=what)
+    if k >= n:
+        raise ValueError(
+            f"k must be smaller than the number of tokens n = {n}, got k = {k}; the subspace "
+            f"of all {n} eigenvalues is the whole space (pass k <= {n - 1})"
+        )
+    return k
+
+
+SPLIT = ("raise", "nan")
+
+
+def _check_split(full, k, split, name="attn"):
+    """Eager: refuse a ``k`` that cuts a complex-conjugate pair of some matrix in half."""
+    if split == "nan" or not is_concrete(full.split):
+        return
+    cut = np.asarray(full.split)
+    if cut.any():
+        where = np.argwhere(cut)
+        first = tuple(int(i) for i in where[0]) if where.shape[1] else ()
+        raise ValueError(
+            f"k = {k} cuts a complex-conjugate eigenvalue pair in half for {int(cut.sum())} "
+            f"matrices of {name} (the first at index {first}); a real invariant subspace must "
+            f"keep both: pass k = {k - 1} or k = {k + 1}, k=None to choose from the gaps, or "
+            'split="nan" to get NaN (and converged=False) for those matrices only'
+        )
+
+
+def schur_subspace(
+    attn: ChainLike,
+    /,
+    *,
+    k: int,
+    oversample: int = 4,
+    iters: int = 300,
+    tol: float = 1e-5,
+    split: str = "raise",
+) -> SchurSubspace:
+    r"""The invariant subspace of the ``k`` eigenvalues of largest modulus, without ``eig``.
+
+    For a row-stochastic chain :math:`A` (``attn[..., i, j]`` = P(i → j)) this is the **right**
+    invariant subspace, :math:`A V = V R` with :math:`V^\top V = I`: functions on tokens, the
+    side PCCA+/G-PCCA needs (it contains :math:`\mathbf{1}`, since :math:`A\mathbf{1} =
+    \mathbf{1}`; the left one of :math:`A^\top` contains the stationary distribution instead).
+    :math:`R` is a real Schur-like form: block upper triangular with 1x1 blocks for real and 2x2
+    blocks for complex-conjugate eigenvalues, ordered by decreasing modulus, so its eigenvalues
+    are the chain's ``k`` leading eigenvalues.
+
+    Algorithm: block orthogonal iteration :math:`V \leftarrow \mathrm{qr}(A V)` with
+    :math:`p = k + \text{oversample}` columns, the first one the constant vector (which locks
+    :math:`\lambda_1 = 1`), and every few products a Schur–Rayleigh–Ritz step (Stewart 1976):
+    :math:`H = V^\top A V` is reordered by an unshifted QR iteration :math:`T \leftarrow RQ`,
+    :math:`V \leftarrow V U`. The leading ``k`` columns converge like
+    :math:`|\lambda_{p+1} / \lambda_k|^t` (without the reordering, only like
+    :math:`|\lambda_{k+1} / \lambda_k|^t`). QR is Householder in plain ``jax.numpy``; there is
+    no LAPACK call, host callback or nonsymmetric eigensolver (``jnp.linalg.eig`` and ``schur``
+    have no TPU lowering), so it runs on CPU and lowers for GPU and TPU (checked with
+    ``jax.export``, also with a symbolic batch axis). Iteration stops when every
+    matrix of a batch chunk has residual ``<= tol``, or after ``iters`` products.
+
+    **Convergence is reported, never assumed.** ``converged`` needs the residual at most
+    ``tol``, a positive modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|` and an orthonormal
+    basis; the angle to the exact subspace is roughly ``residual / separation``, so a small
+    residual with a tiny ``gap`` is no guarantee. The subspace exists only when the gap is
+    positive: a ``k`` that cuts a complex-conjugate pair in half (or ties in modulus) has none.
+    When the leading ``k + oversample + 1`` moduli nearly tie (near-permutation heads),
+    convergence is slow: raise ``iters`` or ``oversample``. ``eigenvalues`` and ``gap`` are
+    read from the diagonal blocks of the reordered projection, whose unshifted QR iteration
+    separates nearly tied moduli (relative differences ~1e-3) only partly: there single
+    eigenvalues and the gap are accurate to ~1e-3, while their sum ``trace(schur)`` and the
+    subspace itself stay accurate. Causal (triangular) chains have
+    ill-conditioned eigenvalues; their subspaces are not determined to float32 accuracy.
+
+    Gradients: the basis is held fixed (``stop_gradient``); ``schur`` and ``residual`` are
+    differentiable through the explicit :math:`A` in :math:`V^\top A V` only.
+
+    Args:
+      attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
+      k: subspace dimension, ``1 <= k <= n - 1`` (static).
+      oversample: extra columns iterated along (static); ``p = min(k + oversample, n)``.
+      iters: maximum number of products ``A V`` (static).
+      tol: residual threshold of the early stop and of ``converged``.
+      split: ``"raise"`` (eagerly) or ``"nan"`` when ``k`` cuts a complex-conjugate pair of
+        some matrix in half; with ``"nan"``, and always under ``jit``, that matrix gets a NaN
+        ``basis`` and ``schur`` and ``converged = False``.
+
+    Returns:
+      A :class:`SchurSubspace` ``(basis, schur, eigenvalues, residual, gap, converged,
+      products)``.
+
+    Raises:
+      ValueError: ``k`` not in ``[1, n - 1]``, ``k`` cutting a complex pair (eagerly), a
+        non-square ``attn``, or (eagerly) NaN/inf or negative entries; under ``jit`` those
+        matrices give NaN and ``converged = False`` instead.
+
+    Examples:
+      >>> import numpy as np
+      >>> import markov_attn as ma
+      >>> A = [[0.01, 0.04, 0.02, 0.85, 0.08], [0.82, 0.04, 0.07, 0.01, 0.06],
+      ...      [0.80, 0.07, 0.03, 0.05, 0.05], [0.06, 0.06, 0.03, 0.04, 0.81],
+      ...      [0.53, 0.03, 0.03, 0.06, 0.35]]
+      >>> s = ma.schur_subspace(A, k=3)
+      >>> np.round(np.abs(s.eigenvalues), 3)
+      array([1.   , 0.626, 0.626], dtype=float32)
+      >>> bool(s.converged), s.basis.shape
+      (True, (5, 3))
+    """
+    shape = np.shape(attn)
+    check_square(shape)
+    n = shape[-1]
+    k = _check_k(k, n, 1, " (subspace dimension)")
+    oversample = check_count("oversample", oversample, minimum=1)
+    iters = check_count("iters", iters, minimum=1)
+    check_choice("split", split, SPLIT)
+    check_values(attn)
+    p = min(k + oversample, n)
+    full = _schur_subspace(attn, tol, k, p, iters)
+    _check_split(full, k, split)
+    return SchurSubspace(
+        full.basis,
+        full.schur,
+        full.ritz[..., :k],
+        full.residual,
+        full.gap,
+        full.converged,
+        full.products,
+    )
+
+
+def _gpcca_basis(vk, eta):
+    """G-PCCA's basis ``X`` ``(..., n, k)``: ``X[:, 0] = 1``, ``X^T D X = I`` with
+    ``D = diag(eta)``, spanning the same subspace as ``vk`` (whose span contains ``1``)."""
+    sq = jnp.sqrt(eta)
+    w = sq[..., :, None] * vk
+    w = w.at[..., :, 0].set(sq)  # D^{1/2} 1 = sqrt(eta): the constant function, weighted
+    q, _ = _qr(w)
+    x = q / sq[..., :, None]
+    return x.at[..., :, 0].set(1.0)
+
+
+def _isa_vertices(x):
+    """Inner simplex algorithm (Weber & Galliat 2002; pyGPCCA ``_indexsearch``): the ``k`` rows
+    of ``x`` ``(..., n, k)`` that span the largest simplex, greedily. ``(..., k)`` int32."""
+    k = x.shape[-1]
+    norms = jnp.sum(x * x, axis=-1)
+    first = jnp.argmax(norms, axis=-1)
+    take = lambda o, i: jnp.take_along_axis(o, i[..., None, None], axis=-2)[..., 0, :]
+    o = x - take(x, first)[..., None, :]
+    idx = [first]
+    for _ in range(1, k):
+        temp = take(o, idx[-1])  # zero at the first step; unit norm afterwards
+        o = (
+            o
+            - jnp.einsum("...nk,...k->...n", o, temp, precision=HIGHEST)[..., None]
+            * temp[..., None, :]
+        )
+        d = jnp.sqrt(jnp.sum(o * o, axis=-1))
+        nxt = jnp.argmax(d, axis=-1)
+        o = o / jnp.maximum(jnp.max(d, axis=-1), jnp.finfo(x.dtype).tiny)[..., None, None]
+        idx.append(nxt)
+    return jnp.stack(idx, axis=-1).astype(jnp.int32)
+
+
+class _States(NamedTuple):
+    memberships: jax.Array
+    assignment: jax.Array
+    coarse: jax.Array
+    metastability: jax.Array
+    crispness: jax.Array
+    min_chi: jax.Array
+
+
+def _gpcca(a, vk, eta):
+    """Memberships from the ISA rotation of the G-PCCA basis, clipped to be non-negative."""
+    x = _gpcca_basis(jax.lax.stop_gradient(vk), eta)
+    idx = _isa_vertices(x)
+    verts = jnp.take_along_axis(x, idx[..., :, None], axis=-2)  # (..., k, k)
+    chi_raw = _mm(x, _small_inverse(verts))  # rows sum to 1, chi_raw[idx] = I
+    min_chi = jnp.min(chi_raw, axis=(-2, -1))
+    chi = jnp.maximum(chi_raw, 0.0)
+    chi = chi / jnp.sum(chi, axis=-1, keepdims=True)
+    chi = jax.lax.stop_gradient(chi)
+    weight = jnp.einsum("...nk,...n->...k", chi, eta, precision=HIGHEST)
+    # clusters in order of decreasing weight chi^T eta (ISA's vertex order is arbitrary)
+    order = jnp.argsort(-weight, axis=-1)
+    chi = jnp.take_along_axis(chi, order[..., None, :], axis=-1)
+    weight = jnp.take_along_axis(weight, order, axis=-1)
+    dchi = eta[..., :, None] * chi
+    coarse = _mm(_t(dchi), _mm(a, chi)) / weight[..., :, None]
+    crisp = jnp.sum(dchi * chi, axis=-2) / weight
+    k = chi.shape[-1]
+    return _States(
+        memberships=chi,
+        assignment=jnp.argmax(chi, axis=-1).astype(jnp.int32),
+        coarse=coarse,
+        metastability=jnp.trace(coarse, axis1=-2, axis2=-1),
+        crispness=jnp.sum(crisp, axis=-1) / k,
+        min_chi=min_chi,
+    )
+
+
+class MetastableStates(NamedTuple):
+    """Result of :func:`metastable_states` (leading axes ``...`` are the batch)."""
+
+    #: ``(..., n, k)`` memberships ``χ``: non-negative, each row sums to 1; ``χ[i, j]`` is how
+    #: much token ``i`` belongs to state ``j``. States are ordered by decreasing weight ``χ^T η``.
+    memberships: Float[Array, "*batch n k"]
+    #: ``(..., n)`` int32 crisp assignment ``argmax_j χ[i, j]`` (-1 for invalid matrices).
+    assignment: Int[Array, "*batch n"]
+    #: ``(..., k, k)`` coarse-grained chain ``diag(1/χ^T η) χ^T D A χ``: non-negative and
+    #: row-stochastic; ``coarse[a, b]`` = P(next step in ``b`` | now in ``a``) under ``η``.
+    coarse: Float[Array, "*batch k k"]
+    #: ``(...)`` metastability, ``trace(coarse)`` (at most ``k``; ``k`` for ``k`` closed sets).
+    metastability: PerMatrix
+    #: ``(...)`` crispness ``trace(diag(1/χ^T η) χ^T D χ) / k`` in ``(0, 1]``, 1 iff crisp.
+    crispness: PerMatrix
+    #: ``(...)`` the most negative ISA membership before clipping (near 0: ``k`` fits well).
+    min_chi: PerMatrix
+    #: ``(..., k)`` complex64 leading eigenvalues, decreasing modulus.
+    eigenvalues: Complex[Array, "*batch k"]
+    #: ``(...)`` residual ``||A V - V R||_F`` of the Schur basis (see :func:`schur_subspace`).
+    residual: PerMatrix
+    #: ``(...)`` modulus gap ``|λ_k| - |λ_{k+1}|``.
+    gap: PerMatrix
+    #: ``(...)`` the subspace converged (see :func:`schur_subspace`).
+    converged: Bool[Array, "*batch"]
+    #: ``(...)`` products ``A V`` used by the subspace iteration.
+    products: Int[Array, "*batch"]
+    #: the number of states (the same for the whole batch).
+    k: int
+
+
+def _prepare(attn, eta):
+    """Chain, weights and invalid-matrix flags; invalid matrices replaced by uniform ones."""
+    a = as_chain(attn)
+    eta = jnp.broadcast_to(jnp.asarray(eta, a.dtype), a.shape[:-1])
+    bad = invalid_matrices(a) | invalid_dists(eta) | ~jnp.all(eta > 0, axis=-1)
+    eta = safe_normalize(jnp.where(bad[..., None], 1.0, eta))
+    return _sanitize(a, bad), eta, bad
+
+
+def _states(a, eta, bad, v, t, products, tol, k):
+    full = _finish(a, v, t, k, tol, products)
+    st = _gpcca(a, full.basis, eta)
+    # a cut complex pair leaves no invariant subspace to cluster: NaN, like an invalid input
+    bad_out = bad | full.split
+    return full, _States(
+        memberships=poison(st.memberships, bad_out),
+        assignment=jnp.where(bad_out[..., None], -1, st.assignment),
+        coarse=poison(st.coarse, bad_out),
+        metastability=poison(st.metastability, bad_out),
+        crispness=poison(st.crispness, bad_out),
+        min_chi=poison(st.min_chi, bad_out),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
+def _metastable(attn, eta, tol, k, p, iters):
+    a, eta, bad = _prepare(attn, eta)
+    v, t, products = _subspace_core(a, k, p, iters, tol)
+    return _states(a, eta, bad, v, t, products, tol, k)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "p", "iters"))
+def _leading_basis(attn, eta, tol, ks, p, iters):
+    """The ``p``-column ordered basis for ``ks = (k_min, k_max)`` states, and its Ritz values
+    (the iteration stops when each matrix's best-gap ``k`` has converged)."""
+    a, _, _ = _prepare(attn, eta)
+    v, t, products = _subspace_core(a, ks[1], p, iters, tol, ks)
+    ritz, starts = _ritz_values(t)
+    return v, t, products, ritz, starts
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _metastable_from(attn, eta, v, t, products, tol, k):
+    """G-PCCA on the leading ``k`` columns of an ordered basis computed for a larger ``k``."""
+    a, eta, bad = _prepare(attn, eta)
+    return _states(a, eta, bad, v, t, products, tol, k)
+
+
+def _check_eta(eta, n):
+    if eta is None:
+        return
+    shape = np.shape(eta)
+    if not shape or shape[-1] != n:
+        raise ValueError(
+            f"eta must be a distribution over the n = {n} tokens, shape (..., {n}), got shape "
+            f"{shape}; pass eta=None for uniform weights"
+        )
+    if is_concrete(eta) or isinstance(eta, list | tuple):
+        e = np.asarray(eta)
+        if not (np.all(np.isfinite(e)) and np.all(e > 0)):
+            raise ValueError(
+                "eta must be positive and finite (G-PCCA divides by sqrt(eta)); for the "
+                "stationary distribution use ma.tokenrank(attn), which is strictly positive"
+            )
+
+
+def choose_k(eigenvalues, k_range=K_RANGE, cuts=None) -> int:
+    """The number of states with the largest modulus gap ``|λ_k| - |λ_{k+1}|``.
+
+    ``eigenvalues`` ``(..., m)`` are leading eigenvalues in decreasing modulus; over a batch the
+    gaps are averaged, so one ``k`` serves the whole stack. ``cuts`` ``(..., m)`` flags where a
+    complex pair starts; a ``k`` that would cut a pair of any matrix is skipped (unless every
+    ``k`` does). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
+    """
+    mod = np.sort(np.abs(np.asarray(eigenvalues)), axis=-1)[..., ::-1]
+    mod = mod.reshape(-1, mod.shape[-1])
+    lo, hi = int(k_range[0]), min(int(k_range[1]), mod.shape[-1] - 1)
+    gaps = np.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
+    if cuts is not None:
+        cut = np.asarray(cuts).reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
+        if not cut.all():
+            gaps = np.where(cut, -np.inf, gaps)
+    return lo + int(np.argmax(gaps))
+
+
+def metastable_states(
+    attn: ChainLike,
+    /,
+    *,
+    k: int | None = None,
+    eta: DistLike | None = None,
+    k_range: tuple[int, int] = K_RANGE,
+    oversample: int = 4,
+    iters: int = 300,
+    tol: float = 1e-5,
+    split: str = "raise",
+) -> MetastableStates:
+    r"""Metastable states of each chain by G-PCCA: soft memberships of the tokens.
+
+    A metastable state is a set of tokens :math:`M` with :math:`P(x_{t+1} \in M \mid x_t \in M)
+    \approx 1`: attention that enters it stays for many steps. Such sets show up as eigenvalues
+    of modulus near 1, and G-PCCA (Reuter et al. 2018, generalising PCCA+ of Deuflhard & Weber
+    2005 to non-reversible chains) finds them from a real Schur basis of the dominant
+    invariant subspace (:func:`schur_subspace`, no eigenvectors needed):
+
+    1. With :math:`D = \mathrm{diag}(\eta)` (``eta``, uniform by default), the basis is made
+       :math:`D`-orthonormal with the constant function first: :math:`X^\top D X = I`,
+       :math:`X_{:,1} = \mathbf{1}`, :math:`A X = X \tilde R`.
+    2. The inner simplex algorithm (ISA) picks the ``k`` rows of :math:`X` spanning the largest
+       simplex; :math:`\chi = X\, X_{\mathrm{idx}}^{-1}` has rows summing to 1 and
+       :math:`\chi_{\mathrm{idx}} = I`; its negative entries are clipped and rows renormalised.
+    3. The coarse-grained chain :math:`\hat A = \mathrm{diag}(1/\chi^\top\eta)\,\chi^\top D A
+       \chi` is non-negative and row-stochastic; its trace is the **metastability**.
+
+    The ISA rotation is kept without the Röblitz–Weber optimisation of the rotation: on
+    attention chains the clipped ISA memberships score at least as high on the metastability
+    (the trace above) as the crispness-optimised ones. (The Galerkin projection
+    :math:`(\chi^\top D\chi)^{-1}\chi^\top D A\chi` is no score: its trace is the sum of the
+    ``k`` eigenvalues for every rotation.) States come ordered by decreasing weight
+    :math:`\chi^\top \eta`.
+
+    **Choosing k.** ``k=None`` takes the ``k`` in ``k_range`` (clipped to ``n - 1``) with the
+    largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
+    need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
+    each). The subspace iteration then runs once for ``k_max`` (stopping when each matrix's
+    best-gap ``k`` has converged) and G-PCCA uses the leading ``k`` columns of its ordered
+    basis (which span the ``k``-subspace). It needs concrete values
+    and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
+    a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex pair in
+    half raises eagerly; under ``jit`` that matrix gets NaN memberships and ``converged = False``.
+
+    Differentiability: memberships, assignment and the ISA vertex choice are held fixed
+    (``stop_gradient``; argmax and the vertex search are piecewise constant). ``coarse`` and
+    ``metastability`` are differentiable in ``attn`` at fixed memberships.
+
+    Args:
+      attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
+      k: number of states, ``2 <= k <= n - 1`` (static), or ``None`` (eager only) to choose it.
+      eta: positive weights ``(..., n)`` over tokens (normalised here); uniform by default. For
+        a reversible chain, its stationary distribution makes G-PCCA equal PCCA+.
+      k_range: ``(k_min, k_max)`` searched by ``k=None``.
+      oversample, iters, tol, split: options of :func:`schur_subspace` (with
+        ``split="nan"`` a matrix whose pair ``k`` cuts gets NaN memberships, assignment -1).
+
+    Returns:
+      A :class:`MetastableStates` ``(memberships, assignment, coarse, metastability,
+      crispness, min_chi, eigenvalues, residual, gap, converged, products, k)``.
+
+    Raises:
+      ValueError: ``k`` not in ``[2, n - 1]``, ``k=None`` under ``jit``, a ``k`` that cuts a
+        complex pair (eagerly), a bad ``eta`` or ``k_range``, a non-square ``attn``, or (eagerly)
+        NaN/inf or negative entries; under ``jit`` invalid matrices give NaN (assignment -1).
+
+    Examples:
+      >>> import numpy as np
+      >>> import markov_attn as ma
+      >>> labels = np.array([0, 0, 0, 0, 1, 1])  # two groups, 90 % of attention stays inside
+      >>> size = np.bincount(labels)[labels][:, None]
+      >>> A = np.where(labels[:, None] == labels, 0.9 / size, 0.1 / (6 - size))
+      >>> ms = ma.metastable_states(A)
+      >>> ms.k, ms.assignment.tolist()
+      (2, [0, 0, 0, 0, 1, 1])
+      >>> round(float(ms.metastability), 3)
+      1.8
+    """
+    a = jnp.asarray(attn) if isinstance(attn, list | tuple) else attn
+    shape = np.shape(a)
+    check_square(shape)
+    n = shape[-1]
+    check_values(attn)
+    _check_eta(eta, n)
+    oversample = check_count("oversample", oversample, minimum=1)
+    iters = check_count("iters", iters, minimum=1)
+    check_choice("split", split, SPLIT)
+    # one weights array of the batch's shape, so every call of one shape shares a program
+    eta = jnp.full(shape[:-1], 1.0 / n, jnp.float32) if eta is None else eta
+    eta = jnp.broadcast_to(jnp.asarray(eta), shape[:-1])
+    if k is None:
+        if not is_concrete(jnp.asarray(a) if not isinstance(a, jax.Array) else a):
+            raise ValueError(
+                "k=None chooses the number of states from the eigenvalues, which needs concrete "
+                "values; under jit pass k= (for example from ma.metastable_states on a sample, "
+                "or ma.schur_subspace(attn, k=k_max).eigenvalues outside jit)"
+            )
+        lo = check_count("k_range[0]", k_range[0], minimum=2)
+        hi = check_count("k_range[1]", k_range[1], minimum=lo)
+        hi = min(hi, n - 1)
+        if hi < lo:
+            raise ValueError(
+                f"k_range = {tuple(k_range)} leaves no k in [2, n - 1] for n = {n} tokens; "
+                "a chain needs at least 3 tokens to have metastable states"
+            )
+        # one iteration for k_max: its ordered basis also holds the subspaces of smaller k
+        basis = _leading_basis(a, eta, tol, (lo, hi), min(hi + oversample, n), iters)
+        if not is_concrete(basis[3]):  # concrete input inside someone's jit
+            raise ValueError("k=None needs concrete values (eager mode); pass k= under jit")
+        k = choose_k(basis[3], (lo, hi), cuts=basis[4])
+        full, st = _metastable_from(a, eta, *basis[:3], tol, k)
+    else:
+        k = _check_k(k, n, 2, " (number of metastable states)")
+        full, st = _metastable(a, eta, tol, k, min(k + oversample, n), iters)
+    _check_split(full, k, split)
+    return MetastableStates(
+        *st,
+        eigenvalues=full.ritz[..., :k],
+        residual=full.residual,
+        gap=full.gap,
+        converged=full.converged & ~jnp.isnan(st.metastability),
+        products=full.products,
+        k=k,
+    )
+
+
+__all__ = ["MetastableStates", "SchurSubspace", "metastable_states", "schur_subspace"]

@@ -1,0 +1,204 @@
+"""Dominant Schur subspaces and G-PCCA metastable states against SciPy and deeptime."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg as sl
+
+import markov_attn as ma
+from tests._refs import PAPER_A, stationary
+
+N = 48  # one shape (3, N, N) and k = 3 for most tests: each program compiles once (~5 s)
+K = 3
+
+
+_states = jax.jit(lambda x: ma.metastable_states(x, k=K))
+_subspace = jax.jit(lambda x: ma.schur_subspace(x, k=K))
+
+
+def _blocky(rng, batch, n, clusters, *, strength=6.0, reversible=False):
+    """Softmax attention with planted clusters; symmetric logits give a reversible chain."""
+    labels = np.sort(rng.integers(0, clusters, size=(*batch, n)), axis=-1)
+    labels[..., :clusters] = np.arange(clusters)  # every cluster is present
+    same = labels[..., :, None] == labels[..., None, :]
+    s = rng.standard_normal((*batch, n, n))
+    if reversible:
+        w = np.exp(0.5 * (s + np.swapaxes(s, -1, -2)) + strength * same)
+    else:
+        w = np.exp(s + strength * same)
+    return w / w.sum(-1, keepdims=True), labels
+
+
+def _schur_ref(a, k):
+    """Float64 sorted real Schur basis of the k eigenvalues of largest modulus."""
+    mod = np.sort(np.abs(np.linalg.eigvals(a)))[::-1]
+    r = 0.5 * (mod[k - 1] + mod[k])
+    _, z, sdim = sl.schur(a, output="real", sort=lambda re, im: np.hypot(re, im) > r)
+    assert sdim == k, "the reference cuts a complex pair: pick another k"
+    return z[:, :k], mod
+
+
+def _agreement(x, y, k):
+    """Fraction of tokens with the same label, best over label permutations (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = np.zeros((k, k))
+    np.add.at(c, (x, y), 1)
+    r, s = linear_sum_assignment(c, maximize=True)
+    return c[r, s].sum() / len(x)
+
+
+def test_paper_vector_pair_is_kept_whole():
+    s = ma.schur_subspace(PAPER_A, k=3)
+    assert bool(s.converged)
+    lam = np.asarray(s.eigenvalues)
+    np.testing.assert_allclose(lam[0], 1.0, atol=1e-6)
+    pair = np.linalg.eigvals(PAPER_A)
+    pair = pair[np.argsort(-np.abs(pair))][1:3]  # -0.2775 ± 0.5613i
+    np.testing.assert_allclose(np.sort_complex(lam[1:]), np.sort_complex(pair), atol=1e-5)
+    ref, _ = _schur_ref(PAPER_A, 3)
+    assert np.max(sl.subspace_angles(ref, np.asarray(s.basis, np.float64))) <= 1e-4
+    with pytest.raises(ValueError, match="complex-conjugate eigenvalue pair"):
+        ma.schur_subspace(PAPER_A, k=2)
+    cut = ma.schur_subspace(PAPER_A, k=2, split="nan")  # what jit gives
+    assert np.all(np.isnan(np.asarray(cut.basis))) and not bool(cut.converged)
+
+
+def _stack(rng, **kw):
+    a, labels = _blocky(rng, (3,), N, K, **kw)
+    return a.astype(np.float32), labels
+
+
+def test_subspace_matches_sorted_schur_on_nonreversible_chains(rng):
+    a, _ = _stack(rng)
+    s = ma.schur_subspace(a, k=K)
+    assert s.basis.shape == (3, N, K) and s.schur.shape == (3, K, K)
+    assert s.basis.dtype == np.float32 and s.eigenvalues.dtype == np.complex64
+    assert np.all(np.asarray(s.converged))
+    assert np.all(np.asarray(s.residual) <= 1e-5)
+    for i in range(3):
+        ref, mod = _schur_ref(a[i].astype(np.float64), K)
+        basis = np.asarray(s.basis[i], np.float64)
+        assert np.max(sl.subspace_angles(ref, basis)) <= 1e-4
+        np.testing.assert_allclose(basis.T @ basis, np.eye(K), atol=1e-5)
+        np.testing.assert_allclose(np.abs(basis[:, 0]), 1 / np.sqrt(N), atol=1e-5)
+        # trace R = the sum of the k eigenvalues, exactly; single eigenvalues and the gap come
+        # from R's diagonal blocks, which resolve nearly tied moduli only roughly
+        lam = np.asarray(s.eigenvalues[i])
+        np.testing.assert_allclose(np.trace(s.schur[i]), lam.sum().real, atol=1e-5)
+        np.testing.assert_allclose(np.abs(lam), mod[:K], atol=2e-3)
+        np.testing.assert_allclose(s.gap[i], mod[K - 1] - mod[K], atol=2e-3)
+    np.testing.assert_allclose(_subspace(a).basis, s.basis, atol=1e-6)
+
+
+def test_pcca_matches_deeptime_on_reversible_chains(rng):
+    deeptime = pytest.importorskip("deeptime")
+    a64, _ = _blocky(rng, (3,), N, K, reversible=True)
+    pi = stationary(a64, alpha=1.0)
+    ms = ma.metastable_states(a64.astype(np.float32), k=K, eta=pi)
+    assert np.all(np.asarray(ms.converged))
+    for i in range(3):
+        ref = deeptime.markov.pcca(a64[i], K)
+        assert _agreement(np.asarray(ms.assignment[i]), np.asarray(ref.assignments), K) >= 0.99
+        # memberships agree up to a permutation of the states (deeptime optimises the rotation)
+        chi = np.asarray(ms.memberships[i], np.float64)
+        perm = [np.argmax(np.sum(chi[:, [j]] * ref.memberships, axis=0)) for j in range(K)]
+        assert np.abs(chi - ref.memberships[:, perm]).max() <= 0.1
+
+
+def test_memberships_are_a_partition_of_unity(rng):
+    a, labels = _stack(rng)
+    ms = ma.metastable_states(a, k=K)
+    chi = np.asarray(ms.memberships)
+    assert chi.shape == (3, N, K) and ms.assignment.dtype == np.int32 and ms.k == K
+    assert chi.min() >= 0
+    np.testing.assert_allclose(chi.sum(-1), 1.0, atol=1e-5)
+    coarse = np.asarray(ms.coarse)
+    assert coarse.min() >= -1e-6
+    np.testing.assert_allclose(coarse.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ms.metastability, np.trace(coarse, axis1=-2, axis2=-1), atol=1e-6)
+    assert np.all(np.asarray(ms.metastability) <= K) and np.all(np.asarray(ms.crispness) <= 1)
+    assert np.all(np.asarray(ms.converged))
+    for i in range(3):  # the planted clusters
+        assert _agreement(np.asarray(ms.assignment[i]), labels[i], K) >= 0.99
+    # invariants: relabelling tokens permutes the rows; teleportation changes no state
+    perm = rng.permutation(N)
+    shuffled = ma.metastable_states(a[:, perm][:, :, perm], k=K)
+    np.testing.assert_allclose(shuffled.memberships, ms.memberships[:, perm], atol=1e-3)
+    teleported = ma.metastable_states(np.asarray(ma.teleport(a, alpha=0.9)), k=K)
+    np.testing.assert_allclose(teleported.memberships, ms.memberships, atol=1e-3)
+    # batching: vmap = the batched call (jit = eager: see test_bad_inputs)
+    vm = jax.vmap(lambda x: ma.metastable_states(x, k=K))(a)
+    for name in ("memberships", "coarse", "metastability", "residual", "assignment"):
+        np.testing.assert_allclose(getattr(vm, name), getattr(ms, name), atol=1e-5)
+
+
+def test_block_diagonal_chains_give_crisp_states():
+    blocks = np.kron(np.eye(K), np.full((N // K, N // K), K / N))
+    a = np.stack([0.999 * blocks + 0.001 / N] * 3).astype(np.float32)
+    ms = ma.metastable_states(a, k=K)
+    np.testing.assert_allclose(ms.crispness, 1.0, atol=1e-3)
+    np.testing.assert_allclose(ms.metastability, K, atol=1e-2)
+    truth = np.repeat(np.arange(K), N // K)
+    for i in range(3):
+        assert _agreement(np.asarray(ms.assignment[i]), truth, K) == 1.0
+
+
+def test_k_none_picks_the_planted_number(rng):
+    a, _ = _stack(rng)
+    ms = ma.metastable_states(a)
+    assert ms.k == K and ms.memberships.shape == (3, N, K)
+
+
+def test_coarse_is_differentiable_at_fixed_memberships(rng):
+    a, _ = _stack(rng)
+    g = jax.grad(lambda x: ma.metastable_states(x, k=K).metastability.sum())(jnp.asarray(a))
+    assert g.shape == a.shape and np.all(np.isfinite(np.asarray(g)))
+    assert np.abs(np.asarray(g)).max() > 0
+
+
+def test_bad_inputs(rng):
+    a, _ = _stack(rng)
+    for k, match in [(1, "int >= 2"), (N, "smaller than the number of tokens"), (2.5, "k must")]:
+        with pytest.raises(ValueError, match=match):
+            ma.metastable_states(a, k=k)
+    with pytest.raises(ValueError, match="smaller than the number of tokens"):
+        ma.schur_subspace(a, k=N)
+    with pytest.raises(ValueError, match="square"):
+        ma.metastable_states(a[..., :-1], k=2)
+    bad = a.copy()
+    bad[1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ma.metastable_states(bad, k=K)
+    with pytest.raises(ValueError, match="negative"):
+        ma.schur_subspace(a - 0.1, k=K)
+    with pytest.raises(ValueError, match="eta must be positive"):
+        ma.metastable_states(a, k=K, eta=np.zeros(N))
+    with pytest.raises(ValueError, match="split must be"):
+        ma.metastable_states(a, k=K, split="ignore")
+    with pytest.raises(ValueError, match="k=None"):
+        jax.jit(lambda x: ma.metastable_states(x).memberships)(a)
+    # jit = eager; under jit: NaN for the bad matrix only, never a plausible number
+    eager, jitted, out = ma.metastable_states(a, k=K), _states(a), _states(bad)
+    for name in ("memberships", "coarse", "metastability", "residual", "assignment"):
+        np.testing.assert_allclose(getattr(jitted, name), getattr(eager, name), atol=1e-6)
+    for i in (0, 2):
+        np.testing.assert_allclose(out.memberships[i], jitted.memberships[i], atol=1e-6)
+    assert np.all(np.isnan(np.asarray(out.memberships[1])))
+    assert np.all(np.asarray(out.assignment[1]) == -1)
+    assert np.isnan(float(out.metastability[1])) and not bool(out.converged[1])
+    sub = _subspace(bad)
+    assert np.all(np.isnan(np.asarray(sub.basis[1]))) and not bool(sub.converged[1])
+    assert np.all(np.isfinite(np.asarray(sub.basis[0])))
+
+
+def test_exports_for_tpu_without_host_kernels():
+    spec = jax.ShapeDtypeStruct((2, 3, 12, 12), jnp.float32)
+    for fn in (
+        lambda x: ma.schur_subspace(x, k=3),
+        lambda x: ma.metastable_states(x, k=3).memberships,
+    ):
+        exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(spec)
+        text = exported.mlir_module().lower()
+        assert "lapack" not in text and "callback" not in text
