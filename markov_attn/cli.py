@@ -8,8 +8,9 @@ Usage::
 
 ``DIR`` is a supported pretrained checkpoint (HF ViT / DINO / DINOv2 / CLIP, timm; see
 :func:`markov_attn.checkpoints.load`) or a run directory of this project's training script
-(``runs/<name>/`` with ``checkpoints/``; needs the repository's ``experiments`` package on the
-path, i.e. run from the repository root). For every image it writes a PNG overlay of the chosen
+(``runs/<name>/`` with ``checkpoints/``) or a weights file of it (``.npz``, e.g. the committed
+reference model ``experiments/reference/vit_reference.npz``); these two need the repository's
+``experiments`` package on the path, i.e. run from the repository root. For every image it writes a PNG overlay of the chosen
 map(s) and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
 chosen layer. The heads of that layer are combined into one chain with λ2 weights
 (``--heads``) before computing the maps, except for ``rollout`` which uses all layers and the
@@ -29,6 +30,10 @@ Methods (all maps are over the patch grid, from the layer's head-averaged chain 
 - ``colsum``: mean incoming attention, the columns of ``A`` summed.
 - ``rollout``: attention rollout over layers ``0..layer``, the CLS row.
 - ``cls``: the CLS row of ``A`` (one bounce without teleportation).
+- ``metastable``: metastable states (``markov_attn.metastable_states``, G-PCCA) of the chain
+  restricted to the patch tokens and renormalised: a colour per state over the image, and each
+  token's membership in its state; ``--states K`` fixes their number, otherwise it is chosen
+  from the largest gap among the leading eigenvalue moduli (2 to 10 states).
 """
 
 import argparse
@@ -41,7 +46,7 @@ import warnings
 
 import numpy as np
 
-METHODS = ("bounce", "tokenrank", "colsum", "rollout", "cls")
+METHODS = ("bounce", "tokenrank", "colsum", "rollout", "cls", "metastable")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="input side in pixels, a multiple of the patch size (default: native)",
     )
+    m.add_argument(
+        "--states",
+        type=int,
+        default=None,
+        help="number of metastable states for --method metastable (default: chosen by the "
+        "largest eigenvalue gap)",
+    )
     m.add_argument("--top", type=int, default=5, help="top TokenRank tokens to print")
     m.add_argument("--out", default="maps", help="output directory (default ./maps)")
     m.add_argument(
@@ -88,6 +100,10 @@ def _fail(message: str):
 
 
 def _is_run_dir(path: pathlib.Path) -> bool:
+    """A training run directory, or a weights file written by ``experiments.train.save_weights``
+    (such as the committed reference model ``experiments/reference/vit_reference.npz``)."""
+    if path.is_file() and path.suffix == ".npz":
+        return True
     return path.is_dir() and (path / "checkpoints").is_dir()
 
 
@@ -147,14 +163,14 @@ def _outputs(images, method: str, out_dir: pathlib.Path, overwrite: bool) -> lis
 
 def _load_run(path: pathlib.Path, size) -> _Loaded:
     try:
-        from experiments.train import load_model
+        from experiments.train import load_model, load_weights
     except ImportError as e:
         _fail(
             f"{path} is a training run directory; loading it needs the repository's "
             f"'experiments' package: run markov-attn from the repository root ({e})"
         )
     try:
-        model, tcfg = load_model(path)
+        model, tcfg = load_weights(path) if path.is_file() else load_model(path)
     except (ValueError, OSError) as e:
         _fail(f"cannot load the training run {path}: {e}")
     cfg = tcfg.model
@@ -241,6 +257,43 @@ def _maps(method, attn_all, chain, *, layer, steps, alpha, has_cls, num_prefix):
     return {"CLS row": ma.row_select(chain, 0)}
 
 
+def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_prefix) -> dict:
+    """Metastable states of the patch-token chain of one image, drawn and summarised."""
+    import markov_attn as ma
+    from markov_attn.viz import states_figure
+
+    patches = ma.normalize(chain[num_prefix:, num_prefix:])
+    n = patches.shape[-1]
+    if args.states is not None and not 2 <= args.states < n:
+        _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
+    ms = ma.metastable_states(patches, k=args.states, k_range=(2, min(10, n - 1)), split="nan")
+    k = int(ms.k)
+    assign = np.asarray(ms.assignment).reshape(gh, gw)
+    chi = np.asarray(ms.memberships).reshape(gh, gw, k)
+    metastability = float(ms.metastability)
+    converged = bool(ms.converged)
+    how = "given" if args.states is not None else "chosen by the eigenvalue gap"
+    title = (
+        f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.heads}; "
+        f"k = {k} ({how}), metastability {metastability:.2f} of {k}"
+        + ("" if converged else ", NOT converged")
+    )
+    states_figure(np.asarray(loaded.unnormalize(x))[0], assign, chi, path=png, title=title)
+    sizes = [int((assign == s).sum()) for s in range(k)]
+    return {
+        "image": str(img_path),
+        "png": str(png),
+        "layer": args.layer % loaded.cfg.depth,
+        "states": k,
+        "states_chosen_by": how,
+        "metastability": metastability,
+        "converged": converged,
+        "state_sizes": sizes,
+        "summary": f"{k} metastable states ({how}); sizes {sizes}; metastability "
+        f"{metastability:.3f} of {k}" + ("" if converged else "; the Schur basis did NOT converge"),
+    }
+
+
 def _entropy(p: np.ndarray) -> float:
     q = p[p > 0]
     return float(-(q * np.log(q)).sum())
@@ -319,6 +372,16 @@ def maps_command(args) -> int:
             num_prefix=num_prefix,
         )
         stem = pathlib.Path(img_path).stem
+        if args.method == "metastable":
+            report.append(
+                _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_prefix)
+            )
+            text = f"{img_path} -> {png}\n  " + report[-1]["summary"]
+            if progress is not None:
+                progress.write(text, file=sys.stdout)
+            else:
+                print(text)
+            continue
         # units of the uniform distribution over patches: 1 = uniform, on one scale
         n_patches = gh * gw
         grids = {

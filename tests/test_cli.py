@@ -301,3 +301,20 @@ def test_unsupported_preprocessor_config(images, tmp_path):
     (d / "preprocessor_config.json").write_text(json.dumps({"rescale_factor": 1.0}))
     msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
     assert "rescale_factor=1.0" in msg and "preprocess the images yourself" in msg
+
+
+def test_maps_metastable_states(images, tmp_path, capsys):
+    out = tmp_path / "ms"
+    base = ["maps", "--checkpoint", str(FIXTURES / "vit"), "--image", images[1], "--out"]
+    assert cli.main([*base, str(out), "--method", "metastable", "--states", "2"]) == 0
+    assert _is_png(out / "img1_metastable.png")
+    (s,) = json.loads((out / "stats.json").read_text())
+    assert s["states"] == 2 and s["states_chosen_by"] == "given"
+    assert sum(s["state_sizes"]) == 16 and 0 < s["metastability"] <= 2 + 1e-5
+    assert "2 metastable states (given)" in capsys.readouterr().out
+    auto = tmp_path / "auto"
+    assert cli.main([*base, str(auto), "--method", "metastable", "--no-progress"]) == 0
+    (s,) = json.loads((auto / "stats.json").read_text())
+    assert 2 <= s["states"] <= 10 and s["states_chosen_by"] == "chosen by the eigenvalue gap"
+    with pytest.raises(SystemExit, match=r"--states must lie in \[2, 15\]"):
+        cli.main([*base, str(tmp_path / "bad"), "--method", "metastable", "--states", "1"])

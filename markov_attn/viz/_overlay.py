@@ -297,3 +297,64 @@ def save_png(fig, path: str | os.PathLike, /, *, dpi: int = 100) -> str:
     fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)
     return path
+
+
+def states_figure(
+    image,
+    assignment,
+    memberships=None,
+    /,
+    *,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
+    alpha: float = 0.55,
+    dpi: int = 100,
+):
+    """Metastable states over an image: one colour per state.
+
+    Panels: the image; the image with the crisp ``assignment`` (``(gh, gw)`` state indices)
+    upsampled to pixels (nearest) in a qualitative colour map, with a legend; and, if
+    ``memberships`` ``(gh, gw, k)`` is given, the membership of each token in its own state
+    (how crisp the assignment is, 1 = certain).
+
+    Returns:
+      The matplotlib figure (saved to ``path`` as PNG and closed when ``path`` is given).
+    """
+    matplotlib, plt = _matplotlib()
+    img = _as_image(image)
+    states = np.asarray(assignment)
+    if states.ndim != 2:
+        raise ValueError(f"assignment must be (gh, gw) state indices, got shape {states.shape}")
+    k = int(states.max()) + 1 if states.size else 0
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    size = img.shape[:2]
+    up = upsample(states.astype(np.float32), size, method="nearest").astype(int)
+    colour = cmap(up % cmap.N)[..., :3]
+    panels = 3 if memberships is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.6), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(img)
+    axes[0].set_title("image")
+    axes[1].imshow((1 - alpha) * img + alpha * colour)
+    axes[1].set_title(f"{k} metastable states")
+    handles = [
+        matplotlib.patches.Patch(
+            color=cmap(s % cmap.N), label=f"state {s}: {int((states == s).sum())}"
+        )
+        for s in range(k)
+    ]
+    axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    if memberships is not None:
+        chi = np.asarray(memberships)
+        own = np.take_along_axis(chi, states[..., None], axis=-1)[..., 0]
+        im = axes[2].imshow(upsample(own, size, method="nearest"), vmin=0, vmax=1, cmap="viridis")
+        axes[2].set_title("membership of own state")
+        fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path, dpi=dpi)
+    return fig
