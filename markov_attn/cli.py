@@ -10,12 +10,12 @@ Usage::
 :func:`markov_attn.checkpoints.load`) or a run directory of this project's training script
 (``runs/<name>/`` with ``checkpoints/``) or a weights file of it (``.npz``, e.g. the committed
 reference model ``experiments/reference/vit_reference.npz``); these two need the repository's
-``experiments`` package on the path, i.e. run from the repository root. For every image it writes a PNG overlay of the chosen
-map(s) and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
-chosen layer. The heads of that layer are combined into one chain with λ2 weights
-(``--heads``) before computing the maps, except for ``rollout`` which uses all layers and the
-plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``) are
-not replaced unless ``--overwrite`` is given.
+``experiments`` package on the path, i.e. run from the repository root. For every image it writes a
+PNG overlay of the chosen map(s) and prints the TokenRank statistics (entropy, top tokens) and each
+head's ``|λ2|`` for the chosen layer. The heads of that layer are combined into one chain with λ2
+weights (``--heads``) before computing the maps, except for ``rollout`` which uses all layers and
+the plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``)
+are not replaced unless ``--overwrite`` is given.
 
 Figures are drawn on one colour scale for all panels of a figure, in units of the uniform
 distribution (patch mass × number of patches: 1 = uniform, so a flat map looks flat), with a
