@@ -8,6 +8,7 @@ design and ``centre_prior`` / ``oracle_map`` for the reference maps every result
 from ._fashion_mnist import CLASSES as CLASSES
 from ._fashion_mnist import DataMissingError as DataMissingError
 from ._fashion_mnist import load_fashion_mnist as load_fashion_mnist
+from ._multibench import make_multi_split as make_multi_split
 from ._photos import PHOTO_SPLITS as PHOTO_SPLITS
 from ._photos import TEST_PHOTOS as TEST_PHOTOS
 from ._photos import TRAIN_PHOTOS as TRAIN_PHOTOS
@@ -28,6 +29,7 @@ __all__ = [
     "SegBench",
     "centre_prior",
     "load_fashion_mnist",
+    "make_multi_split",
     "make_split",
     "oracle_map",
     "photos",

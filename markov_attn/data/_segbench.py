@@ -186,12 +186,24 @@ def _render(
     for k in range(n_blobs):
         start = _U_BLOBS + 1 + k * _U_PER_BLOB
         _blob(rng, u[start : start + _U_PER_BLOB], pyramids, image, size)
-    # 3. object: intensity and silhouette resized together by separable bilinear matrices
+    # 3. object
     uo = u[_U_OBJECT]
     lo, hi = _OBJ_SIDE
     side = min(size, max(1, round((lo + (hi - lo) * uo[0]) * size / 64)))
     oy = int(uo[1] * (size - side + 1))
     ox = int(uo[2] * (size - side + 1))
+    alpha, flip, camo = _paste_object(
+        uo, u[_U_COLOUR], obj_image, obj_sil, pyramids, image, side, oy, ox, bg
+    )
+    alpha_out[oy : oy + side, ox : ox + side] = alpha
+    return {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
+
+
+def _paste_object(uo, colour, obj_image, obj_sil, pyramids, image, side, oy, ox, bg):
+    """Composites one Fashion-MNIST object of side ``side`` at ``(oy, ox)`` into ``image`` in
+    place (intensity and silhouette resized together by separable bilinear matrices); returns
+    its soft alpha ``(side, side)``, whether it was mirrored and whether it is camouflaged.
+    ``uo`` are the object's uniforms (``_U_OBJECT`` slots), ``colour`` its plain fill."""
     flip = bool(uo[3] < 0.5)
     camo = bool(uo[4] < _P_CAMO)
     m = _interp_matrix(side)
@@ -203,15 +215,14 @@ def _render(
     intensity += np.float32(_SHADE[0])  # now the shade
     np.clip(alpha, 0, 1, out=alpha)
     if camo:
-        other = int(uo[5] * (n_photos - 1))
+        other = int(uo[5] * (len(pyramids) - 1))
         other += other >= bg  # another photo than the background's
         fill = _random_crop(uo[6:10], pyramids[other], side, side)
     else:
-        fill = u[_U_COLOUR].astype(np.float32)
+        fill = colour.astype(np.float32)
     win = image[oy : oy + side, ox : ox + side]
     win += alpha[:, :, None] * (fill * intensity[:, :, None] - win)
-    alpha_out[oy : oy + side, ox : ox + side] = alpha
-    return {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
+    return alpha, flip, camo
 
 
 def _generate(split: str, start: int, n: int, size: int, seed: int, root, alpha: bool, meta=False):
