@@ -109,8 +109,10 @@ def quick() -> DiTTrainConfig:
     """A short demonstration run (≤ 5 min on 2 cores): a width-96, depth-4 DiT.
 
     Command: ``python -m experiments.train_dit --preset quick --workdir runs/dit_quick``.
-    Expected: the training loss falls from ~1 to well below it; samples are blobs of the
-    right colours, not objects.
+    Runtime: 4.4 min measured with the cores shared (400 steps of 32 images at 0.58 s, 55
+    img/s, plus ~40 s of data and compilation).
+    Expected (measured, seed 0): training loss 0.976 (first 20 steps) → 0.103 (last 20), EMA
+    held-out denoising loss 0.099; DDIM samples are patchy colour fields, not objects.
     """
     return DiTTrainConfig(
         model=DiTConfig(width=96, depth=4, num_heads=4, n_label=4),
@@ -132,9 +134,9 @@ def cpu() -> DiTTrainConfig:
     tokens; 64 image tokens), 32 px benchmark images.
 
     Command: ``python -m experiments.train_dit --preset cpu --workdir runs/dit_cpu``.
-    Runtime: budgeted at ≤ 45 min on 2 cores (1,500 steps of 64 images; the step time is
-    logged in ``metrics.jsonl``, and with the cores shared a run takes longer). Not run to the
-    end in this repository yet.
+    Runtime: ≤ 45 min on 2 cores: 1,200 steps of 64 images at 2.19 s a step measured with
+    the cores shared (1-minute load about 6, 29 img/s, ``--steps 40``), plus about 1.5 min
+    of data generation and compilation. Not run to the end in this repository yet.
     Expected: soft samples with the right layout (object on a background), far from
     convergence.
     """
@@ -144,7 +146,7 @@ def cpu() -> DiTTrainConfig:
         train_size=20_000,
         test_size=512,
         batch_size=64,
-        steps=1_500,
+        steps=1_200,
         lr=5e-4,
         warmup_steps=100,
         ckpt_every=100,
