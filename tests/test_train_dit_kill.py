@@ -40,6 +40,6 @@ def test_killed_process_resumes(tmp_path):
     full = json.loads((tmp_path / "full" / "summary.json").read_text())
     assert resumed["resumed_from"] == 4 and full["resumed_from"] == 0
     timing = ("step_time_ms", "img_per_s", "elapsed_s")
-    strip = lambda w: [{k: v for k, v in r.items() if k not in timing} for r in _lines(tmp_path / w)]
+    strip = lambda w: [{k: r[k] for k in r if k not in timing} for r in _lines(tmp_path / w)]
     assert strip("run") == strip("full")  # losses, gradient norms, test loss: all equal
     assert resumed["test_loss"] == full["test_loss"]
