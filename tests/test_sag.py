@@ -1,5 +1,6 @@
 """Tests for the SAG masks, the blur and the degraded input (markov_attn.nn._sag)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -119,3 +120,12 @@ def test_sag_degrade_empty_and_full_masks(rng):
     half[:, 0] = True  # only the top-left 4x4 quadrant changes
     d = np.abs(np.asarray(sag_degrade(x0, eps, jnp.asarray(half), a) - xt))
     assert d[:, :4, :4].max() > 1e-2 and d[:, 4:].max() == 0 and d[:, :, 4:].max() == 0
+
+
+def test_batching_is_vmap(rng):
+    attn = _random_attn(rng, (3, 2, 1 + 9, 1 + 9))
+    for kind in ("colsum", "tokenrank"):
+        f = lambda a, kind=kind: sag_mask(a, kind=kind, n_label=1)
+        np.testing.assert_array_equal(jax.vmap(f)(attn), f(attn))
+    x = rng.normal(size=(3, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_allclose(jax.vmap(gaussian_blur)(x), gaussian_blur(x), atol=1e-6)

@@ -238,7 +238,9 @@ def sample(
     Args:
       model: a :class:`markov_attn.nn.DiT` (or any ``nnx.Module`` with its call contract), or
         a function ``(x, t, y) -> (eps, aux)``; ``aux["attn"]`` ``(B, depth, heads, n, n)``
-        is read only with SAG.
+        is read only with SAG. A module's parameters are traced (new weights do not
+        recompile); a function is a static argument, so pass the same function object to
+        reuse the compiled sampler.
       labels: ``(B,)`` class labels (the model's null label for unconditional samples).
       seed: integer seed (or a JAX key).
       sampler: ``"ddim"`` or ``"ddpm"``.
