@@ -1,20 +1,14 @@
 """Tests for the diffusion utilities and Self-Attention Guidance in markov_attn.nn."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from markov_attn.nn import (
-    DiT,
-    DiTConfig,
     alphas_cumprod,
     ddim_sample,
     ddpm_sample,
     q_sample,
-    sag_degrade,
-    sag_mask,
     sample,
     timesteps,
 )
@@ -87,58 +81,3 @@ def test_samplers_on_gaussian_data():
     # seeds repeat and differ
     np.testing.assert_array_equal(a, ddpm_sample(fn, y[:8], steps=20, seed=3, **kw))
     assert np.abs(a - ddpm_sample(fn, y[:8], steps=20, seed=4, **kw)).max() > 1e-2
-
-
-# ----------------------------------------------------------------------------------------------
-# guided sampling with a DiT
-
-
-@pytest.fixture(scope="module")
-def dit():
-    cfg = DiTConfig(image_size=8, patch_size=2, width=32, depth=2, num_heads=2, num_classes=3,
-                    n_label=2)  # fmt: skip
-    model = DiT(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    leaves, tree = jax.tree.flatten(state)
-    rng = np.random.default_rng(5)
-    leaves = [x + np.float32(0.1) * rng.normal(size=x.shape).astype(np.float32) for x in leaves]
-    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
-
-
-def test_sag_scale_zero_is_unguided_and_seeds_repeat(dit):
-    y = jnp.array([0, 1, 3, 3])  # 3 = null label
-    kw = dict(steps=6, seed=2)
-    plain = np.asarray(ddim_sample(dit, y, **kw))
-    assert plain.shape == (4, 8, 8, 3) and plain.min() >= 0 and plain.max() <= 1
-    for kind in ("colsum", "tokenrank"):
-        zero = np.asarray(ddim_sample(dit, y, sag=kind, sag_scale=0.0, **kw))
-        np.testing.assert_array_equal(zero, plain)
-        guided = np.asarray(ddim_sample(dit, y, sag=kind, sag_scale=1.0, **kw))
-        again = np.asarray(ddim_sample(dit, y, sag=kind, sag_scale=1.0, **kw))
-        np.testing.assert_array_equal(guided, again)
-        assert np.abs(guided - plain).max() > 1e-4
-    np.testing.assert_array_equal(plain, ddim_sample(dit, y, **kw))
-    assert np.abs(plain - np.asarray(ddim_sample(dit, y, steps=6, seed=3))).max() > 1e-3
-
-
-def test_sag_reads_the_attention_of_the_same_forward(dit):
-    """A wrapper that records each call's input and attention: the degraded input must equal
-    sag_degrade of the first call's x̂0 and ε̂ under the mask of the first call's attention."""
-    records = []
-    graphdef, state = nnx.split(dit)
-
-    def fn(x, t, y):
-        eps, aux = nnx.merge(graphdef, state)(x, t, y)
-        jax.debug.callback(lambda *a: records.append(a), x, t, eps, aux["attn"], ordered=True)
-        return eps, aux
-
-    y = jnp.array([0, 3])
-    sample(fn, y, steps=2, sag="tokenrank", sag_scale=0.5, shape=(8, 8, 3), n_label=2,
-           sag_layer=1, seed=0)  # fmt: skip
-    assert len(records) == 4  # two forwards per step
-    x, t, eps, attn = (np.asarray(r) for r in records[0])
-    a = ABAR[int(t[0])]
-    x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-    mask = sag_mask(attn[:, 1], kind="tokenrank", n_label=2)
-    want = sag_degrade(jnp.asarray(x0), jnp.asarray(eps), mask, jnp.float32(a))
-    np.testing.assert_allclose(np.asarray(records[1][0]), want, atol=1e-4)

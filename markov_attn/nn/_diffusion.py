@@ -129,13 +129,13 @@ def _adapter(model):
     jax.jit,
     static_argnames=(
         "apply", "sampler", "steps", "schedule", "num_timesteps", "shape", "clip",
-        "sag", "sag_layer", "sag_chain", "n_label", "blur_size",
+        "sag", "sag_layer", "sag_chain", "n_label", "blur_size", "use_cfg", "null_label",
     ),
 )  # fmt: skip
 def _sample(
-    params, labels, key, eta, sag_scale, sag_alpha, blur_sigma, *,
+    params, labels, key, eta, sag_scale, sag_alpha, blur_sigma, cfg_scale, *,
     apply, sampler, steps, schedule, num_timesteps, shape, clip,
-    sag, sag_layer, sag_chain, n_label, blur_size,
+    sag, sag_layer, sag_chain, n_label, blur_size, use_cfg, null_label,
 ):  # fmt: skip
     b = labels.shape[0]
     abar_all = jnp.asarray(alphas_cumprod(num_timesteps, schedule=schedule), jnp.float32)
@@ -150,19 +150,28 @@ def _sample(
         i, t, at, an = inp
         tb = jnp.full((b,), t, jnp.int32)
         sa, s1a = jnp.sqrt(at), jnp.sqrt(1.0 - at)
-        eps, aux = apply(params, x, tb, labels)
-        eps = eps.astype(jnp.float32)
+        if use_cfg:  # one batch [uncond; cond]; SAG reads the uncond half (diffusers, Eq. 25)
+            y2 = jnp.concatenate([jnp.full((b,), null_label, labels.dtype), labels])
+            eps2, aux2 = apply(params, jnp.concatenate([x, x]), jnp.concatenate([tb, tb]), y2)
+            eps2 = eps2.astype(jnp.float32)
+            eps_u, eps_c = eps2[:b], eps2[b:]
+            eps = eps_u + cfg_scale * (eps_c - eps_u)
+            eps_sag, attn_sag, y_sag = eps_u, aux2["attn"][:b], y2[:b]
+        else:
+            eps, aux = apply(params, x, tb, labels)
+            eps = eps.astype(jnp.float32)
+            eps_sag, attn_sag, y_sag = eps, aux["attn"] if sag is not None else None, labels
         if sag is not None:
-            # SAG (diffusers' StableDiffusionSAGPipeline without CFG): the mask from the same
-            # forward, the unclipped x̂0, the degraded input re-noised with the same ε̂.
-            x0 = (x - s1a * eps) / sa
+            # SAG (diffusers' StableDiffusionSAGPipeline): the mask from the same forward, the
+            # unclipped x̂0, the degraded input re-noised with the same ε̂, same conditioning.
+            x0 = (x - s1a * eps_sag) / sa
             mask = sag_mask(
-                aux["attn"][:, sag_layer], kind=sag, n_label=n_label, chain=sag_chain,
+                attn_sag[:, sag_layer], kind=sag, n_label=n_label, chain=sag_chain,
                 alpha=sag_alpha,
             )  # fmt: skip
-            x_deg = sag_degrade(x0, eps, mask, at, sigma=blur_sigma, size=blur_size)
-            eps_deg, _ = apply(params, x_deg, tb, labels)
-            eps = eps + sag_scale * (eps - eps_deg.astype(jnp.float32))
+            x_deg = sag_degrade(x0, eps_sag, mask, at, sigma=blur_sigma, size=blur_size)
+            eps_deg, _ = apply(params, x_deg, tb, y_sag)
+            eps = eps + sag_scale * (eps_sag - eps_deg.astype(jnp.float32))
         x0 = (x - s1a * eps) / sa
         if clip:  # clip x̂0 and re-derive ε̂ from it (ADM's ddim_sample)
             x0 = jnp.clip(x0, -1.0, 1.0)
@@ -200,6 +209,8 @@ def sample(
     schedule: str = "cosine",
     num_timesteps: int = 1000,
     clip: bool = True,
+    cfg_scale: float | None = None,
+    null_label: int | None = None,
     sag: str | None = None,
     sag_scale: float = 0.75,
     sag_layer: int | None = None,
@@ -248,6 +259,13 @@ def sample(
       eta: DDIM noise scale (``"ddim"`` only).
       schedule, num_timesteps: the training schedule (:func:`alphas_cumprod`).
       clip: clip :math:`\hat x_0` to ``[-1, 1]`` in the update.
+      cfg_scale: classifier-free guidance weight ``w``, :math:`\hat\varepsilon =
+        \hat\varepsilon_u + w(\hat\varepsilon_c - \hat\varepsilon_u)` from one batch
+        ``[null labels; labels]``; ``None`` = no CFG (one conditional forward). With SAG the
+        mask, :math:`\hat x_0` and the degraded forward use the unconditional half and
+        :math:`\tilde\varepsilon = \hat\varepsilon + s(\hat\varepsilon_u -
+        \hat\varepsilon_{deg})` (diffusers' SAG pipeline).
+      null_label: the unconditional label for CFG (default ``model.cfg.null_label``).
       sag: ``None`` (unguided), ``"colsum"`` or ``"tokenrank"``.
       sag_scale: guidance scale ``s``.
       sag_layer: the block whose attention gives the mask (default ``depth // 2``).
@@ -278,6 +296,10 @@ def sample(
         if sag is not None and cfg is None:
             raise ValueError("pass sag_layer= for a model without a .cfg")
         sag_layer = cfg.depth // 2 if cfg is not None else 0
+    if cfg_scale is not None and null_label is None:
+        if cfg is None:
+            raise ValueError("pass null_label= for classifier-free guidance with this model")
+        null_label = cfg.null_label
     timesteps(steps, num_timesteps)  # validates steps
     labels = jnp.asarray(labels, jnp.int32)
     if labels.ndim != 1:
@@ -289,10 +311,12 @@ def sample(
     apply, params = _adapter(model)
     return _sample(
         params, labels, key, jnp.float32(eta), jnp.float32(sag_scale), jnp.float32(sag_alpha),
-        jnp.float32(blur_sigma), apply=apply, sampler=sampler, steps=int(steps),
+        jnp.float32(blur_sigma), jnp.float32(0.0 if cfg_scale is None else cfg_scale),
+        apply=apply, sampler=sampler, steps=int(steps),
         schedule=schedule, num_timesteps=int(num_timesteps), shape=tuple(int(s) for s in shape),
         clip=bool(clip), sag=sag, sag_layer=int(sag_layer), sag_chain=sag_chain,
-        n_label=int(n_label), blur_size=int(blur_size),
+        n_label=int(n_label), blur_size=int(blur_size), use_cfg=cfg_scale is not None,
+        null_label=None if null_label is None else int(null_label),
     )  # fmt: skip
 
 
