@@ -5,9 +5,10 @@ CLI::
     python -m experiments.sample_dit --workdir runs/dit_cpu --scale 0.75 --steps 50
 
 writes, under ``<workdir>/samples``: ``grid_<setting>.png`` per guidance setting (rows =
-classes 0 … K-1, then the null label; the same seed for every setting), ``masks.png`` (the
-column-sum and TokenRank masks of the same forward on held-out images) and ``sampling.json``
-(settings, per-step times, the guided/unguided ratio, mask statistics).
+classes 0 … K-1, then the null label; the same seed for every setting; ``--cfg w`` adds
+classifier-free guidance to every setting), ``masks.png`` (the column-sum and TokenRank
+masks of the same forward on held-out images) and ``sampling.json`` (settings, per-step
+times, the guided/unguided ratio, mask statistics).
 """
 
 import argparse
@@ -45,8 +46,10 @@ def _settings(scale: float) -> list[tuple[str, str | None, float]]:
 
 
 def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: int = 8,
-                 steps: int = 50, seed: int = 0, schedule: str = "cosine") -> dict:  # fmt: skip
-    """One PNG per guidance setting (unguided, column-sum SAG, TokenRank SAG), same seed."""
+                 steps: int = 50, seed: int = 0, schedule: str = "cosine",
+                 cfg_scale: float | None = None) -> dict:  # fmt: skip
+    """One PNG per guidance setting (unguided, column-sum SAG, TokenRank SAG), same seed;
+    ``cfg_scale`` adds classifier-free guidance to every setting (``_cfg<w>`` in the names)."""
     from PIL import Image
 
     k = model.cfg.num_classes
@@ -54,7 +57,9 @@ def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: i
     files = {}
     for name, kind, s in _settings(scale):
         images = ddim_sample(model, labels, steps=steps, seed=seed, sag=kind, sag_scale=s,
-                             schedule=schedule)  # fmt: skip
+                             schedule=schedule, cfg_scale=cfg_scale)  # fmt: skip
+        if cfg_scale is not None:
+            name = f"{name}_cfg{cfg_scale:g}"
         path = out / f"grid_{name}.png"
         Image.fromarray(grid_image(np.asarray(images), rows=k + 1)).save(path)
         files[name] = path.name
@@ -138,15 +143,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--per-row", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance weight (default: none)")
     p.add_argument("--time-batch", type=int, default=64, help="0 = skip the timing")
     a = p.parse_args(argv)
     model, cfg = load_dit(a.workdir)
     out = pathlib.Path(a.out or pathlib.Path(a.workdir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     report = {"workdir": str(a.workdir), "steps": a.steps, "scale": a.scale, "seed": a.seed,
-              "sampler": "ddim", "eta": 0.0, "sag_layer": cfg.model.depth // 2}  # fmt: skip
+              "sampler": "ddim", "eta": 0.0, "sag_layer": cfg.model.depth // 2,
+              "cfg_scale": a.cfg}  # fmt: skip
     report["grids"] = sample_grids(model, out, scale=a.scale, per_row=a.per_row, steps=a.steps,
-                                   seed=a.seed, schedule=cfg.schedule)  # fmt: skip
+                                   seed=a.seed, schedule=cfg.schedule,
+                                   cfg_scale=a.cfg)  # fmt: skip
     test = load_data(dataclasses.replace(cfg, train_size=cfg.batch_size))["test"]
     report["masks"] = mask_figure(model, test["images"][:6] / 255.0, out / "masks.png",
                                   schedule=cfg.schedule)  # fmt: skip
