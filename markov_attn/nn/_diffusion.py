@@ -125,6 +125,20 @@ def _adapter(model):
 # the sampler
 
 
+def _update(sampler, x, x0, eps, z, at, an, eta):
+    """One sampler step from ``t`` (``ᾱ = at``) to the next step (``ᾱ = an``)."""
+    if sampler == "ddim":  # Song et al. 2021, Eq. 12
+        sigma = eta * jnp.sqrt((1.0 - an) / (1.0 - at) * (1.0 - at / an))
+        noise_dir = jnp.sqrt(jnp.maximum(1.0 - an - sigma**2, 0.0))
+        return jnp.sqrt(an) * x0 + noise_dir * eps + sigma * z
+    # the posterior q(x_{t'} | x_t, x̂0) of the respaced chain, β' = 1 − ᾱ_t/ᾱ_{t'}
+    beta = 1.0 - at / an
+    c1 = beta * jnp.sqrt(an) / (1.0 - at)
+    c2 = (1.0 - an) * jnp.sqrt(1.0 - beta) / (1.0 - at)
+    var = beta * (1.0 - an) / (1.0 - at)
+    return c1 * x0 + c2 * x + jnp.sqrt(var) * z
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -177,20 +191,7 @@ def _sample(
             x0 = jnp.clip(x0, -1.0, 1.0)
             eps = (x - sa * x0) / s1a
         z = jax.random.normal(jax.random.fold_in(key_steps, i), x.shape, jnp.float32)
-        if sampler == "ddim":
-            sigma = eta * jnp.sqrt((1.0 - an) / (1.0 - at) * (1.0 - at / an))
-            x = (
-                jnp.sqrt(an) * x0
-                + jnp.sqrt(jnp.maximum(1.0 - an - sigma**2, 0.0)) * eps
-                + sigma * z
-            )
-        else:  # the respaced posterior q(x_{t'} | x_t, x̂0)
-            beta = 1.0 - at / an
-            c1 = beta * jnp.sqrt(an) / (1.0 - at)
-            c2 = (1.0 - an) * jnp.sqrt(1.0 - beta) / (1.0 - at)
-            var = beta * (1.0 - an) / (1.0 - at)
-            x = c1 * x0 + c2 * x + jnp.sqrt(var) * z
-        return x, None
+        return _update(sampler, x, x0, eps, z, at, an, eta), None
 
     inputs = (jnp.arange(steps), jnp.asarray(ts), abar, abar_next)
     x, _ = jax.lax.scan(step, x, inputs)
