@@ -8,7 +8,8 @@ writes, under ``<workdir>/samples``: ``grid_<setting>.png`` per guidance setting
 classes 0 … K-1, then the null label; the same seed for every setting; ``--cfg w`` adds
 classifier-free guidance to every setting), ``masks.png`` (the column-sum and TokenRank
 masks of the same forward on held-out images) and ``sampling.json`` (settings, per-step
-times, the guided/unguided ratio, mask statistics).
+times, the guided/unguided ratio, mask statistics, and the agreement of the two masks per
+timestep and layer on 64 held-out images).
 """
 
 import argparse
@@ -26,7 +27,14 @@ from markov_attn.nn import MASK_KINDS, alphas_cumprod, ddim_sample, sag_mask, up
 
 from .train_dit import load_data, load_dit
 
-__all__ = ["grid_image", "main", "mask_figure", "sample_grids", "time_sampling"]
+__all__ = [
+    "grid_image",
+    "main",
+    "mask_agreement",
+    "mask_figure",
+    "sample_grids",
+    "time_sampling",
+]
 
 
 def grid_image(images: np.ndarray, /, *, rows: int, pad: int = 2) -> np.ndarray:
@@ -85,16 +93,37 @@ def time_sampling(model, /, *, batch: int = 64, steps: int = 10, repeats: int = 
     return {"batch": batch, "steps": steps, "ms_per_step": ms, "ratio_vs_unguided": ratios}
 
 
-def _masks_at(model, x0, labels, t, *, seed, schedule):
-    """x̂0 and both SAG masks of one forward at timestep ``t`` on noised ``x0`` ([-1, 1])."""
+def _forward_at(model, x0, t, *, seed, schedule):
+    """x̂0 and every layer's attention of one unconditional forward at timestep ``t`` on
+    noised ``x0`` (in [-1, 1])."""
     abar = float(alphas_cumprod(1000, schedule=schedule)[t])
     noise = jax.random.normal(jax.random.key(seed), x0.shape)
     xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+    labels = jnp.full(len(x0), model.cfg.null_label)
     eps, aux = model(xt, jnp.full(len(x0), t), labels)
-    x0_hat = (xt - np.sqrt(1 - abar) * eps) / np.sqrt(abar)
-    attn = aux["attn"][:, model.cfg.depth // 2]
-    masks = {k: sag_mask(attn, kind=k, n_label=model.cfg.n_label) for k in MASK_KINDS}
-    return np.asarray(x0_hat), {k: np.asarray(m) for k, m in masks.items()}
+    return np.asarray((xt - np.sqrt(1 - abar) * eps) / np.sqrt(abar)), aux["attn"]
+
+
+def _masks(model, attn, layer):
+    return {k: np.asarray(sag_mask(attn[:, layer], kind=k, n_label=model.cfg.n_label))
+            for k in MASK_KINDS}  # fmt: skip
+
+
+def mask_agreement(model, images, /, *, ts=(100, 300, 500, 700, 900), seed=0,
+                   schedule: str = "cosine") -> list[dict]:  # fmt: skip
+    """Per timestep and layer: the share of image tokens on which the column-sum and TokenRank
+    masks agree, and the share each masks (unconditional forwards on noised ``images``)."""
+    x0 = jnp.asarray(images, jnp.float32) * 2 - 1
+    rows = []
+    for t in ts:
+        _, attn = _forward_at(model, x0, t, seed=seed + t, schedule=schedule)
+        for layer in range(model.cfg.depth):
+            m = _masks(model, attn, layer)
+            c, r = m["colsum"], m["tokenrank"]
+            rows.append({"t": t, "layer": layer, "agreement": float(np.mean(c == r)),
+                         "colsum_fraction": float(c.mean()),
+                         "tokenrank_fraction": float(r.mean())})  # fmt: skip
+    return rows
 
 
 def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int = 0,
@@ -107,8 +136,8 @@ def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int
     import matplotlib.pyplot as plt
 
     x0 = jnp.asarray(images, jnp.float32) * 2 - 1
-    labels = jnp.full(len(x0), model.cfg.null_label)
-    x0_hat, masks = _masks_at(model, x0, labels, t, seed=seed, schedule=schedule)
+    x0_hat, attn = _forward_at(model, x0, t, seed=seed, schedule=schedule)
+    masks = _masks(model, attn, model.cfg.depth // 2)
     size = model.cfg.image_size
     fig, axes = plt.subplots(len(x0), 4, figsize=(8, 2 * len(x0)), squeeze=False)
     titles = ["image", f"x̂0 (t={t})", "mask: column sum", "mask: TokenRank"]
@@ -158,6 +187,8 @@ def main(argv=None) -> int:
     test = load_data(dataclasses.replace(cfg, train_size=cfg.batch_size))["test"]
     report["masks"] = mask_figure(model, test["images"][:6] / 255.0, out / "masks.png",
                                   schedule=cfg.schedule)  # fmt: skip
+    report["mask_agreement"] = mask_agreement(model, test["images"][:64] / 255.0,
+                                              schedule=cfg.schedule)  # fmt: skip
     if a.time_batch:
         report["timing"] = time_sampling(model, batch=a.time_batch, schedule=cfg.schedule)
     (out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
