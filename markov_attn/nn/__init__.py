@@ -1,16 +1,56 @@
 """Flax NNX models whose attention reads as Markov chains (needs the ``nn`` extra: flax).
 
 The :class:`ViT` returns every layer's attention probabilities in ``aux`` (and sows them), and
-offers a differentiable TokenRank pooling head. ``import markov_attn`` does not import this
-subpackage; import ``markov_attn.nn`` explicitly.
+offers a differentiable TokenRank pooling head. The :class:`DiT` is a small class-conditional
+diffusion transformer with joint label/image attention, returned the same way; the samplers
+(DDIM, DDPM) and Self-Attention Guidance with a column-sum or TokenRank mask come with it.
+``import markov_attn`` does not import this subpackage; import ``markov_attn.nn`` explicitly.
 """
 
 from ._config import ViTConfig as ViTConfig
+from ._diffusion import alphas_cumprod as alphas_cumprod
+from ._diffusion import ddim_sample as ddim_sample
+from ._diffusion import ddpm_sample as ddpm_sample
+from ._diffusion import q_sample as q_sample
+from ._diffusion import sample as sample
+from ._diffusion import timesteps as timesteps
+from ._dit import DiT as DiT
+from ._dit import DiTConfig as DiTConfig
+from ._dit import JointAttention as JointAttention
+from ._dit import JointBlock as JointBlock
 from ._pool import MAPHead as MAPHead
 from ._pool import TokenRankPool as TokenRankPool
+from ._sag import MASK_KINDS as MASK_KINDS
+from ._sag import gaussian_blur as gaussian_blur
+from ._sag import sag_degrade as sag_degrade
+from ._sag import sag_mask as sag_mask
+from ._sag import upsample_mask as upsample_mask
 from ._vit import Attention as Attention
 from ._vit import Block as Block
 from ._vit import Mlp as Mlp
 from ._vit import ViT as ViT
 
-__all__ = ["Attention", "Block", "MAPHead", "Mlp", "TokenRankPool", "ViT", "ViTConfig"]
+__all__ = [
+    "MASK_KINDS",
+    "Attention",
+    "Block",
+    "DiT",
+    "DiTConfig",
+    "JointAttention",
+    "JointBlock",
+    "MAPHead",
+    "Mlp",
+    "TokenRankPool",
+    "ViT",
+    "ViTConfig",
+    "alphas_cumprod",
+    "ddim_sample",
+    "ddpm_sample",
+    "gaussian_blur",
+    "q_sample",
+    "sag_degrade",
+    "sag_mask",
+    "sample",
+    "timesteps",
+    "upsample_mask",
+]

@@ -1,0 +1,28 @@
+"""Tests for experiments.sample_dit: the grid layout and the SAG mask figure."""
+
+import numpy as np
+from flax import nnx
+
+from experiments.sample_dit import grid_image, mask_agreement, mask_figure
+from markov_attn.nn import DiT, DiTConfig
+
+
+def test_grid_image_layout():
+    images = np.stack([np.full((4, 4, 3), i / 5.0) for i in range(6)])
+    grid = grid_image(images, rows=2, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and grid.dtype == np.uint8
+    assert grid[1, 1, 0] == 0 and grid[6, 1, 0] == round(3 / 5 * 255)  # row 2 starts at image 3
+    assert grid[0, 0, 0] == 255  # padding is white
+
+
+def test_mask_figure(tmp_path, rng):
+    cfg = DiTConfig(image_size=16, patch_size=4, width=32, depth=2, num_heads=2, n_label=2)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    images = rng.random((2, 16, 16, 3)).astype(np.float32)
+    stats = mask_figure(model, images, tmp_path / "m.png", t=300)
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stats["layer"] == 1 and 0 <= stats["agreement"] <= 1
+    assert 0 < stats["colsum_fraction"] < 1 and 0 < stats["tokenrank_fraction"] < 1
+    rows = mask_agreement(model, images, ts=(100, 700))
+    assert [(r["t"], r["layer"]) for r in rows] == [(100, 0), (100, 1), (700, 0), (700, 1)]
+    assert all(0 <= r["agreement"] <= 1 for r in rows)
