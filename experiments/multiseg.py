@@ -1,0 +1,303 @@
+"""Multi-object segmentation without labels from a trained ViT's attention (issue #13).
+
+Images: ``markov_attn.data.make_multi_split("test", N)`` (2–4 Fashion-MNIST objects on held-out
+photos, exact instance masks). Every method splits the 8×8 patch grid into segments; segments
+are compared with the true ones (background + each visible object) after nearest upsampling to
+pixels. Methods, each with the true number of segments ``K`` and with its own automatic choice:
+
+- ``metastable``: G-PCCA states (``ma.metastable_states``) of the last layer's patch-token chain
+  (CLS dropped, rows renormalised), heads averaged uniformly or with λ2 weights, and of the
+  product of the last three layers' head-averaged chains; automatic ``k`` = the largest gap
+  among the leading eigenvalue moduli (``k=None``, range 2–6);
+- ``spectral``: scikit-learn spectral clustering of the symmetrised last-layer chain
+  ``(A + Aᵀ) / 2``; automatic ``k`` = the largest eigengap of its normalised Laplacian (2–6);
+- ``kmeans``: k-means of the last layer's patch tokens (no automatic ``k``);
+- ``colour kmeans``: k-means of the patches' mean colours, a baseline that sees no attention;
+- ``oracle``: each patch labelled with its majority true segment (the best an 8×8 grid can do).
+
+Metrics per image: Hungarian-matched mIoU over the true segments (``scipy``
+``linear_sum_assignment``; an unmatched true segment scores 0) and the adjusted Rand index
+(scikit-learn) over pixels; means with 95 % bootstrap intervals over images. DiffSeg-style
+merging is not implemented. Command::
+
+    python -m experiments.multiseg                       # reference model, 1,000 images
+    python -m experiments.multiseg --update-readme       # and the README's multiseg block
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import markov_attn as ma
+
+from .readme import replace_block
+
+REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "vit_reference.npz"
+AUTO_RANGE = (2, 6)
+
+
+def _load(path):
+    from .train import load_model, load_weights
+
+    path = pathlib.Path(path)
+    model, cfg = load_weights(path) if path.suffix == ".npz" else load_model(path)
+    return model, cfg.model
+
+
+def _attention(model, images, batch_size: int):
+    """Last-three-layer attention ``(N, 3, H, n, n)`` and last-layer tokens ``(N, n, d)``."""
+
+    @jax.jit
+    def fwd(x):
+        _, aux = model(x)
+        return aux["attn"][:, -3:], aux["tokens"]
+
+    attn, tokens = [], []
+    for s in range(0, len(images), batch_size):
+        a, t = fwd(jnp.asarray(images[s : s + batch_size]))
+        attn.append(np.asarray(a))
+        tokens.append(np.asarray(t))
+    return np.concatenate(attn), np.concatenate(tokens)
+
+
+def _chains(attn, num_prefix: int) -> dict[str, np.ndarray]:
+    """Patch-token chains ``(N, n, n)`` per method."""
+    pa = ma.normalize(jnp.asarray(attn[..., num_prefix:, num_prefix:]))  # (N, 3, H, m, m)
+    last = pa[:, -1]
+    uniform = ma.average(last, axis=-3)
+    lam2 = ma.second_eigenvalue(last)
+    weighted = ma.average(last, weights=ma.head_weights(lam2), axis=-3)
+    means = ma.average(pa, axis=-3)  # (N, 3, m, m)
+    product = ma.normalize(means[:, 0] @ means[:, 1] @ means[:, 2])
+    return {
+        "uniform": np.asarray(uniform),
+        "λ2-weighted": np.asarray(weighted),
+        "last 3 layers": np.asarray(product),
+    }
+
+
+def _metastable(chains: np.ndarray, ks: np.ndarray, auto: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Crisp states ``(N, m)`` and the ``k`` used per image."""
+    out = np.zeros(chains.shape[:2], np.int32)
+    used = np.zeros(len(chains), np.int32)
+    if auto:
+        for i, c in enumerate(chains):
+            ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
+            out[i], used[i] = np.asarray(ms.assignment), int(ms.k)
+        return out, used
+    for k in np.unique(ks):
+        sel = np.flatnonzero(ks == k)
+        ms = ma.metastable_states(jnp.asarray(chains[sel]), k=int(k), split="nan")
+        out[sel], used[sel] = np.asarray(ms.assignment), k
+    return out, used
+
+
+def _eigengap_k(sym: np.ndarray) -> int:
+    d = sym.sum(1)
+    lap = np.eye(len(d)) - sym / np.sqrt(np.outer(d, d))
+    ev = np.sort(np.linalg.eigvalsh(lap))
+    lo, hi = AUTO_RANGE
+    gaps = ev[lo : hi + 1] - ev[lo - 1 : hi]  # gap after the k-th smallest eigenvalue
+    return lo + int(np.argmax(gaps))
+
+
+def _spectral(chains, ks, auto: bool):
+    from sklearn.cluster import SpectralClustering
+
+    out = np.zeros(chains.shape[:2], np.int32)
+    used = np.zeros(len(chains), np.int32)
+    for i, c in enumerate(chains):
+        sym = (c + c.T) / 2
+        k = _eigengap_k(sym) if auto else int(ks[i])
+        sc = SpectralClustering(k, affinity="precomputed", random_state=0, assign_labels="kmeans")
+        out[i], used[i] = sc.fit_predict(sym), k
+    return out, used
+
+
+def _kmeans(features, ks):
+    from sklearn.cluster import KMeans
+
+    out = np.zeros(features.shape[:2], np.int32)
+    for i, f in enumerate(features):
+        out[i] = KMeans(int(ks[i]), n_init=3, random_state=0).fit_predict(f)
+    return out, ks.astype(np.int32)
+
+
+def _to_pixels(states: np.ndarray, grid: int, size: int) -> np.ndarray:
+    rep = size // grid
+    return np.repeat(np.repeat(states.reshape(-1, grid, grid), rep, 1), rep, 2)
+
+
+def _oracle(inst: np.ndarray, grid: int) -> np.ndarray:
+    n, size, _ = inst.shape
+    rep = size // grid
+    blocks = inst.reshape(n, grid, rep, grid, rep).transpose(0, 1, 3, 2, 4).reshape(n, grid**2, -1)
+    return np.array([[np.bincount(b).argmax() for b in img] for img in blocks], np.int32)
+
+
+def scores(pred: np.ndarray, inst: np.ndarray) -> tuple[float, float]:
+    """``(Hungarian mIoU over the true segments, adjusted Rand index)`` of one image's pixel
+    labels ``pred`` against its instance mask ``inst``."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score
+
+    truth = np.unique(inst)
+    segs = np.unique(pred)
+    t = inst.ravel()[None, :] == truth[:, None]
+    p = pred.ravel()[None, :] == segs[:, None]
+    inter = t.astype(np.float64) @ p.T.astype(np.float64)
+    union = t.sum(1)[:, None] + p.sum(1)[None, :] - inter
+    iou = inter / np.maximum(union, 1)
+    rows, cols = linear_sum_assignment(-iou)
+    miou = iou[rows, cols].sum() / len(truth)
+    return float(miou), float(adjusted_rand_score(inst.ravel(), pred.ravel()))
+
+
+def _bootstrap(x: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    m = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
+    return float(np.quantile(m, 0.025)), float(np.quantile(m, 0.975))
+
+
+def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, progress=True):
+    from markov_attn.data import make_multi_split
+
+    t0 = time.perf_counter()
+    model, mcfg = _load(run)
+    data = make_multi_split("test", n_images, size=mcfg.image_size)
+    inst = data["instances"]
+    # the true number of segments: the background + each object with visible pixels
+    ks = np.array([1 + int((v > 0).sum()) for v in data["visible"]], np.int32)
+    attn, tokens = _attention(model, data["images"], batch_size)
+    num_prefix, grid, size = mcfg.num_prefix, mcfg.image_size // mcfg.patch_size, mcfg.image_size
+    chains = _chains(attn, num_prefix)
+    t_fwd = time.perf_counter() - t0
+    preds, timing = {}, {}
+
+    def add(name, fn, *a):
+        t = time.perf_counter()
+        states, used = fn(*a)
+        timing[name] = time.perf_counter() - t
+        preds[name] = (states, used)
+        if progress:
+            print(f"  {name:45s} {timing[name]:6.1f} s", flush=True)
+
+    for cname, c in chains.items():
+        add(f"metastable, {cname}, true K", _metastable, c, ks, False)
+        add(f"metastable, {cname}, auto k", _metastable, c, ks, True)
+    add("spectral, last layer, true K", _spectral, chains["uniform"], ks, False)
+    add("spectral, last layer, auto k", _spectral, chains["uniform"], ks, True)
+    add("kmeans of last-layer tokens, true K", _kmeans, tokens[:, num_prefix:], ks)
+    rep = size // grid
+    colours = data["images"].reshape(n_images, grid, rep, grid, rep, 3).mean((2, 4))
+    add("kmeans of patch colours, true K", _kmeans, colours.reshape(n_images, grid**2, 3), ks)
+    add("oracle (majority segment per patch)", lambda: (_oracle(inst, grid), ks))
+    rows = {}
+    for name, (states, used) in preds.items():
+        px = _to_pixels(states, grid, size)
+        s = np.array([scores(px[i], inst[i]) for i in range(n_images)])
+        rows[name] = {
+            "miou": float(s[:, 0].mean()),
+            "miou_ci": _bootstrap(s[:, 0]),
+            "ari": float(s[:, 1].mean()),
+            "ari_ci": _bootstrap(s[:, 1]),
+            "k_mean": float(np.mean(used)),
+            "k_exact": float(np.mean(used == ks)),
+            "seconds": timing[name],
+        }
+    return {
+        "run": str(run),
+        "n_images": n_images,
+        "true_k_mean": float(ks.mean()),
+        "forward_s": t_fwd,
+        "total_s": time.perf_counter() - t0,
+        "backend": jax.default_backend(),
+        "rows": rows,
+        "examples": {k: v[0][:8].tolist() for k, v in preds.items()},
+        "example_instances": inst[:8].tolist(),
+    }
+
+
+def table(res: dict) -> str:
+    lines = [
+        "| method | mIoU (Hungarian) | ARI | k used (mean; = true) | time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in res["rows"].items():
+        lo, hi = r["miou_ci"]
+        alo, ahi = r["ari_ci"]
+        lines.append(
+            f"| {name} | {100 * r['miou']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+            f"| {r['ari']:.3f} [{alo:.3f}, {ahi:.3f}] | {r['k_mean']:.2f}; "
+            f"{100 * r['k_exact']:.0f} % | {r['seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        f"{res['n_images']} test images of `make_multi_split` (2–4 objects, mean true number of "
+        f"segments {res['true_k_mean']:.2f} with the background), model `{res['run']}`; 95 % "
+        "bootstrap intervals over images; pixel-level metrics after nearest upsampling of the 8×8 "
+        f"grid. Total {res['total_s']:.0f} s on {res['backend']} ({res['forward_s']:.0f} s of "
+        "it data and forward passes). Command: `python -m experiments.multiseg --update-readme`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def figure(res: dict, path) -> None:
+    from markov_attn.data import make_multi_split
+    from markov_attn.viz._overlay import _matplotlib
+
+    _, plt = _matplotlib()
+    names = [
+        "metastable, uniform, auto k",
+        "metastable, last 3 layers, true K",
+        "spectral, last layer, true K",
+        "kmeans of last-layer tokens, true K",
+    ]
+    imgs = make_multi_split("test", 6)["images"]
+    inst = np.array(res["example_instances"])[:6]
+    fig, axes = plt.subplots(6, 2 + len(names), figsize=(2 * (2 + len(names)), 12))
+    for i in range(6):
+        axes[i, 0].imshow(imgs[i])
+        axes[i, 1].imshow(inst[i], cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+        for j, name in enumerate(names):
+            s = np.array(res["examples"][name][i]).reshape(8, 8)
+            axes[i, 2 + j].imshow(s, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
+    for j, title in enumerate(["image", "truth", *names]):
+        axes[0, j].set_title(title.replace(", ", ",\n"), fontsize=8)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.multiseg", description=__doc__)
+    p.add_argument("--run", default=str(REFERENCE), help="weights file (.npz) or run directory")
+    p.add_argument("--n-images", type=int, default=1000)
+    p.add_argument("--out", default="runs/multiseg")
+    p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    a = p.parse_args(argv)
+    res = evaluate(a.run, n_images=a.n_images)
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    md = table(res)
+    (out / "results.md").write_text(md)
+    figure(res, out / "states_grid.png")
+    print(md)
+    print(f"wrote {out}/results.json, results.md, states_grid.png")
+    if a.update_readme:
+        replace_block(a.update_readme, "multiseg", md)
+        print(f"updated {a.update_readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
