@@ -211,8 +211,12 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
             "k_exact": float(np.mean(used == ks)),
             "seconds": timing[name],
         }
+    try:
+        shown = str(pathlib.Path(run).resolve().relative_to(pathlib.Path.cwd()))
+    except ValueError:
+        shown = str(run)
     return {
-        "run": str(run),
+        "run": shown,
         "n_images": n_images,
         "true_k_mean": float(ks.mean()),
         "forward_s": t_fwd,

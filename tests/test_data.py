@@ -318,3 +318,24 @@ def test_centre_prior():
     assert centre_prior(64, 8, sigma=4.0).max() > centre_prior(64, 8).max()
     with pytest.raises(ValueError, match="sigma"):
         centre_prior(64, 8, sigma=0.0)
+
+
+def test_multi_object_split_masks_and_determinism():
+    from markov_attn.data import make_multi_split
+
+    d = make_multi_split("test", 12, size=32)
+    e = make_multi_split("test", 4, size=32, start=8)
+    np.testing.assert_array_equal(d["images"][8:], e["images"])
+    np.testing.assert_array_equal(d["instances"][8:], e["instances"])
+    assert d["images"].shape == (12, 32, 32, 3) and d["instances"].dtype == np.uint8
+    assert np.all((d["num_objects"] >= 2) & (d["num_objects"] <= 4))
+    for i in range(12):
+        m = d["num_objects"][i]
+        assert np.all(d["labels"][i, :m] >= 0) and np.all(d["labels"][i, m:] == -1)
+        assert d["instances"][i].max() <= m
+        for j in range(4):
+            assert d["visible"][i, j] == (d["instances"][i] == j + 1).sum()
+    train = make_multi_split("train", 2, size=32)
+    assert not np.array_equal(train["images"], d["images"][:2])
+    with pytest.raises(ValueError, match="objects"):
+        make_multi_split("test", 1, objects=(3, 2))
