@@ -23,17 +23,17 @@ def test_reference_model_accuracy_on_a_test_slice():
     assert dataclasses.asdict(cfg) == dataclasses.asdict(
         configs.get_preset("gpu", pool="tokenrank")
     )
-    d = make_split("test", 250)
+    d = make_split("test", 100)
     logits, aux = model(jnp.asarray(d["images"]))
     acc = float((np.asarray(logits).argmax(-1) == d["labels"]).mean())
-    # the record: 0.792 on this slice on CPU (0.7725 on all 2,000 test images on the GPU)
+    # the record: 0.82 on this slice on CPU (0.7725 on all 2,000 test images on the GPU)
     assert acc == pytest.approx(record["cpu_check"]["test_acc"], abs=0.02)
     assert acc > 0.7  # chance is 0.1
-    assert aux["attn"].shape == (250, cfg.model.depth, cfg.model.num_heads, 65, 65)
+    assert aux["attn"].shape == (100, cfg.model.depth, cfg.model.num_heads, 65, 65)
 
 
 def test_save_and_load_weights_round_trip(tmp_path):
-    cfg = configs.get_preset("smoke", data="synthetic", conv_stem=(4,), steps=2)
+    cfg = configs.get_preset("smoke", data="synthetic", steps=1, warmup_steps=0)
     train.train_and_evaluate(cfg, tmp_path / "run", progress=False)
     path = train.save_weights(tmp_path / "run", tmp_path / "w.npz")
     loaded, lcfg = train.load_weights(path)
@@ -41,15 +41,13 @@ def test_save_and_load_weights_round_trip(tmp_path):
     x = jnp.linspace(0, 1, 2 * 32 * 32 * 3).reshape(2, 32, 32, 3)
     np.testing.assert_array_equal(np.asarray(loaded(x)[0]), np.asarray(model(x)[0]))
     assert lcfg == cfg
-    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, width=48))
-    train.train_and_evaluate(other, tmp_path / "other", progress=False)
-    bad = train.save_weights(tmp_path / "other", tmp_path / "bad.npz")
-    with np.load(bad) as z, np.load(path) as good:  # splice one config into the other's arrays
+    with np.load(path) as z:  # a file whose arrays do not fit its config
         arrays = {k: z[k] for k in z.files}
-        arrays["config.json"] = good["config.json"]
-    np.savez(tmp_path / "spliced.npz", **arrays)
+    name = next(k for k in arrays if k.startswith("param:") and arrays[k].ndim == 2)
+    arrays[name] = arrays[name][:, :-1]
+    np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(train.CheckpointError, match="another model"):
-        train.load_weights(tmp_path / "spliced.npz")
+        train.load_weights(tmp_path / "bad.npz")
 
 
 def test_cli_set_overrides_any_field():
@@ -69,10 +67,12 @@ def test_gpu_report_regenerates_the_readme_blocks(tmp_path):
     gpu_report = pytest.importorskip("experiments.gpu_report")
     readme = tmp_path / "README.md"
     names = ("gpu-bench", "gpu-recipe", "gpu-heads")
-    readme.write_text("".join(f"<!-- {n}:start -->\nold\n<!-- {n}:end -->\n" for n in names))
+    readme.write_text(
+        "".join(f"<!-- {n}:start -->\nSTALE-BLOCK\n<!-- {n}:end -->\n" for n in names)
+    )
     assert gpu_report.main(["--update-readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text
+    assert "STALE-BLOCK" not in text
     assert "NVIDIA H100" in text and "| tokenrank |" in text and "| stem_fresh |" in text
     training = json.loads((gpu_report.RESULTS / "training.json").read_text())
     best = max(r["test_acc"] for r in training["sweep"].values())
