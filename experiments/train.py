@@ -596,6 +596,12 @@ def save_weights(workdir: str | os.PathLike, path: str | os.PathLike, /) -> path
     statistics (no optimiser state, so about a third of a checkpoint) and its configuration.
     :func:`load_weights` reads it back; this is the format of committed reference models."""
     model, cfg = load_model(workdir)
+    return write_weights(model, cfg, path)
+
+
+def write_weights(model, cfg: TrainConfig, path: str | os.PathLike, /) -> pathlib.Path:
+    """Writes ``model`` (a :class:`ViT`) and its training configuration ``cfg`` to one ``.npz``
+    file in :func:`save_weights`' format."""
     flat = {}
     for kind, tag in ((nnx.Param, "param"), (nnx.BatchStat, "stat")):
         pure = nnx.to_pure_dict(nnx.state(model, kind))
