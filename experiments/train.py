@@ -599,6 +599,11 @@ def save_weights(workdir: str | os.PathLike, path: str | os.PathLike, /) -> path
     return write_weights(model, cfg, path)
 
 
+def _array_name(tag: str, keys) -> str:
+    """The ``.npz`` key of one state leaf: ``"param:blocks/0/attn/qkv/kernel"``."""
+    return f"{tag}:" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
 def write_weights(model, cfg: TrainConfig, path: str | os.PathLike, /) -> pathlib.Path:
     """Writes ``model`` (a :class:`ViT`) and its training configuration ``cfg`` to one ``.npz``
     file in :func:`save_weights`' format."""
@@ -606,8 +611,7 @@ def write_weights(model, cfg: TrainConfig, path: str | os.PathLike, /) -> pathli
     for kind, tag in ((nnx.Param, "param"), (nnx.BatchStat, "stat")):
         pure = nnx.to_pure_dict(nnx.state(model, kind))
         for keys, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-            name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-            flat[f"{tag}:{name}"] = np.asarray(leaf)
+            flat[_array_name(tag, keys)] = np.asarray(leaf)
     flat["config.json"] = np.frombuffer(json.dumps(_config_dict(cfg)).encode(), np.uint8)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -635,7 +639,7 @@ def load_weights(path: str | os.PathLike, /):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
         new = []
         for keys, leaf in leaves:
-            name = f"{tag}:" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+            name = _array_name(tag, keys)
             if name not in arrays or arrays[name].shape != leaf.shape:
                 raise CheckpointError(
                     f"{path} has no array {name!r} of shape {leaf.shape}; it was written for "

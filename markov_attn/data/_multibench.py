@@ -22,13 +22,14 @@ import os
 import numpy as np
 
 from ._fashion_mnist import load_fashion_mnist
-from ._photos import _pyramids, _random_crop
+from ._photos import _pyramids
 from ._segbench import (
     _MAX_BLOBS,
     _U_PER_BLOB,
     SPLIT_IDS,
-    _blob,
     _check,
+    _object_side,
+    _paint_background,
     _paste_object,
     _resolve_root,
     _silhouette_cache,
@@ -43,21 +44,15 @@ _U_OBJECT_COLOUR = 3
 
 
 def _render_multi(rng, objects, obj_images, sils, pyramids, image, inst, size, m):
-    n_photos = len(pyramids)
     u_bg = rng.random(5)
-    bg = int(u_bg[0] * n_photos)
-    image[...] = _random_crop(u_bg[1:5], pyramids[bg], size, size)
     u_blobs = rng.random(1 + _MAX_BLOBS * _U_PER_BLOB)
-    for k in range(int(u_blobs[0] * (_MAX_BLOBS + 1))):
-        start = 1 + k * _U_PER_BLOB
-        _blob(rng, u_blobs[start : start + _U_PER_BLOB], pyramids, image, size)
-    lo, hi = _MULTI_SIDE
+    bg = _paint_background(rng, u_bg, u_blobs, pyramids, image, size)
     cover = np.zeros((size, size), bool)
     for j in range(m):
         uo = rng.random(_U_OBJ)
         colour = rng.random(_U_OBJECT_COLOUR)
         pos = rng.random((_CANDIDATES, 2))
-        side = min(size, max(1, round((lo + (hi - lo) * uo[0]) * size / 64)))
+        side = _object_side(uo[0], _MULTI_SIDE, size)
         ys = (pos[:, 0] * (size - side + 1)).astype(int)
         xs = (pos[:, 1] * (size - side + 1)).astype(int)
         overlap = [cover[y : y + side, x : x + side].sum() for y, x in zip(ys, xs)]

@@ -176,20 +176,11 @@ def _render(
 ) -> dict:
     """Renders one sample into ``image`` (size, size, 3) and ``alpha_out`` (size, size)."""
     u = rng.random(_N_U)
-    n_photos = len(pyramids)
-    # 1. background
-    ub = u[_U_BACKGROUND]
-    bg = int(ub[0] * n_photos)
-    image[...] = _random_crop(ub[1:5], pyramids[bg], size, size)
-    # 2. distractors, under the object
-    n_blobs = int(u[_U_BLOBS] * (_MAX_BLOBS + 1))
-    for k in range(n_blobs):
-        start = _U_BLOBS + 1 + k * _U_PER_BLOB
-        _blob(rng, u[start : start + _U_PER_BLOB], pyramids, image, size)
+    # 1. background, 2. distractors (under the object)
+    bg = _paint_background(rng, u[_U_BACKGROUND], u[_U_BLOBS:], pyramids, image, size)
     # 3. object
     uo = u[_U_OBJECT]
-    lo, hi = _OBJ_SIDE
-    side = min(size, max(1, round((lo + (hi - lo) * uo[0]) * size / 64)))
+    side = _object_side(uo[0], _OBJ_SIDE, size)
     oy = int(uo[1] * (size - side + 1))
     ox = int(uo[2] * (size - side + 1))
     alpha, flip, camo = _paste_object(
@@ -197,6 +188,24 @@ def _render(
     )
     alpha_out[oy : oy + side, ox : ox + side] = alpha
     return {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
+
+
+def _paint_background(rng, ub, ublobs, pyramids, image: np.ndarray, size: int) -> int:
+    """Paints a crop of one photo of the split into ``image`` and the distractor blobs over it;
+    returns the photo's index. ``ub``: 5 uniforms (photo, crop); ``ublobs``: the blob count,
+    then ``_U_PER_BLOB`` uniforms per blob."""
+    bg = int(ub[0] * len(pyramids))
+    image[...] = _random_crop(ub[1:5], pyramids[bg], size, size)
+    for k in range(int(ublobs[0] * (_MAX_BLOBS + 1))):
+        start = 1 + k * _U_PER_BLOB
+        _blob(rng, ublobs[start : start + _U_PER_BLOB], pyramids, image, size)
+    return bg
+
+
+def _object_side(u: float, side_range: tuple[float, float], size: int) -> int:
+    """Object side in pixels: uniform in ``side_range`` (px at size 64), scaled to ``size``."""
+    lo, hi = side_range
+    return min(size, max(1, round((lo + (hi - lo) * u) * size / 64)))
 
 
 def _paste_object(uo, colour, obj_image, obj_sil, pyramids, image, side, oy, ox, bg):
