@@ -37,6 +37,16 @@ from .readme import replace_block
 
 LEVELS = (100, 300, 500, 800)
 STEPS = 10
+LAST_K = "last 3"  # the mean chain of the last three layers, next to each single layer
+TRUE, WRONG = "true label", "wrong label"
+HEADS = ("uniform", "lambda2")
+LABEL_ROW = "label row (one step, no teleport)"
+FAMILIES = {
+    "label row": [LABEL_ROW],
+    "forward bounce": [f"forward bounce n={s}" for s in range(1, STEPS + 1)],
+    "reverse bounce": [f"reverse bounce n={s}" for s in range(1, STEPS + 1)],
+    "TokenRank": ["TokenRank"],
+}
 
 
 def _maps(attn, n_label: int, heads: str):
@@ -50,7 +60,7 @@ def _maps(attn, n_label: int, heads: str):
     start = jnp.zeros((b, n), jnp.float32).at[:, :n_label].set(1.0 / n_label)
     fwd = ma.bounce(chain, start, steps=STEPS, direction="forward")  # (B, STEPS+1, n)
     rev = ma.bounce(chain, start, steps=STEPS, direction="reverse")
-    out = {"label row (one step, no teleport)": jnp.einsum("bn,bnm->bm", start, chain)}
+    out = {LABEL_ROW: jnp.einsum("bn,bnm->bm", start, chain)}
     for s in range(1, STEPS + 1):
         out[f"forward bounce n={s}"] = fwd[:, s]
         out[f"reverse bounce n={s}"] = rev[:, s]
@@ -78,19 +88,27 @@ def evaluate(workdir, *, n_images=1000, levels=LEVELS, batch_size=100, seed=0, p
 
     @jax.jit
     def layer_maps(attn):
-        return {h: _maps(attn, mc.n_label, h) for h in ("uniform", "lambda2")}
+        return {h: _maps(attn, mc.n_label, h) for h in HEADS}
+
+    layers = [*range(mc.depth), LAST_K]
+    k_last = min(3, mc.depth)
+
+    @jax.jit
+    def last_k(attn):  # the mean chain of the last k layers (a mean of chains is a chain)
+        return jnp.mean(attn[:, -k_last:], axis=1)
 
     results, stats = {}, {}
     counts = seg.bootstrap_counts(n_images, n_resamples=1000, seed=0)
     for t in levels:
-        for control in ("true label", "wrong label"):
-            y = labels if control == "true label" else (labels + 1) % mc.num_classes
+        for control in (TRUE, WRONG):
+            y = labels if control == TRUE else (labels + 1) % mc.num_classes
             per = {}
             for s in range(0, n_images, batch_size):
                 xt = ma_q_sample(x0[s : s + batch_size], t, noise[s : s + batch_size], cfg)
                 attn = attention(xt, jnp.full((len(xt),), t), jnp.asarray(y[s : s + batch_size]))
-                for layer in range(mc.depth):
-                    for h, maps in layer_maps(attn[:, layer]).items():
+                for layer in layers:
+                    a = attn[:, layer] if isinstance(layer, int) else last_k(attn)
+                    for h, maps in layer_maps(a).items():
                         for name, m in maps.items():
                             key = (t, control, layer, h, name)
                             per.setdefault(key, []).append(np.asarray(m))
@@ -113,17 +131,45 @@ def evaluate(workdir, *, n_images=1000, levels=LEVELS, batch_size=100, seed=0, p
         "workdir": str(workdir),
         "n_images": n_images,
         "levels": list(levels),
-        "depth": mc.depth,
+        "layers": [str(x) for x in layers],
         "rows": {"|".join(map(str, k)): v for k, v in results.items()},
-        "cis": {
-            "|".join(map(str, k)): seg.bootstrap(st, counts=counts)
-            for k, st in stats.items()
-            if k[2] == mc.depth - 1 or k[4] in ("TokenRank", "label row (one step, no teleport)")
-        },
+        "best": _best_rows(results, stats, levels, layers, counts),
         "refs": ref_rows,
         "total_s": time.perf_counter() - t0,
         "backend": jax.default_backend(),
     }
+
+
+def _best_rows(results, stats, levels, layers, counts) -> list[dict]:
+    """Per noise level and map family: the best (layer, heads, map) by mIoU with the true
+    label, its interval, and paired differences (same images, same resamples) against the
+    wrong-label control and, for bounces and TokenRank, the one-step label row of the same
+    layer and heads."""
+    out = []
+    for t in levels:
+        for family, names in FAMILIES.items():
+            cands = [
+                (results[(t, TRUE, layer, h, nm)]["miou"], str(layer), layer, h, nm)
+                for layer in layers
+                for h in HEADS
+                for nm in names
+            ]
+            _, _, layer, h, nm = max(cands)
+            key, wrong = (t, TRUE, layer, h, nm), (t, WRONG, layer, h, nm)
+            row = {
+                "t": t, "family": family, "layer": str(layer), "heads": h, "map": nm,
+                "true": results[key], "true_ci": seg.bootstrap(stats[key], counts=counts),
+                "wrong": results[wrong],
+                "minus_wrong_ci": seg.bootstrap(stats[key], counts=counts, baseline=stats[wrong]),
+            }  # fmt: skip
+            if nm != LABEL_ROW:
+                base = (t, TRUE, layer, h, LABEL_ROW)
+                row["label_row"] = results[base]
+                row["minus_label_row_ci"] = seg.bootstrap(
+                    stats[key], counts=counts, baseline=stats[base]
+                )
+            out.append(row)
+    return out
 
 
 def ma_q_sample(x0, t, noise, cfg):
@@ -133,49 +179,49 @@ def ma_q_sample(x0, t, noise, cfg):
     return q_sample(x0, t, noise, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)
 
 
+def _pct(m: dict, ci: dict, key: str) -> str:
+    lo, hi = ci[key]
+    return f"{100 * m[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def _diff(a: dict, b: dict, ci: dict, key: str) -> str:
+    lo, hi = ci[key]
+    return f"{100 * (a[key] - b[key]):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def table(res: dict) -> str:
-    """Per noise level: the label row, the best forward and reverse bounce over layers and n,
-    TokenRank, each with its best layer; the wrong-label control of the same map."""
-    rows = res["rows"]
-
-    def get(t, control, layer, h, name):
-        return rows[f"{t}|{control}|{layer}|{h}|{name}"]
-
+    """Per noise level and map family, the best layer / heads / map with intervals, and the
+    paired differences against the one-step label row and the wrong-label control."""
     lines = [
-        "| t | map (best layer, heads) | mIoU | mAP | pixel acc | wrong label: mIoU / mAP |",
+        "| t | best map of its family (layer, heads) | mIoU | mAP | − label row (mIoU) "
+        "| − wrong label (mIoU) |",
         "|---|---|---|---|---|---|",
     ]
-    families = {
-        "label row": ["label row (one step, no teleport)"],
-        "forward bounce": [f"forward bounce n={s}" for s in range(1, STEPS + 1)],
-        "reverse bounce": [f"reverse bounce n={s}" for s in range(1, STEPS + 1)],
-        "TokenRank": ["TokenRank"],
-    }
-    for t in res["levels"]:
-        for names in families.values():
-            cands = [
-                (get(t, "true label", layer, h, nm)["miou"], layer, h, nm)
-                for layer in range(res["depth"])
-                for h in ("uniform", "lambda2")
-                for nm in names
-            ]
-            _, layer, h, nm = max(cands)
-            r = get(t, "true label", layer, h, nm)
-            w = get(t, "wrong label", layer, h, nm)
-            lines.append(
-                f"| {t} | {nm}; layer {layer}, {h} | {100 * r['miou']:.1f} | {100 * r['map']:.1f} "
-                f"| {100 * r['pixel_acc']:.1f} | {100 * w['miou']:.1f} / {100 * w['map']:.1f} |"
-            )
+    for r in res["best"]:
+        vs_row = (
+            _diff(r["true"], r["label_row"], r["minus_label_row_ci"], "miou")
+            if "label_row" in r
+            else "—"
+        )
+        lines.append(
+            f"| {r['t']} | {r['map']} (layer {r['layer']}, {r['heads']}) "
+            f"| {_pct(r['true'], r['true_ci'], 'miou')} | {_pct(r['true'], r['true_ci'], 'map')} "
+            f"| {vs_row} | {_diff(r['true'], r['wrong'], r['minus_wrong_ci'], 'miou')} |"
+        )
     for name, r in res["refs"].items():
         lines.append(
-            f"| — | {name} | {100 * r['miou']:.1f} | {100 * r['map']:.1f} "
-            f"| {100 * r['pixel_acc']:.1f} | — |"
+            f"| — | {name} | {_pct(r, r['ci'], 'miou')} | {_pct(r, r['ci'], 'map')} | — | — |"
         )
     lines += [
         "",
         f"{res['n_images']} benchmark test images at 32 px (8×8 image tokens), DiT "
-        f"`{res['workdir']}`; the best layer and head weighting per map family are chosen on "
-        "these same images (an optimistic selection; the table says which won). "
+        f"`{res['workdir']}`, noised to t and run with the true label (and a wrong one, "
+        "`(y + 1) mod 10`, for the control). Layers 0–"
+        f"{len(res['layers']) - 2} and `last 3` (the mean chain of the last three layers); the "
+        "best layer, head weighting and n per family are chosen on these same images (an "
+        "optimistic selection; the table says which won). Differences are paired (same images, "
+        'same bootstrap resamples; 95 % intervals); "− label row" compares with the one-step '
+        "label row of the same layer and heads. "
         f"Total {res['total_s']:.0f} s on {res['backend']}. Command: "
         f"`python -m experiments.label_bounce --workdir {res['workdir']} --update-readme`.",
     ]
