@@ -54,12 +54,14 @@ N_BOOT = 1000
 
 
 class Classifier(nnx.Module):
-    """A small CNN for 32 px images: three stages of two 3×3 convolutions (widths ``w``, 2w,
-    4w; GELU; 2×2 average pooling between stages), global average pooling to the ``4w``
-    feature vector, one linear layer to the logits."""
+    """A small CNN for 32 px images: a stride-2 3×3 convolution to 16 px, then three stages of
+    two 3×3 convolutions (widths ``w``, 2w, 4w at 16, 8 and 4 px; GroupNorm, GELU; 2×2
+    average pooling between stages), global average pooling to the ``4w`` features, one
+    linear layer to the logits."""
 
-    def __init__(self, num_classes: int = 10, width: int = 24, *, rngs: nnx.Rngs):
-        chans = [3, width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+    def __init__(self, num_classes: int = 10, width: int = 32, *, rngs: nnx.Rngs):
+        chans = [width, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        self.stem = nnx.Conv(3, width, kernel_size=(3, 3), strides=(2, 2), rngs=rngs)
         self.convs = nnx.List(
             [nnx.Conv(a, b, kernel_size=(3, 3), rngs=rngs) for a, b in itertools.pairwise(chans)]
         )
@@ -68,10 +70,10 @@ class Classifier(nnx.Module):
 
     def features(self, x):
         """``(b, 32, 32, 3)`` images in [0, 1] → ``(b, 4w)`` features."""
-        x = x * 2.0 - 1.0
+        x = jax.nn.gelu(self.stem(x * 2.0 - 1.0))
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             x = jax.nn.gelu(norm(conv(x)))
-            if i in (1, 3):
+            if i in (0, 2):
                 x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
         return jnp.mean(x, axis=(1, 2))
 
@@ -84,7 +86,7 @@ def _batches(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
-def train_classifier(train: dict, test: dict, /, *, steps: int = 1500, batch: int = 128,
+def train_classifier(train: dict, test: dict, /, *, steps: int = 1000, batch: int = 64,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True):  # fmt: skip
     """Trains :class:`Classifier` on uint8 ``train`` images (AdamW, cosine decay, flips,
     random 2-px shifts); returns ``(model, test_accuracy)``."""
@@ -139,7 +141,7 @@ def _load(path: pathlib.Path, num_classes: int):
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), json.loads(str(z["meta"]))
 
 
-def classifier_for(cfg, directory: pathlib.Path, /, *, steps: int = 1500, progress: bool = True):
+def classifier_for(cfg, directory: pathlib.Path, /, *, steps: int = 1000, progress: bool = True):
     """The feature classifier for a DiT run's data (trained on its training images, scored on
     2,000 test images), loaded from ``directory`` when a matching one was trained before."""
     from .train_dit import load_data
@@ -275,7 +277,7 @@ def _blur(images: np.ndarray) -> np.ndarray:
 
 def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1.0),
              batch: int = 250, seed: int = 0, classifier_dir="runs/fid_classifier",
-             classifier_steps: int = 1500, progress: bool = True) -> dict:  # fmt: skip
+             classifier_steps: int = 1000, progress: bool = True) -> dict:  # fmt: skip
     """The whole evaluation of one DiT run directory; returns the JSON-ready report."""
     from markov_attn.data import make_split
 
@@ -410,7 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-dir", default="runs/fid_classifier")
-    p.add_argument("--classifier-steps", type=int, default=1500)
+    p.add_argument("--classifier-steps", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     a = p.parse_args(argv)
