@@ -34,12 +34,12 @@ from flax import nnx
 
 import markov_attn as ma
 from markov_attn.data import CLASSES, make_split
-from markov_attn.nn import TokenRankPool
+from markov_attn.nn import TokenRankPool, load_run
 from markov_attn.viz import bounce_strip
 
 from .configs import get_preset
 from .curves import plot_learning_curve
-from .train import load_model, train_and_evaluate
+from .train import train_and_evaluate
 
 WORKDIR = pathlib.Path("runs/demo")
 NUM_IMAGES = 8
@@ -80,10 +80,11 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
     return out
 
 
-def write_figures(model, cfg, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES) -> list[str]:
-    """Draws the bounce strip for the first ``n`` test images; returns the written paths."""
+def write_figures(model, data_seed: int, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES):
+    """Draws the bounce strip for the first ``n`` test images (of the benchmark generated with
+    ``data_seed``); returns the written paths."""
     outdir.mkdir(parents=True, exist_ok=True)
-    test = make_split("test", n, size=cfg.model.image_size, seed=cfg.data_seed)
+    test = make_split("test", n, size=model.cfg.image_size, seed=data_seed)
     maps = attention_maps(model, test["images"])
     pred = np.argmax(maps.pop("logits"), -1)
     labels = [
@@ -119,10 +120,10 @@ def main() -> int:
     cfg = get_preset("cpu", pool="tokenrank")
     print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
     summary = train_and_evaluate(cfg, WORKDIR)
-    model, cfg = load_model(WORKDIR)
-    paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {cfg.name} preset, "
-                                     f"{cfg.model.pool} head"))]  # fmt: skip
-    paths += write_figures(model, cfg, WORKDIR / "figures")
+    model, run = load_run(WORKDIR)  # run: the stored training config (a dict)
+    paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {run['name']} preset, "
+                                     f"{model.cfg.pool} head"))]  # fmt: skip
+    paths += write_figures(model, run["data_seed"], WORKDIR / "figures")
     wall = time.perf_counter() - t0
     keys = ("test_acc", "test_loss", "images_per_s", "step_time_ms", "train_time_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))

@@ -116,11 +116,10 @@ def label(name: str) -> str:
 def _load(source):
     """``(model, info)`` from a run directory or an in-memory ``markov_attn.nn.ViT``."""
     if isinstance(source, str | os.PathLike):
-        from experiments.train import load_model, load_weights
+        from markov_attn.nn import load_run
 
-        is_file = str(source).endswith(".npz")
-        model, cfg = load_weights(source) if is_file else load_model(source)
-        info = {"run": str(source), "data_seed": cfg.data_seed, "preset": cfg.name}
+        model, cfg = load_run(source)  # the run's stored config, a dict
+        info = {"run": str(source), "data_seed": cfg["data_seed"], "preset": cfg["name"]}
     else:
         model, info = source, {"run": None, "data_seed": 0, "preset": None}
     mcfg = model.cfg

@@ -9,10 +9,10 @@ Usage::
 ``DIR`` is a supported pretrained checkpoint (HF ViT / DINO / DINOv2 / CLIP, timm; see
 :func:`markov_attn.checkpoints.load`) or a run directory of this project's training script
 (``runs/<name>/`` with ``checkpoints/``) or a weights file of it (``.npz``, e.g. the committed
-reference model ``experiments/reference/vit_reference.npz``); these two need the repository's
-``experiments`` package on the path, i.e. run from the repository root. For every image it writes a
-PNG overlay of the chosen map(s) and prints the TokenRank statistics (entropy, top tokens) and each
-head's ``|λ2|`` for the chosen layer. The heads of that layer are combined into one chain with λ2
+reference model ``experiments/reference/vit_reference.npz``), both read by
+:func:`markov_attn.nn.load_run`. For every image it writes a PNG overlay of the chosen map(s)
+and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
+chosen layer. The heads of that layer are combined into one chain with λ2
 weights (``--heads``) before computing the maps, except for ``rollout`` which uses all layers and
 the plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``)
 are not replaced unless ``--overwrite`` is given.
@@ -100,8 +100,8 @@ def _fail(message: str):
 
 
 def _is_run_dir(path: pathlib.Path) -> bool:
-    """A training run directory, or a weights file written by ``experiments.train.save_weights``
-    (such as the committed reference model ``experiments/reference/vit_reference.npz``)."""
+    """A training run directory, or a weights file (:func:`markov_attn.nn.write_weights`, such
+    as the committed reference model ``experiments/reference/vit_reference.npz``)."""
     if path.is_file() and path.suffix == ".npz":
         return True
     return path.is_dir() and (path / "checkpoints").is_dir()
@@ -162,18 +162,13 @@ def _outputs(images, method: str, out_dir: pathlib.Path, overwrite: bool) -> lis
 
 
 def _load_run(path: pathlib.Path, size) -> _Loaded:
+    from markov_attn.nn import CheckpointError, load_run
+
     try:
-        from experiments.train import load_model, load_weights
-    except ImportError as e:
-        _fail(
-            f"{path} is a training run directory; loading it needs the repository's "
-            f"'experiments' package: run markov-attn from the repository root ({e})"
-        )
-    try:
-        model, tcfg = load_weights(path) if path.is_file() else load_model(path)
-    except (ValueError, OSError) as e:
+        model, _ = load_run(path)
+    except (CheckpointError, ValueError, OSError) as e:
         _fail(f"cannot load the training run {path}: {e}")
-    cfg = tcfg.model
+    cfg = model.cfg
     side = size or cfg.image_size
 
     def prepare(image_path):
