@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import markov_attn as ma
+from markov_attn import segmentation as seg
 from markov_attn.data import CLASSES, make_split
 from markov_attn.nn import TokenRankPool, load_run
 from markov_attn.viz import bounce_strip
@@ -50,34 +50,31 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
     """Token maps of ``images`` (float NHWC in [0, 1]) from a trained ViT's last layer.
 
     Returns ``{"logits", "TokenRank", "bounce 1".."bounce <steps>", "column sum"}``; the maps
-    are ``(N, gh, gw)`` numpy arrays over the patch grid.
+    are ``(N, gh, gw)`` numpy arrays over the patch grid. TokenRank is the pooling head's
+    (``TokenRankPool.weights``); the bounces (from CLS, or from the uniform distribution for a
+    model without CLS) and the column sum are :class:`markov_attn.segmentation.MapMethod` s on
+    the λ2-weighted last-layer chain, with the head's Krylov dimension.
     """
     graphdef, state = nnx.split(model)
     cfg = model.cfg
     p = cfg.num_prefix
+    grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
+    weighted = dict(heads="lambda2", krylov=cfg.tokenrank_krylov)
+    start = "cls" if cfg.cls_token else "uniform"
+    methods = {
+        f"bounce {k}": seg.MapMethod("bounce", steps=k, start=start, **weighted)
+        for k in range(1, steps + 1)
+    }
+    methods["column sum"] = seg.MapMethod("column_sum", **weighted)
 
     @jax.jit
     def run(state, x):
         logits, aux = nnx.merge(graphdef, state)(x, return_logits=True)
-        scores = aux["attn_logits"][:, -1]  # (B, H, n, n)
-        pi = TokenRankPool(cfg).weights(scores, num_prefix=p)
-        attn = aux["attn"][:, -1]
-        w = ma.head_weights(ma.second_eigenvalue(attn, krylov=cfg.tokenrank_krylov))
-        chain = ma.average(attn, weights=w, axis=-3)  # (B, n, n), CLS included
-        if cfg.cls_token:
-            maps = ma.bounce(chain, 0, steps=steps)[:, 1:, p:]  # (B, steps, patches)
-        else:  # no CLS: start from the uniform distribution instead
-            uniform = jnp.full(chain.shape[:-1], 1.0 / chain.shape[-1])
-            maps = ma.bounce(chain, uniform, steps=steps)[:, 1:, p:]
-        return logits, pi, maps, ma.column_sum(chain)[:, p:]
+        pi = TokenRankPool(cfg).weights(aux["attn_logits"][:, -1], num_prefix=p)
+        return logits, pi, seg.compute_maps(aux["attn"], methods, num_prefix=p, grid=grid)
 
-    logits, pi, bounces, colsum = jax.device_get(run(state, jnp.asarray(images)))
-    b, h, w = images.shape[0], images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
-    out = {"logits": logits, "TokenRank": pi.reshape(b, h, w)}
-    for k in range(steps):
-        out[f"bounce {k + 1}"] = bounces[:, k].reshape(b, h, w)
-    out["column sum"] = colsum.reshape(b, h, w)
-    return out
+    logits, pi, maps = jax.device_get(run(state, jnp.asarray(images)))
+    return {"logits": logits, "TokenRank": pi.reshape(-1, *grid), **maps}
 
 
 def write_figures(model, data_seed: int, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES):

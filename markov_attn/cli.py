@@ -22,7 +22,10 @@ distribution (patch mass × number of patches: 1 = uniform, so a flat map looks 
 colour bar. Bad input (a file that is not a checkpoint or not an image, a ``--size`` the model
 cannot take) ends with one line on stderr saying what to change, and exit status 1.
 
-Methods (all maps are over the patch grid, from the layer's head-averaged chain ``A``):
+Methods (all maps are over the patch grid, from the layer's head-averaged chain ``A`` with CLS
+and registers kept; each is a :class:`markov_attn.segmentation.MapMethod` computed by
+:func:`markov_attn.segmentation.compute_maps`, the project's one attention → map
+implementation, and its panel is titled by the method's ``title``):
 
 - ``bounce``: multi-bounce maps from the CLS token (uniform start without CLS), one per step
   ``1..steps``, with teleportation ``alpha``.
@@ -223,33 +226,31 @@ def _token_name(i: int, num_prefix: int, has_cls: bool, gw: int) -> str:
     return f"patch({r},{c})"
 
 
-def _maps(method, attn_all, chain, *, layer, steps, alpha, has_cls, num_prefix):
-    """-> {title: (n,) distribution over all tokens}."""
-    import jax.numpy as jnp
+def _map_methods(method, *, layer, steps, alpha, heads, has_cls) -> dict:
+    """``--method`` as :class:`markov_attn.segmentation.MapMethod` s, keyed by their titles
+    (the figure's panel titles); ``layer`` is non-negative."""
+    from markov_attn.segmentation import MapMethod
 
-    import markov_attn as ma
-
-    n = chain.shape[-1]
     if method == "bounce":
-        x0 = 0 if has_cls else jnp.full((n,), 1.0 / n, jnp.float32)
-        xs = ma.bounce(chain, x0, steps=steps, alpha=alpha)
-        start = "CLS" if has_cls else "uniform"
-        return {f"bounce {t} from {start}": xs[t] for t in range(1, steps + 1)}
-    if method == "tokenrank":
-        return {"TokenRank": ma.tokenrank(chain, alpha=alpha)}
-    if method == "colsum":
-        return {"column sum": ma.column_sum(chain)}
-    if not has_cls:
+        start = "cls" if has_cls else "uniform"
+        chosen = [
+            MapMethod("bounce", steps=t, heads=heads, layers=layer, start=start, alpha=alpha)
+            for t in range(1, steps + 1)
+        ]
+    elif method == "tokenrank":
+        chosen = [MapMethod("tokenrank", direction="in", heads=heads, layers=layer, alpha=alpha)]
+    elif method == "colsum":
+        chosen = [MapMethod("column_sum", heads=heads, layers=layer)]
+    elif method == "rollout":  # all layers up to --layer, plain mean over heads
+        chosen = [MapMethod("rollout", layers=tuple(range(layer + 1)))]
+    else:
+        chosen = [MapMethod("cls", heads=heads, layers=layer)]
+    if not has_cls and any(m.needs_cls for m in chosen):
         _fail(
             f"--method {method} needs a CLS token; this model has none "
             "(use bounce, tokenrank or colsum)"
         )
-    if method == "rollout":
-        depth = attn_all.shape[0]
-        last = layer % depth
-        roll = ma.rollout(attn_all[: last + 1])
-        return {f"rollout to layer {last}": ma.row_select(roll, 0)}
-    return {"CLS row": ma.row_select(chain, 0)}
+    return {m.title: m for m in chosen}
 
 
 def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_prefix) -> dict:
@@ -299,6 +300,7 @@ def maps_command(args) -> int:
     import jax.numpy as jnp
 
     import markov_attn as ma
+    from markov_attn.segmentation import compute_maps
     from markov_attn.viz import bounce_strip
 
     if args.steps < 1:
@@ -346,6 +348,16 @@ def maps_command(args) -> int:
         iterator = progress
     else:
         iterator = images
+    methods = None
+    if args.method != "metastable":
+        methods = _map_methods(
+            args.method,
+            layer=args.layer % depth,
+            steps=args.steps,
+            alpha=args.alpha,
+            heads=args.heads,
+            has_cls=has_cls,
+        )
     report = []
     for img_path, png in zip(iterator, pngs):
         x = loaded.prepare(img_path)
@@ -356,16 +368,6 @@ def maps_command(args) -> int:
         chain = ma.average(layer_attn, weights=w, axis=-3)  # (n, n)
         tr = np.asarray(ma.tokenrank(chain, alpha=args.alpha), np.float64)
         gh, gw = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
-        maps = _maps(
-            args.method,
-            attn,
-            chain,
-            layer=args.layer,
-            steps=args.steps,
-            alpha=args.alpha,
-            has_cls=has_cls,
-            num_prefix=num_prefix,
-        )
         stem = pathlib.Path(img_path).stem
         if args.method == "metastable":
             report.append(
@@ -377,11 +379,9 @@ def maps_command(args) -> int:
             else:
                 print(text)
             continue
+        maps = compute_maps(attn[None], methods, num_prefix=num_prefix, grid=(gh, gw))
         # units of the uniform distribution over patches: 1 = uniform, on one scale
-        n_patches = gh * gw
-        grids = {
-            k: np.asarray(v)[num_prefix:].reshape(1, gh, gw) * n_patches for k, v in maps.items()
-        }
+        grids = {k: np.asarray(v) * (gh * gw) for k, v in maps.items()}
         if args.method == "rollout":
             title = f"{stem}: rollout of layers 0-{args.layer % depth}, mean of heads"
         else:

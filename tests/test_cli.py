@@ -269,9 +269,9 @@ def test_figure_titles_name_what_was_computed(images, tmp_path, drawn, capsys):
     rollout, bounce, colsum = drawn
     # rollout fuses every layer up to --layer with the plain head mean, not lambda2 weights
     assert rollout["title"] == "img1: rollout of layers 0-0, mean of heads"
-    assert list(rollout["maps"]) == ["rollout to layer 0"]
+    assert list(rollout["maps"]) == ["attention rollout"]  # panels: the MapMethod titles
     assert bounce["title"] == "img1: layer 1, heads weighted by gap, alpha 0.9"
-    assert list(bounce["maps"]) == ["bounce 1 from CLS", "bounce 2 from CLS"]
+    assert list(bounce["maps"]) == ["bounce n=1 forward from CLS", "bounce n=2 forward from CLS"]
     assert colsum["title"] == "img1: layer 1, heads weighted by lambda2"
     capsys.readouterr()
 

@@ -29,6 +29,11 @@ Choices made explicit (all are fields of :class:`MapMethod`):
 
 Defaults in :data:`METHODS`: bounces use the full chain (they need CLS); TokenRank uses the
 patch chain (the reference).
+
+This is the one attention → map implementation of the project: the ``markov-attn`` CLI, the
+demo and the segmentation experiments all build :class:`MapMethod` s and call
+:func:`compute_maps`. Each method carries its human-readable :attr:`MapMethod.label` (and the
+shorter :attr:`MapMethod.title`), derived from its fields, so reports never parse names.
 """
 
 import dataclasses
@@ -67,6 +72,8 @@ class MapMethod:
             no CLS token: one forward bounce from uniform is the column mean).
         alpha: teleportation weight of bounces and TokenRank.
         residual: rollout's identity weight.
+        krylov: Krylov dimension of the ``|λ2|`` estimate behind the ``"lambda2"`` / ``"gap"``
+            head weights (``ma.second_eigenvalue``; ``None`` = its default).
     """
 
     kind: str
@@ -78,6 +85,7 @@ class MapMethod:
     start: str = "cls"
     alpha: float = 0.99
     residual: float = 0.5
+    krylov: int | None = None
 
     def __post_init__(self):
         if self.kind not in _KINDS:
@@ -104,6 +112,50 @@ class MapMethod:
             object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
+    def title(self) -> str:
+        """What the map is, without its head weighting and layers: ``"CLS attention (head
+        mean)"``, ``"column sum"``, ``"attention rollout"``, ``"bounce n=2 forward from
+        CLS"``, ``"TokenRank in"``."""
+        if self.kind == "bounce":
+            if self.start == "cls":
+                way = "forward from CLS" if self.direction == "forward" else "reverse to CLS"
+            else:
+                way = f"{self.direction} from uniform"
+            return f"bounce n={self.steps} {way}"
+        if self.kind == "tokenrank":
+            return f"TokenRank {self.direction}"
+        return _TITLES[self.kind]
+
+    @property
+    def label(self) -> str:
+        """The full human-readable label: :attr:`title`, the head weighting when not uniform,
+        and in brackets whatever differs from the registry's defaults (layers, prefix
+        handling, ``alpha``, rollout residual, Krylov dimension).
+
+        Examples:
+            >>> MapMethod("bounce", steps=2, heads="lambda2", layers=(-3, -2, -1)).label
+            'bounce n=2 forward from CLS, λ2-weighted (last 3 layers)'
+            >>> MapMethod("tokenrank", direction="in", chain="full").label
+            'TokenRank in (full chain)'
+        """
+        text = self.title
+        if self.heads != "uniform":
+            text += ", λ2-weighted" if self.heads == "lambda2" else f", {self.heads}-weighted"
+        notes = []
+        default_layers = None if self.kind == "rollout" else -1
+        if self.layers != default_layers:
+            notes.append(_layers_text(self.layers))
+        if self.chain != ("patches" if self.kind == "tokenrank" else "full"):
+            notes.append(f"{self.chain} chain")
+        if self.kind in ("bounce", "tokenrank") and self.alpha != 0.99:
+            notes.append(f"α={self.alpha:g}")
+        if self.kind == "rollout" and self.residual != 0.5:
+            notes.append(f"residual {self.residual:g}")
+        if self.krylov is not None and self.heads != "uniform":
+            notes.append(f"Krylov {self.krylov}")
+        return text + (f" ({', '.join(notes)})" if notes else "")
+
+    @property
     def needs_cls(self) -> bool:
         """Whether the method reads the CLS token (so needs ``num_prefix >= 1``)."""
         return self.kind in ("cls", "rollout") or (self.kind == "bounce" and self.start == "cls")
@@ -121,6 +173,26 @@ class MapMethod:
         return compute_maps(attn, {"m": self}, num_prefix=num_prefix, grid=grid, logits=logits)["m"]
 
 
+_TITLES = {
+    "cls": "CLS attention (head mean)",
+    "column_sum": "column sum",
+    "rollout": "attention rollout",
+}
+
+
+def _layers_text(layers) -> str:
+    if layers is None:
+        return "all layers"
+    if isinstance(layers, int):
+        return f"layer {layers}"
+    k = len(layers)
+    if tuple(layers) == tuple(range(-k, 0)):
+        return f"last {k} layers"
+    if tuple(layers) == tuple(range(layers[0], layers[0] + k)) and k > 1:
+        return f"layers {layers[0]}–{layers[-1]}"
+    return "layers " + "+".join(str(i) for i in layers)
+
+
 def _layer_index(layers, depth: int) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(depth))
@@ -133,11 +205,13 @@ def _layer_index(layers, depth: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _weights(mats: jax.Array, heads: str) -> jax.Array | None:
+def _weights(mats: jax.Array, heads: str, krylov: int | None) -> jax.Array | None:
     """Head weights over the trailing (layer*head) axis of ``mats`` (B, K, m, m), or None."""
     if heads == "uniform":
         return None
-    lam2 = ma.second_eigenvalue(mats)
+    lam2 = (
+        ma.second_eigenvalue(mats) if krylov is None else ma.second_eigenvalue(mats, krylov=krylov)
+    )
     return ma.head_weights(lam2, mode=heads, axis=-1)
 
 
@@ -173,34 +247,37 @@ class _Context:
 
         return self.cached(("sel", layers, chain), make)
 
-    def weights(self, layers, chain, heads):
+    def weights(self, layers, chain, heads, krylov):
         return self.cached(
-            ("w", layers, chain, heads), lambda: _weights(self.selected(layers, chain), heads)
+            ("w", layers, chain, heads, krylov),
+            lambda: _weights(self.selected(layers, chain), heads, krylov),
         )
 
-    def averaged(self, layers, chain, heads):
+    def averaged(self, m: MapMethod):
         """(B, m, m): the (weighted) mean chain over the selected layers and heads."""
+        layers, chain = m.layers, m.chain
 
         def make():
             sel = self.selected(layers, chain)
-            w = self.weights(layers, chain, heads)
+            w = self.weights(layers, chain, m.heads, m.krylov)
             if w is None:
                 return jnp.mean(sel, axis=-3)
             return ma.average(sel, weights=w, axis=-3)
 
-        return self.cached(("avg", layers, chain, heads), make)
+        return self.cached(("avg", layers, chain, m.heads, m.krylov), make)
 
-    def full_average_with(self, layers, chain, heads):
-        """The full-token mean matrix averaged with the weights of ``chain`` (for CLS rows)."""
+    def full_average_with(self, m: MapMethod):
+        """The full-token mean matrix averaged with the weights of ``m.chain`` (for CLS rows)."""
+        layers, chain = m.layers, m.chain
 
         def make():
-            w = self.weights(layers, chain, heads)
+            w = self.weights(layers, chain, m.heads, m.krylov)
             full = self.selected(layers, "full")
             if w is None:
                 return jnp.mean(full, axis=-3)
             return ma.average(full, weights=w, axis=-3)
 
-        return self.cached(("favg", layers, chain, heads), make)
+        return self.cached(("favg", layers, chain, m.heads, m.krylov), make)
 
     def patches(self, dist, chain):
         """Slices a distribution over the chain's tokens to the patches."""
@@ -214,32 +291,37 @@ class _Context:
             )
 
 
+def _trajectory_key(m: MapMethod) -> tuple:
+    """Bounces that differ only in ``steps`` share one trajectory."""
+    return (m.layers, m.chain, m.heads, m.krylov, m.direction, m.start, m.alpha)
+
+
 def _method_map(ctx: _Context, name: str, m: MapMethod, max_steps: dict) -> jax.Array:
     p, cls = ctx.p, ctx.cls
     if m.kind == "cls":
         ctx.need_cls(name)
-        full = ctx.full_average_with(m.layers, m.chain, m.heads)
+        full = ctx.full_average_with(m)
         return full[:, cls, p:]
     if m.kind == "column_sum":
-        return ctx.patches(ma.column_sum(ctx.averaged(m.layers, m.chain, m.heads)), m.chain)
+        return ctx.patches(ma.column_sum(ctx.averaged(m)), m.chain)
     if m.kind == "rollout":
         ctx.need_cls(name)
         idx = jnp.asarray(_layer_index(m.layers, ctx.depth))
         layers = ctx.attn[:, idx]  # (B, k, H, n, n)
         if m.heads != "uniform":
-            w = ma.head_weights(ma.second_eigenvalue(layers), mode=m.heads, axis=-1)
+            w = _weights(layers, m.heads, m.krylov)
             layers = ma.average(layers, weights=w, axis=-3)[:, :, None]
         rolled = ma.rollout(layers, residual=m.residual, head_fusion="mean")
         return rolled[:, cls, p:]
     if m.kind == "tokenrank":
-        chain = ctx.averaged(m.layers, m.chain, m.heads)
+        chain = ctx.averaged(m)
         return ctx.patches(ma.tokenrank(chain, alpha=m.alpha, direction=m.direction), m.chain)
     # bounce
-    key = (m.layers, m.chain, m.heads, m.direction, m.start, m.alpha)
+    key = _trajectory_key(m)
     steps = max_steps[key]
 
     def trajectory():
-        chain = ctx.averaged(m.layers, m.chain, m.heads)
+        chain = ctx.averaged(m)
         b, n = chain.shape[0], chain.shape[-1]
         if m.start == "uniform":
             x0 = jnp.full((b, n), 1.0 / n, jnp.float32)
@@ -247,7 +329,7 @@ def _method_map(ctx: _Context, name: str, m: MapMethod, max_steps: dict) -> jax.
         ctx.need_cls(name)
         if m.chain == "full":
             return ma.bounce(chain, cls, steps=steps, alpha=m.alpha, direction=m.direction)
-        full = ctx.full_average_with(m.layers, m.chain, m.heads)
+        full = ctx.full_average_with(m)
         first = full[:, cls, p:] if m.direction == "forward" else full[:, p:, cls]
         first = first / jnp.maximum(jnp.sum(first, axis=-1, keepdims=True), 1e-30)
         if steps == 1:
@@ -267,7 +349,7 @@ def _compute(attn, logits, *, methods, num_prefix, grid, cls_index):
     max_steps: dict = {}
     for _, m in methods:
         if m.kind == "bounce":
-            key = (m.layers, m.chain, m.heads, m.direction, m.start, m.alpha)
+            key = _trajectory_key(m)
             max_steps[key] = max(max_steps.get(key, 0), int(m.steps))
     gh, gw = grid
     out = {}
