@@ -59,7 +59,7 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
     cfg = model.cfg
     p = cfg.num_prefix
     grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
-    weighted = dict(heads="lambda2", krylov=cfg.tokenrank_krylov)
+    weighted = dict(weighting="lambda2", krylov=cfg.tokenrank_krylov)
     start = "cls" if cfg.cls_token else "uniform"
     methods = {
         f"bounce {k}": seg.MapMethod("bounce", steps=k, start=start, **weighted)
@@ -69,7 +69,7 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
 
     @jax.jit
     def run(state, x):
-        logits, aux = nnx.merge(graphdef, state)(x, return_logits=True)
+        logits, aux = nnx.merge(graphdef, state)(x, return_attn_logits=True)
         pi = TokenRankPool(cfg).weights(aux["attn_logits"][:, -1], num_prefix=p)
         return logits, pi, seg.compute_maps(aux["attn"], methods, num_prefix=p, grid=grid)
 

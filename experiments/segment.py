@@ -131,7 +131,7 @@ def _step_fn(model, names: tuple[str, ...], methods: dict, *, grid, num_prefix, 
     @jax.jit
     def step(state, images, masks, prior, oracle):
         m = nnx.merge(graphdef, state)
-        logits, aux = m(images, return_logits=True)
+        logits, aux = m(images, return_attn_logits=True)
         maps = seg.compute_maps(
             aux["attn"], items, num_prefix=num_prefix, grid=grid, logits=aux["attn_logits"]
         )
@@ -265,7 +265,7 @@ def evaluate(
         }
         if base is not None and k != base:
             entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
-        uniform = _twin(index, m, heads="uniform")  # the same map with uniform heads
+        uniform = _twin(index, m, weighting="uniform")  # the same map with uniform heads
         if uniform is not None and uniform != k:
             entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[uniform])
         if m is not None and m.kind == "bounce" and m.steps > 1:  # the same bounce at n = 1
@@ -343,7 +343,7 @@ def _main_rows(res: dict) -> list[str]:
     """The rows of :data:`MAIN_ORDER` present in ``res``, then their λ2-weighted twins."""
     main = [n for n in MAIN_ORDER if n in res]
     index = {m: n for n in res if (m := _spec(res, n)) is not None}
-    weighted = [_twin(index, _spec(res, n), heads="lambda2") for n in main]
+    weighted = [_twin(index, _spec(res, n), weighting="lambda2") for n in main]
     return main + [n for n in weighted if n is not None and n not in main]
 
 
@@ -419,10 +419,10 @@ def summary_lines(results: dict) -> list[str]:
         "bounce_fwd_l2": ("forward", "lambda2"),
     }
     specs = {n: _spec(res, n) for n in cand}
-    for fam, (direction, heads) in families.items():
+    for fam, (direction, weighting) in families.items():
         # the last-layer, full-chain bounces n = 1..5 of the family (the registry's)
         steps = {
-            seg.MapMethod("bounce", steps=k, direction=direction, heads=heads): k
+            seg.MapMethod("bounce", steps=k, direction=direction, weighting=weighting): k
             for k in range(1, 6)
         }
         names = [n for n in cand if specs[n] in steps]

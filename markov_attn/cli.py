@@ -3,7 +3,7 @@
 Usage::
 
     markov-attn maps --checkpoint DIR --image a.jpg b.png [--method bounce --steps 2
-                     --layer -1 --alpha 0.99 --heads lambda2 --size 224 --out maps/
+                     --layer -1 --alpha 0.99 --weighting lambda2 --size 224 --out maps/
                      --overwrite]
 
 ``DIR`` is a supported pretrained checkpoint (HF ViT / DINO / DINOv2 / CLIP, timm; see
@@ -13,7 +13,8 @@ reference model ``experiments/reference/vit_reference.npz``), both read by
 :func:`markov_attn.nn.load_run`. For every image it writes a PNG overlay of the chosen map(s)
 and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
 chosen layer. The heads of that layer are combined into one chain with λ2
-weights (``--heads``) before computing the maps, except for ``rollout`` which uses all layers and
+weights (``--weighting``, one of ``markov_attn.HEAD_WEIGHTINGS``; ``--heads`` is accepted as
+its old name) before computing the maps, except for ``rollout`` which uses all layers and
 the plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``)
 are not replaced unless ``--overwrite`` is given.
 
@@ -30,7 +31,8 @@ implementation, and its panel is titled by the method's ``title``):
 - ``bounce``: multi-bounce maps from the CLS token (uniform start without CLS), one per step
   ``1..steps``, with teleportation ``alpha``.
 - ``tokenrank``: the stationary distribution of ``A`` (with teleportation ``alpha``).
-- ``colsum``: mean incoming attention, the columns of ``A`` summed.
+- ``column_sum``: mean incoming attention, the columns of ``A`` summed (``colsum`` is accepted
+  as its old name).
 - ``rollout``: attention rollout over layers ``0..layer``, the CLS row.
 - ``cls``: the CLS row of ``A`` (one bounce without teleportation).
 - ``metastable``: metastable states (``markov_attn.metastable_states``, G-PCCA) of the chain
@@ -49,7 +51,14 @@ import warnings
 
 import numpy as np
 
-METHODS = ("bounce", "tokenrank", "colsum", "rollout", "cls", "metastable")
+from markov_attn._weights import HEAD_WEIGHTINGS
+
+METHODS = ("bounce", "tokenrank", "column_sum", "rollout", "cls", "metastable")
+_OLD_METHOD_NAMES = {"colsum": "column_sum"}  # still accepted on the command line
+
+
+def _method_name(name: str) -> str:
+    return _OLD_METHOD_NAMES.get(name, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,15 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--checkpoint", required=True, help="checkpoint directory/file or run dir")
     m.add_argument("--image", required=True, nargs="+", help="image file(s)")
-    m.add_argument("--method", choices=METHODS, default="bounce")
+    m.add_argument("--method", type=_method_name, choices=METHODS, default="bounce")
     m.add_argument("--steps", type=int, default=2, help="bounce steps (default 2)")
     m.add_argument("--layer", type=int, default=-1, help="layer index (default -1, the last)")
     m.add_argument("--alpha", type=float, default=0.99, help="teleportation weight (0.99)")
     m.add_argument(
+        "--weighting",
         "--heads",
-        choices=("lambda2", "gap", "uniform"),
+        dest="weighting",
+        choices=HEAD_WEIGHTINGS,
         default="lambda2",
-        help="how heads are averaged into one chain (default lambda2)",
+        help="how heads are weighted into one chain (default lambda2; --heads: the old name)",
     )
     m.add_argument(
         "--size",
@@ -226,7 +237,7 @@ def _token_name(i: int, num_prefix: int, has_cls: bool, gw: int) -> str:
     return f"patch({r},{c})"
 
 
-def _map_methods(method, *, layer, steps, alpha, heads, has_cls) -> dict:
+def _map_methods(method, *, layer, steps, alpha, weighting, has_cls) -> dict:
     """``--method`` as :class:`markov_attn.segmentation.MapMethod` s, keyed by their titles
     (the figure's panel titles); ``layer`` is non-negative."""
     from markov_attn.segmentation import MapMethod
@@ -234,21 +245,25 @@ def _map_methods(method, *, layer, steps, alpha, heads, has_cls) -> dict:
     if method == "bounce":
         start = "cls" if has_cls else "uniform"
         chosen = [
-            MapMethod("bounce", steps=t, heads=heads, layers=layer, start=start, alpha=alpha)
+            MapMethod(
+                "bounce", steps=t, weighting=weighting, layers=layer, start=start, alpha=alpha
+            )
             for t in range(1, steps + 1)
         ]
     elif method == "tokenrank":
-        chosen = [MapMethod("tokenrank", direction="in", heads=heads, layers=layer, alpha=alpha)]
-    elif method == "colsum":
-        chosen = [MapMethod("column_sum", heads=heads, layers=layer)]
+        chosen = [
+            MapMethod("tokenrank", direction="in", weighting=weighting, layers=layer, alpha=alpha)
+        ]
+    elif method == "column_sum":
+        chosen = [MapMethod("column_sum", weighting=weighting, layers=layer)]
     elif method == "rollout":  # all layers up to --layer, plain mean over heads
         chosen = [MapMethod("rollout", layers=tuple(range(layer + 1)))]
     else:
-        chosen = [MapMethod("cls", heads=heads, layers=layer)]
+        chosen = [MapMethod("cls", weighting=weighting, layers=layer)]
     if not has_cls and any(m.needs_cls for m in chosen):
         _fail(
             f"--method {method} needs a CLS token; this model has none "
-            "(use bounce, tokenrank or colsum)"
+            "(use bounce, tokenrank or column_sum)"
         )
     return {m.title: m for m in chosen}
 
@@ -270,7 +285,7 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     converged = bool(ms.converged)
     how = "given" if args.states is not None else "chosen by the eigenvalue gap"
     title = (
-        f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.heads}; "
+        f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.weighting}; "
         f"k = {k} ({how}), metastability {metastability:.2f} of {k}"
         + ("" if converged else ", NOT converged")
     )
@@ -355,7 +370,7 @@ def maps_command(args) -> int:
             layer=args.layer % depth,
             steps=args.steps,
             alpha=args.alpha,
-            heads=args.heads,
+            weighting=args.weighting,
             has_cls=has_cls,
         )
     report = []
@@ -364,7 +379,7 @@ def maps_command(args) -> int:
         attn = forward(jnp.asarray(x))[0]  # (L, H, n, n)
         layer_attn = attn[args.layer]  # (H, n, n)
         lam2 = ma.second_eigenvalue(layer_attn)  # (H,)
-        w = ma.head_weights(lam2, mode=args.heads)
+        w = ma.head_weights(lam2, weighting=args.weighting)
         chain = ma.average(layer_attn, weights=w, axis=-3)  # (n, n)
         tr = np.asarray(ma.tokenrank(chain, alpha=args.alpha), np.float64)
         gh, gw = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
@@ -385,7 +400,7 @@ def maps_command(args) -> int:
         if args.method == "rollout":
             title = f"{stem}: rollout of layers 0-{args.layer % depth}, mean of heads"
         else:
-            title = f"{stem}: layer {args.layer % depth}, heads weighted by {args.heads}"
+            title = f"{stem}: layer {args.layer % depth}, heads weighted by {args.weighting}"
             if args.method in ("bounce", "tokenrank"):
                 title += f", alpha {args.alpha:g}"
         bounce_strip(

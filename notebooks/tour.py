@@ -87,7 +87,7 @@ print(
 from markov_attn.data import make_split
 
 test = make_split("test", N_IMAGES, size=mcfg.image_size, seed=run["data_seed"])
-forward = jax.jit(lambda x: model(x, return_logits=True))
+forward = jax.jit(lambda x: model(x, return_attn_logits=True))
 logits, aux = forward(jnp.asarray(test["images"]))
 attn, P = aux["attn"], aux["num_prefix"]  # (B, L, H, n, n), number of prefix tokens
 print(
@@ -167,7 +167,7 @@ fig.savefig(OUT / "lambda2_heads.png", dpi=90)
 # operation, against the plain mean; scored with the segmentation protocol.
 
 # %%
-w = ma.head_weights(ma.second_eigenvalue(attn[:, -1]), mode="lambda2")  # (B, H)
+w = ma.head_weights(ma.second_eigenvalue(attn[:, -1]), weighting="lambda2")  # (B, H)
 print("mean λ2 weights of the last layer's heads:", np.round(np.asarray(w).mean(0), 3))
 pairs = ["bounce_fwd_2", "bounce_rev_2", "tokenrank_out", "cls_attn"]
 show = ["cls_attn", "rollout", "bounce_fwd_2", "bounce_rev_2", "tokenrank_in", "tokenrank_out"]

@@ -398,7 +398,9 @@ def test_registry_and_errors(stack):
     with pytest.raises(ValueError, match="kind"):
         seg.MapMethod("attention")
     with pytest.raises(ValueError, match="TokenRank direction"):
-        seg.MapMethod("tokenrank")
+        seg.MapMethod("tokenrank", direction="forward")
+    assert seg.MapMethod("tokenrank").direction == "in"  # the default per kind
+    assert seg.MapMethod("bounce").direction == "forward"
     assert not seg.MapMethod("tokenrank", direction="in").needs_cls
     assert seg.METHODS["bounce_rev_1"].needs_cls
 

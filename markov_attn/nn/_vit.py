@@ -233,7 +233,7 @@ class ViT(nnx.Module):
         self,
         images: Float[Array, "b h w c"],
         *,
-        return_logits: bool = False,
+        return_attn_logits: bool = False,
         return_hidden: bool = False,
     ):
         """Runs the model.
@@ -242,7 +242,9 @@ class ViT(nnx.Module):
           images: ``(B, H, W, C)`` float NHWC; ``H`` and ``W`` multiples of ``patch_size``.
             Other sizes than ``image_size`` resize the position-embedding grid
             (``cfg.pos_interp``).
-          return_logits: also return the pre-softmax attention scores.
+          return_attn_logits: also return the attention logits, the pre-softmax scores
+            ``q·k/√d`` (``aux["attn_logits"]``; what ``markov_attn.transition`` takes). The
+            first output is the classifier's logits either way.
           return_hidden: also return the residual stream before each block and at the end.
 
         Returns:
@@ -308,7 +310,7 @@ class ViT(nnx.Module):
             pooled = self.norm(pooled)
         logits = self.head(pooled) if self.head is not None else pooled
 
-        if return_logits:
+        if return_attn_logits:
             aux["attn_logits"] = jnp.stack(scores, axis=1)
         if return_hidden:
             aux["hidden"] = jnp.stack(hidden, axis=1)
