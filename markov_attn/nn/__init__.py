@@ -24,6 +24,8 @@ from ._dit import JointAttention as JointAttention
 from ._dit import JointBlock as JointBlock
 from ._pool import MAPHead as MAPHead
 from ._pool import TokenRankPool as TokenRankPool
+from ._posembed import bicubic_matrix as bicubic_matrix
+from ._posembed import resize_pos_embed as resize_pos_embed
 from ._run import config_from_dict as config_from_dict
 from ._run import config_to_dict as config_to_dict
 from ._run import load_run as load_run
@@ -53,6 +55,7 @@ __all__ = [
     "ViT",
     "ViTConfig",
     "alphas_cumprod",
+    "bicubic_matrix",
     "config_from_dict",
     "config_to_dict",
     "ddim_sample",
@@ -60,6 +63,7 @@ __all__ = [
     "gaussian_blur",
     "load_run",
     "q_sample",
+    "resize_pos_embed",
     "sag_degrade",
     "sag_mask",
     "sample",

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 
 from markov_attn._weights import HEAD_WEIGHTINGS
 
+from ._posembed import POS_INTERPS
+
 POOLS = ("cls", "mean", "map", "tokenrank")
 GELUS = ("exact", "tanh", "quick")
 FINAL_NORMS = ("all", "pooled", "none")
-POS_INTERPS = ("bicubic", "bicubic_antialias")
 STEM_DOWNSAMPLES = ("maxpool", "stride")
 
 

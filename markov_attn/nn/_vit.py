@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from ._config import ViTConfig
 from ._pool import MAPHead, TokenRankPool
+from ._posembed import resize_pos_embed
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -222,8 +223,6 @@ class ViT(nnx.Module):
         n_cls = 1 if cfg.cls_token and cfg.pos_embed_cls else 0
         pos_cls, pos_grid = pos[:, :n_cls], pos[:, n_cls:]
         if (gh, gw) != (cfg.grid, cfg.grid):
-            from .posembed import resize_pos_embed  # lazily: only when the sizes differ
-
             grid = pos_grid[0].reshape(cfg.grid, cfg.grid, cfg.width)
             grid = resize_pos_embed(grid, (gh, gw), method=cfg.pos_interp)
             pos_grid = grid.reshape(1, gh * gw, cfg.width).astype(pos.dtype)
