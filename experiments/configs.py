@@ -101,16 +101,6 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) must lie in [0, steps={self.steps}]"
             )
 
-    def to_dict(self) -> dict:
-        """JSON-ready dict (the dtypes as strings)."""
-        d = dataclasses.asdict(self)
-        d["model"] = {k: (v if _jsonable(v) else str(v)) for k, v in d["model"].items()}
-        return d
-
-
-def _jsonable(v) -> bool:
-    return v is None or isinstance(v, bool | int | float | str | tuple)
-
 
 def smoke() -> TrainConfig:
     """CI smoke run on the real benchmark generator: a tiny ViT, a few steps.

@@ -32,14 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import markov_attn as ma
+from markov_attn import segmentation as seg
 from markov_attn.data import CLASSES, make_split
-from markov_attn.nn import TokenRankPool
+from markov_attn.nn import TokenRankPool, load_run
 from markov_attn.viz import bounce_strip
 
 from .configs import get_preset
 from .curves import plot_learning_curve
-from .train import load_model, train_and_evaluate
+from .train import train_and_evaluate
 
 WORKDIR = pathlib.Path("runs/demo")
 NUM_IMAGES = 8
@@ -50,40 +50,38 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
     """Token maps of ``images`` (float NHWC in [0, 1]) from a trained ViT's last layer.
 
     Returns ``{"logits", "TokenRank", "bounce 1".."bounce <steps>", "column sum"}``; the maps
-    are ``(N, gh, gw)`` numpy arrays over the patch grid.
+    are ``(N, gh, gw)`` numpy arrays over the patch grid. TokenRank is the pooling head's
+    (``TokenRankPool.weights``); the bounces (from CLS, or from the uniform distribution for a
+    model without CLS) and the column sum are :class:`markov_attn.segmentation.MapMethod` s on
+    the λ2-weighted last-layer chain, with the head's Krylov dimension.
     """
     graphdef, state = nnx.split(model)
     cfg = model.cfg
     p = cfg.num_prefix
+    grid = (images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size)
+    weighted = dict(weighting="lambda2", krylov=cfg.tokenrank_krylov)
+    start = "cls" if cfg.cls_token else "uniform"
+    methods = {
+        f"bounce {k}": seg.MapMethod("bounce", steps=k, start=start, **weighted)
+        for k in range(1, steps + 1)
+    }
+    methods["column sum"] = seg.MapMethod("column_sum", **weighted)
 
     @jax.jit
     def run(state, x):
-        logits, aux = nnx.merge(graphdef, state)(x, return_logits=True)
-        scores = aux["attn_logits"][:, -1]  # (B, H, n, n)
-        pi = TokenRankPool(cfg).weights(scores, num_prefix=p)
-        attn = aux["attn"][:, -1]
-        w = ma.head_weights(ma.second_eigenvalue(attn, krylov=cfg.tokenrank_krylov))
-        chain = ma.average(attn, weights=w, axis=-3)  # (B, n, n), CLS included
-        if cfg.cls_token:
-            maps = ma.bounce(chain, 0, steps=steps)[:, 1:, p:]  # (B, steps, patches)
-        else:  # no CLS: start from the uniform distribution instead
-            uniform = jnp.full(chain.shape[:-1], 1.0 / chain.shape[-1])
-            maps = ma.bounce(chain, uniform, steps=steps)[:, 1:, p:]
-        return logits, pi, maps, ma.column_sum(chain)[:, p:]
+        logits, aux = nnx.merge(graphdef, state)(x, return_attn_logits=True)
+        pi = TokenRankPool(cfg).weights(aux["attn_logits"][:, -1], num_prefix=p)
+        return logits, pi, seg.compute_maps(aux["attn"], methods, num_prefix=p, grid=grid)
 
-    logits, pi, bounces, colsum = jax.device_get(run(state, jnp.asarray(images)))
-    b, h, w = images.shape[0], images.shape[1] // cfg.patch_size, images.shape[2] // cfg.patch_size
-    out = {"logits": logits, "TokenRank": pi.reshape(b, h, w)}
-    for k in range(steps):
-        out[f"bounce {k + 1}"] = bounces[:, k].reshape(b, h, w)
-    out["column sum"] = colsum.reshape(b, h, w)
-    return out
+    logits, pi, maps = jax.device_get(run(state, jnp.asarray(images)))
+    return {"logits": logits, "TokenRank": pi.reshape(-1, *grid), **maps}
 
 
-def write_figures(model, cfg, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES) -> list[str]:
-    """Draws the bounce strip for the first ``n`` test images; returns the written paths."""
+def write_figures(model, data_seed: int, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES):
+    """Draws the bounce strip for the first ``n`` test images (of the benchmark generated with
+    ``data_seed``); returns the written paths."""
     outdir.mkdir(parents=True, exist_ok=True)
-    test = make_split("test", n, size=cfg.model.image_size, seed=cfg.data_seed)
+    test = make_split("test", n, size=model.cfg.image_size, seed=data_seed)
     maps = attention_maps(model, test["images"])
     pred = np.argmax(maps.pop("logits"), -1)
     labels = [
@@ -119,10 +117,10 @@ def main() -> int:
     cfg = get_preset("cpu", pool="tokenrank")
     print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
     summary = train_and_evaluate(cfg, WORKDIR)
-    model, cfg = load_model(WORKDIR)
-    paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {cfg.name} preset, "
-                                     f"{cfg.model.pool} head"))]  # fmt: skip
-    paths += write_figures(model, cfg, WORKDIR / "figures")
+    model, run = load_run(WORKDIR)  # run: the stored training config (a dict)
+    paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {run['name']} preset, "
+                                     f"{model.cfg.pool} head"))]  # fmt: skip
+    paths += write_figures(model, run["data_seed"], WORKDIR / "figures")
     wall = time.perf_counter() - t0
     keys = ("test_acc", "test_loss", "images_per_s", "step_time_ms", "train_time_s")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))

@@ -43,11 +43,10 @@ AUTO_RANGE = (2, 6)
 
 
 def _load(path):
-    from .train import load_model, load_weights
+    from markov_attn.nn import load_run
 
-    path = pathlib.Path(path)
-    model, cfg = load_weights(path) if path.suffix == ".npz" else load_model(path)
-    return model, cfg.model
+    model, _ = load_run(path)
+    return model, model.cfg
 
 
 def _attention(model, images, batch_size: int):

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import re
 import sys
 import time
 
@@ -76,38 +75,25 @@ FIGURE_METHODS = (
 README_START, README_END = "<!-- seg:start -->", "<!-- seg:end -->"
 
 
-def label(name: str) -> str:
-    """Human-readable row label of a method name."""
+def label(name: str, method: "seg.MapMethod | None" = None) -> str:
+    """Human-readable row label: a reference row's, else ``method.label`` (the registry's
+    method of that name when ``method`` is not given)."""
     if name in REFERENCES:
         return REFERENCES[name]
-    base, at = [*name.split("@"), ""][:2]
-    parts = base.split("_")
-    suffix = []
-    if parts[-1].startswith("last"):
-        suffix.append(f"last {parts.pop()[4:]} layers")
-    if parts[-1] in ("patches", "full"):
-        suffix.append(f"{parts.pop()} chain")
-    weighted = parts[-1] == "l2"
-    if weighted:
-        parts.pop()
-    base = "_".join(parts)
-    names = {
-        "cls_attn": "CLS attention (head mean)",
-        "column_sum": "column sum",
-        "rollout": "attention rollout",
-        "tokenrank_in": "TokenRank in",
-        "tokenrank_out": "TokenRank out",
-    }
-    m = re.fullmatch(r"bounce_(fwd|rev)_(\d+)", base)
-    if m:
-        text = f"bounce n={m[2]} " + ("forward from CLS" if m[1] == "fwd" else "reverse to CLS")
-    else:
-        text = names.get(base, base)
-    if weighted:
-        text += ", λ2-weighted"
-    if at:
-        suffix.append(f"layer {at[1:]}")
-    return text + (f" ({', '.join(suffix)})" if suffix else "")
+    return (seg.METHODS[name] if method is None else method).label
+
+
+def _spec(res: dict, name: str) -> "seg.MapMethod | None":
+    """The :class:`MapMethod` of a result row (``None`` for the reference rows)."""
+    spec = res[name].get("spec")
+    return None if spec is None else seg.MapMethod(**spec)
+
+
+def _twin(index: dict, method: "seg.MapMethod | None", **changes) -> str | None:
+    """The name, in ``index`` (method -> name), of ``method`` with ``changes``, if evaluated."""
+    if method is None:
+        return None
+    return index.get(dataclasses.replace(method, **changes))
 
 
 # ----------------------------------------------------------------------------------- model
@@ -116,11 +102,10 @@ def label(name: str) -> str:
 def _load(source):
     """``(model, info)`` from a run directory or an in-memory ``markov_attn.nn.ViT``."""
     if isinstance(source, str | os.PathLike):
-        from experiments.train import load_model, load_weights
+        from markov_attn.nn import load_run
 
-        is_file = str(source).endswith(".npz")
-        model, cfg = load_weights(source) if is_file else load_model(source)
-        info = {"run": str(source), "data_seed": cfg.data_seed, "preset": cfg.name}
+        model, cfg = load_run(source)  # the run's stored config, a dict
+        info = {"run": str(source), "data_seed": cfg["data_seed"], "preset": cfg["name"]}
     else:
         model, info = source, {"run": None, "data_seed": 0, "preset": None}
     mcfg = model.cfg
@@ -146,7 +131,7 @@ def _step_fn(model, names: tuple[str, ...], methods: dict, *, grid, num_prefix, 
     @jax.jit
     def step(state, images, masks, prior, oracle):
         m = nnx.merge(graphdef, state)
-        logits, aux = m(images, return_logits=True)
+        logits, aux = m(images, return_attn_logits=True)
         maps = seg.compute_maps(
             aux["attn"], items, num_prefix=num_prefix, grid=grid, logits=aux["attn_logits"]
         )
@@ -269,21 +254,24 @@ def evaluate(
     per = {k: seg.SegStats(*(v[i] for v in all_stats)) for i, k in enumerate(names)}
     results = {}
     base = "cls_attn" if "cls_attn" in per else None
+    index = {m: k for k, m in table.items()}
     for k in names:
-        st = per[k]
+        st, m = per[k], table.get(k)
         entry = {
-            "label": label(k),
-            "spec": dataclasses.asdict(table[k]) if k in table else None,
+            "label": label(k, m),
+            "spec": dataclasses.asdict(m) if m is not None else None,
             "metrics": seg.summarize(st),
             "ci": seg.bootstrap(st, counts=counts),
         }
         if base is not None and k != base:
             entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
-        if k.endswith("_l2") and k[:-3] in per:
-            entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[k[:-3]])
-        for b in ("bounce_fwd_1", "bounce_rev_1"):
-            if k.startswith(b[:-1]) and k != b and b in per and k[len(b) - 1 :].isdigit():
-                entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[b])
+        uniform = _twin(index, m, weighting="uniform")  # the same map with uniform heads
+        if uniform is not None and uniform != k:
+            entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[uniform])
+        if m is not None and m.kind == "bounce" and m.steps > 1:  # the same bounce at n = 1
+            first = _twin(index, m, steps=1)
+            if first is not None:
+                entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[first])
         results[k] = entry
     t_boot = time.perf_counter() - t0
 
@@ -351,12 +339,19 @@ MAIN_ORDER = (
 )
 
 
+def _main_rows(res: dict) -> list[str]:
+    """The rows of :data:`MAIN_ORDER` present in ``res``, then their λ2-weighted twins."""
+    main = [n for n in MAIN_ORDER if n in res]
+    index = {m: n for n in res if (m := _spec(res, n)) is not None}
+    weighted = [_twin(index, _spec(res, n), weighting="lambda2") for n in main]
+    return main + [n for n in weighted if n is not None and n not in main]
+
+
 def main_table(results: dict) -> str:
     """The results table in Markdown (main rows, then their λ2-weighted variants)."""
     res = results["methods"]
     meta = results["meta"]
-    rows = [n for n in MAIN_ORDER if n in res]
-    rows += [f"{n}_l2" for n in MAIN_ORDER if f"{n}_l2" in res]
+    rows = _main_rows(res)
     head = [
         f"Zero-shot segmentation, {meta['n_images']} test images of the synthetic benchmark "
         f"({meta['image_size']} px, {meta['grid'][0]}×{meta['grid'][1]} tokens, ViT depth "
@@ -418,15 +413,22 @@ def summary_lines(results: dict) -> list[str]:
         out.append(
             f"- best by {metric}: {res[best]['label']} ({100 * res[best]['metrics'][metric]:.1f})"
         )
-    for fam in ("bounce_fwd", "bounce_rev", "bounce_fwd_l2"):
-        names = [
-            f"bounce_{fam.split('_')[1]}_{n}" + ("_l2" if fam.endswith("l2") else "")
-            for n in range(1, 6)
-        ]
-        names = [n for n in names if n in res]
+    families = {
+        "bounce_fwd": ("forward", "uniform"),
+        "bounce_rev": ("reverse", "uniform"),
+        "bounce_fwd_l2": ("forward", "lambda2"),
+    }
+    specs = {n: _spec(res, n) for n in cand}
+    for fam, (direction, weighting) in families.items():
+        # the last-layer, full-chain bounces n = 1..5 of the family (the registry's)
+        steps = {
+            seg.MapMethod("bounce", steps=k, direction=direction, weighting=weighting): k
+            for k in range(1, 6)
+        }
+        names = [n for n in cand if specs[n] in steps]
         if names:
             best = max(names, key=lambda n: res[n]["metrics"]["miou"])
-            out.append(f"- {fam}: best n by mIoU = {best.split('_')[2]}")
+            out.append(f"- {fam}: best n by mIoU = {specs[best].steps}")
     prior = res.get("centre_prior", {}).get("metrics", {}).get("miou")
     if prior is not None:
         beat = [n for n in cand if res[n]["ci"]["miou"][0] > prior]
@@ -447,11 +449,8 @@ def markdown(results: dict) -> str:
         "",
         main_table(results),
     ]
-    extra = [
-        n
-        for n in results["order"]
-        if n not in MAIN_ORDER and not (n.endswith("_l2") and n[:-3] in MAIN_ORDER)
-    ]
+    main = set(_main_rows(res))
+    extra = [n for n in results["order"] if n not in main and n not in MAIN_ORDER]
     if extra:
         lines += ["## Ablations", "", "| map | mIoU | mAP | pixel acc |", "|---|---|---|---|"]
         lines += [_row(n, res[n]) for n in extra]
@@ -503,8 +502,10 @@ def write_outputs(results: dict, out_dir, /, *, fig_data: dict | None = None) ->
     except ImportError:  # pragma: no cover - matplotlib missing
         return paths
     if fig_data is not None:
+        res = results["methods"]
         titles = {
-            k: label(k).replace(" (head mean)", "").replace(", ", "\n") for k in fig_data["maps"]
+            k: res[k]["label"].replace(" (head mean)", "").replace(", ", "\n")
+            for k in fig_data["maps"]
         }
         titles = {
             k: v.replace(" forward from CLS", " fwd").replace(" reverse to CLS", " rev")

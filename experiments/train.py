@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import ViT, ViTConfig
+from markov_attn.nn import ViT, config_to_dict, load_run, write_weights
+from markov_attn.nn import config_from_dict as _from_dict
 
 from .ckpt import Checkpointer, CheckpointError
 from .configs import PRESETS, TrainConfig, get_preset
@@ -45,9 +46,11 @@ __all__ = [
     "load_data",
     "load_model",
     "main",
+    "save_weights",
     "synthetic_data",
     "train_and_evaluate",
     "training_loss",
+    "write_weights",
 ]
 
 # Fields that do not change the trajectory: a resumed run may change them.
@@ -322,29 +325,17 @@ def evaluate(eval_step, params, data: dict, *, batch_size: int, stats=None) -> d
 
 
 # ----------------------------------------------------------------------------------------------
-# config (de)serialisation and run-directory helpers
+# config (de)serialisation (markov_attn.nn.config_to_dict / config_from_dict) and run helpers
 
 
 def config_from_dict(d: dict, /) -> TrainConfig:
-    """Inverse of ``TrainConfig.to_dict`` (as stored in checkpoints and ``summary.json``)."""
-    m = dict(d["model"])
-    for k in ("dtype", "param_dtype"):
-        if m.get(k) is not None:
-            m[k] = jnp.dtype(m[k])
-    return TrainConfig(**{**d, "model": ViTConfig(**m)})
-
-
-def _config_dict(cfg: TrainConfig) -> dict:
-    """The config as JSON stores it (dtypes as names, tuples as lists)."""
-    d = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype"):
-        if d["model"][k] is not None:
-            d["model"][k] = jnp.dtype(d["model"][k]).name
-    return json.loads(json.dumps(d))
+    """Inverse of :func:`markov_attn.nn.config_to_dict` (as stored in checkpoints and
+    ``summary.json``)."""
+    return _from_dict(TrainConfig, d)
 
 
 def _check_same_run(stored: dict, cfg: TrainConfig, workdir: pathlib.Path) -> None:
-    current = _config_dict(cfg)
+    current = config_to_dict(cfg)
     for key in sorted(set(stored) | set(current)):
         if key in _FREE_FIELDS:
             continue
@@ -507,7 +498,7 @@ def train_and_evaluate(
                 mfile.flush()
                 save_time += time.perf_counter() - t_eval  # not counted as training time
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                meta = {**_trajectory_state(cfg, done, n_train), "config": _config_dict(cfg)}
+                meta = {**_trajectory_state(cfg, done, n_train), "config": config_to_dict(cfg)}
                 t_save = time.perf_counter()
                 ckpt.save(done, _train_state(params, stats, opt_state), meta)
                 save_time += time.perf_counter() - t_save  # not counted as training time
@@ -555,100 +546,42 @@ def train_and_evaluate(
         "wall_time_s": time.perf_counter() - t_start,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "config": _config_dict(cfg),
+        "config": config_to_dict(cfg),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def load_model(workdir: str | os.PathLike, /, *, step: int | None = None):
-    """The trained model of a run directory: ``(model, config)`` from its checkpoint.
+    """The trained model of a run directory: ``(model, config)`` from its checkpoint, the
+    weights only (:func:`markov_attn.nn.load_run`) and the :class:`TrainConfig`.
 
     Raises:
       FileNotFoundError: if ``workdir`` has no checkpoint.
       CheckpointError: if it cannot be restored.
     """
-    workdir = pathlib.Path(workdir)
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
-        meta = ckpt.read_meta(step=step)
-        try:
-            cfg = config_from_dict(meta["config"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {ckpt.directory / str(step)} holds no usable config ({e}); delete "
-                "it or retrain"
-            ) from e
-        state, _ = ckpt.restore(_abstract_train_state(cfg, make_optimizer(cfg)), step=step)
-    finally:
-        ckpt.close()
-    abstract = nnx.eval_shape(lambda: _new_model(cfg))
-    graphdef, _, stats, rest = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
-    model = nnx.merge(graphdef, state["params"], state.get("batch_stats", stats), rest)
-    return model, cfg
+    model, config = load_run(workdir, step=step)
+    return model, config_from_dict(config)
 
 
 def save_weights(workdir: str | os.PathLike, path: str | os.PathLike, /) -> pathlib.Path:
     """Writes the trained model of ``workdir`` to one ``.npz`` file: its parameters and batch
-    statistics (no optimiser state, so about a third of a checkpoint) and its configuration.
-    :func:`load_weights` reads it back; this is the format of committed reference models."""
-    model, cfg = load_model(workdir)
-    return write_weights(model, cfg, path)
-
-
-def _array_name(tag: str, keys) -> str:
-    """The ``.npz`` key of one state leaf: ``"param:blocks/0/attn/qkv/kernel"``."""
-    return f"{tag}:" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-
-
-def write_weights(model, cfg: TrainConfig, path: str | os.PathLike, /) -> pathlib.Path:
-    """Writes ``model`` (a :class:`ViT`) and its training configuration ``cfg`` to one ``.npz``
-    file in :func:`save_weights`' format."""
-    flat = {}
-    for kind, tag in ((nnx.Param, "param"), (nnx.BatchStat, "stat")):
-        pure = nnx.to_pure_dict(nnx.state(model, kind))
-        for keys, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-            flat[_array_name(tag, keys)] = np.asarray(leaf)
-    flat["config.json"] = np.frombuffer(json.dumps(_config_dict(cfg)).encode(), np.uint8)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        np.savez_compressed(f, **flat)
-    return path
+    statistics (no optimiser state, so about a third of a checkpoint) and its configuration
+    (:func:`markov_attn.nn.write_weights`; :func:`markov_attn.nn.load_run` reads it back). This
+    is the format of committed reference models."""
+    model, config = load_run(workdir)
+    return write_weights(model, config, path)
 
 
 def load_weights(path: str | os.PathLike, /):
-    """``(model, config)`` from a file written by :func:`save_weights`.
+    """``(model, config)`` from a file written by :func:`save_weights`
+    (:func:`markov_attn.nn.load_run` and the :class:`TrainConfig`).
 
     Raises:
       CheckpointError: if the file does not hold the parameters its configuration needs.
     """
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
-    try:
-        cfg = config_from_dict(json.loads(arrays.pop("config.json").tobytes().decode()))
-    except (KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path} holds no usable config ({e}); re-export it") from e
-    model = _new_model(cfg)
-    for kind, tag in ((nnx.Param, "param"), (nnx.BatchStat, "stat")):
-        state = nnx.state(model, kind)
-        pure = nnx.to_pure_dict(state)
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-        new = []
-        for keys, leaf in leaves:
-            name = _array_name(tag, keys)
-            if name not in arrays or arrays[name].shape != leaf.shape:
-                raise CheckpointError(
-                    f"{path} has no array {name!r} of shape {leaf.shape}; it was written for "
-                    "another model"
-                )
-            new.append(jnp.asarray(arrays[name], leaf.dtype))
-        nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
-        nnx.update(model, state)
-    return model, cfg
+    model, config = load_run(path)
+    return model, config_from_dict(config)
 
 
 # ----------------------------------------------------------------------------------------------

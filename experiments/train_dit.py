@@ -32,7 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import DiT, DiTConfig, q_sample
+from markov_attn.nn import DiT, config_to_dict, q_sample
+from markov_attn.nn import config_from_dict as _from_dict
 
 from .ckpt import Checkpointer, CheckpointError
 from .dit_configs import PRESETS, DiTTrainConfig, get_preset
@@ -160,25 +161,14 @@ def evaluate(eval_step, params, data: dict, *, batch_size: int, seed: int) -> di
     return {"test_loss": float(np.mean(np.concatenate(losses))), "test_size": n}
 
 
-def _config_dict(cfg: DiTTrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    for k in ("dtype", "param_dtype"):
-        if d["model"][k] is not None:
-            d["model"][k] = jnp.dtype(d["model"][k]).name
-    return json.loads(json.dumps(d))
-
-
 def config_from_dict(d: dict, /) -> DiTTrainConfig:
-    """Inverse of the stored config (checkpoint meta, ``summary.json``)."""
-    m = dict(d["model"])
-    for k in ("dtype", "param_dtype"):
-        if m.get(k) is not None:
-            m[k] = jnp.dtype(m[k])
-    return DiTTrainConfig(**{**d, "model": DiTConfig(**m)})
+    """Inverse of the stored config (checkpoint meta, ``summary.json``;
+    :func:`markov_attn.nn.config_to_dict`)."""
+    return _from_dict(DiTTrainConfig, d)
 
 
 def _check_same_run(stored: dict, cfg: DiTTrainConfig, workdir) -> None:
-    current = _config_dict(cfg)
+    current = config_to_dict(cfg)
     for key in sorted(set(stored) | set(current)):
         if key not in _FREE_FIELDS and stored.get(key) != current.get(key):
             raise ValueError(
@@ -231,7 +221,7 @@ def _after_step(cfg, done, state, metrics, *, log, ckpt, bar) -> None:
     if done % cfg.ckpt_every == 0 or done == cfg.steps:
         t_save = time.perf_counter()
         params, ema, opt_state = state
-        meta = {"step": done, "config": _config_dict(cfg)}
+        meta = {"step": done, "config": config_to_dict(cfg)}
         ckpt.save(done, {"params": params, "ema": ema, "opt_state": opt_state}, meta)
         log.paused += time.perf_counter() - t_save
     if bar is not None:
@@ -337,7 +327,7 @@ def train_and_evaluate(
         "wall_time_s": time.perf_counter() - t_start,
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
-        "config": _config_dict(cfg),
+        "config": config_to_dict(cfg),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -33,6 +33,7 @@ from ._stream import bounce_qk as bounce_qk
 from ._stream import second_eigenvalue_qk as second_eigenvalue_qk
 from ._stream import tokenrank_qk as tokenrank_qk
 from ._tokenrank import tokenrank as tokenrank
+from ._weights import HEAD_WEIGHTINGS as HEAD_WEIGHTINGS  # the choices (not in __all__)
 from ._weights import average as average
 from ._weights import head_weights as head_weights
 

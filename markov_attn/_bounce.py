@@ -87,7 +87,9 @@ def bounce(
     the reverse of the teleported chain, :math:`\mathrm{reverse}(T)`, stepped as it is;
     ``teleport_first=False`` teleports the reversed chain instead (they differ by up to a few
     1e-3 per entry for :math:`\alpha < 1`). As ``steps`` grows, :math:`x_k` tends to
-    :func:`tokenrank` (same ``direction`` and ``teleport_first``) at rate
+    :func:`tokenrank` of the same chain (its ``direction="in"`` for ``"forward"``, ``"out"`` for
+    ``"reverse"``: both functions' ``direction`` picks the chain or its reverse, named for a
+    walk here and for an importance there; same ``teleport_first``) at rate
     :math:`(\alpha|\lambda_2|)^k`.
 
     Input contract: rows are renormalised; NaN/inf or negative entries, ``alpha`` outside

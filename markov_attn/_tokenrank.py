@@ -124,7 +124,8 @@ def tokenrank(
     :math:`\|\hat\pi - \pi\|_1 \le \frac{1+\alpha}{1-\alpha}\|r\|_1`.
 
     ``direction="out"`` is the stationary distribution of the reverse chain, an outgoing
-    importance. By default (``teleport_first=True``, the paper's code) the reverse chain is
+    importance (the limit of :func:`bounce` with ``direction="reverse"``, as ``"in"`` is that
+    of ``"forward"``). By default (``teleport_first=True``, the paper's code) the reverse chain is
     that of the *teleported* chain, :math:`\mathrm{reverse}(T)` (see :func:`reverse`), which
     is irreducible and is not teleported again; ``teleport_first=False`` teleports the reverse
     chain instead, :math:`\alpha\,\mathrm{reverse}(A) + (1-\alpha)\mathbf{1}v^\top` (the two

@@ -9,15 +9,17 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._util import check_choice, compute_dtype, is_concrete, safe_normalize, traced_range
 
-MODES = ("lambda2", "gap", "uniform")
+#: The head weightings of :func:`head_weights`, the one definition every layer imports
+#: (``ViTConfig.tokenrank_weighting``, ``MapMethod.weighting``, the CLI's ``--weighting``).
+HEAD_WEIGHTINGS = ("lambda2", "gap", "uniform")
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "axis"))
-def _head_weights(lam2, mode, axis):
+@functools.partial(jax.jit, static_argnames=("weighting", "axis"))
+def _head_weights(lam2, weighting, axis):
     lam2 = lam2.astype(compute_dtype(lam2.dtype))
-    if mode == "lambda2":
+    if weighting == "lambda2":
         w = lam2
-    elif mode == "gap":
+    elif weighting == "gap":
         w = 1.0 - lam2
     else:
         w = jnp.ones_like(lam2)
@@ -27,7 +29,7 @@ def _head_weights(lam2, mode, axis):
 
 
 def head_weights(
-    lam2: Float[ArrayLike, "*batch"], /, *, mode: str = "lambda2", axis: int = -1
+    lam2: Float[ArrayLike, "*batch"], /, *, weighting: str = "lambda2", axis: int = -1
 ) -> Float[Array, "*batch"]:
     r"""Weights for averaging heads (or layers) from their |λ2|, normalised over ``axis``.
 
@@ -40,7 +42,7 @@ def head_weights(
 
     Args:
       lam2: |λ2| per head, e.g. ``(batch, layers, heads)`` from :func:`second_eigenvalue`.
-      mode: ``"lambda2"``, ``"gap"`` or ``"uniform"``.
+      weighting: ``"lambda2"``, ``"gap"`` or ``"uniform"`` (:data:`HEAD_WEIGHTINGS`).
       axis: the axis to normalise over (heads by default).
 
     Returns:
@@ -52,7 +54,7 @@ def head_weights(
       >>> ma.head_weights([0.9, 0.3]).tolist()
       [0.75, 0.25]
     """
-    check_choice("mode", mode, MODES)
+    check_choice("weighting", weighting, HEAD_WEIGHTINGS)
     lam2 = jnp.asarray(lam2)
     if lam2.ndim == 0:
         raise ValueError("lam2 must have at least one axis (the heads to weight)")
@@ -71,7 +73,7 @@ def head_weights(
                 "lam2 must hold eigenvalue moduli in [0, 1] (from ma.second_eigenvalue), got "
                 f"values in [{x.min():.3g}, {x.max():.3g}]"
             )
-    return _head_weights(lam2, mode, axis % lam2.ndim)
+    return _head_weights(lam2, weighting, axis % lam2.ndim)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))

@@ -3,17 +3,18 @@
 Usage::
 
     markov-attn maps --checkpoint DIR --image a.jpg b.png [--method bounce --steps 2
-                     --layer -1 --alpha 0.99 --heads lambda2 --size 224 --out maps/
+                     --layer -1 --alpha 0.99 --weighting lambda2 --size 224 --out maps/
                      --overwrite]
 
 ``DIR`` is a supported pretrained checkpoint (HF ViT / DINO / DINOv2 / CLIP, timm; see
 :func:`markov_attn.checkpoints.load`) or a run directory of this project's training script
 (``runs/<name>/`` with ``checkpoints/``) or a weights file of it (``.npz``, e.g. the committed
-reference model ``experiments/reference/vit_reference.npz``); these two need the repository's
-``experiments`` package on the path, i.e. run from the repository root. For every image it writes a
-PNG overlay of the chosen map(s) and prints the TokenRank statistics (entropy, top tokens) and each
-head's ``|λ2|`` for the chosen layer. The heads of that layer are combined into one chain with λ2
-weights (``--heads``) before computing the maps, except for ``rollout`` which uses all layers and
+reference model ``experiments/reference/vit_reference.npz``), both read by
+:func:`markov_attn.nn.load_run`. For every image it writes a PNG overlay of the chosen map(s)
+and prints the TokenRank statistics (entropy, top tokens) and each head's ``|λ2|`` for the
+chosen layer. The heads of that layer are combined into one chain with λ2
+weights (``--weighting``, one of ``markov_attn.HEAD_WEIGHTINGS``; ``--heads`` is accepted as
+its old name) before computing the maps, except for ``rollout`` which uses all layers and
 the plain mean over heads. Existing output files (``<image stem>_<method>.png``, ``stats.json``)
 are not replaced unless ``--overwrite`` is given.
 
@@ -22,12 +23,16 @@ distribution (patch mass × number of patches: 1 = uniform, so a flat map looks 
 colour bar. Bad input (a file that is not a checkpoint or not an image, a ``--size`` the model
 cannot take) ends with one line on stderr saying what to change, and exit status 1.
 
-Methods (all maps are over the patch grid, from the layer's head-averaged chain ``A``):
+Methods (all maps are over the patch grid, from the layer's head-averaged chain ``A`` with CLS
+and registers kept; each is a :class:`markov_attn.segmentation.MapMethod` computed by
+:func:`markov_attn.segmentation.compute_maps`, the project's one attention → map
+implementation, and its panel is titled by the method's ``title``):
 
 - ``bounce``: multi-bounce maps from the CLS token (uniform start without CLS), one per step
   ``1..steps``, with teleportation ``alpha``.
 - ``tokenrank``: the stationary distribution of ``A`` (with teleportation ``alpha``).
-- ``colsum``: mean incoming attention, the columns of ``A`` summed.
+- ``column_sum``: mean incoming attention, the columns of ``A`` summed (``colsum`` is accepted
+  as its old name).
 - ``rollout``: attention rollout over layers ``0..layer``, the CLS row.
 - ``cls``: the CLS row of ``A`` (one bounce without teleportation).
 - ``metastable``: metastable states (``markov_attn.metastable_states``, G-PCCA) of the chain
@@ -46,7 +51,14 @@ import warnings
 
 import numpy as np
 
-METHODS = ("bounce", "tokenrank", "colsum", "rollout", "cls", "metastable")
+from markov_attn._weights import HEAD_WEIGHTINGS
+
+METHODS = ("bounce", "tokenrank", "column_sum", "rollout", "cls", "metastable")
+_OLD_METHOD_NAMES = {"colsum": "column_sum"}  # still accepted on the command line
+
+
+def _method_name(name: str) -> str:
+    return _OLD_METHOD_NAMES.get(name, name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,15 +74,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--checkpoint", required=True, help="checkpoint directory/file or run dir")
     m.add_argument("--image", required=True, nargs="+", help="image file(s)")
-    m.add_argument("--method", choices=METHODS, default="bounce")
+    m.add_argument("--method", type=_method_name, choices=METHODS, default="bounce")
     m.add_argument("--steps", type=int, default=2, help="bounce steps (default 2)")
     m.add_argument("--layer", type=int, default=-1, help="layer index (default -1, the last)")
     m.add_argument("--alpha", type=float, default=0.99, help="teleportation weight (0.99)")
     m.add_argument(
+        "--weighting",
         "--heads",
-        choices=("lambda2", "gap", "uniform"),
+        dest="weighting",
+        choices=HEAD_WEIGHTINGS,
         default="lambda2",
-        help="how heads are averaged into one chain (default lambda2)",
+        help="how heads are weighted into one chain (default lambda2; --heads: the old name)",
     )
     m.add_argument(
         "--size",
@@ -100,8 +114,8 @@ def _fail(message: str):
 
 
 def _is_run_dir(path: pathlib.Path) -> bool:
-    """A training run directory, or a weights file written by ``experiments.train.save_weights``
-    (such as the committed reference model ``experiments/reference/vit_reference.npz``)."""
+    """A training run directory, or a weights file (:func:`markov_attn.nn.write_weights`, such
+    as the committed reference model ``experiments/reference/vit_reference.npz``)."""
     if path.is_file() and path.suffix == ".npz":
         return True
     return path.is_dir() and (path / "checkpoints").is_dir()
@@ -162,18 +176,13 @@ def _outputs(images, method: str, out_dir: pathlib.Path, overwrite: bool) -> lis
 
 
 def _load_run(path: pathlib.Path, size) -> _Loaded:
+    from markov_attn.nn import CheckpointError, load_run
+
     try:
-        from experiments.train import load_model, load_weights
-    except ImportError as e:
-        _fail(
-            f"{path} is a training run directory; loading it needs the repository's "
-            f"'experiments' package: run markov-attn from the repository root ({e})"
-        )
-    try:
-        model, tcfg = load_weights(path) if path.is_file() else load_model(path)
-    except (ValueError, OSError) as e:
+        model, _ = load_run(path)
+    except (CheckpointError, ValueError, OSError) as e:
         _fail(f"cannot load the training run {path}: {e}")
-    cfg = tcfg.model
+    cfg = model.cfg
     side = size or cfg.image_size
 
     def prepare(image_path):
@@ -228,33 +237,35 @@ def _token_name(i: int, num_prefix: int, has_cls: bool, gw: int) -> str:
     return f"patch({r},{c})"
 
 
-def _maps(method, attn_all, chain, *, layer, steps, alpha, has_cls, num_prefix):
-    """-> {title: (n,) distribution over all tokens}."""
-    import jax.numpy as jnp
+def _map_methods(method, *, layer, steps, alpha, weighting, has_cls) -> dict:
+    """``--method`` as :class:`markov_attn.segmentation.MapMethod` s, keyed by their titles
+    (the figure's panel titles); ``layer`` is non-negative."""
+    from markov_attn.segmentation import MapMethod
 
-    import markov_attn as ma
-
-    n = chain.shape[-1]
     if method == "bounce":
-        x0 = 0 if has_cls else jnp.full((n,), 1.0 / n, jnp.float32)
-        xs = ma.bounce(chain, x0, steps=steps, alpha=alpha)
-        start = "CLS" if has_cls else "uniform"
-        return {f"bounce {t} from {start}": xs[t] for t in range(1, steps + 1)}
-    if method == "tokenrank":
-        return {"TokenRank": ma.tokenrank(chain, alpha=alpha)}
-    if method == "colsum":
-        return {"column sum": ma.column_sum(chain)}
-    if not has_cls:
+        start = "cls" if has_cls else "uniform"
+        chosen = [
+            MapMethod(
+                "bounce", steps=t, weighting=weighting, layers=layer, start=start, alpha=alpha
+            )
+            for t in range(1, steps + 1)
+        ]
+    elif method == "tokenrank":
+        chosen = [
+            MapMethod("tokenrank", direction="in", weighting=weighting, layers=layer, alpha=alpha)
+        ]
+    elif method == "column_sum":
+        chosen = [MapMethod("column_sum", weighting=weighting, layers=layer)]
+    elif method == "rollout":  # all layers up to --layer, plain mean over heads
+        chosen = [MapMethod("rollout", layers=tuple(range(layer + 1)))]
+    else:
+        chosen = [MapMethod("cls", weighting=weighting, layers=layer)]
+    if not has_cls and any(m.needs_cls for m in chosen):
         _fail(
             f"--method {method} needs a CLS token; this model has none "
-            "(use bounce, tokenrank or colsum)"
+            "(use bounce, tokenrank or column_sum)"
         )
-    if method == "rollout":
-        depth = attn_all.shape[0]
-        last = layer % depth
-        roll = ma.rollout(attn_all[: last + 1])
-        return {f"rollout to layer {last}": ma.row_select(roll, 0)}
-    return {"CLS row": ma.row_select(chain, 0)}
+    return {m.title: m for m in chosen}
 
 
 def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_prefix) -> dict:
@@ -274,7 +285,7 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     converged = bool(ms.converged)
     how = "given" if args.states is not None else "chosen by the eigenvalue gap"
     title = (
-        f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.heads}; "
+        f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.weighting}; "
         f"k = {k} ({how}), metastability {metastability:.2f} of {k}"
         + ("" if converged else ", NOT converged")
     )
@@ -304,6 +315,7 @@ def maps_command(args) -> int:
     import jax.numpy as jnp
 
     import markov_attn as ma
+    from markov_attn.segmentation import compute_maps
     from markov_attn.viz import bounce_strip
 
     if args.steps < 1:
@@ -351,26 +363,26 @@ def maps_command(args) -> int:
         iterator = progress
     else:
         iterator = images
+    methods = None
+    if args.method != "metastable":
+        methods = _map_methods(
+            args.method,
+            layer=args.layer % depth,
+            steps=args.steps,
+            alpha=args.alpha,
+            weighting=args.weighting,
+            has_cls=has_cls,
+        )
     report = []
     for img_path, png in zip(iterator, pngs):
         x = loaded.prepare(img_path)
         attn = forward(jnp.asarray(x))[0]  # (L, H, n, n)
         layer_attn = attn[args.layer]  # (H, n, n)
         lam2 = ma.second_eigenvalue(layer_attn)  # (H,)
-        w = ma.head_weights(lam2, mode=args.heads)
+        w = ma.head_weights(lam2, weighting=args.weighting)
         chain = ma.average(layer_attn, weights=w, axis=-3)  # (n, n)
         tr = np.asarray(ma.tokenrank(chain, alpha=args.alpha), np.float64)
         gh, gw = x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
-        maps = _maps(
-            args.method,
-            attn,
-            chain,
-            layer=args.layer,
-            steps=args.steps,
-            alpha=args.alpha,
-            has_cls=has_cls,
-            num_prefix=num_prefix,
-        )
         stem = pathlib.Path(img_path).stem
         if args.method == "metastable":
             report.append(
@@ -382,15 +394,13 @@ def maps_command(args) -> int:
             else:
                 print(text)
             continue
+        maps = compute_maps(attn[None], methods, num_prefix=num_prefix, grid=(gh, gw))
         # units of the uniform distribution over patches: 1 = uniform, on one scale
-        n_patches = gh * gw
-        grids = {
-            k: np.asarray(v)[num_prefix:].reshape(1, gh, gw) * n_patches for k, v in maps.items()
-        }
+        grids = {k: np.asarray(v) * (gh * gw) for k, v in maps.items()}
         if args.method == "rollout":
             title = f"{stem}: rollout of layers 0-{args.layer % depth}, mean of heads"
         else:
-            title = f"{stem}: layer {args.layer % depth}, heads weighted by {args.heads}"
+            title = f"{stem}: layer {args.layer % depth}, heads weighted by {args.weighting}"
             if args.method in ("bounce", "tokenrank"):
                 title += f", alpha {args.alpha:g}"
         bounce_strip(

@@ -63,17 +63,18 @@ print(f"smoke={SMOKE}  run={RUN}  figures -> {OUT}")
 # (its attention is barely trained, so expect weak maps).
 
 # %%
-from experiments.train import load_model, train_and_evaluate
+from markov_attn.nn import load_run
 
 if (RUN / "checkpoints").is_dir():
-    model, cfg = load_model(RUN)
+    model, run = load_run(RUN)  # run: the training config stored with the checkpoint (a dict)
     source = str(RUN)
 else:
     from experiments.configs import get_preset
+    from experiments.train import train_and_evaluate
 
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="tour_smoke_"))
     train_and_evaluate(get_preset("smoke"), workdir, progress=False)
-    model, cfg = load_model(workdir)
+    model, run = load_run(workdir)
     source = f"smoke preset trained in {workdir}"
 mcfg = model.cfg
 grid = (mcfg.image_size // mcfg.patch_size,) * 2
@@ -85,8 +86,8 @@ print(
 # %%
 from markov_attn.data import make_split
 
-test = make_split("test", N_IMAGES, size=mcfg.image_size, seed=cfg.data_seed)
-forward = jax.jit(lambda x: model(x, return_logits=True))
+test = make_split("test", N_IMAGES, size=mcfg.image_size, seed=run["data_seed"])
+forward = jax.jit(lambda x: model(x, return_attn_logits=True))
 logits, aux = forward(jnp.asarray(test["images"]))
 attn, P = aux["attn"], aux["num_prefix"]  # (B, L, H, n, n), number of prefix tokens
 print(
@@ -166,7 +167,7 @@ fig.savefig(OUT / "lambda2_heads.png", dpi=90)
 # operation, against the plain mean; scored with the segmentation protocol.
 
 # %%
-w = ma.head_weights(ma.second_eigenvalue(attn[:, -1]), mode="lambda2")  # (B, H)
+w = ma.head_weights(ma.second_eigenvalue(attn[:, -1]), weighting="lambda2")  # (B, H)
 print("mean λ2 weights of the last layer's heads:", np.round(np.asarray(w).mean(0), 3))
 pairs = ["bounce_fwd_2", "bounce_rev_2", "tokenrank_out", "cls_attn"]
 show = ["cls_attn", "rollout", "bounce_fwd_2", "bounce_rev_2", "tokenrank_in", "tokenrank_out"]

@@ -30,3 +30,69 @@ def test_data_positional_only_options_keyword_only():
 def test_docstrings_have_examples():
     for name in ma.__all__:
         assert "Examples:" in getattr(ma, name).__doc__, name
+
+
+def _imports(path, module: str, *, top_level_only: bool):
+    """Modules that ``path`` (module ``module``) imports: absolute names, relative ones resolved;
+    ``from pkg import name`` counts as ``pkg.name`` where that is a module of the package."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(ma.__file__).parent.parent
+    tree = ast.parse(pathlib.Path(path).read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                is_module = (root / sub.replace(".", "/")).with_suffix(".py").exists() or (
+                    root / sub.replace(".", "/") / "__init__.py"
+                ).exists()
+                yield sub if is_module else base
+
+
+def _library_modules():
+    import pathlib
+
+    pkg = pathlib.Path(ma.__file__).parent
+    for path in sorted(pkg.rglob("*.py")):
+        parts = path.relative_to(pkg.parent).with_suffix("").parts
+        yield path, ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_the_library_never_imports_experiments():
+    """``pip install .`` installs ``markov_attn`` only: nothing in it may import the
+    repository's ``experiments`` (or ``tests``, ``scripts``) package, not even lazily."""
+    for path, module in _library_modules():
+        for name in _imports(path, module, top_level_only=False):
+            assert name.split(".")[0] not in ("experiments", "tests", "scripts"), (module, name)
+
+
+def test_the_library_has_no_import_cycle():
+    """Module-level imports between the library's modules form no cycle."""
+    graph = {
+        module: {
+            n for n in _imports(path, module, top_level_only=True) if n.startswith("markov_attn")
+        }
+        for path, module in _library_modules()
+    }
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in sorted(graph.get(m, ())):
+            assert state.get(n) != "open", " -> ".join([*stack, m, n])
+            if n not in state:
+                visit(n, [*stack, m])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from markov_attn import checkpoints as ck
-from markov_attn.nn import ViT
-from markov_attn.nn.posembed import bicubic_matrix, resize_pos_embed
+from markov_attn.nn import ViT, bicubic_matrix, resize_pos_embed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "checkpoints"

@@ -264,15 +264,21 @@ def drawn(monkeypatch):
 def test_figure_titles_name_what_was_computed(images, tmp_path, drawn, capsys):
     vit = FIXTURES / "vit"
     cli.main(_maps_args(vit, images[1:], tmp_path / "a", "--method", "rollout", "--layer", "0"))
-    cli.main(_maps_args(vit, images[1:], tmp_path / "b", "--heads", "gap", "--alpha", "0.9"))
-    cli.main(_maps_args(vit, images[1:], tmp_path / "c", "--method", "colsum"))
-    rollout, bounce, colsum = drawn
+    cli.main(_maps_args(vit, images[1:], tmp_path / "b", "--weighting", "gap", "--alpha", "0.9"))
+    cli.main(_maps_args(vit, images[1:], tmp_path / "c", "--method", "column_sum"))
+    # the old spellings still work: --heads for --weighting, colsum for column_sum
+    cli.main(_maps_args(vit, images[1:], tmp_path / "d", "--heads", "gap", "--method", "colsum"))
+    rollout, bounce, colsum, old = drawn
     # rollout fuses every layer up to --layer with the plain head mean, not lambda2 weights
     assert rollout["title"] == "img1: rollout of layers 0-0, mean of heads"
-    assert list(rollout["maps"]) == ["rollout to layer 0"]
+    assert list(rollout["maps"]) == ["attention rollout"]  # panels: the MapMethod titles
     assert bounce["title"] == "img1: layer 1, heads weighted by gap, alpha 0.9"
-    assert list(bounce["maps"]) == ["bounce 1 from CLS", "bounce 2 from CLS"]
+    assert list(bounce["maps"]) == ["bounce n=1 forward from CLS", "bounce n=2 forward from CLS"]
     assert colsum["title"] == "img1: layer 1, heads weighted by lambda2"
+    assert old["title"] == "img1: layer 1, heads weighted by gap"
+    assert list(old["maps"]) == list(colsum["maps"]) == ["column sum"]
+    (stats,) = json.loads((tmp_path / "d" / "stats.json").read_text())
+    assert stats["png"].endswith("img1_column_sum.png")
     capsys.readouterr()
 
 

@@ -34,7 +34,7 @@ def _np(x):
 )
 def test_shapes_and_aux(images, pool, registers):
     model = _model(pool=pool, num_registers=registers)
-    logits, aux = model(images, return_logits=True, return_hidden=True)
+    logits, aux = model(images, return_attn_logits=True, return_hidden=True)
     n = 1 + registers + 16
     assert logits.shape == (3, 5)
     assert aux["attn"].shape == (3, 2, 2, n, n)
@@ -132,7 +132,7 @@ def test_pools(images):
 @pytest.mark.parametrize("weighting", ["lambda2", "uniform"])
 def test_tokenrank_pool_weights(images, weighting):
     model = _model(pool="tokenrank", num_registers=1, tokenrank_weighting=weighting)
-    _, aux = model(images, return_logits=True)
+    _, aux = model(images, return_attn_logits=True)
     pi = np.asarray(aux["pool_weights"])
     assert pi.shape == (3, 16)
     np.testing.assert_allclose(pi.sum(-1), 1.0, atol=1e-5)
@@ -158,7 +158,7 @@ def test_tokenrank_pool_weights(images, weighting):
 def _tokenrank_only_loss(model, x, probe, *, stop_pi=False, tokens=None):
     """A loss that depends on the parameters only through the TokenRank weights: the tokens
     being pooled (the values path) are frozen (``tokens``, or stop_gradient of the model's)."""
-    _, aux = model(x, return_logits=True)
+    _, aux = model(x, return_attn_logits=True)
     p = aux["num_prefix"]
     pi = model.tokenrank_pool.weights(aux["attn_logits"][:, -1], num_prefix=p)
     if stop_pi:

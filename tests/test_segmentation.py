@@ -398,9 +398,27 @@ def test_registry_and_errors(stack):
     with pytest.raises(ValueError, match="kind"):
         seg.MapMethod("attention")
     with pytest.raises(ValueError, match="TokenRank direction"):
-        seg.MapMethod("tokenrank")
+        seg.MapMethod("tokenrank", direction="forward")
+    assert seg.MapMethod("tokenrank").direction == "in"  # the default per kind
+    assert seg.MapMethod("bounce").direction == "forward"
     assert not seg.MapMethod("tokenrank", direction="in").needs_cls
     assert seg.METHODS["bounce_rev_1"].needs_cls
+
+
+def test_every_method_carries_its_label():
+    """Labels come from the fields (reports never parse method names), one per method."""
+    table = {**seg.METHODS, **seg.extended_methods(4)}
+    labels = [m.label for m in table.values()]
+    assert len(set(labels)) == len(labels)
+    assert seg.METHODS["bounce_rev_3_l2"].label == "bounce n=3 reverse to CLS, λ2-weighted"
+    assert seg.METHODS["rollout"].label == "attention rollout"
+    assert table["tokenrank_in_last3"].label == "TokenRank in (last 3 layers)"
+    assert table["cls_attn@L2"].label == "CLS attention (head mean) (layer 2)"
+    assert seg.MapMethod("bounce", start="uniform", alpha=0.5).label == (
+        "bounce n=1 forward from uniform (α=0.5)"
+    )
+    assert seg.MapMethod("rollout", layers=(0, 1, 2)).title == "attention rollout"
+    assert seg.MapMethod("rollout", layers=(0, 1, 2)).label == "attention rollout (layers 0–2)"
 
 
 # ----------------------------------------------------------------------------- experiment

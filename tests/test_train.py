@@ -108,6 +108,27 @@ def test_model_round_trip(finished_run):
     assert acc == pytest.approx(summary["test_acc"], abs=1e-6)
 
 
+def test_library_load_run_reads_weights_only(finished_run, tmp_path):
+    """``markov_attn.nn.load_run`` (what the CLI uses, no ``experiments`` needed) gives the same
+    model as ``load_model`` and the stored config as a dict; a weights file written from it
+    loads the same."""
+    from markov_attn.nn import config_to_dict, load_run, write_weights
+
+    workdir, _ = finished_run
+    reference, _ = load_model(workdir)
+    model, config = load_run(workdir)
+    assert config == config_to_dict(TINY) and model.cfg == TINY.model
+    for a, b in zip(_leaves(model), _leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    path = write_weights(model, config, tmp_path / "w.npz")
+    again, stored = load_run(path)
+    assert stored == config
+    for a, b in zip(_leaves(again), _leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        load_run(tmp_path / "nothing")
+
+
 def test_kill_and_resume_follows_the_same_trajectory(tmp_path, finished_run):
     full_dir, full = finished_run
     # "killed" after step 5: the last checkpoint is step 4, steps 5 is lost and recomputed

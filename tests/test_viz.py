@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from markov_attn.viz import bounce_strip, overlay, upsample
+from markov_attn.viz import bounce_strip, overlay
+from markov_attn.viz._overlay import _upsample as upsample  # segmentation.upsample, one map
 
 
 def test_upsample_nearest_repeats_each_token():
@@ -23,7 +24,7 @@ def test_upsample_bilinear():
     # token j's centre is pixel 4j + 1.5; pixel 4 lies 0.625 of the way from token 0 to 1
     np.testing.assert_allclose(up[1, 4], m[0, 0] * 0.375 + m[0, 1] * 0.625, rtol=1e-5)
     assert up.min() >= m.min() - 1e-6 and up.max() <= m.max() + 1e-6
-    const = upsample(np.full((3, 3), 2.0), (10, 7))
+    const = upsample(np.full((3, 3), 2.0), (10, 7), method="bilinear")
     np.testing.assert_allclose(const, 2.0)
 
 
@@ -108,7 +109,7 @@ def test_fixed_scale_and_label():
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="grid"):
-        upsample(np.zeros(4), (8, 8))
+        upsample(np.zeros(4), (8, 8), method="nearest")
     with pytest.raises(ValueError, match="method"):
         upsample(np.zeros((2, 2)), (8, 8), method="cubic")
     with pytest.raises(ValueError, match="alpha"):

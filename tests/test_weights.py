@@ -13,18 +13,18 @@ def test_head_weights_modes(rng):
     lam = rng.uniform(0.1, 0.99, size=(2, 3, 4))
     w = ma.head_weights(lam)
     np.testing.assert_allclose(w, lam / lam.sum(-1, keepdims=True), rtol=1e-6)
-    g = ma.head_weights(lam, mode="gap", axis=1)
+    g = ma.head_weights(lam, weighting="gap", axis=1)
     np.testing.assert_allclose(g, (1 - lam) / (1 - lam).sum(1, keepdims=True), rtol=1e-6)
-    np.testing.assert_allclose(ma.head_weights(lam, mode="uniform"), 0.25)
+    np.testing.assert_allclose(ma.head_weights(lam, weighting="uniform"), 0.25)
     np.testing.assert_allclose(ma.head_weights(np.zeros(4)), 0.25)  # all-zero falls back
-    np.testing.assert_allclose(ma.head_weights(np.ones(3), mode="gap"), 1 / 3)
+    np.testing.assert_allclose(ma.head_weights(np.ones(3), weighting="gap"), 1 / 3)
 
 
 def test_head_weights_bad_input():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         ma.head_weights(np.array([0.5, 1.5]))
-    with pytest.raises(ValueError, match="mode"):
-        ma.head_weights(np.array([0.5]), mode="softmax")
+    with pytest.raises(ValueError, match="weighting"):
+        ma.head_weights(np.array([0.5]), weighting="softmax")
     with pytest.raises(ValueError, match="axis"):
         ma.head_weights(np.array([0.5]), axis=3)
 

@@ -50,8 +50,7 @@ def detect_family(path: str | os.PathLike, /) -> str:
 def _build(kwargs: dict, params: dict, image_size: int | None):
     from flax import nnx
 
-    from markov_attn.nn import ViT, ViTConfig
-    from markov_attn.nn.posembed import resize_pos_embed
+    from markov_attn.nn import ViT, ViTConfig, resize_pos_embed
 
     if image_size is not None and image_size != kwargs["image_size"]:
         p = kwargs["patch_size"]

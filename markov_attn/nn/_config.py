@@ -4,11 +4,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from markov_attn._weights import HEAD_WEIGHTINGS
+
+from ._posembed import POS_INTERPS
+
 POOLS = ("cls", "mean", "map", "tokenrank")
 GELUS = ("exact", "tanh", "quick")
 FINAL_NORMS = ("all", "pooled", "none")
-POS_INTERPS = ("bicubic", "bicubic_antialias")
-WEIGHTINGS = ("lambda2", "gap", "uniform")
 STEM_DOWNSAMPLES = ("maxpool", "stride")
 
 
@@ -102,7 +104,7 @@ class ViTConfig:
             ("gelu", self.gelu, GELUS),
             ("final_norm", self.final_norm, FINAL_NORMS),
             ("pos_interp", self.pos_interp, POS_INTERPS),
-            ("tokenrank_weighting", self.tokenrank_weighting, WEIGHTINGS),
+            ("tokenrank_weighting", self.tokenrank_weighting, HEAD_WEIGHTINGS),
         )
         for name, value, allowed in checks:
             if value not in allowed:

@@ -58,7 +58,7 @@ class TokenRankPool(nnx.Module):
     (``markov_attn.transition(scores, keep=slice(num_prefix, None))``, as the reference code
     does for CLS), so every row is a distribution over patch keys. The heads' chains
     ``P_h`` are averaged with weights ``w_h`` from their ``|λ2|``
-    (``markov_attn.head_weights(second_eigenvalue(P), mode=cfg.tokenrank_weighting)``), and the
+    (``markov_attn.head_weights(second_eigenvalue(P), weighting=cfg.tokenrank_weighting)``), and the
     pooled vector is
 
     .. math::
@@ -92,7 +92,7 @@ class TokenRankPool(nnx.Module):
             w = jnp.full(chains.shape[:-2], 1.0 / chains.shape[-3], jnp.float32)
         else:
             lam2 = ma.second_eigenvalue(jax.lax.stop_gradient(chains), krylov=self.krylov)
-            w = ma.head_weights(lam2, mode=self.weighting)
+            w = ma.head_weights(lam2, weighting=self.weighting)
         w = jax.lax.stop_gradient(w)
         chain = ma.average(chains, weights=w, axis=-3)  # (b, m, m)
         return ma.tokenrank(chain, alpha=self.alpha)

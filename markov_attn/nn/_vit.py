@@ -10,6 +10,7 @@ from jaxtyping import Array, Float
 
 from ._config import ViTConfig
 from ._pool import MAPHead, TokenRankPool
+from ._posembed import resize_pos_embed
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
@@ -222,8 +223,6 @@ class ViT(nnx.Module):
         n_cls = 1 if cfg.cls_token and cfg.pos_embed_cls else 0
         pos_cls, pos_grid = pos[:, :n_cls], pos[:, n_cls:]
         if (gh, gw) != (cfg.grid, cfg.grid):
-            from .posembed import resize_pos_embed  # lazily: only when the sizes differ
-
             grid = pos_grid[0].reshape(cfg.grid, cfg.grid, cfg.width)
             grid = resize_pos_embed(grid, (gh, gw), method=cfg.pos_interp)
             pos_grid = grid.reshape(1, gh * gw, cfg.width).astype(pos.dtype)
@@ -233,7 +232,7 @@ class ViT(nnx.Module):
         self,
         images: Float[Array, "b h w c"],
         *,
-        return_logits: bool = False,
+        return_attn_logits: bool = False,
         return_hidden: bool = False,
     ):
         """Runs the model.
@@ -242,7 +241,9 @@ class ViT(nnx.Module):
           images: ``(B, H, W, C)`` float NHWC; ``H`` and ``W`` multiples of ``patch_size``.
             Other sizes than ``image_size`` resize the position-embedding grid
             (``cfg.pos_interp``).
-          return_logits: also return the pre-softmax attention scores.
+          return_attn_logits: also return the attention logits, the pre-softmax scores
+            ``q·k/√d`` (``aux["attn_logits"]``; what ``markov_attn.transition`` takes). The
+            first output is the classifier's logits either way.
           return_hidden: also return the residual stream before each block and at the end.
 
         Returns:
@@ -308,7 +309,7 @@ class ViT(nnx.Module):
             pooled = self.norm(pooled)
         logits = self.head(pooled) if self.head is not None else pooled
 
-        if return_logits:
+        if return_attn_logits:
             aux["attn_logits"] = jnp.stack(scores, axis=1)
         if return_hidden:
             aux["hidden"] = jnp.stack(hidden, axis=1)

@@ -9,13 +9,14 @@ Choices made explicit (all are fields of :class:`MapMethod`):
 
 - **Which layers** (``layers``): one index (default ``-1``, the last layer) or a tuple of
   indices whose chains are averaged (e.g. ``(-3, -2, -1)``); ``None`` = all layers.
-- **Head weighting** (``heads``): ``"uniform"`` (plain mean) or ``"lambda2"`` / ``"gap"``
-  (``ma.head_weights`` of each matrix's ``ma.second_eigenvalue``). The weights are applied
-  **to the matrices before the chain operation** (``ma.average`` over the heads, jointly over
-  the heads of all selected layers): a weighted mean of chains is again a chain, so
-  bounces and TokenRank run on one averaged chain per image. |λ2| is computed on the
-  matrices of the chain actually used (``chain`` below). For rollout, heads are averaged
-  per layer (weights normalised within each layer) before the layer product.
+- **Head weighting** (``weighting``, one of ``ma.HEAD_WEIGHTINGS``): ``"uniform"`` (plain
+  mean) or ``"lambda2"`` / ``"gap"`` (``ma.head_weights`` of each matrix's
+  ``ma.second_eigenvalue``). The weights are applied **to the matrices before the chain
+  operation** (``ma.average`` over the heads, jointly over the heads of all selected layers):
+  a weighted mean of chains is again a chain, so bounces and TokenRank run on one averaged
+  chain per image. |λ2| is computed on the matrices of the chain actually used (``chain``
+  below). For rollout, heads are averaged per layer (weights normalised within each layer)
+  before the layer product.
 - **Prefix tokens** (``chain``): ``"full"`` keeps CLS and registers in the chain and drops
   them only from the displayed map; bounces then start at one-hot(CLS). ``"patches"``
   removes them before the softmax (``ma.transition(logits, keep=...)`` when logits are
@@ -29,6 +30,11 @@ Choices made explicit (all are fields of :class:`MapMethod`):
 
 Defaults in :data:`METHODS`: bounces use the full chain (they need CLS); TokenRank uses the
 patch chain (the reference).
+
+This is the one attention → map implementation of the project: the ``markov-attn`` CLI, the
+demo and the segmentation experiments all build :class:`MapMethod` s and call
+:func:`compute_maps`. Each method carries its human-readable :attr:`MapMethod.label` (and the
+shorter :attr:`MapMethod.title`), derived from its fields, so reports never parse names.
 """
 
 import dataclasses
@@ -40,11 +46,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 import markov_attn as ma
+from markov_attn._weights import HEAD_WEIGHTINGS
 
 __all__ = ["METHODS", "MapMethod", "compute_maps", "extended_methods", "per_layer"]
 
 _KINDS = ("cls", "column_sum", "rollout", "bounce", "tokenrank")
-_HEADS = ("uniform", "lambda2", "gap")
 _CHAINS = ("full", "patches")
 
 
@@ -58,32 +64,40 @@ class MapMethod:
             out matrix), ``"bounce"`` (``steps``-th bounce from or to CLS), ``"tokenrank"``
             (stationary distribution).
         steps: bounce count ``n`` (``kind="bounce"``).
-        direction: ``"forward"`` / ``"reverse"`` for bounces (``ma.bounce``); ``"in"`` /
-            ``"out"`` for TokenRank (``ma.tokenrank``).
-        heads: ``"uniform"``, ``"lambda2"`` or ``"gap"`` head weighting.
+        direction: the chain itself or its reverse (``ma.reverse``), named as the core
+            functions name it: ``"forward"`` / ``"reverse"`` for bounces (``ma.bounce``),
+            ``"in"`` / ``"out"`` for TokenRank (``ma.tokenrank``: incoming / outgoing
+            importance). ``None`` (default) = ``"in"`` for TokenRank, ``"forward"`` otherwise.
+        weighting: head weighting, ``"uniform"``, ``"lambda2"`` or ``"gap"``
+            (``ma.HEAD_WEIGHTINGS``, as ``ma.head_weights``).
         layers: a layer index, a tuple of indices (chains averaged), or ``None`` = all.
         chain: ``"full"`` or ``"patches"`` (see the module docstring).
         start: ``"cls"`` or ``"uniform"`` start of bounces (``"uniform"`` for models with
             no CLS token: one forward bounce from uniform is the column mean).
         alpha: teleportation weight of bounces and TokenRank.
         residual: rollout's identity weight.
+        krylov: Krylov dimension of the ``|λ2|`` estimate behind the ``"lambda2"`` / ``"gap"``
+            head weights (``ma.second_eigenvalue``; ``None`` = its default).
     """
 
     kind: str
     steps: int = 1
-    direction: str = "forward"
-    heads: str = "uniform"
+    direction: str | None = None
+    weighting: str = "uniform"
     layers: int | tuple[int, ...] | None = -1
     chain: str = "full"
     start: str = "cls"
     alpha: float = 0.99
     residual: float = 0.5
+    krylov: int | None = None
 
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
-        if self.heads not in _HEADS:
-            raise ValueError(f"heads must be one of {_HEADS}, got {self.heads!r}")
+        if self.direction is None:
+            object.__setattr__(self, "direction", "in" if self.kind == "tokenrank" else "forward")
+        if self.weighting not in HEAD_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {HEAD_WEIGHTINGS}, got {self.weighting!r}")
         if self.chain not in _CHAINS:
             raise ValueError(f"chain must be one of {_CHAINS}, got {self.chain!r}")
         if self.start not in ("cls", "uniform"):
@@ -96,12 +110,54 @@ class MapMethod:
             if int(self.steps) < 1:
                 raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.kind == "tokenrank" and self.direction not in ("in", "out"):
-            raise ValueError(
-                f"TokenRank direction must be 'in' or 'out', got {self.direction!r} "
-                "(use MapMethod('tokenrank', direction='in'))"
-            )
+            raise ValueError(f"TokenRank direction must be 'in' or 'out', got {self.direction!r}")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def title(self) -> str:
+        """What the map is, without its head weighting and layers: ``"CLS attention (head
+        mean)"``, ``"column sum"``, ``"attention rollout"``, ``"bounce n=2 forward from
+        CLS"``, ``"TokenRank in"``."""
+        if self.kind == "bounce":
+            if self.start == "cls":
+                way = "forward from CLS" if self.direction == "forward" else "reverse to CLS"
+            else:
+                way = f"{self.direction} from uniform"
+            return f"bounce n={self.steps} {way}"
+        if self.kind == "tokenrank":
+            return f"TokenRank {self.direction}"
+        return _TITLES[self.kind]
+
+    @property
+    def label(self) -> str:
+        """The full human-readable label: :attr:`title`, the head weighting when not uniform,
+        and in brackets whatever differs from the registry's defaults (layers, prefix
+        handling, ``alpha``, rollout residual, Krylov dimension).
+
+        Examples:
+            >>> MapMethod("bounce", steps=2, weighting="lambda2", layers=(-3, -2, -1)).label
+            'bounce n=2 forward from CLS, λ2-weighted (last 3 layers)'
+            >>> MapMethod("tokenrank", direction="in", chain="full").label
+            'TokenRank in (full chain)'
+        """
+        text = self.title
+        if self.weighting != "uniform":
+            w = "λ2" if self.weighting == "lambda2" else self.weighting
+            text += f", {w}-weighted"
+        notes = []
+        default_layers = None if self.kind == "rollout" else -1
+        if self.layers != default_layers:
+            notes.append(_layers_text(self.layers))
+        if self.chain != ("patches" if self.kind == "tokenrank" else "full"):
+            notes.append(f"{self.chain} chain")
+        if self.kind in ("bounce", "tokenrank") and self.alpha != 0.99:
+            notes.append(f"α={self.alpha:g}")
+        if self.kind == "rollout" and self.residual != 0.5:
+            notes.append(f"residual {self.residual:g}")
+        if self.krylov is not None and self.weighting != "uniform":
+            notes.append(f"Krylov {self.krylov}")
+        return text + (f" ({', '.join(notes)})" if notes else "")
 
     @property
     def needs_cls(self) -> bool:
@@ -121,6 +177,26 @@ class MapMethod:
         return compute_maps(attn, {"m": self}, num_prefix=num_prefix, grid=grid, logits=logits)["m"]
 
 
+_TITLES = {
+    "cls": "CLS attention (head mean)",
+    "column_sum": "column sum",
+    "rollout": "attention rollout",
+}
+
+
+def _layers_text(layers) -> str:
+    if layers is None:
+        return "all layers"
+    if isinstance(layers, int):
+        return f"layer {layers}"
+    k = len(layers)
+    if tuple(layers) == tuple(range(-k, 0)):
+        return f"last {k} layers"
+    if tuple(layers) == tuple(range(layers[0], layers[0] + k)) and k > 1:
+        return f"layers {layers[0]}–{layers[-1]}"
+    return "layers " + "+".join(str(i) for i in layers)
+
+
 def _layer_index(layers, depth: int) -> tuple[int, ...]:
     if layers is None:
         return tuple(range(depth))
@@ -133,12 +209,14 @@ def _layer_index(layers, depth: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _weights(mats: jax.Array, heads: str) -> jax.Array | None:
+def _weights(mats: jax.Array, weighting: str, krylov: int | None) -> jax.Array | None:
     """Head weights over the trailing (layer*head) axis of ``mats`` (B, K, m, m), or None."""
-    if heads == "uniform":
+    if weighting == "uniform":
         return None
-    lam2 = ma.second_eigenvalue(mats)
-    return ma.head_weights(lam2, mode=heads, axis=-1)
+    lam2 = (
+        ma.second_eigenvalue(mats) if krylov is None else ma.second_eigenvalue(mats, krylov=krylov)
+    )
+    return ma.head_weights(lam2, weighting=weighting, axis=-1)
 
 
 class _Context:
@@ -173,34 +251,37 @@ class _Context:
 
         return self.cached(("sel", layers, chain), make)
 
-    def weights(self, layers, chain, heads):
+    def weights(self, layers, chain, weighting, krylov):
         return self.cached(
-            ("w", layers, chain, heads), lambda: _weights(self.selected(layers, chain), heads)
+            ("w", layers, chain, weighting, krylov),
+            lambda: _weights(self.selected(layers, chain), weighting, krylov),
         )
 
-    def averaged(self, layers, chain, heads):
+    def averaged(self, m: MapMethod):
         """(B, m, m): the (weighted) mean chain over the selected layers and heads."""
+        layers, chain = m.layers, m.chain
 
         def make():
             sel = self.selected(layers, chain)
-            w = self.weights(layers, chain, heads)
+            w = self.weights(layers, chain, m.weighting, m.krylov)
             if w is None:
                 return jnp.mean(sel, axis=-3)
             return ma.average(sel, weights=w, axis=-3)
 
-        return self.cached(("avg", layers, chain, heads), make)
+        return self.cached(("avg", layers, chain, m.weighting, m.krylov), make)
 
-    def full_average_with(self, layers, chain, heads):
-        """The full-token mean matrix averaged with the weights of ``chain`` (for CLS rows)."""
+    def full_average_with(self, m: MapMethod):
+        """The full-token mean matrix averaged with the weights of ``m.chain`` (for CLS rows)."""
+        layers, chain = m.layers, m.chain
 
         def make():
-            w = self.weights(layers, chain, heads)
+            w = self.weights(layers, chain, m.weighting, m.krylov)
             full = self.selected(layers, "full")
             if w is None:
                 return jnp.mean(full, axis=-3)
             return ma.average(full, weights=w, axis=-3)
 
-        return self.cached(("favg", layers, chain, heads), make)
+        return self.cached(("favg", layers, chain, m.weighting, m.krylov), make)
 
     def patches(self, dist, chain):
         """Slices a distribution over the chain's tokens to the patches."""
@@ -214,32 +295,37 @@ class _Context:
             )
 
 
+def _trajectory_key(m: MapMethod) -> tuple:
+    """Bounces that differ only in ``steps`` share one trajectory."""
+    return (m.layers, m.chain, m.weighting, m.krylov, m.direction, m.start, m.alpha)
+
+
 def _method_map(ctx: _Context, name: str, m: MapMethod, max_steps: dict) -> jax.Array:
     p, cls = ctx.p, ctx.cls
     if m.kind == "cls":
         ctx.need_cls(name)
-        full = ctx.full_average_with(m.layers, m.chain, m.heads)
+        full = ctx.full_average_with(m)
         return full[:, cls, p:]
     if m.kind == "column_sum":
-        return ctx.patches(ma.column_sum(ctx.averaged(m.layers, m.chain, m.heads)), m.chain)
+        return ctx.patches(ma.column_sum(ctx.averaged(m)), m.chain)
     if m.kind == "rollout":
         ctx.need_cls(name)
         idx = jnp.asarray(_layer_index(m.layers, ctx.depth))
         layers = ctx.attn[:, idx]  # (B, k, H, n, n)
-        if m.heads != "uniform":
-            w = ma.head_weights(ma.second_eigenvalue(layers), mode=m.heads, axis=-1)
+        if m.weighting != "uniform":
+            w = _weights(layers, m.weighting, m.krylov)
             layers = ma.average(layers, weights=w, axis=-3)[:, :, None]
         rolled = ma.rollout(layers, residual=m.residual, head_fusion="mean")
         return rolled[:, cls, p:]
     if m.kind == "tokenrank":
-        chain = ctx.averaged(m.layers, m.chain, m.heads)
+        chain = ctx.averaged(m)
         return ctx.patches(ma.tokenrank(chain, alpha=m.alpha, direction=m.direction), m.chain)
     # bounce
-    key = (m.layers, m.chain, m.heads, m.direction, m.start, m.alpha)
+    key = _trajectory_key(m)
     steps = max_steps[key]
 
     def trajectory():
-        chain = ctx.averaged(m.layers, m.chain, m.heads)
+        chain = ctx.averaged(m)
         b, n = chain.shape[0], chain.shape[-1]
         if m.start == "uniform":
             x0 = jnp.full((b, n), 1.0 / n, jnp.float32)
@@ -247,7 +333,7 @@ def _method_map(ctx: _Context, name: str, m: MapMethod, max_steps: dict) -> jax.
         ctx.need_cls(name)
         if m.chain == "full":
             return ma.bounce(chain, cls, steps=steps, alpha=m.alpha, direction=m.direction)
-        full = ctx.full_average_with(m.layers, m.chain, m.heads)
+        full = ctx.full_average_with(m)
         first = full[:, cls, p:] if m.direction == "forward" else full[:, p:, cls]
         first = first / jnp.maximum(jnp.sum(first, axis=-1, keepdims=True), 1e-30)
         if steps == 1:
@@ -267,7 +353,7 @@ def _compute(attn, logits, *, methods, num_prefix, grid, cls_index):
     max_steps: dict = {}
     for _, m in methods:
         if m.kind == "bounce":
-            key = (m.layers, m.chain, m.heads, m.direction, m.start, m.alpha)
+            key = _trajectory_key(m)
             max_steps[key] = max(max_steps.get(key, 0), int(m.steps))
     gh, gw = grid
     out = {}
@@ -289,7 +375,7 @@ def compute_maps(
     """Maps of several methods from one attention stack, sharing work between them.
 
     All methods run in one jitted function: chains, λ2 head weights and bounce trajectories
-    are computed once per (layers, chain, heads) and shared (bounces ``n = 1..5`` come from
+    are computed once per (layers, chain, weighting) and shared (bounces ``n = 1..5`` come from
     one ``ma.bounce`` call). Batched over images; no per-image Python loop.
 
     Args:
@@ -349,18 +435,18 @@ def compute_maps(
 
 def _registry() -> dict[str, MapMethod]:
     reg: dict[str, MapMethod] = {}
-    for heads, suffix in (("uniform", ""), ("lambda2", "_l2")):
-        reg[f"cls_attn{suffix}"] = MapMethod("cls", heads=heads)
-        reg[f"column_sum{suffix}"] = MapMethod("column_sum", heads=heads)
-        reg[f"rollout{suffix}"] = MapMethod("rollout", heads=heads, layers=None)
+    for weighting, suffix in (("uniform", ""), ("lambda2", "_l2")):
+        reg[f"cls_attn{suffix}"] = MapMethod("cls", weighting=weighting)
+        reg[f"column_sum{suffix}"] = MapMethod("column_sum", weighting=weighting)
+        reg[f"rollout{suffix}"] = MapMethod("rollout", weighting=weighting, layers=None)
         for direction, tag in (("forward", "fwd"), ("reverse", "rev")):
             for n in range(1, 6):
                 reg[f"bounce_{tag}_{n}{suffix}"] = MapMethod(
-                    "bounce", steps=n, direction=direction, heads=heads
+                    "bounce", steps=n, direction=direction, weighting=weighting
                 )
         for direction in ("in", "out"):
             reg[f"tokenrank_{direction}{suffix}"] = MapMethod(
-                "tokenrank", direction=direction, heads=heads, chain="patches"
+                "tokenrank", direction=direction, weighting=weighting, chain="patches"
             )
     return reg
 

@@ -7,6 +7,5 @@ from ._overlay import bounce_strip as bounce_strip
 from ._overlay import overlay as overlay
 from ._overlay import save_png as save_png
 from ._overlay import states_figure as states_figure
-from ._overlay import upsample as upsample
 
-__all__ = ["bounce_strip", "overlay", "save_png", "states_figure", "upsample"]
+__all__ = ["bounce_strip", "overlay", "save_png", "states_figure"]

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
-UPSAMPLES = ("nearest", "bilinear")
 #: colour scalings of :func:`bounce_strip`
 SCALES = ("shared", "minmax")
 
@@ -37,58 +36,20 @@ def _as_image(image) -> np.ndarray:
     return np.clip(img.astype(np.float32), 0.0, 1.0)
 
 
-def upsample(
-    token_map: Float[ArrayLike, "gh gw"],
-    size: tuple[int, int],
-    /,
-    *,
-    method: str = "bilinear",
+def _upsample(
+    token_map: Float[ArrayLike, "gh gw"], size: tuple[int, int], /, *, method: str
 ) -> Float[np.ndarray, "h w"]:
-    """Resizes a token-grid map to ``size = (H, W)`` pixels.
+    """One ``(gh, gw)`` token map resized to ``size = (H, W)`` pixels as float32 numpy, by
+    :func:`markov_attn.segmentation.upsample` (the project's one upsampling)."""
+    from markov_attn.segmentation import upsample
 
-    ``"nearest"`` repeats each token over its patch (exact when ``H`` is a multiple of the grid);
-    ``"bilinear"`` interpolates between patch centres (half-pixel convention, edges clamped).
-
-    Args:
-      token_map: ``(gh, gw)`` values over the patch grid.
-      size: output ``(H, W)``.
-      method: ``"nearest"`` or ``"bilinear"``.
-
-    Returns:
-      float32 ``(H, W)``.
-
-    Examples:
-      >>> import numpy as np
-      >>> upsample(np.array([[0.0, 1.0], [2.0, 3.0]]), (4, 4), method="nearest")[0].tolist()
-      [0.0, 0.0, 1.0, 1.0]
-    """
     m = np.asarray(token_map, dtype=np.float32)
     if m.ndim != 2:
         raise ValueError(
             f"token_map must be a (gh, gw) grid, got shape {m.shape}; reshape the patch tokens "
             "(drop CLS/registers first)"
         )
-    if method not in UPSAMPLES:
-        raise ValueError(f"method must be one of {UPSAMPLES}, got {method!r}")
-    h, w = size
-    gh, gw = m.shape
-
-    def coords(n_out, n_in):
-        x = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
-        if method == "nearest":
-            return np.clip(np.floor(x + 0.5).astype(int), 0, n_in - 1), None, None
-        x = np.clip(x, 0, n_in - 1)
-        lo = np.floor(x).astype(int)
-        hi = np.minimum(lo + 1, n_in - 1)
-        return lo, hi, (x - lo).astype(np.float32)
-
-    ylo, yhi, fy = coords(h, gh)
-    xlo, xhi, fx = coords(w, gw)
-    if method == "nearest":
-        return m[ylo][:, xlo]
-    top = m[ylo][:, xlo] * (1 - fx) + m[ylo][:, xhi] * fx
-    bot = m[yhi][:, xlo] * (1 - fx) + m[yhi][:, xhi] * fx
-    return (top * (1 - fy[:, None]) + bot * fy[:, None]).astype(np.float32)
+    return np.asarray(upsample(m, size=(int(size[0]), int(size[1])), method=method))
 
 
 def _rescale(m: np.ndarray) -> np.ndarray:
@@ -113,7 +74,8 @@ def overlay(
     Args:
       image: ``(H, W, 3)`` (float in [0, 1] or uint8) or ``(H, W)``.
       token_map: ``(gh, gw)`` map over the patch grid.
-      method: upsampling, ``"nearest"`` or ``"bilinear"`` (see :func:`upsample`).
+      method: upsampling, ``"nearest"`` or ``"bilinear"``
+        (:func:`markov_attn.segmentation.upsample`).
       cmap: matplotlib colormap name.
       alpha: opacity of the map (0 = image only, 1 = map only).
       rescale: min-max rescale the map to [0, 1] before colouring (else it is clipped to
@@ -135,7 +97,7 @@ def overlay(
     img = _as_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    up = upsample(token_map, img.shape[:2], method=method)
+    up = _upsample(token_map, img.shape[:2], method=method)
     if vmin is not None or vmax is not None:
         lo = 0.0 if vmin is None else float(vmin)
         hi = float(np.max(up)) if vmax is None else float(vmax)
@@ -328,7 +290,7 @@ def states_figure(
     k = int(states.max()) + 1 if states.size else 0
     cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
     size = img.shape[:2]
-    up = upsample(states.astype(np.float32), size, method="nearest").astype(int)
+    up = _upsample(states.astype(np.float32), size, method="nearest").astype(int)
     colour = cmap(up % cmap.N)[..., :3]
     panels = 3 if memberships is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.6), squeeze=False)
@@ -347,7 +309,7 @@ def states_figure(
     if memberships is not None:
         chi = np.asarray(memberships)
         own = np.take_along_axis(chi, states[..., None], axis=-1)[..., 0]
-        im = axes[2].imshow(upsample(own, size, method="nearest"), vmin=0, vmax=1, cmap="viridis")
+        im = axes[2].imshow(_upsample(own, size, method="nearest"), vmin=0, vmax=1, cmap="viridis")
         axes[2].set_title("membership of own state")
         fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
     for ax in axes:

@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-__all__ = ["METHODS", "bicubic_matrix", "resize_pos_embed"]
-
-METHODS = ("bicubic", "bicubic_antialias")
+#: The position-embedding interpolations (``ViTConfig.pos_interp``).
+POS_INTERPS = ("bicubic", "bicubic_antialias")
 
 _A = -0.75  # PyTorch's cubic convolution coefficient (upsample_bicubic2d)
 
@@ -106,9 +105,9 @@ def resize_pos_embed(
       >>> resize_pos_embed(g, (4, 3), method="bicubic_antialias").shape
       (4, 3, 1)
     """
-    if method not in METHODS:
+    if method not in POS_INTERPS:
         raise ValueError(
-            f"method must be one of {list(METHODS)}, got {method!r}; use 'bicubic' for HF "
+            f"method must be one of {list(POS_INTERPS)}, got {method!r}; use 'bicubic' for HF "
             "ViT/DINOv2/CLIP checkpoints and 'bicubic_antialias' for timm and "
             "DINOv2-with-registers"
         )
