@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # jaxlib 0.10.2 on CPU fuses a matmul chain followed by a reduction into a slow kernel;
-# this turns that fusion off (see ../shared/spec/chains.md, numerics notes).
+# this turns that fusion off (see docs/chains.md §8, numerics notes).
 export XLA_FLAGS ?= --xla_cpu_experimental_ynn_fusion_type=
 
 .PHONY: demo test lint bench bench-stream bench-gpu venv data clean

@@ -23,7 +23,7 @@ Synthetic data: q, k ~ N(0, 1) per entry (logit standard deviation 1 at the defa
 the streaming cost does not depend on the data, GMRES's iteration count does a little.
 
 CPU timings use ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`` (set here, printed): the
-jaxlib 0.10.2 matmul+reduction fusion is otherwise 25-40x slower (chains.md §5).
+jaxlib 0.10.2 matmul+reduction fusion is otherwise 25-40x slower (docs/chains.md §8).
 
 Writes ``runs/bench_stream/results.json`` and ``results.md`` (``--out`` to change).
 """
@@ -293,7 +293,7 @@ def main(argv=None):
 
     import jax
 
-    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}  (CPU matmul+reduce fusion off; chains.md §5)")
+    print(f"XLA_FLAGS={os.environ['XLA_FLAGS']}  (CPU matmul+reduce fusion off; docs/chains.md §8)")
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs")
     print(f"1) time at n={cfg['n']}, d={cfg['d']}, {cfg['heads']} heads", flush=True)
     sp = speed(cfg)

@@ -1,4 +1,4 @@
-"""Reference rows of the segmentation benchmark (``../shared/spec/data.md``), recomputed.
+"""Reference rows of the segmentation benchmark (``docs/data.md`` §4), recomputed.
 
 Generates the first ``n`` test images of the benchmark and scores four token maps with the
 mean-threshold protocol: each map is min-max normalised, upsampled (nearest) to the image, and
@@ -7,10 +7,11 @@ class (object, background) and averaged over the two classes (mIoU); pixel accur
 fraction of pixels labelled right.
 
 Run: ``python -m experiments.data_reference [--n 2000] [--size 64]`` (about 3 s here).
-Expected (data.md, 2,000 test images, 64 px): all background 0.416 / 0.831, centre prior
-0.497 / 0.710, oracle 8x8 0.821 / 0.948, oracle 16x16 0.900 / 0.973 (mIoU / pixel acc).
-The oracle rows of data.md reproduce with a per-patch majority vote (oracle > 0.5), not
-with the mean threshold (which over-segments boundary patches); both are printed.
+Expected (the design's prototype rows in docs/data.md, 2,000 test images, 64 px): all
+background 0.416 / 0.831, centre prior 0.497 / 0.710, oracle 8x8 0.821 / 0.948, oracle 16x16
+0.900 / 0.973 (mIoU / pixel acc). The oracle rows of the design reproduce with a per-patch
+majority vote (oracle > 0.5), not with the mean threshold (which over-segments boundary
+patches); both are printed.
 The data are synthetic; the numbers are not comparable to ImageNet-Segmentation.
 """
 
@@ -64,7 +65,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         "oracle 8x8": threshold_maps(oracle_map(gt, 8), size),
         "oracle 16x16": threshold_maps(oracle_map(gt, 16), size),
         # majority vote per patch (oracle > 0.5): the best patch labelling, and the protocol
-        # that reproduces data.md's oracle rows (0.821 / 0.900)
+        # that reproduces the design's oracle rows (0.821 / 0.900)
         "oracle 8x8, >0.5": upsample(oracle_map(gt, 8), size) > 0.5,
         "oracle 16x16, >0.5": upsample(oracle_map(gt, 16), size) > 0.5,
     }

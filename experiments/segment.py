@@ -4,7 +4,7 @@ Evaluates :data:`markov_attn.segmentation.METHODS` (CLS attention, column sum, r
 bounces n = 1..5 forward from / reverse to CLS, TokenRank in/out, each uniform and
 λ2-weighted) plus the centre prior and the token-grid oracle on the benchmark's test split
 (Fashion-MNIST objects composited onto held-out natural photos, exact masks), with the
-protocol of ``chains.md`` §8 and percentile-bootstrap 95 % intervals (1,000 resamples of
+protocol of ``docs/data.md`` §3 and percentile-bootstrap 95 % intervals (1,000 resamples of
 images, shared by all methods so differences between methods are paired).
 
 Command: ``python -m experiments.segment --run runs/demo`` (2,000 images; add ``--extended``

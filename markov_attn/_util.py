@@ -139,8 +139,8 @@ def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
     The partial sums come from one matrix product ``X @ attn`` whose ``k``-th row holds the
     entries of ``x`` in rows block ``k`` and zeros elsewhere (the zeros add nothing, so each
     output of the product is a sum of at most ``ACCURATE_GEMM_BLOCK`` terms): a GEMM with
-    ``ceil(n / 64)`` rows, about 3× a plain product on the 2-core CPU, where the earlier batched
-    per-block products took 7×.
+    ``ceil(n / 64)`` rows instead of one batched product per block (timings in
+    ``docs/benchmarks.md``).
     """
     m = attn.shape[-2]
     b = ACCURATE_GEMM_BLOCK
@@ -204,7 +204,7 @@ def safe_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 # Cache budget for one chunk of matrices on CPU. Iterative methods read every matrix once per
 # product; streaming a whole (batch, n, n) stack from DRAM for each of dozens of products is
 # memory-bound, while a chunk that stays in the last-level cache is re-read at cache speed
-# (measured 3.8x faster at n = 1025 on a 2-core EPYC with 32 MiB L3).
+# (measurements in docs/benchmarks.md).
 CPU_CHUNK_BYTES = 12 * 2**20
 
 

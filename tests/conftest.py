@@ -3,7 +3,7 @@
 import os
 import zlib
 
-# Honour the CPU fusion workaround (chains.md numerics notes) when tests run outside `make`.
+# Honour the CPU fusion workaround (docs/chains.md §8) when tests run outside `make`.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 import jax

@@ -11,7 +11,7 @@ from tests._refs import PAPER_A, reverse
 
 
 def test_paper_vectors_one_step():
-    # chains.md §9: one bounce from one-hot(4) and from uniform
+    # docs/chains.md §9: one bounce from one-hot(4) and from uniform
     np.testing.assert_allclose(ma.row_select(PAPER_A, 4), [0.53, 0.03, 0.03, 0.06, 0.35], atol=1e-6)
     np.testing.assert_allclose(
         ma.column_sum(PAPER_A), [0.444, 0.048, 0.036, 0.202, 0.270], atol=5e-4

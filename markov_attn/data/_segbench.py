@@ -20,15 +20,12 @@ batch, in any process. A sample is built in four steps:
    (``fill * (0.25 + 0.75 * intensity)``), so neither colour nor texture gives the object away.
 4. The label is the Fashion-MNIST class of the object (the classification task).
 
-The object covers about 16 % of the pixels on average. The object side range (29–45 px;
-data.md says "about 28–44") was tuned so that the reference rows of data.md reproduce (see
-``experiments/data_reference.py``).
+The object covers about 16 % of the pixels on average. The object side range (29–45 px; the
+design said "about 28–44") was tuned so that the design's reference rows reproduce (see
+``docs/data.md`` and ``experiments/data_reference.py``).
 
-Speed (measured on the 2-core development machine, AMD EPYC, one process, ``size=64``, batches
-of 1,000, while the cores were shared with other jobs): 2,500–3,400 images per CPU-second,
-1,700–2,300 images/s wall. A process pays a one-off 2–6 s to import scipy, decompress the
-Fashion-MNIST split and build the photo pyramids; silhouettes are computed lazily, once per
-object, as batches need them.
+Each process loads the Fashion-MNIST split and builds the photo pyramids once; silhouettes are
+computed lazily, once per object, as batches need them (throughput in ``docs/benchmarks.md``).
 """
 
 import functools
@@ -47,7 +44,7 @@ SPLIT_IDS = {"train": 0, "test": 1}
 """The ``split_id`` that enters each sample's seed ``[seed, split_id, index]``."""
 
 _THRESHOLD = 16  # silhouette: FMNIST intensity > 16 (of 255), then holes filled
-_OBJ_SIDE = (29.0, 45.0)  # object side in px at size 64 (data.md: "about 28-44")
+_OBJ_SIDE = (29.0, 45.0)  # object side in px at size 64 (docs/data.md: design said "about 28-44")
 _BLOB_RADIUS = (3.0, 10.0)  # distractor radii in px at size 64
 _MAX_BLOBS = 3
 _P_CAMO = 0.5

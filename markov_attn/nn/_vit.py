@@ -105,8 +105,9 @@ class ConvStem(nnx.Module):
     """Convolutional stem (``cfg.conv_stem``): per stage a 3×3 convolution (no bias), a
     ``BatchNorm``, a ReLU and a 2×2 max-pool, halving the resolution each time; with
     ``cfg.conv_stem_downsample == "stride"`` the convolutions have stride 2 and there is no
-    pool (the early-convolution stem of Xiao et al., 2021: 4× fewer convolution outputs; about
-    half the step time on CPU, but it learns more slowly here: see the README's ablation).
+    pool (the early-convolution stem of Xiao et al., 2021: 4× fewer convolution outputs, so
+    faster steps, but it learns more slowly here: see the README's ablation and
+    ``docs/benchmarks.md``).
 
     The batch norms start in inference mode (running statistics, ``use_running_average=True``);
     training switches them with ``model.set_attributes(use_running_average=False)`` and carries

@@ -1,6 +1,6 @@
 """Zero-shot segmentation from attention maps: the map → mask protocol, metrics, map methods.
 
-The protocol (``chains.md`` §8): a map over the token grid is min–max normalised, upsampled to
+The protocol (``docs/data.md`` §3): a map over the token grid is min–max normalised, upsampled to
 the image (nearest), and thresholded at its mean; pixel accuracy and two-class mIoU are
 accumulated over the data set, mAP is the mean per-image average precision of the continuous
 map. This subpackage depends on jax and numpy only (``h5py`` is imported lazily by

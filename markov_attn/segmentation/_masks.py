@@ -1,4 +1,4 @@
-"""Map → mask, the protocol of ``chains.md`` §8: min–max, nearest upsampling, mean threshold."""
+"""Map → mask, the protocol of ``docs/data.md`` §3: min–max, nearest upsampling, mean threshold."""
 
 import functools
 

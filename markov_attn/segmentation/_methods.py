@@ -21,7 +21,7 @@ Choices made explicit (all are fields of :class:`MapMethod`):
   them only from the displayed map; bounces then start at one-hot(CLS). ``"patches"``
   removes them before the softmax (``ma.transition(logits, keep=...)`` when logits are
   given; otherwise the equivalent: drop their rows and columns and renormalise the rows), as
-  the reference code does for TokenRank (``chains.md`` §4). In a patch chain a bounce
+  the reference code does for TokenRank (``docs/chains.md`` §4). In a patch chain a bounce
   "from CLS" starts from CLS's own attention row over the patches (renormalised) — the first
   hop — and then bounces ``steps - 1`` times among the patches, so ``steps`` counts hops from
   CLS in both modes (``steps=1`` is the CLS attention map either way). Reverse bounces start

@@ -134,7 +134,7 @@ def image_stats(
     thresh: str | float = "mean",
     method: str = "nearest",
 ) -> SegStats:
-    """Per-image statistics of maps against ground-truth masks (the §8 protocol).
+    """Per-image statistics of maps against ground-truth masks (``docs/data.md`` §3).
 
     Each map is min–max normalised, upsampled to the mask's size (:func:`map_to_mask`),
     thresholded for the confusion counts, and scored continuously for AP. With nearest
