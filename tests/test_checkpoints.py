@@ -145,6 +145,32 @@ def test_unknown_family(tmp_path):
         ck.load(tmp_path)
 
 
+def test_converter_registry():
+    from markov_attn.checkpoints import _families
+
+    # one converter per supported family, and FAMILIES is the registry's list
+    assert list(_families.CONVERTERS) == list(ck.FAMILIES)
+    assert set(ck.FAMILIES) == set(FAMILY_OF.values())
+    for name, conv in _families.CONVERTERS.items():
+        assert conv.family == name and conv.description == ck.FAMILIES[name]
+        assert _families.converter(name) is conv
+    # the result has named fields and still unpacks like the former 5-tuple
+    sd, _ = ck.read_state_dict(FIXTURES / "vit")
+    sd = {k: np.asarray(v) for k, v in sd.items()}
+    config = json.loads((FIXTURES / "vit" / "config.json").read_text())
+    out = _families.converter("hf_vit")(sd, config)
+    kwargs, params, left, ignored, notes = out
+    named = (out.vit_kwargs, out.params, out.leftover, out.ignored, out.notes)
+    assert all(a is b for a, b in zip((kwargs, params, left, ignored, notes), named, strict=True))
+    assert kwargs["num_heads"] == ck.load(FIXTURES / "vit")[1].num_heads and not left
+    # an unknown family is a clear error that names every supported one
+    supported = r"\['hf_clip', 'hf_dinov2', 'hf_dinov2_reg', 'hf_vit', 'timm'\]"
+    with pytest.raises(ValueError, match=rf"family must be one of {supported}, got 'resnet'"):
+        _families.converter("resnet")
+    with pytest.raises(ValueError, match=rf"family must be one of {supported}, got 'resnet'"):
+        ck.load(FIXTURES / "vit", family="resnet")
+
+
 def test_corrupt_and_missing(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="not a readable safetensors file"):

@@ -1,28 +1,52 @@
 """Per-family parameter mappings: PyTorch state dicts -> markov_attn.nn.ViT parameters.
 
-Each family function takes the state dict (numpy arrays, PyTorch layouts) and the parsed
-``config.json`` (or ``None``) and returns ``(ViTConfig keyword arguments, {ViT parameter path:
-array in Flax layout}, ignored keys, notes)``. Keys the mapping does not consume and that are not
-in the family's ignore list make :func:`markov_attn.checkpoints.load` fail: nothing is dropped
+Each supported family has one :class:`Converter` in :data:`CONVERTERS`. A converter takes the
+state dict (numpy arrays, PyTorch layouts), the parsed ``config.json`` (or ``None``) and an
+optional head count, and returns a :class:`Converted`: the ViTConfig keyword arguments, the
+ViT parameters in Flax layout, the keys it did not consume, the keys it ignored on purpose and
+notes. Leftover keys make :func:`markov_attn.checkpoints.load` fail: nothing is dropped
 silently.
 """
 
+import dataclasses
+import functools
 import math
 import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
-#: Supported families and the parameter names that identify them.
-FAMILIES = {
-    "hf_vit": "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
-    "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
-    "hf_dinov2": "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
-    "hf_dinov2_reg": "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
-    "hf_clip": "HuggingFace CLIPVisionModel / CLIPModel vision tower: "
-    "[vision_model.]embeddings.class_embedding + encoder.layers.N.self_attn.q_proj",
-    "timm": "timm VisionTransformer (also DINO v1 / DINOv2 original .pth): patch_embed.proj + "
-    "blocks.N.attn.qkv",
-}
+
+class Converted(NamedTuple):
+    """What a converter made of a state dict (a NamedTuple, so it also unpacks as a 5-tuple).
+
+    Attributes:
+      vit_kwargs: keyword arguments of :class:`markov_attn.nn.ViTConfig`.
+      params: ``{ViT parameter path: array in Flax layout}``.
+      leftover: state-dict entries the mapping neither consumed nor ignored (must be empty).
+      ignored: keys deliberately not loaded (poolers, text towers, mask tokens...).
+      notes: assumptions made, in words.
+    """
+
+    vit_kwargs: dict
+    params: dict
+    leftover: dict
+    ignored: list[str]
+    notes: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """One supported checkpoint family: its name, description and state-dict mapping."""
+
+    family: str
+    description: str
+    convert: Callable[..., Converted]
+
+    def __call__(self, sd: dict, config: dict | None, *, num_heads=None) -> Converted:
+        return self.convert(sd, config, num_heads=num_heads)
+
 
 _GELU = {
     "gelu": "exact",
@@ -278,7 +302,7 @@ def hf(family: str, sd: dict, config: dict | None, *, num_heads=None):
         qkv_bias=qkv_bias,
         patch_bias=patch_bias,
     )
-    return kwargs, p, take.sd, ignored, notes
+    return Converted(kwargs, p, take.sd, ignored, notes)
 
 
 def clip(sd: dict, config: dict | None, *, num_heads=None):
@@ -350,7 +374,7 @@ def clip(sd: dict, config: dict | None, *, num_heads=None):
         qkv_bias=qkv_bias,
         patch_bias=patch_bias,
     )
-    return kwargs, p, take.sd, ignored, notes
+    return Converted(kwargs, p, take.sd, ignored, notes)
 
 
 # timm's standard ViT sizes (head_dim 64 except where listed)
@@ -484,4 +508,55 @@ def timm(sd: dict, config: dict | None, *, num_heads=None):
         qkv_bias=qkv_bias,
         patch_bias=patch_bias,
     )
-    return kwargs, p, take.sd, ignored, notes
+    return Converted(kwargs, p, take.sd, ignored, notes)
+
+
+def _registry(*converters: Converter) -> dict[str, Converter]:
+    names = [c.family for c in converters]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"a checkpoint family is registered twice: {names}")
+    return {c.family: c for c in converters}
+
+
+#: The registry: one converter per supported family (its order is that of :data:`FAMILIES`).
+CONVERTERS = _registry(
+    Converter(
+        "hf_vit",
+        "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
+        "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
+        functools.partial(hf, "hf_vit"),
+    ),
+    Converter(
+        "hf_dinov2",
+        "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
+        functools.partial(hf, "hf_dinov2"),
+    ),
+    Converter(
+        "hf_dinov2_reg",
+        "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
+        functools.partial(hf, "hf_dinov2_reg"),
+    ),
+    Converter(
+        "hf_clip",
+        "HuggingFace CLIPVisionModel / CLIPModel vision tower: "
+        "[vision_model.]embeddings.class_embedding + encoder.layers.N.self_attn.q_proj",
+        clip,
+    ),
+    Converter(
+        "timm",
+        "timm VisionTransformer (also DINO v1 / DINOv2 original .pth): patch_embed.proj + "
+        "blocks.N.attn.qkv",
+        timm,
+    ),
+)
+
+#: Supported families and the parameter names that identify them.
+FAMILIES = {name: c.description for name, c in CONVERTERS.items()}
+
+
+def converter(family: str) -> Converter:
+    """The registered converter of ``family`` (``ValueError`` naming the supported ones)."""
+    try:
+        return CONVERTERS[family]
+    except (KeyError, TypeError):
+        raise ValueError(f"family must be one of {sorted(CONVERTERS)}, got {family!r}") from None

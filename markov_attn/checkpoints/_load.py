@@ -140,28 +140,22 @@ def load(
         message says what was found and what is supported).
     """
     sd, weights = read_state_dict(path)
-    fam = family or _families.detect(sd)
-    if fam not in _families.FAMILIES:
-        raise ValueError(f"family must be one of {sorted(_families.FAMILIES)}, got {fam!r}")
+    convert = _families.converter(family or _families.detect(sd))
+    fam = convert.family
     config = find_json(weights, "config.json")
     preproc = find_json(weights, "preprocessor_config.json") or {}
     sd = {k: np.asarray(v) for k, v in sd.items()}
-    if fam == "hf_clip":
-        kwargs, params, left, ignored, notes = _families.clip(sd, config, num_heads=num_heads)
-    elif fam == "timm":
-        kwargs, params, left, ignored, notes = _families.timm(sd, config, num_heads=num_heads)
-    else:
-        kwargs, params, left, ignored, notes = _families.hf(fam, sd, config, num_heads=num_heads)
-    if left:
+    out = convert(sd, config, num_heads=num_heads)
+    if out.leftover:
         raise ValueError(
-            f"{len(left)} tensors of this {fam} checkpoint are not understood: "
-            f"{sorted(left)[:10]}; it is probably a variant that is not supported "
-            f"(supported: {', '.join(_families.FAMILIES)})"
+            f"{len(out.leftover)} tensors of this {fam} checkpoint are not understood: "
+            f"{sorted(out.leftover)[:10]}; it is probably a variant that is not supported "
+            f"(supported: {', '.join(_families.CONVERTERS)})"
         )
-    params = {k: np.asarray(v, np.float32) for k, v in params.items()}
-    model, cfg = _build(kwargs, params, image_size)
+    params = {k: np.asarray(v, np.float32) for k, v in out.params.items()}
+    model, cfg = _build(dict(out.vit_kwargs), params, image_size)
     assumed = missing_preprocessing(fam, config, preproc)
-    notes = [*notes, assumed] if assumed else list(notes)
+    notes = [*out.notes, assumed] if assumed else list(out.notes)
     for note in notes:
         if "assum" in note:
             warnings.warn(f"{weights}: {note}", AssumedDefaultsWarning, stacklevel=2)
@@ -170,7 +164,7 @@ def load(
         path=weights,
         config=dict(config or {}),
         preprocessor=dict(preproc),
-        ignored=tuple(sorted(ignored)),
+        ignored=tuple(sorted(out.ignored)),
         notes=tuple(notes),
         num_prefix=cfg.num_prefix,
     )
