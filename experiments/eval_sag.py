@@ -173,15 +173,21 @@ def _embed(model, images):
     return np.concatenate(feats), np.concatenate(probs)
 
 
-def fid(f1: np.ndarray, f2: np.ndarray, /) -> float:
-    """Fréchet distance between Gaussian fits of two feature sets ``(n, d)`` (float64)."""
-    from scipy import linalg
+def _sqrtm_psd(c: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(c)
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
 
+
+def fid(f1: np.ndarray, f2: np.ndarray, /, *, sqrt_c1: np.ndarray | None = None) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets ``(n, d)`` (float64).
+
+    ``Tr √(C1 C2)`` is computed as ``Σ √eig(√C1 C2 √C1)`` (a symmetric PSD matrix: no complex
+    round-off, and ``√C1`` = ``sqrt_c1`` is reused when ``f1`` is fixed, as in a bootstrap)."""
     m1, m2 = f1.mean(0), f2.mean(0)
     c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(c1 @ c2)
-    covmean = np.real(covmean)
-    return float(np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2.0 * covmean))
+    s1 = _sqrtm_psd(c1) if sqrt_c1 is None else sqrt_c1
+    tr = np.sum(np.sqrt(np.maximum(np.linalg.eigvalsh(s1 @ c2 @ s1), 0.0)))
+    return float(np.sum((m1 - m2) ** 2) + np.trace(c1) + np.trace(c2) - 2.0 * tr)
 
 
 def inception_score(p: np.ndarray, /) -> float:
@@ -217,13 +223,14 @@ def _bootstrap(real_f, sets: dict, *, seed: int = 0, n_boot: int = N_BOOT) -> di
     draws = [rng.integers(0, n, n) for _ in range(n_boot)]
     rdraws = [rng.integers(0, len(real_f), len(real_f)) for _ in range(n_boot)]
     out = {}
+    s1 = _sqrtm_psd(np.cov(real_f, rowvar=False))
     for name, (f, p) in sets.items():
         precise, recalled = precision_recall(real_f, f)
         point = {"fid": fid(real_f, f), "is": inception_score(p),
                  "precision": float(precise.mean()), "recall": float(recalled.mean())}  # fmt: skip
         boot = {key: np.empty(n_boot) for key in point}
         for b, (i, r) in enumerate(zip(draws, rdraws)):
-            boot["fid"][b] = fid(real_f, f[i])
+            boot["fid"][b] = fid(real_f, f[i], sqrt_c1=s1)
             boot["is"][b] = inception_score(p[i])
             boot["precision"][b] = precise[i].mean()
             boot["recall"][b] = recalled[r].mean()
