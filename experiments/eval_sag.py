@@ -138,6 +138,10 @@ def _load(path: pathlib.Path, num_classes: int):
     graphdef, params = nnx.split(model, nnx.Param)
     treedef = jax.tree.structure(params)
     leaves = [jnp.asarray(z[f"arr_{i}"]) for i in range(treedef.num_leaves)]
+    if len(z.files) != treedef.num_leaves + 1 or any(
+        a.shape != b.shape for a, b in zip(leaves, jax.tree.leaves(params))
+    ):
+        return None, None  # written by another version of Classifier: retrain
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), json.loads(str(z["meta"]))
 
 
@@ -152,7 +156,7 @@ def classifier_for(cfg, directory: pathlib.Path, /, *, steps: int = 1000, progre
     path = directory / "classifier.npz"
     if path.exists():
         model, meta = _load(path, cfg.model.num_classes)
-        if meta["key"] == key:
+        if meta is not None and meta["key"] == key:
             return model, meta
     data = load_data(dataclasses.replace(cfg, test_size=2000))
     t0 = time.perf_counter()
@@ -163,9 +167,14 @@ def classifier_for(cfg, directory: pathlib.Path, /, *, steps: int = 1000, progre
     return model, meta
 
 
-def _embed(model, images):
+def _embedder(model):
+    """One jitted ``images -> (features, class probabilities)`` of the classifier, compiled
+    once for every image set of an evaluation."""
+    return jax.jit(lambda x: (model.features(x), jax.nn.softmax(model(x))))
+
+
+def _embed(f, images):
     feats, probs = [], []
-    f = jax.jit(lambda x: (model.features(x), jax.nn.softmax(model(x))))
     for s in _batches(len(images), 500):
         a, b = f(jnp.asarray(images[s], jnp.float32))
         feats.append(np.asarray(a, np.float64))
@@ -286,6 +295,8 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
              batch: int = 250, seed: int = 0, classifier_dir="runs/fid_classifier",
              classifier_steps: int = 1000, progress: bool = True) -> dict:  # fmt: skip
     """The whole evaluation of one DiT run directory; returns the JSON-ready report."""
+    from PIL import Image
+
     from markov_attn.data import make_split
 
     from .sample_dit import grid_image, mask_figure
@@ -302,12 +313,12 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
     real = make_split("test", 2 * samples, size=size, seed=cfg.data_seed, start=cfg.test_size,
                       root=cfg.data_root)["images"]  # fmt: skip
     ref, other = real[:samples], real[samples:]
-    real_f, _ = _embed(clf, ref)
-    sets = {"real (other images)": _embed(clf, other), "real, blurred": _embed(clf, _blur(other))}
+    embed = _embedder(clf)
+    real_f, _ = _embed(embed, ref)
+    sets = {"real (other images)": _embed(embed, other),
+            "real, blurred": _embed(embed, _blur(other))}  # fmt: skip
     timing = {}
     settings = _settings(scales)
-    from PIL import Image
-
     for name, kind, s in settings:
         tag = name.replace(" s=", "_s").replace(" ", "_")
         cache = out / f"samples_{tag}_n{samples}_k{steps}_seed{seed}_b{batch}.npz"
@@ -319,9 +330,10 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
             x = _sample_setting(model, cfg, kind, s, n=samples, batch=batch, steps=steps,
                                 seed=seed)  # fmt: skip
             timing[name] = time.perf_counter() - t0
-            x = np.rint(x * 255.0) / 255.0  # stored as uint8; the same values either way
-            np.savez(cache, images=np.rint(x * 255).astype(np.uint8), seconds=timing[name])
-        sets[name] = _embed(clf, x)
+            u8 = np.rint(x * 255.0).astype(np.uint8)  # stored as uint8: the same values
+            np.savez(cache, images=u8, seconds=timing[name])  # either way
+            x = u8 / 255.0
+        sets[name] = _embed(embed, x)
         Image.fromarray(grid_image(x[:64], rows=8)).save(out / f"grid_{tag}.png")
         if progress:
             print(f"{name}: {samples} samples in {timing[name]:.0f} s", flush=True)
