@@ -339,3 +339,54 @@ def test_multi_object_split_masks_and_determinism():
     assert not np.array_equal(train["images"], d["images"][:2])
     with pytest.raises(ValueError, match="objects"):
         make_multi_split("test", 1, objects=(3, 2))
+
+
+# --------------------------------------------------------------------------- difficulty levels
+
+
+def test_difficulty_levels_are_paired_and_do_what_they_say(fake_root):
+    n = 60
+    runs = {
+        name: _segbench._generate(
+            "test", 0, n, 64, 0, fake_root, alpha=False, meta=True, difficulty=name
+        )
+        for name in data.DIFFICULTIES
+    }
+    std, plain, clutter = runs["standard"], runs["plain"], runs["clutter"]
+    # paired: the same object (so label), photo and mirroring in every level
+    for other in (plain, clutter):
+        np.testing.assert_array_equal(other["labels"], std["labels"])
+        for a, b in zip(std["meta"], other["meta"]):
+            keys = ("object", "background", "flip")
+            assert [a[k] for k in keys] == [b[k] for k in keys]
+    # the default is the standard level, bit for bit
+    default = make_split("test", n, root=fake_root)
+    np.testing.assert_array_equal(default["images"], std["images"])
+    # plain: no camouflage, no blobs; standard: 0-3 blobs, both fills occur
+    assert not any(m["camo"] for m in plain["meta"]) and {m["blobs"] for m in plain["meta"]} == {0}
+    assert {m["blobs"] for m in std["meta"]} == {0, 1, 2, 3}
+    assert 0 < sum(m["camo"] for m in std["meta"]) < n
+    # clutter: 4-8 blobs (past the 3 fixed slots), smaller objects (22-34 px)
+    assert {m["blobs"] for m in clutter["meta"]} <= set(range(4, 9))
+    assert max(m["blobs"] for m in clutter["meta"]) > 3
+    assert all(22 <= m["side"] <= 34 for m in clutter["meta"])
+    assert clutter["masks"].mean() < std["masks"].mean()
+    # a level is a value: SegBench carries it, and a custom Difficulty works
+    bench = SegBench("test", n=n, root=fake_root, difficulty="clutter")
+    np.testing.assert_array_equal(bench.batch(5, 3)["images"], clutter["images"][5:8])
+    assert "clutter" in repr(bench)
+    custom = make_split("test", 4, root=fake_root, difficulty=data.Difficulty(blobs=(9, 9)))
+    assert custom["images"].shape == (4, 64, 64, 3)
+
+
+def test_difficulty_bad_values(fake_root):
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        make_split("test", 2, root=fake_root, difficulty="hard")
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        SegBench("test", root=fake_root, difficulty="easy")
+    with pytest.raises(ValueError, match="camouflage"):
+        data.Difficulty(camouflage=1.5)
+    with pytest.raises(ValueError, match="blobs"):
+        data.Difficulty(blobs=(3, 1))
+    with pytest.raises(ValueError, match="object_side"):
+        data.Difficulty(object_side=(40.0, 80.0))

@@ -15,17 +15,21 @@ from ._photos import TRAIN_PHOTOS as TRAIN_PHOTOS
 from ._photos import photos as photos
 from ._reference import centre_prior as centre_prior
 from ._reference import oracle_map as oracle_map
+from ._segbench import DIFFICULTIES as DIFFICULTIES
 from ._segbench import SPLIT_IDS as SPLIT_IDS
+from ._segbench import Difficulty as Difficulty
 from ._segbench import SegBench as SegBench
 from ._segbench import make_split as make_split
 
 __all__ = [
     "CLASSES",
+    "DIFFICULTIES",
     "PHOTO_SPLITS",
     "SPLIT_IDS",
     "TEST_PHOTOS",
     "TRAIN_PHOTOS",
     "DataMissingError",
+    "Difficulty",
     "SegBench",
     "centre_prior",
     "load_fashion_mnist",

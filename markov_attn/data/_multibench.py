@@ -46,7 +46,8 @@ _U_OBJECT_COLOUR = 3
 def _render_multi(rng, objects, obj_images, sils, pyramids, image, inst, size, m):
     u_bg = rng.random(5)
     u_blobs = rng.random(1 + _MAX_BLOBS * _U_PER_BLOB)
-    bg = _paint_background(rng, u_bg, u_blobs, pyramids, image, size)
+    count = int(u_blobs[0] * (_MAX_BLOBS + 1))
+    bg = _paint_background(rng, u_bg, count, u_blobs[1:], pyramids, image, size)
     cover = np.zeros((size, size), bool)
     for j in range(m):
         uo = rng.random(_U_OBJ)

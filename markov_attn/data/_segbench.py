@@ -28,6 +28,7 @@ Each process loads the Fashion-MNIST split and builds the photo pyramids once; s
 computed lazily, once per object, as batches need them (throughput in ``docs/benchmarks.md``).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -38,7 +39,7 @@ from scipy import ndimage
 from ._fashion_mnist import load_fashion_mnist
 from ._photos import _pyramids, _random_crop
 
-__all__ = ["SPLIT_IDS", "SegBench", "make_split"]
+__all__ = ["DIFFICULTIES", "SPLIT_IDS", "Difficulty", "SegBench", "make_split"]
 
 SPLIT_IDS = {"train": 0, "test": 1}
 """The ``split_id`` that enters each sample's seed ``[seed, split_id, index]``."""
@@ -49,6 +50,55 @@ _BLOB_RADIUS = (3.0, 10.0)  # distractor radii in px at size 64
 _MAX_BLOBS = 3
 _P_CAMO = 0.5
 _SHADE = (0.25, 0.75)  # fill * (a + b * intensity)
+
+
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """What makes a sample hard: camouflage, distractors and the object's size.
+
+    Every level draws the same uniforms for a sample, so sample ``i`` of two levels shares its
+    object, class, photo, crop, position (up to the side) and colour: the levels are paired.
+
+    Attributes:
+      camouflage: probability that the object is filled with a crop of another photo instead
+        of a random colour.
+      blobs: ``(lo, hi)``, the number of distractor blobs, uniform in ``lo .. hi``.
+      object_side: ``(lo, hi)``, the object's side in px at ``size=64`` (uniform).
+    """
+
+    camouflage: float = _P_CAMO
+    blobs: tuple[int, int] = (0, _MAX_BLOBS)
+    object_side: tuple[float, float] = _OBJ_SIDE
+
+    def __post_init__(self):
+        lo, hi = self.blobs
+        if not 0 <= self.camouflage <= 1:
+            raise ValueError(f"camouflage must lie in [0, 1], got {self.camouflage}")
+        if not 0 <= lo <= hi or int(lo) != lo or int(hi) != hi:
+            raise ValueError(f"blobs must be integers 0 <= lo <= hi, got {self.blobs}")
+        a, b = self.object_side
+        if not 1 <= a <= b <= 64:
+            raise ValueError(f"object_side must satisfy 1 <= lo <= hi <= 64, got {(a, b)}")
+
+
+DIFFICULTIES = {
+    "standard": Difficulty(),
+    "plain": Difficulty(camouflage=0.0, blobs=(0, 0)),
+    "clutter": Difficulty(blobs=(4, 8), object_side=(22.0, 34.0)),
+}
+"""The named levels. ``"standard"`` is the benchmark (every table of the README); ``"plain"``
+the same samples without camouflage or distractors; ``"clutter"`` smaller objects (22–34 px)
+among 4–8 distractors, the setting chosen in advance for the pooling-head question (README)."""
+
+
+def _difficulty(difficulty) -> Difficulty:
+    if isinstance(difficulty, Difficulty):
+        return difficulty
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(
+            f"difficulty must be one of {sorted(DIFFICULTIES)} or a Difficulty, got {difficulty!r}"
+        )
+    return DIFFICULTIES[difficulty]
 
 
 def _fill_holes(images: np.ndarray) -> np.ndarray:
@@ -170,31 +220,38 @@ def _render(
     image: np.ndarray,
     alpha_out: np.ndarray,
     size: int,
+    level: Difficulty,
 ) -> dict:
     """Renders one sample into ``image`` (size, size, 3) and ``alpha_out`` (size, size)."""
     u = rng.random(_N_U)
+    lo, hi = level.blobs
+    count = lo + int(u[_U_BLOBS] * (hi - lo + 1))
+    blob_u = u[_U_BLOBS + 1 :]
+    if count > _MAX_BLOBS:  # more blobs than slots: drawn after the fixed slots
+        blob_u = np.concatenate([blob_u, rng.random((count - _MAX_BLOBS) * _U_PER_BLOB)])
     # 1. background, 2. distractors (under the object)
-    bg = _paint_background(rng, u[_U_BACKGROUND], u[_U_BLOBS:], pyramids, image, size)
+    bg = _paint_background(rng, u[_U_BACKGROUND], count, blob_u, pyramids, image, size)
     # 3. object
     uo = u[_U_OBJECT]
-    side = _object_side(uo[0], _OBJ_SIDE, size)
+    side = _object_side(uo[0], level.object_side, size)
     oy = int(uo[1] * (size - side + 1))
     ox = int(uo[2] * (size - side + 1))
     alpha, flip, camo = _paste_object(
-        uo, u[_U_COLOUR], obj_image, obj_sil, pyramids, image, side, oy, ox, bg
+        uo, u[_U_COLOUR], obj_image, obj_sil, pyramids, image, side, oy, ox, bg, level.camouflage
     )
     alpha_out[oy : oy + side, ox : ox + side] = alpha
-    return {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
+    info = {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
+    return info | {"blobs": count}
 
 
-def _paint_background(rng, ub, ublobs, pyramids, image: np.ndarray, size: int) -> int:
-    """Paints a crop of one photo of the split into ``image`` and the distractor blobs over it;
-    returns the photo's index. ``ub``: 5 uniforms (photo, crop); ``ublobs``: the blob count,
-    then ``_U_PER_BLOB`` uniforms per blob."""
+def _paint_background(rng, ub, count, ublobs, pyramids, image: np.ndarray, size: int) -> int:
+    """Paints a crop of one photo of the split into ``image`` and ``count`` distractor blobs
+    over it; returns the photo's index. ``ub``: 5 uniforms (photo, crop); ``ublobs``:
+    ``_U_PER_BLOB`` uniforms per blob."""
     bg = int(ub[0] * len(pyramids))
     image[...] = _random_crop(ub[1:5], pyramids[bg], size, size)
-    for k in range(int(ublobs[0] * (_MAX_BLOBS + 1))):
-        start = 1 + k * _U_PER_BLOB
+    for k in range(count):
+        start = k * _U_PER_BLOB
         _blob(rng, ublobs[start : start + _U_PER_BLOB], pyramids, image, size)
     return bg
 
@@ -205,13 +262,15 @@ def _object_side(u: float, side_range: tuple[float, float], size: int) -> int:
     return min(size, max(1, round((lo + (hi - lo) * u) * size / 64)))
 
 
-def _paste_object(uo, colour, obj_image, obj_sil, pyramids, image, side, oy, ox, bg):
+def _paste_object(
+    uo, colour, obj_image, obj_sil, pyramids, image, side, oy, ox, bg, p_camo=_P_CAMO
+):
     """Composites one Fashion-MNIST object of side ``side`` at ``(oy, ox)`` into ``image`` in
     place (intensity and silhouette resized together by separable bilinear matrices); returns
     its soft alpha ``(side, side)``, whether it was mirrored and whether it is camouflaged.
     ``uo`` are the object's uniforms (``_U_OBJECT`` slots), ``colour`` its plain fill."""
     flip = bool(uo[3] < 0.5)
-    camo = bool(uo[4] < _P_CAMO)
+    camo = bool(uo[4] < p_camo)
     m = _interp_matrix(side)
     mx = m[::-1] if flip else m
     planes = np.stack([obj_image, obj_sil]).astype(np.float32)
@@ -231,8 +290,19 @@ def _paste_object(uo, colour, obj_image, obj_sil, pyramids, image, side, oy, ox,
     return alpha, flip, camo
 
 
-def _generate(split: str, start: int, n: int, size: int, seed: int, root, alpha: bool, meta=False):
+def _generate(
+    split: str,
+    start: int,
+    n: int,
+    size: int,
+    seed: int,
+    root,
+    alpha: bool,
+    meta=False,
+    difficulty="standard",
+):
     _check(split, size)
+    level = _difficulty(difficulty)
     if n < 0 or start < 0:
         raise ValueError(f"start and n must be >= 0, got start={start}, n={n}")
     root = _resolve_root(root)
@@ -248,7 +318,7 @@ def _generate(split: str, start: int, n: int, size: int, seed: int, root, alpha:
     sils = _silhouette_cache(split, root).get(objects)
     metas = []
     for i, (rng, obj) in enumerate(zip(rngs, objects)):
-        info = _render(rng, obj_images[obj], sils[obj], pyramids, images[i], alphas[i], size)
+        info = _render(rng, obj_images[obj], sils[obj], pyramids, images[i], alphas[i], size, level)
         if meta:
             info["object"] = int(obj)
             metas.append(info)
@@ -271,6 +341,7 @@ def make_split(
     start: int = 0,
     alpha: bool = False,
     root: str | os.PathLike | None = None,
+    difficulty: str | Difficulty = "standard",
 ) -> dict[str, np.ndarray]:
     """Generates ``n`` benchmark samples, indices ``start .. start + n - 1``.
 
@@ -287,6 +358,9 @@ def make_split(
       start: index of the first sample.
       alpha: also return the object's soft alpha (key ``"alpha"``).
       root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
+      difficulty: a name of :data:`DIFFICULTIES` (``"standard"``, the benchmark; ``"plain"``;
+        ``"clutter"``) or a :class:`Difficulty`. Sample ``i`` of every level shares its
+        object and photo (the levels are paired).
 
     Returns:
       A dict of numpy arrays: ``"images"`` float32 ``(n, size, size, 3)`` RGB in [0, 1];
@@ -297,7 +371,7 @@ def make_split(
     Raises:
       DataMissingError: Fashion-MNIST is not installed.
     """
-    return _generate(split, int(start), int(n), size, int(seed), root, alpha)
+    return _generate(split, int(start), int(n), size, int(seed), root, alpha, difficulty=difficulty)
 
 
 class SegBench:
@@ -311,6 +385,7 @@ class SegBench:
         and negative indices count from the end. Without it the stream is unbounded (no
         ``len``, no iteration; use :meth:`batch`).
       root: Fashion-MNIST directory (see :func:`load_fashion_mnist`).
+      difficulty: see :func:`make_split`.
     """
 
     def __init__(
@@ -322,12 +397,16 @@ class SegBench:
         seed: int = 0,
         n: int | None = None,
         root: str | os.PathLike | None = None,
+        difficulty: str | Difficulty = "standard",
     ):
         _check(split, size)
+        _difficulty(difficulty)
         self.split, self.size, self.seed, self.n, self.root = split, size, seed, n, root
+        self.difficulty = difficulty
 
     def __repr__(self) -> str:
-        return f"SegBench({self.split!r}, size={self.size}, seed={self.seed}, n={self.n})"
+        extra = "" if self.difficulty == "standard" else f", difficulty={self.difficulty!r}"
+        return f"SegBench({self.split!r}, size={self.size}, seed={self.seed}, n={self.n}{extra})"
 
     def __len__(self) -> int:
         if self.n is None:
@@ -356,5 +435,12 @@ class SegBench:
     def batch(self, start: int, n: int, /, *, alpha: bool = False) -> dict[str, np.ndarray]:
         """Samples ``start .. start + n - 1`` as :func:`make_split` returns them."""
         return make_split(
-            self.split, n, size=self.size, seed=self.seed, start=start, alpha=alpha, root=self.root
+            self.split,
+            n,
+            size=self.size,
+            seed=self.seed,
+            start=start,
+            alpha=alpha,
+            root=self.root,
+            difficulty=self.difficulty,
         )
