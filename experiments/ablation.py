@@ -94,7 +94,8 @@ def run_variants(
         if (workdir / "summary.json").exists():
             summary = json.loads((workdir / "summary.json").read_text())
         else:
-            size = (cfg.model.image_size, cfg.train_size, cfg.test_size, cfg.data_seed)
+            size = (cfg.model.image_size, cfg.train_size, cfg.test_size, cfg.data_seed,
+                    cfg.difficulty)  # fmt: skip
             if size not in data:  # variants with the same images share one generation
                 data = {size: load_data(cfg)}
             summary = train_and_evaluate(cfg, workdir, data=data[size], progress=progress)

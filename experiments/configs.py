@@ -30,6 +30,10 @@ class TrainConfig:
         or the Debian package's ``/usr/share/datasets/fashion-mnist``).
       data_seed: seed of the data generator (fixed across training seeds, so seeds differ only
         in initialisation, order and augmentation).
+      difficulty: the generator's level for ``"bench"`` (``markov_attn.data.DIFFICULTIES``) of
+        both the training images and the test split; a run on another level than
+        ``"standard"`` is also evaluated on the standard test split (the benchmark), reported
+        as ``test_acc_standard``.
       batch_size: images per step.
       steps: optimiser steps.
       lr: peak learning rate of AdamW.
@@ -59,6 +63,7 @@ class TrainConfig:
     test_size: int = 2_000
     data_root: str | None = None
     data_seed: int = 0
+    difficulty: str = "standard"
     batch_size: int = 128
     steps: int = 1_000
     lr: float = 1e-3
@@ -79,6 +84,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig.data must be one of {DATASETS}, got {self.data!r}")
+        from markov_attn.data import DIFFICULTIES  # the data extra; only names are needed
+
+        if self.difficulty not in DIFFICULTIES:
+            raise ValueError(
+                f"TrainConfig.difficulty must be one of {sorted(DIFFICULTIES)}, "
+                f"got {self.difficulty!r}"
+            )
         if self.batch_size > self.train_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) exceeds train_size ({self.train_size}); "

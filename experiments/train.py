@@ -92,8 +92,9 @@ def synthetic_data(n: int, /, *, size: int, seed: int = 0, split: str = "train")
 def load_data(cfg: TrainConfig, /) -> dict:
     """``{"train": {"images", "labels"}, "test": {...}}`` in memory (images as uint8).
 
-    ``cfg.data == "bench"`` uses ``markov_attn.data.make_split``; its
+    ``cfg.data == "bench"`` uses ``markov_attn.data.make_split`` at ``cfg.difficulty``; its
     ``DataMissingError`` (no Fashion-MNIST installed) propagates with install instructions.
+    Another level than ``"standard"`` adds ``"test_standard"``, the benchmark's test split.
     """
     size = cfg.model.image_size
     if cfg.data == "synthetic":
@@ -104,17 +105,29 @@ def load_data(cfg: TrainConfig, /) -> dict:
     from markov_attn.data import make_split
 
     out = {}
-    for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
+    parts = [("train", "train", cfg.train_size, cfg.difficulty)]
+    parts.append(("test", "test", cfg.test_size, cfg.difficulty))
+    if cfg.difficulty != "standard":
+        parts.append(("test_standard", "test", cfg.test_size, "standard"))
+    for key, split, n, level in parts:
         # in chunks, so that the float32 images of a chunk, not of the whole split, are held
         # at once (92,160 images at 64 px are 4.5 GB in float32, 1.1 GB as uint8)
         images = np.empty((n, size, size, 3), np.uint8)
         labels = np.empty((n,), np.int32)
         for start in range(0, n, _DATA_CHUNK):
             m = min(_DATA_CHUNK, n - start)
-            d = make_split(split, m, size=size, seed=cfg.data_seed, start=start, root=cfg.data_root)
+            d = make_split(
+                split,
+                m,
+                size=size,
+                seed=cfg.data_seed,
+                start=start,
+                root=cfg.data_root,
+                difficulty=level,
+            )
             images[start : start + m] = _to_uint8(d["images"])
             labels[start : start + m] = d["labels"]
-        out[split] = {"images": images, "labels": labels}
+        out[key] = {"images": images, "labels": labels}
     return out
 
 
@@ -123,7 +136,9 @@ _DATA_CHUNK = 4096
 
 def _check_data(data: dict, cfg: TrainConfig) -> dict:
     out = {}
-    for split in ("train", "test"):
+    for split in ("train", "test", "test_standard"):
+        if split == "test_standard" and split not in data:
+            continue  # optional: the benchmark's test split of a run on another level
         if split not in data or "images" not in data[split] or "labels" not in data[split]:
             raise ValueError(
                 "data= must be {'train': {'images', 'labels'}, 'test': {'images', 'labels'}}"
@@ -339,6 +354,8 @@ def _check_same_run(stored: dict, cfg: TrainConfig, workdir: pathlib.Path) -> No
     for key in sorted(set(stored) | set(current)):
         if key in _FREE_FIELDS:
             continue
+        if key == "difficulty" and key not in stored:  # runs from before the levels existed
+            stored = {**stored, key: "standard"}
         if stored.get(key) != current.get(key):
             raise ValueError(
                 f"{workdir} holds a checkpoint of a different run ({key}: stored "
@@ -520,6 +537,15 @@ def train_and_evaluate(
     eval_time = time.perf_counter() - t0
     with metrics_path.open("a") as mfile:
         mfile.write(json.dumps({"step": cfg.steps, "split": "test", "final": True, **test}) + "\n")
+
+    if "test_standard" in data:  # a run on an easier level: the benchmark's number as well
+        std = evaluate(
+            eval_step, params, data["test_standard"], batch_size=cfg.eval_batch_size, stats=stats
+        )
+        test |= {f"{k}_standard": v for k, v in std.items() if k != "test_size"}
+        with metrics_path.open("a") as mfile:
+            line = {"step": cfg.steps, "split": "test_standard", "final": True, **std}
+            mfile.write(json.dumps(line) + "\n")
 
     if timed_steps == 0 and start < end:  # a single window: fall back to it (incl. compile)
         timed_steps, timed_seconds = end - start, train_time

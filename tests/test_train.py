@@ -225,6 +225,31 @@ def test_bench_data_smoke(tmp_path):
     assert [r[0] for r in _losses(tmp_path)] == [2, 2]  # log_every=2, then the test line
 
 
+def test_easier_level_is_also_scored_on_the_benchmark(tmp_path):
+    """A run on another generator level trains and tests on it, and reports the standard test
+    split (the benchmark) as well; the level is part of the run's identity."""
+    from experiments.train import load_data
+    from markov_attn.data import DataMissingError
+
+    cfg = get_preset(
+        "smoke", steps=2, warmup_steps=0, train_size=64, test_size=32, difficulty="plain"
+    )
+    try:
+        data = load_data(cfg)
+    except DataMissingError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    assert set(data) == {"train", "test", "test_standard"}
+    np.testing.assert_array_equal(data["test"]["labels"], data["test_standard"]["labels"])
+    assert not np.array_equal(data["test"]["images"], data["test_standard"]["images"])
+    summary = train_and_evaluate(cfg, tmp_path, data=data, progress=False)
+    assert {"test_acc_standard", "test_loss_standard"} <= set(summary)
+    assert summary["config"]["difficulty"] == "plain"
+    with pytest.raises(ValueError, match="difficulty"):
+        train_and_evaluate(dataclasses.replace(cfg, difficulty="clutter"), tmp_path)
+    with pytest.raises(ValueError, match="difficulty must be one of"):
+        get_preset("smoke", difficulty="easy")
+
+
 def test_batches_are_a_function_of_seed_and_step():
     a = [batch_indices(s, n=50, batch_size=16, seed=0) for s in range(6)]
     b = [batch_indices(s, n=50, batch_size=16, seed=0) for s in range(6)]
