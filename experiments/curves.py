@@ -2,7 +2,9 @@
 
 ``python -m experiments.curves runs/demo`` writes ``runs/demo/learning_curve.png``: training
 loss and accuracy (means over each logged window of steps) and the test accuracy at every
-evaluation (``eval_every``, and the final one), against the optimiser step.
+evaluation (``eval_every``, and the final one), against the optimiser step. A run trained on
+another generator level than the benchmark's also shows its final accuracy on the standard
+test split (one marker).
 """
 
 import json
@@ -10,12 +12,14 @@ import pathlib
 import sys
 
 
-def read_metrics(workdir, /) -> tuple[list[dict], list[dict]]:
-    """``(train lines, test lines)`` of ``workdir/metrics.jsonl``, each sorted by step."""
+def read_metrics(workdir, /, *, split: str = "test") -> tuple[list[dict], list[dict]]:
+    """``(train lines, test lines)`` of ``workdir/metrics.jsonl``, each sorted by step;
+    ``split="test_standard"`` gives the lines of the benchmark's test split instead (runs on
+    another generator level)."""
     text = (pathlib.Path(workdir) / "metrics.jsonl").read_text()
     lines = [json.loads(x) for x in text.splitlines() if x.strip()]
     train = sorted((r for r in lines if "loss" in r), key=lambda r: r["step"])
-    test = sorted((r for r in lines if r.get("split") == "test"), key=lambda r: r["step"])
+    test = sorted((r for r in lines if r.get("split") == split), key=lambda r: r["step"])
     return train, test
 
 
@@ -50,6 +54,10 @@ def plot_learning_curve(workdir, /, *, path=None, title: str | None = None) -> p
                     label=f"test accuracy ({test[-1]['test_size']} images)")  # fmt: skip
         ax_acc.annotate(f"{test[-1]['test_acc']:.3f}", (test[-1]["step"], test[-1]["test_acc"]),
                         textcoords="offset points", xytext=(-30, 6))  # fmt: skip
+    standard = read_metrics(workdir, split="test_standard")[1]
+    for r in standard[-1:]:
+        ax_acc.plot([r["step"]], [r["test_acc"]], "s", color="C3",
+                    label=f"standard-level test accuracy: {r['test_acc']:.3f}")  # fmt: skip
     ax_acc.axhline(0.1, color="grey", lw=0.8, ls=":", label="chance")
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("accuracy")

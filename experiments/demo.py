@@ -77,11 +77,19 @@ def attention_maps(model, images: np.ndarray, /, *, steps: int = BOUNCES) -> dic
     return {"logits": logits, "TokenRank": pi.reshape(-1, *grid), **maps}
 
 
-def write_figures(model, data_seed: int, outdir: pathlib.Path, /, *, n: int = NUM_IMAGES):
+def write_figures(
+    model,
+    data_seed: int,
+    outdir: pathlib.Path,
+    /,
+    *,
+    n: int = NUM_IMAGES,
+    difficulty: str = "standard",
+):
     """Draws the bounce strip for the first ``n`` test images (of the benchmark generated with
-    ``data_seed``); returns the written paths."""
+    ``data_seed`` at level ``difficulty``); returns the written paths."""
     outdir.mkdir(parents=True, exist_ok=True)
-    test = make_split("test", n, size=model.cfg.image_size, seed=data_seed)
+    test = make_split("test", n, size=model.cfg.image_size, seed=data_seed, difficulty=difficulty)
     maps = attention_maps(model, test["images"])
     pred = np.argmax(maps.pop("logits"), -1)
     labels = [
@@ -120,13 +128,21 @@ def main() -> int:
     model, run = load_run(WORKDIR)  # run: the stored training config (a dict)
     paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {run['name']} preset, "
                                      f"{model.cfg.pool} head"))]  # fmt: skip
-    paths += write_figures(model, run["data_seed"], WORKDIR / "figures")
+    level = run.get("difficulty", "standard")
+    paths += write_figures(model, run["data_seed"], WORKDIR / "figures", difficulty=level)
     wall = time.perf_counter() - t0
-    keys = ("test_acc", "test_loss", "images_per_s", "step_time_ms", "train_time_s")
+    keys = ("test_acc", "test_acc_standard", "test_loss", "images_per_s", "step_time_ms")
+    keys = tuple(k for k in (*keys, "train_time_s") if k in summary)
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
     print(
-        f"test accuracy {summary['test_acc']:.3f} on {summary['test_size']} benchmark test images"
+        f"test accuracy {summary['test_acc']:.3f} on {summary['test_size']} test images of the "
+        f"benchmark's '{level}' level"
     )
+    if "test_acc_standard" in summary:
+        print(
+            f"test accuracy {summary['test_acc_standard']:.3f} on the same test images at the "
+            "benchmark's hardest, 'standard' level (camouflage and distractors)"
+        )
     print(f"run directory: {WORKDIR.absolute()} (checkpoints/, metrics.jsonl, summary.json)")
     print("figures:")
     for p in paths:
