@@ -1,7 +1,7 @@
 """DiffSeg iterative attention merging (Tian et al., CVPR 2024) with grid or TokenRank anchors.
 
 Plain NumPy (float64) on the host; a loop over the leading (batch) axes. The sizes this is
-meant for (a few hundred tokens, tens of anchors) take well under a millisecond per image.
+meant for take about a millisecond per image (64 tokens, 16 anchors).
 """
 
 import math
