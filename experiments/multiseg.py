@@ -11,14 +11,27 @@ pixels. Methods, each with the true number of segments ``K`` and with its own au
   among the leading eigenvalue moduli (``k=None``, range 2–6);
 - ``spectral``: scikit-learn spectral clustering of the symmetrised last-layer chain
   ``(A + Aᵀ) / 2``; automatic ``k`` = the largest eigengap of its normalised Laplacian (2–6);
+- ``DiffSeg``: DiffSeg's iterative attention merging (Tian et al., CVPR 2024;
+  ``markov_attn.segmentation.diffseg``: anchor rows as proposals, merged while their
+  symmetric KL is below a threshold, three rounds, then each patch to the proposal with the
+  largest value) on the same last-layer uniform chain, with 16 anchors either on DiffSeg's
+  uniform 4×4 grid or sampled proportionally to the chain's TokenRank (Erel et al. 2025,
+  ``segmentation.tokenrank_anchors``, seed 0); the number of segments is whatever the merging
+  leaves. One KL threshold serves both anchor choices: the one of ``DIFFSEG_THRESHOLDS`` with
+  the best train ARI, averaged over the two anchor choices, on ``DIFFSEG_TUNE_IMAGES`` images
+  of the *train* split, never the test images (on train, mIoU alone favours the most segments
+  and mACC alone one segment); the sweep is kept in ``results.json`` (``diffseg_tuning``);
 - ``kmeans``: k-means of the last layer's patch tokens (no automatic ``k``);
 - ``colour kmeans``: k-means of the patches' mean colours, a baseline that sees no attention;
 - ``oracle``: each patch labelled with its majority true segment (the best an 8×8 grid can do).
 
 Metrics per image: Hungarian-matched mIoU over the true segments (``scipy``
-``linear_sum_assignment``; an unmatched true segment scores 0) and the adjusted Rand index
-(scikit-learn) over pixels; means with 95 % bootstrap intervals over images. DiffSeg-style
-merging is not implemented. Command::
+``linear_sum_assignment``; an unmatched true segment scores 0), the pixel accuracy after the
+same matching (``mACC``: the fraction of pixels whose predicted segment is matched to their
+true one; DiffSeg's metric, here per image rather than matched over the whole data set) and the
+adjusted Rand index (scikit-learn) over pixels; means with 95 % bootstrap intervals over
+images, and a paired bootstrap of the per-image differences TokenRank − grid anchors for
+DiffSeg. Command::
 
     python -m experiments.multiseg                       # reference model, 1,000 images
     python -m experiments.multiseg --update-readme       # and the README's multiseg block
@@ -40,6 +53,14 @@ from .readme import replace_block
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "vit_reference.npz"
 AUTO_RANGE = (2, 6)
+DIFFSEG_M = 4  # anchors per side of DiffSeg's grid: 16 anchors on the 8×8 patch grid
+DIFFSEG_ITERATIONS = 3  # DiffSeg's default number of merging rounds
+DIFFSEG_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.1)  # 1.1: DiffSeg's
+DIFFSEG_TUNE_IMAGES = 100  # train-split images for the threshold
+DIFFSEG_ROWS = {
+    "grid": f"DiffSeg, {DIFFSEG_M}×{DIFFSEG_M} grid anchors, auto k",
+    "tokenrank": f"DiffSeg, {DIFFSEG_M**2} TokenRank-sampled anchors, auto k",
+}
 
 
 def _load(path):
@@ -128,6 +149,54 @@ def _kmeans(features, ks):
     return out, ks.astype(np.int32)
 
 
+def _diffseg(chains, anchors: str, threshold: float):
+    from markov_attn.segmentation import diffseg
+
+    return diffseg(
+        chains,
+        anchors=anchors,
+        num_per_side=DIFFSEG_M,
+        kl_threshold=threshold,
+        iterations=DIFFSEG_ITERATIONS,
+        seed=0,
+    )
+
+
+def _tune_diffseg(model, mcfg, batch_size: int) -> dict:
+    """DiffSeg's KL threshold from train-split images: the candidate with the best train ARI,
+    the mean over the grid and TokenRank anchors (one threshold for both).
+
+    ARI, because it is corrected for chance and penalises both errors: on these images the
+    Hungarian mIoU over the true segments is best for the smallest threshold (most segments),
+    and the matched pixel accuracy for the largest (one segment, the background's ~3/4 of
+    the pixels)."""
+    from markov_attn.data import make_multi_split
+
+    data = make_multi_split("train", DIFFSEG_TUNE_IMAGES, size=mcfg.image_size)
+    attn, _ = _attention(model, data["images"], batch_size)
+    chain = _chains(attn, mcfg.num_prefix)["uniform"]
+    grid, size = mcfg.image_size // mcfg.patch_size, mcfg.image_size
+    sweep = {}
+    for thr in DIFFSEG_THRESHOLDS:
+        sweep[thr] = {}
+        for anchors in DIFFSEG_ROWS:
+            states, used = _diffseg(chain, anchors, thr)
+            px = _to_pixels(states, grid, size)
+            s = np.array([scores(px[i], data["instances"][i]) for i in range(len(px))])
+            sweep[thr][anchors] = {
+                "miou": float(s[:, 0].mean()),
+                "macc": float(s[:, 2].mean()),
+                "ari": float(s[:, 1].mean()),
+                "k_mean": float(used.mean()),
+            }
+    best = max(sweep, key=lambda t: np.mean([r["ari"] for r in sweep[t].values()]))
+    return {
+        "threshold": best,
+        "n_images": DIFFSEG_TUNE_IMAGES,
+        "sweep": {str(t): v for t, v in sweep.items()},
+    }
+
+
 def _to_pixels(states: np.ndarray, grid: int, size: int) -> np.ndarray:
     rep = size // grid
     return np.repeat(np.repeat(states.reshape(-1, grid, grid), rep, 1), rep, 2)
@@ -140,9 +209,13 @@ def _oracle(inst: np.ndarray, grid: int) -> np.ndarray:
     return np.array([[np.bincount(b).argmax() for b in img] for img in blocks], np.int32)
 
 
-def scores(pred: np.ndarray, inst: np.ndarray) -> tuple[float, float]:
-    """``(Hungarian mIoU over the true segments, adjusted Rand index)`` of one image's pixel
-    labels ``pred`` against its instance mask ``inst``."""
+def scores(pred: np.ndarray, inst: np.ndarray) -> tuple[float, float, float]:
+    """``(Hungarian mIoU over the true segments, adjusted Rand index, matched pixel accuracy)``
+    of one image's pixel labels ``pred`` against its instance mask ``inst``.
+
+    The matching maximises the summed IoU (one predicted segment per true one); the accuracy
+    (DiffSeg's ``mACC``, per image) counts the pixels whose predicted segment is matched to
+    their true segment."""
     from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import adjusted_rand_score
 
@@ -155,7 +228,8 @@ def scores(pred: np.ndarray, inst: np.ndarray) -> tuple[float, float]:
     iou = inter / np.maximum(union, 1)
     rows, cols = linear_sum_assignment(-iou)
     miou = iou[rows, cols].sum() / len(truth)
-    return float(miou), float(adjusted_rand_score(inst.ravel(), pred.ravel()))
+    acc = inter[rows, cols].sum() / inst.size
+    return float(miou), float(adjusted_rand_score(inst.ravel(), pred.ravel())), float(acc)
 
 
 def _bootstrap(x: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -177,6 +251,9 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
     num_prefix, grid, size = mcfg.num_prefix, mcfg.image_size // mcfg.patch_size, mcfg.image_size
     chains = _chains(attn, num_prefix)
     t_fwd = time.perf_counter() - t0
+    tuning = _tune_diffseg(model, mcfg, batch_size)
+    if progress:
+        print(f"  DiffSeg KL threshold (train split): {tuning['threshold']}", flush=True)
     preds, timing = {}, {}
 
     def add(name, fn, *a):
@@ -192,24 +269,34 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
         add(f"metastable, {cname}, auto k", _metastable, c, ks, True)
     add("spectral, last layer, true K", _spectral, chains["uniform"], ks, False)
     add("spectral, last layer, auto k", _spectral, chains["uniform"], ks, True)
+    for anchors, name in DIFFSEG_ROWS.items():
+        add(name, _diffseg, chains["uniform"], anchors, tuning["threshold"])
     add("kmeans of last-layer tokens, true K", _kmeans, tokens[:, num_prefix:], ks)
     rep = size // grid
     colours = data["images"].reshape(n_images, grid, rep, grid, rep, 3).mean((2, 4))
     add("kmeans of patch colours, true K", _kmeans, colours.reshape(n_images, grid**2, 3), ks)
     add("oracle (majority segment per patch)", lambda: (_oracle(inst, grid), ks))
-    rows = {}
+    rows, per_image = {}, {}
     for name, (states, used) in preds.items():
         px = _to_pixels(states, grid, size)
-        s = np.array([scores(px[i], inst[i]) for i in range(n_images)])
+        s = per_image[name] = np.array([scores(px[i], inst[i]) for i in range(n_images)])
         rows[name] = {
             "miou": float(s[:, 0].mean()),
             "miou_ci": _bootstrap(s[:, 0]),
             "ari": float(s[:, 1].mean()),
             "ari_ci": _bootstrap(s[:, 1]),
+            "macc": float(s[:, 2].mean()),
+            "macc_ci": _bootstrap(s[:, 2]),
             "k_mean": float(np.mean(used)),
             "k_exact": float(np.mean(used == ks)),
             "seconds": timing[name],
         }
+    # paired: the per-image differences TokenRank − grid anchors, resampled over images
+    diff = per_image[DIFFSEG_ROWS["tokenrank"]] - per_image[DIFFSEG_ROWS["grid"]]
+    paired = {
+        m: {"mean": float(diff[:, j].mean()), "ci": _bootstrap(diff[:, j])}
+        for j, m in enumerate(("miou", "ari", "macc"))
+    }
     try:
         shown = str(pathlib.Path(run).resolve().relative_to(pathlib.Path.cwd()))
     except ValueError:
@@ -222,6 +309,8 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
         "total_s": time.perf_counter() - t0,
         "backend": jax.default_backend(),
         "rows": rows,
+        "diffseg_tuning": tuning,
+        "diffseg_paired": paired,
         "examples": {k: v[0][:8].tolist() for k, v in preds.items()},
         "example_instances": inst[:8].tolist(),
     }
@@ -229,23 +318,38 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
 
 def table(res: dict) -> str:
     lines = [
-        "| method | mIoU (Hungarian) | ARI | k used (mean; = true) | time (s) |",
-        "|---|---|---|---|---|",
+        "| method | mIoU (Hungarian) | mACC (matched) | ARI | k used (mean; = true) | time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in res["rows"].items():
         lo, hi = r["miou_ci"]
         alo, ahi = r["ari_ci"]
+        clo, chi = r["macc_ci"]
         lines.append(
             f"| {name} | {100 * r['miou']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] "
+            f"| {100 * r['macc']:.1f} [{100 * clo:.1f}, {100 * chi:.1f}] "
             f"| {r['ari']:.3f} [{alo:.3f}, {ahi:.3f}] | {r['k_mean']:.2f}; "
             f"{100 * r['k_exact']:.0f} % | {r['seconds']:.1f} |"
         )
+    p, tune = res["diffseg_paired"], res["diffseg_tuning"]
+
+    def d(m, scale, fmt):
+        lo, hi = p[m]["ci"]
+        return f"{scale * p[m]['mean']:+{fmt}} [{scale * lo:+{fmt}}, {scale * hi:+{fmt}}]"
+
     lines += [
+        "",
+        f"DiffSeg, TokenRank − grid anchors (paired bootstrap over images): mIoU "
+        f"{d('miou', 100, '.1f')}, mACC {d('macc', 100, '.1f')}, ARI {d('ari', 1, '.3f')}. "
+        f"KL threshold {tune['threshold']} ({DIFFSEG_ITERATIONS} rounds): the best train ARI, "
+        f"mean of the two anchor choices, on {tune['n_images']} train-split images among "
+        f"{', '.join(str(t) for t in DIFFSEG_THRESHOLDS)}.",
         "",
         f"{res['n_images']} test images of `make_multi_split` (2–4 objects, mean true number of "
         f"segments {res['true_k_mean']:.2f} with the background), model `{res['run']}`; 95 % "
         "bootstrap intervals over images; pixel-level metrics after nearest upsampling of the 8×8 "
-        f"grid. Total {res['total_s']:.0f} s on {res['backend']} ({res['forward_s']:.0f} s of "
+        "grid; mACC: pixel accuracy after the same Hungarian matching, per image. "
+        f"Total {res['total_s']:.0f} s on {res['backend']} ({res['forward_s']:.0f} s of "
         "it data and forward passes). Command: `python -m experiments.multiseg --update-readme`.",
     ]
     return "\n".join(lines) + "\n"
@@ -260,6 +364,7 @@ def figure(res: dict, path) -> None:
         "metastable, uniform, auto k",
         "metastable, last 3 layers, true K",
         "spectral, last layer, true K",
+        *DIFFSEG_ROWS.values(),
         "kmeans of last-layer tokens, true K",
     ]
     imgs = make_multi_split("test", 6)["images"]

@@ -471,7 +471,8 @@ def test_multiseg_scores_are_permutation_invariant():
     inst = np.zeros((8, 8), np.uint8)
     inst[:4, :4], inst[4:, 4:] = 1, 2
     perm = np.array([5, 3, 7])[inst]  # the same segments under other labels
-    assert multiseg.scores(perm, inst) == pytest.approx((1.0, 1.0))
+    assert multiseg.scores(perm, inst) == pytest.approx((1.0, 1.0, 1.0))
     one = np.zeros_like(inst)  # everything in one segment: the background IoU only
-    miou, ari = multiseg.scores(one, inst)
+    miou, ari, macc = multiseg.scores(one, inst)
     assert miou == pytest.approx((64 - 32) / 64 / 3) and ari == pytest.approx(0.0)
+    assert macc == pytest.approx(32 / 64)  # the background's pixels are matched correctly

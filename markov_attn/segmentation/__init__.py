@@ -3,10 +3,15 @@
 The protocol (``docs/data.md`` §3): a map over the token grid is min–max normalised, upsampled to
 the image (nearest), and thresholded at its mean; pixel accuracy and two-class mIoU are
 accumulated over the data set, mAP is the mean per-image average precision of the continuous
-map. This subpackage depends on jax and numpy only (``h5py`` is imported lazily by
+map. :func:`diffseg` is DiffSeg's label-free multi-segment merging of attention maps, with grid
+or TokenRank anchors. This subpackage depends on jax and numpy only (``h5py`` is imported lazily by
 :func:`load_imagenet_seg`).
 """
 
+from ._diffseg import diffseg as diffseg
+from ._diffseg import grid_anchors as grid_anchors
+from ._diffseg import symmetric_kl as symmetric_kl
+from ._diffseg import tokenrank_anchors as tokenrank_anchors
 from ._imagenet_seg import ImageNetSeg as ImageNetSeg
 from ._imagenet_seg import load_imagenet_seg as load_imagenet_seg
 from ._masks import map_to_mask as map_to_mask
@@ -38,13 +43,17 @@ __all__ = [
     "bootstrap",
     "bootstrap_counts",
     "compute_maps",
+    "diffseg",
     "extended_methods",
+    "grid_anchors",
     "image_stats",
     "load_imagenet_seg",
     "map_to_mask",
     "minmax",
     "per_layer",
     "summarize",
+    "symmetric_kl",
     "threshold",
+    "tokenrank_anchors",
     "upsample",
 ]
