@@ -19,10 +19,8 @@ import ast
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
-import signal
 import sys
 import time
 from typing import NamedTuple
@@ -33,10 +31,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import ViT, config_to_dict, load_run, write_weights
+from markov_attn.nn import ViT, load_run, write_weights
 from markov_attn.nn import config_from_dict as _from_dict
 
-from .ckpt import Checkpointer, CheckpointError
+from ._loop import TrainingRun, count_params
+from .ckpt import CheckpointError
 from .configs import PRESETS, TrainConfig, get_preset
 
 __all__ = [
@@ -349,39 +348,6 @@ def config_from_dict(d: dict, /) -> TrainConfig:
     return _from_dict(TrainConfig, d)
 
 
-def _check_same_run(stored: dict, cfg: TrainConfig, workdir: pathlib.Path) -> None:
-    current = config_to_dict(cfg)
-    for key in sorted(set(stored) | set(current)):
-        if key in _FREE_FIELDS:
-            continue
-        if key == "difficulty" and key not in stored:  # runs from before the levels existed
-            stored = {**stored, key: "standard"}
-        if stored.get(key) != current.get(key):
-            raise ValueError(
-                f"{workdir} holds a checkpoint of a different run ({key}: stored "
-                f"{stored.get(key)!r}, now {current.get(key)!r}); use another --workdir or "
-                f"delete {workdir}"
-            )
-
-
-def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drops metric lines logged after ``step`` (they are recomputed on resume)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        if rec.get("step", 0) <= step and not rec.get("final"):
-            keep.append(line)
-    path.write_text("".join(x + "\n" for x in keep))
-
-
-def _count_params(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
 def _trajectory_state(cfg: TrainConfig, step: int, n_train: int) -> dict:
     per_epoch = n_train // cfg.batch_size
     return {"step": step, "epoch": step // per_epoch, "batch_in_epoch": step % per_epoch}
@@ -426,16 +392,16 @@ def train_and_evaluate(
       CheckpointError: if the last checkpoint cannot be restored.
       ValueError: if ``workdir`` holds a checkpoint of another configuration.
     """
-    t_start = time.perf_counter()
     cfg = config
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    metrics_path = workdir / "metrics.jsonl"
-
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:  # refuse another run's checkpoint before any expensive work
-        _check_same_run(ckpt.read_meta(step=latest).get("config", {}), cfg, workdir)
+    run = TrainingRun(
+        cfg,
+        workdir,
+        free_fields=_FREE_FIELDS,
+        assumed={"difficulty": "standard"},  # runs from before the levels existed
+        stop_after=stop_after,
+        kill_at_step=kill_at_step,
+        progress={"desc": f"{cfg.name}/{cfg.model.pool}", "mininterval": 1.0} if progress else None,
+    )
 
     t0 = time.perf_counter()
     data = _check_data(load_data(cfg) if data is None else data, cfg)
@@ -444,138 +410,63 @@ def train_and_evaluate(
     n_train = len(train_labels)
 
     fns = _compiled(_normalised(cfg))
-    train_step, eval_step = fns.train_step, fns.eval_step
-    start = 0
-    if latest is None:
-        params, stats, opt_state = fns.init()
+    if run.latest is None:
+        state = fns.init()
     else:
-        state, meta = ckpt.restore(_abstract_train_state(cfg, fns.tx), step=latest)
-        params, opt_state = state["params"], state["opt_state"]
-        stats = state.get("batch_stats", nnx.State({}))
-        start = int(meta["step"])
-    n_params = _count_params(params)
-    _truncate_metrics(metrics_path, start)
+        restored, _ = run.restore(_abstract_train_state(cfg, fns.tx))
+        stats = restored.get("batch_stats", nnx.State({}))
+        state = (restored["params"], stats, restored["opt_state"])
+    n_params = count_params(state[0])
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = None
-    if progress and start < end:
-        from tqdm.auto import tqdm
+    def train_step(state, step):
+        idx = batch_indices(step, n=n_train, batch_size=cfg.batch_size, seed=cfg.seed)
+        *state, m = fns.train_step(*state, train_images[idx], train_labels[idx], jnp.int32(step))
+        return state, m
 
-        bar = tqdm(
-            total=cfg.steps,
-            initial=start,
-            desc=f"{cfg.name}/{cfg.model.pool}",
-            dynamic_ncols=True,
-            mininterval=1.0,
+    def test(state, split="test"):
+        params, stats, _ = state
+        return evaluate(
+            fns.eval_step, params, data[split], batch_size=cfg.eval_batch_size, stats=stats
         )
 
-    window, window_start, window_t = [], start, time.perf_counter()
-    timed_steps, timed_seconds, last, save_time = 0, 0.0, {}, 0.0
-    train_t0 = time.perf_counter()
-    with metrics_path.open("a") as mfile:
-        for step in range(start, end):
-            idx = batch_indices(step, n=n_train, batch_size=cfg.batch_size, seed=cfg.seed)
-            params, stats, opt_state, m = train_step(
-                params, stats, opt_state, train_images[idx], train_labels[idx], jnp.int32(step)
-            )
-            window.append(m)
-            done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                window = jax.device_get(window)
-                now = time.perf_counter()
-                dt, k = now - window_t - save_time, done - window_start
-                if window_start > start:  # the first window of a session includes compilation
-                    timed_steps += k
-                    timed_seconds += dt
-                last = {
-                    "step": done,
-                    **_trajectory_state(cfg, done, n_train),
-                    "loss": float(np.mean([w["loss"] for w in window])),
-                    "acc": float(np.mean([w["acc"] for w in window])),
-                    "lr": float(window[-1]["lr"]),
-                    "step_time_ms": 1e3 * dt / k,
-                    "img_per_s": k * cfg.batch_size / dt,
-                    "elapsed_s": now - train_t0,
-                }
-                mfile.write(json.dumps(last) + "\n")
-                mfile.flush()
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.3f}",
-                        acc=f"{last['acc']:.3f}",
-                        img_s=f"{last['img_per_s']:.0f}",
-                    )
-                window, window_start, window_t, save_time = [], done, time.perf_counter(), 0.0
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                t_eval = time.perf_counter()
-                test = evaluate(
-                    eval_step, params, data["test"], batch_size=cfg.eval_batch_size, stats=stats
-                )
-                mfile.write(json.dumps({"step": done, "split": "test", **test}) + "\n")
-                mfile.flush()
-                save_time += time.perf_counter() - t_eval  # not counted as training time
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                meta = {**_trajectory_state(cfg, done, n_train), "config": config_to_dict(cfg)}
-                t_save = time.perf_counter()
-                ckpt.save(done, _train_state(params, stats, opt_state), meta)
-                save_time += time.perf_counter() - t_save  # not counted as training time
-            if bar is not None:
-                bar.update(1)
-            if kill_at_step is not None and done == kill_at_step:
-                jax.block_until_ready(params)
-                os.kill(os.getpid(), signal.SIGKILL)
-    train_time = time.perf_counter() - train_t0
-    if bar is not None:
-        bar.close()
-    ckpt.close()
-
-    if end < cfg.steps:  # stopped early: behave like a killed process (no summary)
-        return {"step": end, "params": params, "opt_state": opt_state, "last": last}
+    params, stats, opt_state = run.train(
+        state,
+        train_step,
+        summarise=lambda window: {
+            "loss": float(np.mean([w["loss"] for w in window])),
+            "acc": float(np.mean([w["acc"] for w in window])),
+            "lr": float(window[-1]["lr"]),
+        },
+        postfix=lambda line: {
+            "loss": f"{line['loss']:.3f}",
+            "acc": f"{line['acc']:.3f}",
+            "img_s": f"{line['img_per_s']:.0f}",
+        },
+        saved=lambda state: _train_state(*state),
+        position=lambda step: _trajectory_state(cfg, step, n_train),
+        evaluate=test,
+        eval_every=cfg.eval_every,
+    )
+    if run.stopped_early:  # behave like a killed process (no summary)
+        return {"step": run.end, "params": params, "opt_state": opt_state, "last": run.last}
 
     t0 = time.perf_counter()
-    test = evaluate(eval_step, params, data["test"], batch_size=cfg.eval_batch_size, stats=stats)
+    results = test((params, stats, opt_state))
     eval_time = time.perf_counter() - t0
-    with metrics_path.open("a") as mfile:
-        mfile.write(json.dumps({"step": cfg.steps, "split": "test", "final": True, **test}) + "\n")
-
+    run.append({"step": cfg.steps, "split": "test", "final": True, **results})
     if "test_standard" in data:  # a run on an easier level: the benchmark's number as well
-        std = evaluate(
-            eval_step, params, data["test_standard"], batch_size=cfg.eval_batch_size, stats=stats
-        )
-        test |= {f"{k}_standard": v for k, v in std.items() if k != "test_size"}
-        with metrics_path.open("a") as mfile:
-            line = {"step": cfg.steps, "split": "test_standard", "final": True, **std}
-            mfile.write(json.dumps(line) + "\n")
+        std = test((params, stats, opt_state), "test_standard")
+        results |= {f"{k}_standard": v for k, v in std.items() if k != "test_size"}
+        run.append({"step": cfg.steps, "split": "test_standard", "final": True, **std})
 
-    if timed_steps == 0 and start < end:  # a single window: fall back to it (incl. compile)
-        timed_steps, timed_seconds = end - start, train_time
-    step_time = timed_seconds / timed_steps if timed_steps else float("nan")
-    history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    train_lines = [h for h in history if "loss" in h]
-    final = train_lines[-1] if train_lines else {}
-    summary = {
-        "name": cfg.name,
-        "pool": cfg.model.pool,
-        "seed": cfg.seed,
-        "steps": cfg.steps,
-        "resumed_from": start,
-        **test,
-        "train_loss": final.get("loss"),
-        "train_acc": final.get("acc"),
-        "step_time_ms": 1e3 * step_time if math.isfinite(step_time) else None,
-        "images_per_s": cfg.batch_size / step_time if math.isfinite(step_time) else None,
-        "timed_steps": timed_steps,
-        "params": n_params,
-        "data_time_s": data_time,
-        "train_time_s": train_time,
-        "eval_time_s": eval_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "config": config_to_dict(cfg),
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    final = (run.train_lines() or [{}])[-1]
+    timed_steps, _ = run.step_time()
+    return run.summary(
+        {**results, "train_loss": final.get("loss"), "train_acc": final.get("acc")},
+        head={"name": cfg.name, "pool": cfg.model.pool, "seed": cfg.seed},
+        params=n_params,
+        extra={"timed_steps": timed_steps, "data_time_s": data_time, "eval_time_s": eval_time},
+    )
 
 
 def load_model(workdir: str | os.PathLike, /, *, step: int | None = None):

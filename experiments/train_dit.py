@@ -19,12 +19,9 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
-import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +29,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import DiT, config_to_dict, q_sample
+from markov_attn.nn import DiT, q_sample
 from markov_attn.nn import config_from_dict as _from_dict
 
+from ._loop import TrainingRun, count_params
 from .ckpt import Checkpointer, CheckpointError
 from .dit_configs import PRESETS, DiTTrainConfig, get_preset
-from .train import (
-    _count_params,
-    _to_uint8,
-    _truncate_metrics,
-    batch_indices,
-    make_optimizer,
-    synthetic_data,
-)
+from .train import _to_uint8, batch_indices, make_optimizer, synthetic_data
 
 __all__ = ["config_from_dict", "load_data", "load_dit", "main", "train_and_evaluate"]
 
@@ -167,67 +158,6 @@ def config_from_dict(d: dict, /) -> DiTTrainConfig:
     return _from_dict(DiTTrainConfig, d)
 
 
-def _check_same_run(stored: dict, cfg: DiTTrainConfig, workdir) -> None:
-    current = config_to_dict(cfg)
-    for key in sorted(set(stored) | set(current)):
-        if key not in _FREE_FIELDS and stored.get(key) != current.get(key):
-            raise ValueError(
-                f"{workdir} holds a checkpoint of a different run ({key}: stored "
-                f"{stored.get(key)!r}, now {current.get(key)!r}); use another --workdir or "
-                f"delete {workdir}"
-            )
-
-
-class _Log:
-    """Windowed training metrics: one ``metrics.jsonl`` line per ``log_every`` steps."""
-
-    def __init__(self, cfg, path, start):
-        self.cfg, self.file, self.start = cfg, path.open("a"), start
-        self.window, self.window_start, self.t = [], start, time.perf_counter()
-        self.timed_steps, self.timed_s, self.paused, self.t0 = 0, 0.0, 0.0, time.perf_counter()
-        self.last = {}
-
-    def step(self, done, metrics):
-        self.window.append(metrics)
-        if done % self.cfg.log_every and done != self.cfg.steps:
-            return None
-        window = jax.device_get(self.window)
-        now = time.perf_counter()
-        dt, k = now - self.t - self.paused, done - self.window_start
-        if self.window_start > self.start:  # the first window of a session holds compilation
-            self.timed_steps, self.timed_s = self.timed_steps + k, self.timed_s + dt
-        self.last = {
-            "step": done,
-            "loss": float(np.mean([w["loss"] for w in window])),
-            "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
-            "step_time_ms": 1e3 * dt / k,
-            "img_per_s": k * self.cfg.batch_size / dt,
-            "elapsed_s": now - self.t0,
-        }
-        self.file.write(json.dumps(self.last) + "\n")
-        self.file.flush()
-        self.window, self.window_start, self.t, self.paused = [], done, time.perf_counter(), 0.0
-        return self.last
-
-    def close(self):
-        self.file.close()
-
-
-def _after_step(cfg, done, state, metrics, *, log, ckpt, bar) -> None:
-    """Logging, progress bar and checkpointing after global step ``done``."""
-    line = log.step(done, metrics)
-    if line is not None and bar is not None:
-        bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{line['img_per_s']:.0f}")
-    if done % cfg.ckpt_every == 0 or done == cfg.steps:
-        t_save = time.perf_counter()
-        params, ema, opt_state = state
-        meta = {"step": done, "config": config_to_dict(cfg)}
-        ckpt.save(done, {"params": params, "ema": ema, "opt_state": opt_state}, meta)
-        log.paused += time.perf_counter() - t_save
-    if bar is not None:
-        bar.update(1)
-
-
 def train_and_evaluate(
     config: DiTTrainConfig,
     workdir: str | os.PathLike,
@@ -253,84 +183,58 @@ def train_and_evaluate(
     Returns:
       The summary (``test_loss``, ``train_loss``, step time, images/s, parameters, config).
     """
-    t_start = time.perf_counter()
-    cfg, workdir = config, pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    metrics_path = workdir / "metrics.jsonl"
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        _check_same_run(ckpt.read_meta(step=latest).get("config", {}), cfg, workdir)
+    cfg = config
+    run = TrainingRun(
+        cfg,
+        workdir,
+        free_fields=_FREE_FIELDS,
+        stop_after=stop_after,
+        kill_at_step=kill_at_step,
+        progress={"desc": f"dit/{cfg.name}"} if progress else None,
+    )
     data = load_data(cfg) if data is None else data
     images = _to_uint8(data["train"]["images"])
     labels = np.asarray(data["train"]["labels"], np.int32)
 
     tx, init, train_step, eval_step = _compiled(_normalised(cfg))
-    start = 0
-    if latest is None:
-        params, ema, opt_state = init()
+    if run.latest is None:
+        state = init()
     else:
-        state, meta = ckpt.restore(_abstract_state(cfg, tx), step=latest)
-        params, ema, opt_state = state["params"], state["ema"], state["opt_state"]
-        start = int(meta["step"])
-    _truncate_metrics(metrics_path, start)
+        restored, _ = run.restore(_abstract_state(cfg, tx))
+        state = (restored["params"], restored["ema"], restored["opt_state"])
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = None
-    if progress and start < end:
-        from tqdm.auto import tqdm
+    def step_fn(state, step):
+        idx = batch_indices(step, n=len(labels), batch_size=cfg.batch_size, seed=cfg.seed)
+        *state, m = train_step(*state, images[idx], labels[idx], jnp.int32(step))
+        return state, m
 
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"dit/{cfg.name}", dynamic_ncols=True)
-    log = _Log(cfg, metrics_path, start)
-    try:
-        state = (params, ema, opt_state)
-        for step in range(start, end):
-            idx = batch_indices(step, n=len(labels), batch_size=cfg.batch_size, seed=cfg.seed)
-            *state, m = train_step(*state, images[idx], labels[idx], jnp.int32(step))
-            _after_step(cfg, step + 1, state, m, log=log, ckpt=ckpt, bar=bar)
-            if kill_at_step is not None and step + 1 == kill_at_step:
-                jax.block_until_ready(state)
-                os.kill(os.getpid(), signal.SIGKILL)
-        params, ema, opt_state = state
-    finally:
-        log.close()
-        ckpt.close()
-        if bar is not None:
-            bar.close()
-    train_time = time.perf_counter() - log.t0
-    if end < cfg.steps:
-        return {"step": end, "params": params, "ema": ema, "last": log.last}
+    params, ema, _ = run.train(
+        state,
+        step_fn,
+        summarise=lambda window: {
+            "loss": float(np.mean([w["loss"] for w in window])),
+            "grad_norm": float(np.mean([w["grad_norm"] for w in window])),
+        },
+        postfix=lambda line: {"loss": f"{line['loss']:.4f}", "img_s": f"{line['img_per_s']:.0f}"},
+        saved=lambda state: dict(zip(("params", "ema", "opt_state"), state)),
+    )
+    if run.stopped_early:
+        return {"step": run.end, "params": params, "ema": ema, "last": run.last}
 
     test_data = {k: np.asarray(v) for k, v in data["test"].items()}
     test_data["images"] = _to_uint8(test_data["images"])
     test = evaluate(eval_step, ema, test_data, batch_size=cfg.eval_batch_size, seed=cfg.seed)
-    with metrics_path.open("a") as f:
-        f.write(json.dumps({"step": cfg.steps, "split": "test", "final": True, **test}) + "\n")
-    history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-    train_lines = [h for h in history if "loss" in h]
-    timed, secs = log.timed_steps, log.timed_s
-    if timed == 0 and start < end:
-        timed, secs = end - start, train_time
-    step_time = secs / timed if timed else float("nan")
-    summary = {
-        "name": cfg.name,
-        "seed": cfg.seed,
-        "steps": cfg.steps,
-        "resumed_from": start,
-        **test,
-        "first_loss": train_lines[0]["loss"] if train_lines else None,
-        "train_loss": train_lines[-1]["loss"] if train_lines else None,
-        "step_time_ms": 1e3 * step_time if math.isfinite(step_time) else None,
-        "images_per_s": cfg.batch_size / step_time if math.isfinite(step_time) else None,
-        "params": _count_params(params),
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0].device_kind),
-        "config": config_to_dict(cfg),
-    }
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    run.append({"step": cfg.steps, "split": "test", "final": True, **test})
+    train_lines = run.train_lines()
+    return run.summary(
+        {
+            **test,
+            "first_loss": train_lines[0]["loss"] if train_lines else None,
+            "train_loss": train_lines[-1]["loss"] if train_lines else None,
+        },
+        head={"name": cfg.name, "seed": cfg.seed},
+        params=count_params(params),
+    )
 
 
 def load_dit(workdir: str | os.PathLike, /, *, step: int | None = None, ema: bool = True):
