@@ -11,6 +11,12 @@ keyed by variant and budget) and ``<out>/results.md``::
 
 Step times depend on the machine's load; the table says what the load was at the start of each
 run (``os.getloadavg``, 1-minute average).
+
+``--runs DIR ...`` trains nothing: it tabulates finished (or stopped) run directories of
+``experiments.train`` against the base preset, each row's change read from its stored config,
+with the test accuracy at every evaluation (the README's ``demo-ablation`` block)::
+
+    python -m experiments.ablation --runs runs/demo runs/trials/plain --update-readme
 """
 
 import argparse
@@ -147,6 +153,74 @@ def table(rows: list[dict], /) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _run_record(workdir: pathlib.Path) -> dict:
+    """The stored config, the test lines and (if finished) the summary of one run directory."""
+    from markov_attn.nn._checkpoint import Checkpointer
+
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+    summary_path = workdir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        config = summary["config"]
+    else:  # stopped: the config of its last checkpoint
+        summary = None
+        ckpt = Checkpointer(workdir / "checkpoints")
+        config = ckpt.read_meta(step=ckpt.latest_step())["config"]
+        ckpt.close()
+    return {"config": config, "lines": lines, "summary": summary}
+
+
+def _changes(config: dict, base: dict) -> dict:
+    out = {}
+    for k, v in config.items():
+        if k == "model":
+            out |= {m: w for m, w in v.items() if base["model"].get(m) != w}
+        elif k not in ("name", "ckpt_every", "eval_every", "log_every") and base.get(k) != v:
+            out[k] = v
+    return out
+
+
+def runs_table(workdirs, /, *, base: str = "cpu") -> str:
+    """The Markdown table of finished or stopped training runs against preset ``base``."""
+    from markov_attn.nn import config_to_dict
+
+    base_cfg = config_to_dict(get_preset(base, pool="tokenrank"))
+    lines = [
+        f"| run | change against the `{base}` preset | steps × batch | train images | level "
+        "| test acc at each evaluation (that level) | final test acc | standard-level test acc "
+        "| step time (ms) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for workdir in map(pathlib.Path, workdirs):
+        rec = _run_record(workdir)
+        cfg, s = rec["config"], rec["summary"]
+        tests = [r for r in rec["lines"] if r.get("split") == "test"]
+        curve = ", ".join(f"{r['test_acc']:.3f}" for r in tests)
+        change = ", ".join(f"{k}={v}" for k, v in _changes(cfg, base_cfg).items()) or "(preset)"
+        level = cfg.get("difficulty", "standard")
+        if s is None:
+            done = max(r["step"] for r in rec["lines"])
+            final = f"stopped at step {done}"
+            std, step_ms = "—", "—"
+        else:
+            final = f"**{s['test_acc']:.3f}**"
+            std = f"{s.get('test_acc_standard', s['test_acc']):.3f}"
+            step_ms = f"{s['step_time_ms']:.0f}"
+        lines.append(
+            f"| `{workdir}` | {change} | {cfg['steps']} × {cfg['batch_size']} "
+            f"| {cfg['train_size']} | {level} | {curve} | {final} | {std} | {step_ms} |"
+        )
+    lines += [
+        "",
+        f"Test accuracy on the {base} preset's 2,000 test images (chance 0.1) at the run's own "
+        "level and, for runs on another level, on the same images at the standard level (the "
+        f"benchmark). {platform.machine()}, {os.cpu_count()} CPUs, step times with the cores "
+        "shared between runs (not comparable across rows). Table: `python -m "
+        "experiments.ablation --runs " + " ".join(map(str, workdirs)) + "`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.ablation", description=__doc__)
     p.add_argument("--base", default="cpu", choices=sorted(PRESETS))
@@ -157,8 +231,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--all", action="store_true", help="train nothing; tabulate every run in <out>")
+    p.add_argument("--runs", nargs="+", metavar="DIR", help="train nothing; tabulate these runs")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     a = p.parse_args(argv)
+    if a.runs:
+        md = runs_table(a.runs, base=a.base)
+        print(md)
+        if a.update_readme:
+            replace_block(a.update_readme, "demo-ablation", md)
+            print(f"updated {a.update_readme}")
+        return 0
     if a.all:
         stored = json.loads((pathlib.Path(a.out) / "results.json").read_text()).values()
         rows = sorted(stored, key=lambda r: (r["steps"] * r["batch_size"], r["batch_size"]))

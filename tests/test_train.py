@@ -404,3 +404,16 @@ def test_readme_blocks_and_ablation_table(tmp_path):
            "step_time_ms": 12.3, "load_at_start": 1.0, "wall_time_s": 9.0}  # fmt: skip
     md = table([row])
     assert "| v | lr=0.003 | 10 × 8 | 80 | 0.250 | 0.500 | 12 | 1.0 | 9 |" in md
+
+
+def test_runs_table_reads_finished_and_stopped_runs(finished_run, tmp_path):
+    from experiments.ablation import runs_table
+
+    workdir, summary = finished_run
+    stopped = tmp_path / "stopped"
+    train_and_evaluate(_tiny(lr=0.02), stopped, stop_after=4, progress=False)
+    md = runs_table([workdir, stopped], base="smoke")
+    done_row = next(r for r in md.splitlines() if r.startswith(f"| `{workdir}`"))
+    assert f"**{summary['test_acc']:.3f}**" in done_row and "data=synthetic" in done_row
+    stop_row = next(r for r in md.splitlines() if r.startswith(f"| `{stopped}`"))
+    assert "stopped at step 4" in stop_row and "lr=0.02" in stop_row
