@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from markov_attn.segmentation import bootstrap_mean
+
 from .ablation import describe
 from .bench_gpu import _markdown as bench_markdown
 from .readme import replace_block
@@ -78,12 +80,6 @@ def recipe_table(training: dict, /) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bootstrap_mean(x: np.ndarray, *, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), (n, len(x)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
 def heads_table(training: dict, /) -> str:
     runs = training["heads"]
     acc = {(r["pool"], r["seed"]): r["test_acc"] for r in runs.values()}
@@ -105,7 +101,7 @@ def heads_table(training: dict, /) -> str:
             d = np.array([acc[pool, s] - acc["cls", s] for s in seeds
                           if (pool, s) in acc and ("cls", s) in acc])  # fmt: skip
             if len(d) >= 2:
-                lo, hi = _bootstrap_mean(d)
+                lo, hi = bootstrap_mean(d, n_resamples=10_000)
                 diff = f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({len(d)} pairs)"
             elif len(d) == 1:
                 diff = f"{d[0]:+.3f} (1 pair: no interval)"

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import markov_attn as ma
+from markov_attn import segmentation as seg
 
 from .readme import replace_block
 
@@ -232,12 +233,6 @@ def scores(pred: np.ndarray, inst: np.ndarray) -> tuple[float, float, float]:
     return float(miou), float(adjusted_rand_score(inst.ravel(), pred.ravel())), float(acc)
 
 
-def _bootstrap(x: np.ndarray, n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    m = x[rng.integers(0, len(x), (n, len(x)))].mean(1)
-    return float(np.quantile(m, 0.025)), float(np.quantile(m, 0.975))
-
-
 def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, progress=True):
     from markov_attn.data import make_multi_split
 
@@ -282,11 +277,11 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
         s = per_image[name] = np.array([scores(px[i], inst[i]) for i in range(n_images)])
         rows[name] = {
             "miou": float(s[:, 0].mean()),
-            "miou_ci": _bootstrap(s[:, 0]),
+            "miou_ci": seg.bootstrap_mean(s[:, 0]),
             "ari": float(s[:, 1].mean()),
-            "ari_ci": _bootstrap(s[:, 1]),
+            "ari_ci": seg.bootstrap_mean(s[:, 1]),
             "macc": float(s[:, 2].mean()),
-            "macc_ci": _bootstrap(s[:, 2]),
+            "macc_ci": seg.bootstrap_mean(s[:, 2]),
             "k_mean": float(np.mean(used)),
             "k_exact": float(np.mean(used == ks)),
             "seconds": timing[name],
@@ -294,7 +289,7 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
     # paired: the per-image differences TokenRank − grid anchors, resampled over images
     diff = per_image[DIFFSEG_ROWS["tokenrank"]] - per_image[DIFFSEG_ROWS["grid"]]
     paired = {
-        m: {"mean": float(diff[:, j].mean()), "ci": _bootstrap(diff[:, j])}
+        m: {"mean": float(diff[:, j].mean()), "ci": seg.bootstrap_mean(diff[:, j])}
         for j, m in enumerate(("miou", "ari", "macc"))
     }
     try:

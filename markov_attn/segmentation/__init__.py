@@ -29,6 +29,7 @@ from ._metrics import SegStats as SegStats
 from ._metrics import average_precision as average_precision
 from ._metrics import bootstrap as bootstrap
 from ._metrics import bootstrap_counts as bootstrap_counts
+from ._metrics import bootstrap_mean as bootstrap_mean
 from ._metrics import image_stats as image_stats
 from ._metrics import summarize as summarize
 
@@ -42,6 +43,7 @@ __all__ = [
     "average_precision",
     "bootstrap",
     "bootstrap_counts",
+    "bootstrap_mean",
     "compute_maps",
     "diffseg",
     "extended_methods",

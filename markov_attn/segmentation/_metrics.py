@@ -324,6 +324,30 @@ def bootstrap_counts(n_images: int, /, *, n_resamples: int = 1000, seed: int = 0
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_resamples)
 
 
+def bootstrap_mean(
+    x, /, *, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-item values ``x`` (1-D).
+
+    For paired comparisons pass the per-item differences (same items, same order). Items are
+    resampled with replacement ``n_resamples`` times with ``np.random.default_rng(seed)``.
+
+    Examples:
+        >>> lo, hi = bootstrap_mean([0.0, 1.0] * 50, n_resamples=500)
+        >>> 0.35 < lo < 0.5 < hi < 0.65
+        True
+    """
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"x must be a non-empty 1-D array of per-item values, got {x.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (n_resamples, len(x)))].mean(axis=1)
+    q = ((1.0 - level) / 2.0, (1.0 + level) / 2.0)
+    return float(np.quantile(means, q[0])), float(np.quantile(means, q[1]))
+
+
 def bootstrap(
     stats: SegStats,
     /,
