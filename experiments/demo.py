@@ -17,9 +17,11 @@ Which chain each map reads (last layer, as the pooling head does):
 Also draws the learning curve (training loss and accuracy, and the test accuracy every
 ``eval_every`` steps) into ``runs/demo/learning_curve.png``.
 
+The ``cpu`` preset trains on the benchmark's ``"plain"`` level; the summary and the printout
+also give the test accuracy on the ``"standard"`` level (the benchmark itself).
+
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(about 9.5 min on 2 idle cores, 23 min measured on shared cores) plus under a minute for data,
-evaluation and figures.
+(about 12 min on 2 idle cores) plus under a minute for data, evaluation and figures.
 """
 
 import json
