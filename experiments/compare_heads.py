@@ -8,8 +8,11 @@ so ~40 min for the 8 runs)::
 
 Each run goes to ``<out>/<pool>_s<seed>`` and is resumed (or skipped when finished) on a rerun.
 Seeds are the outer loop and heads the inner one, so a change in machine load hits all heads
-alike. The table gives mean ± standard deviation over seeds of the test accuracy, the
+alike. The table gives mean ± standard deviation over seeds of the test accuracy, the paired
+differences against CLS and against mean pooling (same seed = same initialisation seed, data
+order and augmentation; mean over seeds with a 95 % bootstrap interval over the seeds), the
 steady-state images/s and step time, and the step-time overhead of each head over CLS.
+``--difficulty`` trains and tests on another level of the generator (e.g. ``clutter``).
 ``--update-readme`` replaces only the text between ``<!-- heads:start -->`` and
 ``<!-- heads:end -->`` in the README.
 """
@@ -21,6 +24,8 @@ import platform
 import sys
 
 import numpy as np
+
+from markov_attn.segmentation import bootstrap_mean
 
 from .configs import PRESETS, TrainConfig, get_preset, override
 from .readme import markers, replace_block
@@ -70,8 +75,29 @@ def _mean_spread(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def paired_difference(summaries: list[dict], pool: str, base: str, /) -> dict | None:
+    """``test_acc(pool) - test_acc(base)`` over the seeds both have: mean, 95 % bootstrap
+    interval over seeds (``None`` with fewer than 2 pairs) and the number of pairs."""
+    acc = {(s["pool"], s["seed"]): s["test_acc"] for s in summaries}
+    seeds = sorted(seed for p, seed in acc if p == pool and (base, seed) in acc)
+    if pool == base or not seeds:
+        return None
+    d = np.array([acc[pool, seed] - acc[base, seed] for seed in seeds])
+    ci = bootstrap_mean(d, n_resamples=10_000) if len(d) > 1 else None
+    return {"mean": float(d.mean()), "ci": ci, "pairs": len(d)}
+
+
+def _fmt_diff(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if d["ci"] is None:
+        return f"{d['mean']:+.3f} (1 pair)"
+    return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['pairs']})"
+
+
 def aggregate(summaries: list[dict], /) -> list[dict]:
-    """Per head: mean and standard deviation over seeds, and the step-time overhead over CLS."""
+    """Per head: mean and standard deviation over seeds, the paired differences against CLS
+    and mean pooling, and the step-time overhead over CLS."""
     pools = list(dict.fromkeys(s["pool"] for s in summaries))
     rows = []
     for pool in pools:
@@ -83,6 +109,8 @@ def aggregate(summaries: list[dict], /) -> list[dict]:
             "pool": pool, "seeds": [s["seed"] for s in runs], "test_acc": acc,
             "test_acc_sd": acc_sd, "images_per_s": ips, "images_per_s_sd": ips_sd,
             "step_time_ms": ms, "step_time_ms_sd": ms_sd,
+            "vs_cls": paired_difference(summaries, pool, "cls"),
+            "vs_mean": paired_difference(summaries, pool, "mean"),
         })  # fmt: skip
     cls = next((r for r in rows if r["pool"] == "cls"), None)
     for r in rows:
@@ -98,13 +126,15 @@ def table(rows: list[dict], /, *, meta: dict) -> str:
         f"Preset `{meta['preset']}` ({meta['budget']}), seeds {meta['seeds']}; "
         f"{meta['device']}. Mean ± standard deviation over seeds.",
         "",
-        "| head | test acc | images/s | step time (ms) | overhead vs CLS |",
-        "|---|---|---|---|---|",
+        "| head | test acc | − CLS (paired; 95 % CI; pairs) | − mean (paired) | images/s "
+        "| step time (ms) | overhead vs CLS |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ov = r["overhead_vs_cls_pct"]
         lines.append(
             f"| {r['pool']} | {r['test_acc']:.3f} ± {r['test_acc_sd']:.3f} "
+            f"| {_fmt_diff(r.get('vs_cls'))} | {_fmt_diff(r.get('vs_mean'))} "
             f"| {r['images_per_s']:.1f} ± {r['images_per_s_sd']:.1f} "
             f"| {r['step_time_ms']:.0f} ± {r['step_time_ms_sd']:.0f} "
             f"| {'—' if ov is None or r['pool'] == 'cls' else f'{ov:+.1f} %'} |"
@@ -133,11 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--pools", nargs="+", default=list(POOLS), choices=POOLS)
     p.add_argument("--steps", type=int, help="override the preset's steps (for quick checks)")
     p.add_argument("--data", choices=("bench", "synthetic"))
+    p.add_argument("--difficulty", help="generator level (markov_attn.data.DIFFICULTIES)")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     a = p.parse_args(argv)
-    over = {"data": a.data}
+    over = {"data": a.data, "difficulty": a.difficulty}
     if a.steps is not None:
         over.update(
             steps=a.steps, warmup_steps=min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
@@ -153,7 +184,7 @@ def main(argv=None) -> int:
     )
     meta = {
         "preset": base.name,
-        "budget": f"{base.steps} steps x {base.batch_size} images, "
+        "budget": f"{base.steps} steps x {base.batch_size} images, level {base.difficulty}, "
         f"{base.model.image_size} px / patch {base.model.patch_size}, width {base.model.width}, "
         f"depth {base.model.depth}",
         "seeds": a.seeds,

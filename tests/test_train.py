@@ -300,9 +300,15 @@ def test_compare_heads_table_and_readme(tmp_path, finished_run):
     assert rows[0]["test_acc"] == pytest.approx(0.6)
     assert rows[0]["test_acc_sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert rows[1]["overhead_vs_cls_pct"] == pytest.approx(25.0)
+    # paired by seed: tokenrank - cls = +0.1 (seed 0) and -0.1 (seed 1)
+    diff = rows[1]["vs_cls"]
+    assert diff["mean"] == pytest.approx(0.0) and diff["pairs"] == 2
+    assert diff["ci"][0] == pytest.approx(-0.1) and diff["ci"][1] == pytest.approx(0.1)
+    assert rows[0]["vs_cls"] is None and rows[1]["vs_mean"] is None  # no mean-pooling runs
     meta = {"preset": "x", "budget": "b", "seeds": [0, 1], "device": "cpu", "command": "c"}
     md = table(rows, meta=meta)
-    assert "| tokenrank | 0.600 ± 0.000 |" in md and "+25.0 %" in md
+    assert "| tokenrank | 0.600 ± 0.000 | +0.000 [-0.100, +0.100] (2) | — |" in md
+    assert "+25.0 %" in md
     readme = tmp_path / "README.md"
     readme.write_text(f"# T\n\nbefore\n{START}\nold table\n{END}\nafter\n")
     update_readme(readme, md)
