@@ -19,10 +19,9 @@ import sys
 
 import numpy as np
 
-from markov_attn.segmentation import bootstrap_mean
-
 from .ablation import describe
 from .bench_gpu import _markdown as bench_markdown
+from .compare_heads import paired_difference
 from .readme import replace_block
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "gpu_h100"
@@ -97,14 +96,12 @@ def heads_table(training: dict, /) -> str:
         spread = f" ± {np.std(vals, ddof=1):.3f}" if len(vals) > 1 else ""
         text = f"{np.mean(vals):.3f}{spread}"
         diff = "—"
-        if pool != "cls":
-            d = np.array([acc[pool, s] - acc["cls", s] for s in seeds
-                          if (pool, s) in acc and ("cls", s) in acc])  # fmt: skip
-            if len(d) >= 2:
-                lo, hi = bootstrap_mean(d, n_resamples=10_000)
-                diff = f"{d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({len(d)} pairs)"
-            elif len(d) == 1:
-                diff = f"{d[0]:+.3f} (1 pair: no interval)"
+        d = paired_difference(list(runs.values()), pool, "cls")
+        if d is not None and d["ci"] is not None:
+            lo, hi = d["ci"]
+            diff = f"{d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] ({d['pairs']} pairs)"
+        elif d is not None:
+            diff = f"{d['mean']:+.3f} (1 pair: no interval)"
         lines.append(f"| {pool} | {len(vals)} of {len(seeds)} | {text} | {diff} |")
     cfg = next(iter(runs.values()))["config"]
     m = cfg["model"]
