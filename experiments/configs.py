@@ -184,26 +184,16 @@ def cpu64() -> TrainConfig:
     Command: ``python -m experiments.train --preset cpu64 --pool tokenrank --workdir runs/c64``.
     Runtime and accuracy: see the README (about 31 % in 11.7 min on the 2-core machine).
     """
-    return TrainConfig(
-        model=ViTConfig(
-            image_size=64,
-            patch_size=8,
-            width=96,
-            depth=4,
-            num_heads=4,
-            mlp_dim=384,
-            patch_norm=True,
-            conv_stem=(32, 64, 128),
-        ),
+    base = cpu()
+    model = dataclasses.replace(base.model, image_size=64, patch_size=8, conv_stem=(32, 64, 128))
+    return dataclasses.replace(
+        base,
+        model=model,
         name="cpu64",
         train_size=46_080,
-        test_size=2_000,
-        batch_size=128,
         steps=360,
-        lr=1e-3,
         warmup_steps=30,
         ckpt_every=60,
-        log_every=20,
         eval_every=60,
     )
 
