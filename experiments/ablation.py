@@ -155,7 +155,7 @@ def table(rows: list[dict], /) -> str:
 
 def _run_record(workdir: pathlib.Path) -> dict:
     """The stored config, the test lines and (if finished) the summary of one run directory."""
-    from markov_attn.nn._checkpoint import Checkpointer
+    from .ckpt import Checkpointer
 
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
     summary_path = workdir / "summary.json"
