@@ -27,6 +27,7 @@ from ._segbench import (
     _MAX_BLOBS,
     _U_PER_BLOB,
     SPLIT_IDS,
+    _blob_count,
     _check,
     _object_side,
     _paint_background,
@@ -46,7 +47,7 @@ _U_OBJECT_COLOUR = 3
 def _render_multi(rng, objects, obj_images, sils, pyramids, image, inst, size, m):
     u_bg = rng.random(5)
     u_blobs = rng.random(1 + _MAX_BLOBS * _U_PER_BLOB)
-    count = int(u_blobs[0] * (_MAX_BLOBS + 1))
+    count = _blob_count(u_blobs[0], (0, _MAX_BLOBS))
     bg = _paint_background(rng, u_bg, count, u_blobs[1:], pyramids, image, size)
     cover = np.zeros((size, size), bool)
     for j in range(m):

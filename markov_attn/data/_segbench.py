@@ -224,8 +224,7 @@ def _render(
 ) -> dict:
     """Renders one sample into ``image`` (size, size, 3) and ``alpha_out`` (size, size)."""
     u = rng.random(_N_U)
-    lo, hi = level.blobs
-    count = lo + int(u[_U_BLOBS] * (hi - lo + 1))
+    count = _blob_count(u[_U_BLOBS], level.blobs)
     blob_u = u[_U_BLOBS + 1 :]
     if count > _MAX_BLOBS:  # more blobs than slots: drawn after the fixed slots
         blob_u = np.concatenate([blob_u, rng.random((count - _MAX_BLOBS) * _U_PER_BLOB)])
@@ -242,6 +241,12 @@ def _render(
     alpha_out[oy : oy + side, ox : ox + side] = alpha
     info = {"side": side, "y": oy, "x": ox, "flip": flip, "camo": camo, "background": bg}
     return info | {"blobs": count}
+
+
+def _blob_count(u: float, blobs: tuple[int, int]) -> int:
+    """The number of distractor blobs, uniform in ``blobs = (lo, hi)``, from one uniform."""
+    lo, hi = blobs
+    return lo + int(u * (hi - lo + 1))
 
 
 def _paint_background(rng, ub, count, ublobs, pyramids, image: np.ndarray, size: int) -> int:
