@@ -22,6 +22,7 @@ from ._dit import DiT as DiT
 from ._dit import DiTConfig as DiTConfig
 from ._dit import JointAttention as JointAttention
 from ._dit import JointBlock as JointBlock
+from ._layers import Mlp as Mlp
 from ._pool import MAPHead as MAPHead
 from ._pool import TokenRankPool as TokenRankPool
 from ._posembed import bicubic_matrix as bicubic_matrix
@@ -37,7 +38,6 @@ from ._sag import sag_mask as sag_mask
 from ._sag import upsample_mask as upsample_mask
 from ._vit import Attention as Attention
 from ._vit import Block as Block
-from ._vit import Mlp as Mlp
 from ._vit import ViT as ViT
 
 __all__ = [

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from ._layers import Mlp, attend
+
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
 
@@ -149,14 +151,9 @@ def _norm(cfg: DiTConfig, rngs) -> nnx.LayerNorm:
     )
 
 
-class _Mlp(nnx.Module):
-    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        hidden = int(cfg.width * cfg.mlp_ratio)
-        self.fc1 = _linear(cfg, cfg.width, hidden, rngs)
-        self.fc2 = _linear(cfg, hidden, cfg.width, rngs)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+def _mlp(cfg: DiTConfig, rngs) -> Mlp:
+    return Mlp(cfg.width, int(cfg.width * cfg.mlp_ratio), act="tanh", dtype=cfg.dtype,
+               param_dtype=cfg.param_dtype, rngs=rngs)  # fmt: skip
 
 
 class JointAttention(nnx.Module):
@@ -182,19 +179,11 @@ class JointAttention(nnx.Module):
 
     def __call__(self, ctx: Float[Array, "b l d"], img: Float[Array, "b n d"]):
         """Returns ``(ctx_out, img_out, probs)``."""
-        b, n_ctx, d = ctx.shape
+        n_ctx = ctx.shape[1]
         qkv_ctx = self.qkv if self.qkv_ctx is None else self.qkv_ctx
         proj_ctx = self.proj if self.proj_ctx is None else self.proj_ctx
         qkv = jnp.concatenate([qkv_ctx(ctx), self.qkv(img)], axis=1)
-        n = qkv.shape[1]
-        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scale = jnp.float32(1.0 / math.sqrt(self.head_dim))
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32))
-        probs = jax.nn.softmax(scores * scale, axis=-1)
-        if hasattr(self, "__captures__"):  # inside nnx.capture: sowing elsewhere is deprecated
-            self.sow(nnx.Intermediate, "attn", probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, n, d)
+        out, probs, _ = attend(self, qkv, self.num_heads)
         return proj_ctx(out[:, :n_ctx]), self.proj(out[:, n_ctx:]), probs
 
 
@@ -207,12 +196,12 @@ class JointBlock(nnx.Module):
         self.norm = _norm(cfg, rngs)  # no parameters: shared by both streams
         self.ada = _linear(cfg, cfg.width, 6 * cfg.width, rngs, zero=True)
         self.attn = JointAttention(cfg, rngs=rngs)
-        self.mlp = _Mlp(cfg, rngs=rngs)
+        self.mlp = _mlp(cfg, rngs)
         if cfg.single_stream:
             self.ada_ctx = self.mlp_ctx = None
         else:
             self.ada_ctx = _linear(cfg, cfg.width, 6 * cfg.width, rngs, zero=True)
-            self.mlp_ctx = _Mlp(cfg, rngs=rngs)
+            self.mlp_ctx = _mlp(cfg, rngs)
 
     def __call__(self, ctx, img, c):
         silu_c = jax.nn.silu(c)

@@ -8,6 +8,7 @@ from jaxtyping import Array, Float
 import markov_attn as ma
 
 from ._config import ViTConfig
+from ._layers import vit_mlp
 
 
 class MAPHead(nnx.Module):
@@ -23,8 +24,6 @@ class MAPHead(nnx.Module):
     """
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        from ._vit import Mlp  # the block MLP, shared
-
         xavier = nnx.initializers.xavier_uniform()
         self.probe = nnx.Param(xavier(rngs.params(), (1, 1, cfg.width), cfg.param_dtype))
         self.attn = nnx.MultiHeadAttention(
@@ -40,7 +39,7 @@ class MAPHead(nnx.Module):
         self.norm = nnx.LayerNorm(
             cfg.width, epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
-        self.mlp = Mlp(cfg, rngs=rngs)
+        self.mlp = vit_mlp(cfg, rngs=rngs)
 
     def __call__(self, tokens: Float[Array, "b n d"]) -> Float[Array, "b d"]:
         b = tokens.shape[0]

@@ -1,7 +1,6 @@
 """A Vision Transformer in Flax NNX that returns its attention explicitly."""
 
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -9,19 +8,12 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from ._config import ViTConfig
+from ._layers import attend, vit_mlp
 from ._pool import MAPHead, TokenRankPool
 from ._posembed import resize_pos_embed
 
 _xavier = nnx.initializers.xavier_uniform()
 _zeros = nnx.initializers.zeros_init()
-
-
-def _gelu(kind: str):
-    if kind == "exact":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if kind == "tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
 
 
 def _layer_norm(cfg: ViTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -34,8 +26,9 @@ class Attention(nnx.Module):
     """Multi-head self-attention, non-fused, returning the attention probabilities.
 
     The fused ``qkv`` projection puts ``[q; k; v]`` on its output axis, heads contiguous inside
-    each (``q = out[..., :width]`` reshaped to ``(heads, head_dim)``). The scores
-    ``S = q kᵀ / √d`` and their softmax are computed in float32 whatever ``cfg.dtype`` is.
+    each (``q = out[..., :width]`` reshaped to ``(heads, head_dim)``); the core is
+    :func:`markov_attn.nn._layers.attend` (scores ``S = q kᵀ / √d`` and their softmax in float32
+    whatever ``cfg.dtype`` is), shared with the diffusion transformer's joint attention.
     Capturing the probabilities rules out fused (flash) attention kernels.
     """
 
@@ -48,31 +41,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Float[Array, "b n d"]):
         """Returns ``(out (b, n, d), probs (b, h, n, n), scores (b, h, n, n))``."""
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        scale = 1.0 / math.sqrt(self.head_dim)
-        scores = jnp.einsum(
-            "bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)
-        ) * jnp.float32(scale)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if hasattr(self, "__captures__"):  # inside nnx.capture: sowing elsewhere is deprecated
-            self.sow(nnx.Intermediate, "attn", probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, n, d)
+        out, probs, scores = attend(self, self.qkv(x), self.num_heads)
         return self.proj(out), probs, scores
-
-
-class Mlp(nnx.Module):
-    """Two dense layers with a GELU between them."""
-
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_xavier, rngs=rngs)
-        self.fc1 = nnx.Linear(cfg.width, cfg.mlp_dim, **kw)
-        self.fc2 = nnx.Linear(cfg.mlp_dim, cfg.width, **kw)
-        self.act = _gelu(cfg.gelu)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nnx.Module):
@@ -82,7 +52,7 @@ class Block(nnx.Module):
         self.norm1 = _layer_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
         self.norm2 = _layer_norm(cfg, rngs)
-        self.mlp = Mlp(cfg, rngs=rngs)
+        self.mlp = vit_mlp(cfg, rngs=rngs)
         if cfg.layer_scale is None:
             self.ls1 = self.ls2 = None
         else:
