@@ -171,6 +171,79 @@ def test_converter_registry():
         ck.load(FIXTURES / "vit", family="resnet")
 
 
+def _docstring_table_rows() -> dict[str, str]:
+    """The rows of the family table in _preprocess's docstring: {family: its text}."""
+    from markov_attn.checkpoints import _preprocess
+
+    lines = _preprocess.__doc__.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("====")]
+    width = len(lines[rules[0]].split()[0])  # the first column
+    rows: dict[str, str] = {}
+    aliases: dict[str, str] = {}
+    last = ""
+    for line in lines[rules[1] + 1 : rules[2]]:
+        first = line[:width].strip()
+        if first.startswith("(+"):  # "(+ _reg)": the row above also describes family + "_reg"
+            aliases[last + first[2:].strip(" )")] = last
+        elif first:
+            last = first
+            rows[last] = ""
+        rows[last] += " " + line[width:]
+    return rows | {alias: rows[base] for alias, base in aliases.items()}
+
+
+def test_registry_drives_detection_and_preprocessing():
+    from markov_attn.checkpoints import _families, _pixels, _preprocess
+
+    table = _docstring_table_rows()
+    mean_label = {_pixels.IMAGENET_MEAN: "ImageNet", _pixels.CLIP_MEAN: "CLIP"}
+    for name, conv in _families.CONVERTERS.items():
+        sig, pre = conv.signature, conv.preprocessing
+        assert isinstance(sig, _families.Signature) and sig.requires
+        assert isinstance(pre, _pixels.Preprocessing)
+        # a state dict made of the signature alone, bare, prefixed or among other names, is
+        # detected as this family (so the precedence lets every family be reached)
+        fake = {n: np.zeros(1, np.float32) for n in sig.requires}
+        assert _families.detect(fake) == name
+        assert _families.detect({f"model.{k}": v for k, v in fake.items()}) == name
+        assert _families.detect({**fake, "head.weight": np.zeros(1)}) == name
+        # the preprocessing defaults are the registry's
+        assert _preprocess._defaults(name) is pre
+        r = ck.recipe(name, size=224)
+        assert (r["mode"], r["resample"], r["mean"], r["std"]) == (
+            pre.mode,
+            pre.resample,
+            pre.mean,
+            pre.std,
+        )
+        assert r["resize"] == (224 if pre.mode == "square" else int(224 * pre.scale))
+        # and the docstring table says the same
+        row = table[name]
+        assert pre.resample in row, (name, row)
+        assert ("no crop" in row) == (pre.mode == "square"), (name, row)
+        assert mean_label.get(pre.mean, str(pre.mean[0])) in row, (name, row)
+    assert set(table) == set(_families.CONVERTERS)
+    # DINOv2 with registers contains DINOv2's signature and must win over it
+    regs = _families.CONVERTERS["hf_dinov2_reg"].signature.requires
+    assert _families.detect(dict.fromkeys(regs, np.zeros(1))) == "hf_dinov2_reg"
+    # the registry refuses an order of precedence that would hide a family
+    convs = list(_families.CONVERTERS.values())
+    dv2, reg = _families.CONVERTERS["hf_dinov2"], _families.CONVERTERS["hf_dinov2_reg"]
+    swapped = [
+        dataclasses.replace(c, signature=dataclasses.replace(c.signature, precedence=p))
+        for c, p in ((dv2, reg.signature.precedence), (reg, dv2.signature.precedence))
+    ]
+    with pytest.raises(RuntimeError, match="hf_dinov2_reg's signature contains hf_dinov2's"):
+        _families._registry(*[c for c in convs if c not in (dv2, reg)], *swapped)
+    # unknown families: the errors list the registry's names
+    with pytest.raises(ValueError, match=", ".join(map(repr, _families.CONVERTERS))):
+        ck.recipe("resnet")
+    with pytest.raises(ValueError, match="Supported: " + ".*".join(_families.CONVERTERS)):
+        _families.detect({"conv1.weight": np.zeros(1)})
+    with pytest.raises(ValueError, match=r"OpenAI/open_clip checkpoint"):
+        _families.detect({"visual.conv1.weight": np.zeros(1)})
+
+
 def test_corrupt_and_missing(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ValueError, match="not a readable safetensors file"):

@@ -5,7 +5,9 @@ state dict (numpy arrays, PyTorch layouts), the parsed ``config.json`` (or ``Non
 optional head count, and returns a :class:`Converted`: the ViTConfig keyword arguments, the
 ViT parameters in Flax layout, the keys it did not consume, the keys it ignored on purpose and
 notes. Leftover keys make :func:`markov_attn.checkpoints.load` fail: nothing is dropped
-silently.
+silently. The record also holds the family's :class:`Signature` (the parameter names that
+:func:`detect` recognises it by) and its :class:`~._pixels.Preprocessing` defaults (read by
+:mod:`._preprocess`), so that the registry is the one place that describes a family.
 """
 
 import dataclasses
@@ -16,6 +18,16 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+
+from ._pixels import (
+    CLIP_MEAN,
+    CLIP_STD,
+    HALF_MEAN,
+    HALF_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+)
 
 
 class Converted(NamedTuple):
@@ -36,13 +48,40 @@ class Converted(NamedTuple):
     notes: list[str]
 
 
+def _has(keys, names) -> bool:
+    """Whether, for every name in ``names``, some key ends with it (prefixes are allowed)."""
+    return all(any(k.endswith(n) for k in keys) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """The parameter names that identify a family.
+
+    Attributes:
+      requires: a state dict is of the family when, for each of these names, one of its keys
+        ends with it.
+      precedence: :func:`detect` tries the families in increasing precedence and takes the
+        first that matches, so a signature that contains another must come first
+        (``hf_dinov2_reg`` before ``hf_dinov2``); the registry checks this.
+    """
+
+    requires: tuple[str, ...]
+    precedence: int
+
+    def matches(self, keys) -> bool:
+        return _has(keys, self.requires)
+
+
 @dataclasses.dataclass(frozen=True)
 class Converter:
-    """One supported checkpoint family: its name, description and state-dict mapping."""
+    """One supported checkpoint family: its name, description, state-dict mapping, detection
+    signature and preprocessing defaults."""
 
     family: str
     description: str
     convert: Callable[..., Converted]
+    signature: Signature
+    preprocessing: Preprocessing
 
     def __call__(self, sd: dict, config: dict | None, *, num_heads=None) -> Converted:
         return self.convert(sd, config, num_heads=num_heads)
@@ -69,27 +108,21 @@ def _strip_prefix(sd: dict, prefixes) -> dict:
 
 
 def detect(sd: dict) -> str:
-    """The family of a state dict from its parameter names (raises ``ValueError`` if unknown)."""
+    """The family of a state dict from its parameter names (raises ``ValueError`` if unknown).
+
+    The families' :class:`Signature` s are tried in order of precedence; the first that matches
+    wins.
+    """
     keys = set(sd)
-
-    def has(*names):
-        return all(any(k.endswith(n) or k == n for k in keys) for n in names)
-
-    if has("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
-        return "timm"
-    if has("embeddings.class_embedding", "encoder.layers.0.self_attn.q_proj.weight"):
-        return "hf_clip"
-    if has("embeddings.patch_embeddings.projection.weight", "encoder.layer.0.norm1.weight"):
-        if has("embeddings.register_tokens"):
-            return "hf_dinov2_reg"
-        return "hf_dinov2"
-    if has(
-        "embeddings.patch_embeddings.projection.weight", "encoder.layer.0.layernorm_before.weight"
-    ):
-        return "hf_vit"
+    for c in sorted(CONVERTERS.values(), key=lambda c: c.signature.precedence):
+        if c.signature.matches(keys):
+            return c.family
     sample = sorted(keys)[:12]
     hint = ""
-    if has("transformer.resblocks.0.attn.in_proj_weight") or has("visual.conv1.weight"):
+    if any(
+        _has(keys, [n])
+        for n in ("transformer.resblocks.0.attn.in_proj_weight", "visual.conv1.weight")
+    ):
         hint = " (this looks like an OpenAI/open_clip checkpoint, which is not supported yet)"
     raise ValueError(
         f"could not recognise the checkpoint family from its {len(keys)} parameter names{hint}; "
@@ -515,8 +548,24 @@ def _registry(*converters: Converter) -> dict[str, Converter]:
     names = [c.family for c in converters]
     if len(set(names)) != len(names):
         raise RuntimeError(f"a checkpoint family is registered twice: {names}")
+    order = sorted(converters, key=lambda c: c.signature.precedence)
+    if len({c.signature.precedence for c in order}) != len(order):
+        raise RuntimeError(f"two families share a detection precedence: {names}")
+    for i, first in enumerate(order):
+        for later in order[i + 1 :]:
+            if set(first.signature.requires) <= set(later.signature.requires):
+                raise RuntimeError(
+                    f"{later.family}'s signature contains {first.family}'s, so it must come "
+                    f"first in detection (lower precedence), or it is never detected"
+                )
     return {c.family: c for c in converters}
 
+
+_HF_PATCH = "embeddings.patch_embeddings.projection.weight"
+_DINOV2_SIGNATURE = (_HF_PATCH, "encoder.layer.0.norm1.weight")
+_DINOV2_PREPROCESSING = Preprocessing(
+    "short_crop", 256 / 224, "bicubic", IMAGENET_MEAN, IMAGENET_STD
+)
 
 #: The registry: one converter per supported family (its order is that of :data:`FAMILIES`).
 CONVERTERS = _registry(
@@ -525,28 +574,42 @@ CONVERTERS = _registry(
         "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
         "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
         functools.partial(hf, "hf_vit"),
+        signature=Signature((_HF_PATCH, "encoder.layer.0.layernorm_before.weight"), 4),
+        preprocessing=Preprocessing("square", 1.0, "bilinear", HALF_MEAN, HALF_STD),
     ),
     Converter(
         "hf_dinov2",
         "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
         functools.partial(hf, "hf_dinov2"),
+        signature=Signature(_DINOV2_SIGNATURE, 3),
+        preprocessing=_DINOV2_PREPROCESSING,
     ),
     Converter(
         "hf_dinov2_reg",
         "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
         functools.partial(hf, "hf_dinov2_reg"),
+        signature=Signature((*_DINOV2_SIGNATURE, "embeddings.register_tokens"), 2),
+        preprocessing=_DINOV2_PREPROCESSING,
     ),
     Converter(
         "hf_clip",
         "HuggingFace CLIPVisionModel / CLIPModel vision tower: "
         "[vision_model.]embeddings.class_embedding + encoder.layers.N.self_attn.q_proj",
         clip,
+        signature=Signature(
+            ("embeddings.class_embedding", "encoder.layers.0.self_attn.q_proj.weight"), 1
+        ),
+        preprocessing=Preprocessing("short_crop", 1.0, "bicubic", CLIP_MEAN, CLIP_STD),
     ),
     Converter(
         "timm",
         "timm VisionTransformer (also DINO v1 / DINOv2 original .pth): patch_embed.proj + "
         "blocks.N.attn.qkv",
         timm,
+        signature=Signature(("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"), 0),
+        preprocessing=Preprocessing(
+            "short_crop", 1 / 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD, "pretrained_cfg"
+        ),
     ),
 )
 

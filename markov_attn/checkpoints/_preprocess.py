@@ -26,6 +26,7 @@ checkpoint ships (HF's ``BitImageProcessor`` class defaults, CLIP mean/std at sh
 ``timm`` is timm's global defaults (many timm ViTs, e.g. the AugReg ones, use mean = std = 0.5
 instead, stated in their ``pretrained_cfg``). Pixels are scaled to [0, 1] before normalising.
 Resizing uses PIL, as the HuggingFace image processors and torchvision (on PIL images) do.
+The defaults are the ``preprocessing`` of each family's record in the checkpoint registry.
 """
 
 import math
@@ -33,13 +34,14 @@ import os
 
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-#: HF's IMAGENET_STANDARD_MEAN / _STD, the defaults of its ViTImageProcessor
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
+from ._families import CONVERTERS
+from ._pixels import CLIP_MEAN as CLIP_MEAN
+from ._pixels import CLIP_STD as CLIP_STD
+from ._pixels import HALF_MEAN as HALF_MEAN
+from ._pixels import HALF_STD as HALF_STD
+from ._pixels import IMAGENET_MEAN as IMAGENET_MEAN
+from ._pixels import IMAGENET_STD as IMAGENET_STD
+from ._pixels import Preprocessing
 
 
 class AssumedDefaultsWarning(UserWarning):
@@ -50,31 +52,15 @@ class AssumedDefaultsWarning(UserWarning):
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def _defaults(family: str) -> dict:
-    if family == "hf_vit":
-        return dict(mode="square", scale=1.0, resample="bilinear", mean=HALF_MEAN, std=HALF_STD)
-    if family in ("hf_dinov2", "hf_dinov2_reg"):
-        return dict(
-            mode="short_crop",
-            scale=256 / 224,
-            resample="bicubic",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
+def _defaults(family: str) -> Preprocessing:
+    """The registered preprocessing defaults of ``family`` (``ValueError`` if unknown)."""
+    conv = CONVERTERS.get(family) if isinstance(family, str) else None
+    if conv is None:
+        raise ValueError(
+            f"unknown family {family!r}; pass one of {', '.join(map(repr, CONVERTERS))} "
+            "or the CheckpointInfo returned by load()"
         )
-    if family == "hf_clip":
-        return dict(mode="short_crop", scale=1.0, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD)
-    if family == "timm":
-        return dict(
-            mode="short_crop",
-            scale=1 / 0.875,
-            resample="bicubic",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-        )
-    raise ValueError(
-        f"unknown family {family!r}; pass one of 'hf_vit', 'hf_dinov2', 'hf_dinov2_reg', "
-        "'hf_clip', 'timm' or the CheckpointInfo returned by load()"
-    )
+    return conv.preprocessing
 
 
 def _side(v) -> int | None:
@@ -92,7 +78,8 @@ def _side(v) -> int | None:
 
 def missing_preprocessing(family: str, config: dict | None, preprocessor: dict | None) -> str:
     """What is assumed for a checkpoint without its preprocessing file, in words, or ``""``."""
-    if family == "timm":
+    d = _defaults(family)
+    if d.source == "pretrained_cfg":
         pc = (config or {}).get("pretrained_cfg") or {}
         if "mean" in pc and "std" in pc:
             return ""
@@ -107,11 +94,10 @@ def missing_preprocessing(family: str, config: dict | None, preprocessor: dict |
             "no preprocessor_config.json next to the weights",
             "copy the model's preprocessor_config.json next to the weights",
         )
-    r = _defaults(family)
-    crop = "resize to a square" if r["mode"] == "square" else "shortest-edge resize + centre crop"
+    crop = "resize to a square" if d.mode == "square" else "shortest-edge resize + centre crop"
     return (
-        f"{what}: assuming the {family} defaults ({crop}, {r['resample']}, "
-        f"mean={tuple(r['mean'])}, std={tuple(r['std'])}); if the model was trained otherwise "
+        f"{what}: assuming the {family} defaults ({crop}, {d.resample}, "
+        f"mean={tuple(d.mean)}, std={tuple(d.std)}); if the model was trained otherwise "
         f"its maps are computed on wrongly normalised pixels: {fix}"
     )
 
@@ -133,13 +119,14 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     """
     info = None if isinstance(family_or_info, str) else family_or_info
     family = family_or_info if info is None else info.family
-    r = _defaults(family)
+    d = _defaults(family)
+    r = dict(mode=d.mode, scale=d.scale, resample=d.resample, mean=d.mean, std=d.std)
     native = None
     if info is not None:
         cfg = info.config.get("vision_config") or info.config
         native = cfg.get("image_size")
         pre = info.preprocessor
-        if family == "timm":
+        if d.source == "pretrained_cfg":
             pc = info.config.get("pretrained_cfg") or {}
             if "input_size" in pc:
                 native = int(pc["input_size"][-1])
