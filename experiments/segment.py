@@ -34,7 +34,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import time
@@ -46,16 +45,20 @@ import numpy as np
 import markov_attn as ma
 from markov_attn import segmentation as seg
 
+from .segment_report import (
+    REFERENCES,
+    label,
+    main_table,
+    summary_lines,
+    twin,
+    update_readme,
+    write_outputs,
+)
+
 SYNTHETIC_NOTE = (
     "The data are synthetic (Fashion-MNIST objects composited onto held-out natural photos, "
     "with exact masks); these numbers are not comparable with ImageNet-Segmentation results."
 )
-
-#: Reference rows (not attention methods).
-REFERENCES = {
-    "centre_prior": "centre prior (Gaussian)",
-    "oracle": "oracle (mask averaged per token)",
-}
 
 #: Methods shown in the figure grid.
 FIGURE_METHODS = (
@@ -71,29 +74,6 @@ FIGURE_METHODS = (
     "bounce_fwd_2_l2",
     "oracle",
 )
-
-README_START, README_END = "<!-- seg:start -->", "<!-- seg:end -->"
-
-
-def label(name: str, method: "seg.MapMethod | None" = None) -> str:
-    """Human-readable row label: a reference row's, else ``method.label`` (the registry's
-    method of that name when ``method`` is not given)."""
-    if name in REFERENCES:
-        return REFERENCES[name]
-    return (seg.METHODS[name] if method is None else method).label
-
-
-def _spec(res: dict, name: str) -> "seg.MapMethod | None":
-    """The :class:`MapMethod` of a result row (``None`` for the reference rows)."""
-    spec = res[name].get("spec")
-    return None if spec is None else seg.MapMethod(**spec)
-
-
-def _twin(index: dict, method: "seg.MapMethod | None", **changes) -> str | None:
-    """The name, in ``index`` (method -> name), of ``method`` with ``changes``, if evaluated."""
-    if method is None:
-        return None
-    return index.get(dataclasses.replace(method, **changes))
 
 
 # ----------------------------------------------------------------------------------- model
@@ -265,11 +245,11 @@ def evaluate(
         }
         if base is not None and k != base:
             entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
-        uniform = _twin(index, m, weighting="uniform")  # the same map with uniform heads
+        uniform = twin(index, m, weighting="uniform")  # the same map with uniform heads
         if uniform is not None and uniform != k:
             entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[uniform])
         if m is not None and m.kind == "bounce" and m.steps > 1:  # the same bounce at n = 1
-            first = _twin(index, m, steps=1)
+            first = twin(index, m, steps=1)
             if first is not None:
                 entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[first])
         results[k] = entry
@@ -309,263 +289,6 @@ def evaluate(
     if out_dir is not None:
         write_outputs(out, out_dir, fig_data=fig_data)
     return out
-
-
-# ----------------------------------------------------------------------------------- outputs
-
-
-def _fmt(value: float, ci) -> str:
-    return f"{100 * value:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
-def _row(name: str, r: dict) -> str:
-    m, ci = r["metrics"], r["ci"]
-    return (
-        f"| {r['label']} | {_fmt(m['miou'], ci['miou'])} | {_fmt(m['map'], ci['map'])} | "
-        f"{_fmt(m['pixel_acc'], ci['pixel_acc'])} |"
-    )
-
-
-MAIN_ORDER = (
-    "centre_prior",
-    "oracle",
-    "cls_attn",
-    "column_sum",
-    "rollout",
-    *(f"bounce_fwd_{n}" for n in range(1, 6)),
-    *(f"bounce_rev_{n}" for n in range(1, 6)),
-    "tokenrank_in",
-    "tokenrank_out",
-)
-
-
-def _main_rows(res: dict) -> list[str]:
-    """The rows of :data:`MAIN_ORDER` present in ``res``, then their λ2-weighted twins."""
-    main = [n for n in MAIN_ORDER if n in res]
-    index = {m: n for n in res if (m := _spec(res, n)) is not None}
-    weighted = [_twin(index, _spec(res, n), weighting="lambda2") for n in main]
-    return main + [n for n in weighted if n is not None and n not in main]
-
-
-def main_table(results: dict) -> str:
-    """The results table in Markdown (main rows, then their λ2-weighted variants)."""
-    res = results["methods"]
-    meta = results["meta"]
-    rows = _main_rows(res)
-    head = [
-        f"Zero-shot segmentation, {meta['n_images']} test images of the synthetic benchmark "
-        f"({meta['image_size']} px, {meta['grid'][0]}×{meta['grid'][1]} tokens, ViT depth "
-        f"{meta['depth']}, {meta['heads']} heads, `{meta['pool']}` pooling). Last layer unless "
-        "stated (rollout: all layers). Values in %, 95 % bootstrap intervals in brackets.",
-        "",
-        "| map | mIoU | mAP | pixel acc |",
-        "|---|---|---|---|",
-    ]
-    return "\n".join(head + [_row(n, res[n]) for n in rows]) + "\n"
-
-
-def _delta_lines(results: dict) -> list[str]:
-    res = results["methods"]
-    lines = []
-
-    def fmt_delta(d, metric):
-        lo, hi = d[metric]
-        sig = "" if lo <= 0 <= hi else (" (better)" if lo > 0 else " (worse)")
-        return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]{sig}"
-
-    named = [n for n in res if "delta_vs_cls" in res[n] and n not in REFERENCES]
-    if named:
-        lines += [
-            "",
-            "Paired differences against CLS attention (percentage points, 95 % "
-            'bootstrap interval; "better"/"worse" where it excludes 0):',
-            "",
-            "| map | ΔmIoU | ΔmAP |",
-            "|---|---|---|",
-        ]
-        for n in named:
-            d = res[n]["delta_vs_cls"]
-            lines.append(f"| {res[n]['label']} | {fmt_delta(d, 'miou')} | {fmt_delta(d, 'map')} |")
-    l2 = [n for n in res if "delta_vs_uniform" in res[n]]
-    if l2:
-        lines += [
-            "",
-            "λ2-weighted minus uniform heads (same method, paired):",
-            "",
-            "| map | ΔmIoU | ΔmAP |",
-            "|---|---|---|",
-        ]
-        for n in l2:
-            d = res[n]["delta_vs_uniform"]
-            lines.append(f"| {res[n]['label']} | {fmt_delta(d, 'miou')} | {fmt_delta(d, 'map')} |")
-    return lines
-
-
-def summary_lines(results: dict) -> list[str]:
-    """Which maps work best (by mIoU and mAP point estimates), for the closing note."""
-    res = results["methods"]
-    cand = [n for n in res if n not in REFERENCES]
-    if not cand:
-        return []
-    out = []
-    for metric in ("miou", "map"):
-        best = max(cand, key=lambda n: res[n]["metrics"][metric])
-        out.append(
-            f"- best by {metric}: {res[best]['label']} ({100 * res[best]['metrics'][metric]:.1f})"
-        )
-    families = {
-        "bounce_fwd": ("forward", "uniform"),
-        "bounce_rev": ("reverse", "uniform"),
-        "bounce_fwd_l2": ("forward", "lambda2"),
-    }
-    specs = {n: _spec(res, n) for n in cand}
-    for fam, (direction, weighting) in families.items():
-        # the last-layer, full-chain bounces n = 1..5 of the family (the registry's)
-        steps = {
-            seg.MapMethod("bounce", steps=k, direction=direction, weighting=weighting): k
-            for k in range(1, 6)
-        }
-        names = [n for n in cand if specs[n] in steps]
-        if names:
-            best = max(names, key=lambda n: res[n]["metrics"]["miou"])
-            out.append(f"- {fam}: best n by mIoU = {specs[best].steps}")
-    prior = res.get("centre_prior", {}).get("metrics", {}).get("miou")
-    if prior is not None:
-        beat = [n for n in cand if res[n]["ci"]["miou"][0] > prior]
-        out.append(
-            f"- {len(beat)} of {len(cand)} maps beat the centre prior's mIoU "
-            f"({100 * prior:.1f}) with their whole interval"
-        )
-    return out
-
-
-def markdown(results: dict) -> str:
-    """``segment.md``: note, main table, all other rows, paired differences, timing."""
-    res, meta, t = results["methods"], results["meta"], results["timing"]
-    lines = [
-        "# Zero-shot segmentation from attention chains",
-        "",
-        f"**{results['note']}**",
-        "",
-        main_table(results),
-    ]
-    main = set(_main_rows(res))
-    extra = [n for n in results["order"] if n not in main and n not in MAIN_ORDER]
-    if extra:
-        lines += ["## Ablations", "", "| map | mIoU | mAP | pixel acc |", "|---|---|---|---|"]
-        lines += [_row(n, res[n]) for n in extra]
-    lines += _delta_lines(results)
-    lines += ["", "## Summary", "", *summary_lines(results)]
-    lines += [
-        "",
-        "## Protocol and run",
-        "",
-        f"- {meta['protocol']}; threshold `{meta['thresh']}`.",
-        "- mAP (two-class, as the reference code's `get_ap_scores`) is in `segment.json` as "
-        "`map_2class`.",
-        f"- checkpoint: `{meta['run']}`; classifier test accuracy on these images "
-        f"{100 * meta['classification_acc']:.1f} %.",
-        *_lambda2_lines(meta),
-        f"- {meta['methods_evaluated']} maps on {meta['n_images']} images in "
-        f"{t['total_s']:.1f} s wall ({t['model_maps_stats_s']:.1f} s forward + maps + metrics, "
-        f"first step incl. compilation {t['first_step_incl_compile_s']:.1f} s; data "
-        f"generation {t['data_s']:.1f} s; bootstrap {t['bootstrap_s']:.1f} s), backend "
-        f"{meta['backend']}.",
-        "- figures: `segment_grid.png` (image, mask, each map and its mask), "
-        "`segment_curves.png` (mIoU and mAP against bounce count).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _lambda2_lines(meta: dict) -> list[str]:
-    lam = meta.get("last_layer_lambda2")
-    if not lam:
-        return []
-    mean, sd, w = (", ".join(f"{x:.2f}" for x in lam[k]) for k in ("mean", "sd", "weights_mean"))
-    uniform = 1 / len(lam["mean"])
-    return [
-        f"- last layer, per head: mean |λ2| of the patch chain [{mean}] (sd over images [{sd}]); "
-        f"mean λ2 head weights [{w}] (uniform would be {uniform:.2f} each)."
-    ]
-
-
-def write_outputs(results: dict, out_dir, /, *, fig_data: dict | None = None) -> dict:
-    """Writes ``segment.json``, ``segment.md`` and the two figures into ``out_dir``."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "segment.json", "md": out_dir / "segment.md"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-    paths["md"].write_text(markdown(results))
-    try:
-        from markov_attn.viz.seg import metric_curves, save_figure, seg_grid
-    except ImportError:  # pragma: no cover - matplotlib missing
-        return paths
-    if fig_data is not None:
-        res = results["methods"]
-        titles = {
-            k: res[k]["label"].replace(" (head mean)", "").replace(", ", "\n")
-            for k in fig_data["maps"]
-        }
-        titles = {
-            k: v.replace(" forward from CLS", " fwd").replace(" reverse to CLS", " rev")
-            for k, v in titles.items()
-        }
-        titles.update({"oracle": "oracle", "centre_prior": "centre prior"})
-        fig = seg_grid(fig_data["images"], fig_data["masks"], fig_data["maps"], titles=titles)
-        paths["grid"] = save_figure(fig, out_dir / "segment_grid.png", dpi=80)
-    res = results["methods"]
-    fams = {
-        "forward from CLS": [f"bounce_fwd_{n}" for n in range(1, 6)],
-        "reverse to CLS": [f"bounce_rev_{n}" for n in range(1, 6)],
-        "forward, λ2 heads": [f"bounce_fwd_{n}_l2" for n in range(1, 6)],
-        "reverse, λ2 heads": [f"bounce_rev_{n}_l2" for n in range(1, 6)],
-    }
-    refs = {
-        "CLS attention": "cls_attn",
-        "column sum": "column_sum",
-        "rollout": "rollout",
-        "TokenRank in": "tokenrank_in",
-        "centre prior": "centre_prior",
-    }
-    fig = metric_curves(res, fams, references=refs)
-    paths["curves"] = save_figure(fig, out_dir / "segment_curves.png")
-    return paths
-
-
-def update_readme(results: dict, readme: str | os.PathLike = "README.md", /) -> str:
-    """Replaces the README text between ``<!-- seg:start -->`` and ``<!-- seg:end -->`` with
-    the main table, the synthetic-data statement and the command."""
-    path = pathlib.Path(readme)
-    text = path.read_text()
-    i, j = text.find(README_START), text.find(README_END)
-    if i < 0 or j < i:
-        raise ValueError(
-            f"{path} has no {README_START} ... {README_END} block; add the two markers where "
-            "the segmentation table belongs"
-        )
-    run = results["meta"]["run"] or "<run>"
-    out = f"runs/{pathlib.Path(run).stem}" if run.endswith(".npz") else run
-    block = "\n".join(
-        [
-            README_START,
-            "",
-            f"*{results['note']}*",
-            "",
-            main_table(results).rstrip(),
-            "",
-            *summary_lines(results),
-            "",
-            f"Generated by `python -m experiments.segment --run {run}"
-            f"{' --extended' if results['meta'].get('extended') else ''} --update-readme` "
-            f"({results['timing']['total_s']:.0f} s on {results['meta']['backend']}); "
-            f"full results in `{out}/segment.md`.",
-            "",
-            README_END,
-        ]
-    )
-    path.write_text(text[:i] + block + text[j + len(README_END) :])
-    return block
 
 
 # ----------------------------------------------------------------------------------- CLI
