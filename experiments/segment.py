@@ -60,6 +60,12 @@ SYNTHETIC_NOTE = (
     "with exact masks); these numbers are not comparable with ImageNet-Segmentation results."
 )
 
+PROTOCOL = (
+    "per-map min-max, nearest upsampling, mask = map > mean(map); "
+    "mIoU and pixel accuracy accumulated over images; mAP = mean per-image "
+    "AP of the continuous map (images with an empty mask left out)"
+)
+
 #: Methods shown in the figure grid.
 FIGURE_METHODS = (
     "cls_attn",
@@ -141,6 +147,141 @@ def _lambda2_summary(lam2: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------------- evaluate
 
 
+def _prepare_methods(methods: dict | None, *, extended: bool, info: dict) -> dict:
+    """Name → ``MapMethod`` to evaluate: ``methods`` (default the registry), plus the
+    extended ablations if asked, less the CLS-based maps of a model without a CLS token."""
+    table = dict(seg.METHODS if methods is None else methods)
+    if extended:
+        table.update(seg.extended_methods(info["depth"]))
+    if info["num_prefix"] < 1:
+        table = {k: m for k, m in table.items() if not m.needs_cls}
+    return table
+
+
+def _figure_data(batch: dict, maps: dict, k: int) -> dict:
+    """The first ``k`` images, masks and :data:`FIGURE_METHODS` maps of a batch."""
+    return {
+        "images": batch["images"][:k],
+        "masks": batch["masks"][:k],
+        "maps": {m: np.asarray(maps[m][:k]) for m in FIGURE_METHODS if m in maps},
+    }
+
+
+@dataclasses.dataclass
+class _Pass:
+    """What the pass over the test images accumulates, batch by batch."""
+
+    parts: list = dataclasses.field(default_factory=list)  # per-batch SegStats
+    lams: list = dataclasses.field(default_factory=list)  # per-batch last-layer |λ2|
+    correct: int = 0
+    fig_data: dict | None = None
+    t_data: float = 0.0
+    t_compute: float = 0.0
+    first_step: float | None = None
+
+    def stats(self) -> "seg.SegStats":
+        """All images' statistics, ``(methods, images)`` per field."""
+        return seg.SegStats(*(np.concatenate(v, axis=1) for v in zip(*self.parts)))
+
+
+def _run_batches(
+    step, n_images, batch_size, *, size, grid, data_seed, figure_images, progress, t_all
+) -> _Pass:
+    """Runs ``step`` over test images ``0 .. n_images - 1`` in batches."""
+    from markov_attn.data import centre_prior, make_split, oracle_map
+
+    prior = jnp.asarray(centre_prior(size, grid[0]))
+    acc = _Pass()
+    for start in range(0, n_images, batch_size):
+        n = min(batch_size, n_images - start)
+        t0 = time.perf_counter()
+        batch = make_split("test", n, size=size, seed=data_seed, start=start)
+        oracle = oracle_map(batch["masks"], grid[0])
+        t1 = time.perf_counter()
+        pred, stats, maps, lam2 = step(batch["images"], batch["masks"], prior, oracle)
+        acc.parts.append(jax.device_get(stats))
+        acc.lams.append(np.asarray(lam2))
+        t2 = time.perf_counter()
+        acc.t_data += t1 - t0
+        acc.t_compute += t2 - t1
+        if acc.first_step is None:
+            acc.first_step = t2 - t1
+        acc.correct += int(np.sum(np.asarray(pred) == batch["labels"]))
+        if acc.fig_data is None and figure_images:
+            acc.fig_data = _figure_data(batch, maps, min(figure_images, n))
+        if progress:
+            print(
+                f"[segment] {start + n}/{n_images} images, {time.perf_counter() - t_all:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return acc
+
+
+def _entry(k: str, m, per: dict, *, counts, base: str | None, index: dict) -> dict:
+    """The result row of method ``k``: metrics, intervals and paired differences against CLS
+    attention, the same map with uniform heads and the same bounce at n = 1."""
+    st = per[k]
+    entry = {
+        "label": label(k, m),
+        "spec": dataclasses.asdict(m) if m is not None else None,
+        "metrics": seg.summarize(st),
+        "ci": seg.bootstrap(st, counts=counts),
+    }
+    if base is not None and k != base:
+        entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
+    uniform = twin(index, m, weighting="uniform")  # the same map with uniform heads
+    if uniform is not None and uniform != k:
+        entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[uniform])
+    if m is not None and m.kind == "bounce" and m.steps > 1:  # the same bounce at n = 1
+        first = twin(index, m, steps=1)
+        if first is not None:
+            entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[first])
+    return entry
+
+
+def _score(names: tuple, table: dict, all_stats, *, n_images, n_resamples, seed) -> dict:
+    """Name → result row of every evaluated map (bootstrap resamples shared by all)."""
+    counts = seg.bootstrap_counts(n_images, n_resamples=n_resamples, seed=seed)
+    per = {k: seg.SegStats(*(v[i] for v in all_stats)) for i, k in enumerate(names)}
+    base = "cls_attn" if "cls_attn" in per else None
+    index = {m: k for k, m in table.items()}
+    return {k: _entry(k, table.get(k), per, counts=counts, base=base, index=index) for k in names}
+
+
+def _meta(
+    info: dict, acc: _Pass, *, n_images, grid, thresh, bootstrap, methods_evaluated, extended
+) -> dict:
+    """The run's description: model, data, protocol, accuracy, |λ2| summary, backend."""
+    return {
+        **info,
+        "n_images": n_images,
+        "grid": list(grid),
+        "thresh": thresh,
+        "protocol": PROTOCOL,
+        "bootstrap": bootstrap,
+        "classification_acc": acc.correct / n_images,
+        "last_layer_lambda2": _lambda2_summary(np.concatenate(acc.lams)),
+        "backend": jax.default_backend(),
+        "methods_evaluated": methods_evaluated,
+        "extended": bool(extended),
+    }
+
+
+def _timing(acc: _Pass, *, t_all, t_boot, n_images, batch_size) -> dict:
+    return {
+        "total_s": time.perf_counter() - t_all,
+        "data_s": acc.t_data,
+        "model_maps_stats_s": acc.t_compute,
+        "first_step_incl_compile_s": acc.first_step,
+        "bootstrap_s": t_boot,
+        "images_per_s_steady": (n_images - min(batch_size, n_images))
+        / max(acc.t_compute - acc.first_step, 1e-9)
+        if n_images > batch_size
+        else None,
+    }
+
+
 def evaluate(
     source,
     /,
@@ -179,115 +320,48 @@ def evaluate(
         ``{"meta": ..., "timing": ..., "methods": {name: {"label", "spec", "metrics", "ci",
         "delta_vs_cls", "delta_vs_uniform"?}}, "order": [...], "note": ...}``.
     """
-    from markov_attn.data import centre_prior, make_split, oracle_map
-
     t_all = time.perf_counter()
     model, info = _load(source)
     size, patch = info["image_size"], info["patch_size"]
     grid = (size // patch, size // patch)
-    table = dict(seg.METHODS if methods is None else methods)
-    if extended:
-        table.update(seg.extended_methods(info["depth"]))
-    if info["num_prefix"] < 1:
-        table = {k: m for k, m in table.items() if not m.needs_cls}
+    table = _prepare_methods(methods, extended=extended, info=info)
     names = tuple(table) + tuple(REFERENCES)
     step = _step_fn(model, names, table, grid=grid, num_prefix=info["num_prefix"], thresh=thresh)
-    prior = jnp.asarray(centre_prior(size, grid[0]))
-    dseed = info["data_seed"] if data_seed is None else data_seed
-
-    parts, lams, correct, fig_data = [], [], 0, None
-    t_data = t_compute = 0.0
-    first_step = None
-    for start in range(0, n_images, batch_size):
-        n = min(batch_size, n_images - start)
-        t0 = time.perf_counter()
-        batch = make_split("test", n, size=size, seed=dseed, start=start)
-        oracle = oracle_map(batch["masks"], grid[0])
-        t1 = time.perf_counter()
-        pred, stats, maps, lam2 = step(batch["images"], batch["masks"], prior, oracle)
-        stats = jax.device_get(stats)
-        lams.append(np.asarray(lam2))
-        t2 = time.perf_counter()
-        t_data += t1 - t0
-        t_compute += t2 - t1
-        if first_step is None:
-            first_step = t2 - t1
-        correct += int(np.sum(np.asarray(pred) == batch["labels"]))
-        parts.append(stats)
-        if fig_data is None and figure_images:
-            k = min(figure_images, n)
-            fig_data = {
-                "images": batch["images"][:k],
-                "masks": batch["masks"][:k],
-                "maps": {m: np.asarray(maps[m][:k]) for m in FIGURE_METHODS if m in maps},
-            }
-        if progress:
-            print(
-                f"[segment] {start + n}/{n_images} images, {time.perf_counter() - t_all:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-    all_stats = seg.SegStats(*(np.concatenate(v, axis=1) for v in zip(*parts)))
-
+    acc = _run_batches(
+        step,
+        n_images,
+        batch_size,
+        size=size,
+        grid=grid,
+        data_seed=info["data_seed"] if data_seed is None else data_seed,
+        figure_images=figure_images,
+        progress=progress,
+        t_all=t_all,
+    )
+    all_stats = acc.stats()
     t0 = time.perf_counter()
-    counts = seg.bootstrap_counts(n_images, n_resamples=n_resamples, seed=seed)
-    per = {k: seg.SegStats(*(v[i] for v in all_stats)) for i, k in enumerate(names)}
-    results = {}
-    base = "cls_attn" if "cls_attn" in per else None
-    index = {m: k for k, m in table.items()}
-    for k in names:
-        st, m = per[k], table.get(k)
-        entry = {
-            "label": label(k, m),
-            "spec": dataclasses.asdict(m) if m is not None else None,
-            "metrics": seg.summarize(st),
-            "ci": seg.bootstrap(st, counts=counts),
-        }
-        if base is not None and k != base:
-            entry["delta_vs_cls"] = seg.bootstrap(st, counts=counts, baseline=per[base])
-        uniform = twin(index, m, weighting="uniform")  # the same map with uniform heads
-        if uniform is not None and uniform != k:
-            entry["delta_vs_uniform"] = seg.bootstrap(st, counts=counts, baseline=per[uniform])
-        if m is not None and m.kind == "bounce" and m.steps > 1:  # the same bounce at n = 1
-            first = twin(index, m, steps=1)
-            if first is not None:
-                entry["delta_vs_n1"] = seg.bootstrap(st, counts=counts, baseline=per[first])
-        results[k] = entry
+    results = _score(names, table, all_stats, n_images=n_images, n_resamples=n_resamples, seed=seed)
     t_boot = time.perf_counter() - t0
-
     out = {
         "note": SYNTHETIC_NOTE,
-        "meta": {
-            **info,
-            "n_images": n_images,
-            "grid": list(grid),
-            "thresh": thresh,
-            "protocol": "per-map min-max, nearest upsampling, mask = map > mean(map); "
-            "mIoU and pixel accuracy accumulated over images; mAP = mean per-image "
-            "AP of the continuous map (images with an empty mask left out)",
-            "bootstrap": {"n_resamples": n_resamples, "seed": seed, "level": 0.95},
-            "classification_acc": correct / n_images,
-            "last_layer_lambda2": _lambda2_summary(np.concatenate(lams)),
-            "backend": jax.default_backend(),
-            "methods_evaluated": len(names),
-            "extended": bool(extended),
-        },
-        "timing": {
-            "total_s": time.perf_counter() - t_all,
-            "data_s": t_data,
-            "model_maps_stats_s": t_compute,
-            "first_step_incl_compile_s": first_step,
-            "bootstrap_s": t_boot,
-            "images_per_s_steady": (n_images - min(batch_size, n_images))
-            / max(t_compute - first_step, 1e-9)
-            if n_images > batch_size
-            else None,
-        },
+        "meta": _meta(
+            info,
+            acc,
+            n_images=n_images,
+            grid=grid,
+            thresh=thresh,
+            bootstrap={"n_resamples": n_resamples, "seed": seed, "level": 0.95},
+            methods_evaluated=len(names),
+            extended=extended,
+        ),
+        "timing": _timing(
+            acc, t_all=t_all, t_boot=t_boot, n_images=n_images, batch_size=batch_size
+        ),
         "order": list(names),
         "methods": results,
     }
     if out_dir is not None:
-        write_outputs(out, out_dir, fig_data=fig_data)
+        write_outputs(out, out_dir, fig_data=acc.fig_data)
     return out
 
 
