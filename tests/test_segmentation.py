@@ -426,7 +426,7 @@ def test_every_method_carries_its_label():
 
 def test_segment_experiment_on_a_tiny_model(tmp_path):
     nnx = pytest.importorskip("flax.nnx")
-    from experiments import segment
+    from experiments import segment, segment_report
     from markov_attn.nn import ViT, ViTConfig
 
     cfg = ViTConfig(image_size=32, patch_size=8, width=16, depth=2, num_heads=2, mlp_dim=32)
@@ -457,13 +457,13 @@ def test_segment_experiment_on_a_tiny_model(tmp_path):
         assert (tmp_path / f).stat().st_size > 0
     assert "not comparable with ImageNet-Segmentation" in (tmp_path / "segment.md").read_text()
     readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{segment.README_START}\nold\n{segment.README_END}\nb\n")
-    segment.update_readme(res, readme)
+    readme.write_text(f"a\n{segment_report.README_START}\nold\n{segment_report.README_END}\nb\n")
+    segment_report.update_readme(res, readme)
     text = readme.read_text()
     assert "old" not in text and "| map | mIoU |" in text and text.endswith("b\n")
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="seg:start"):
-        segment.update_readme(res, readme)
+        segment_report.update_readme(res, readme)
 
 
 def test_multiseg_scores_are_permutation_invariant():
