@@ -266,13 +266,6 @@ def _summarise(stats: dict, pairs: list[tuple[str, str]]) -> dict:
     return {"rows": rows, "differences": diffs}
 
 
-def _settings(scales) -> list[tuple[str, str | None, float]]:
-    out = [("none", None, 0.0)]
-    for s in scales:
-        out += [(f"colsum s={s:g}", "colsum", s), (f"tokenrank s={s:g}", "tokenrank", s)]
-    return out
-
-
 def _sample_setting(model, cfg, kind, scale, *, n, batch, steps, seed):
     from markov_attn.nn import ddim_sample
 
@@ -299,7 +292,7 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
 
     from markov_attn.data import make_split
 
-    from .sample_dit import grid_image, mask_figure
+    from .sample_dit import grid_image, guidance_settings, mask_figure
     from .train_dit import load_dit
 
     workdir = pathlib.Path(workdir)
@@ -318,9 +311,8 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
     sets = {"real (other images)": _embed(embed, other),
             "real, blurred": _embed(embed, _blur(other))}  # fmt: skip
     timing = {}
-    settings = _settings(scales)
-    for name, kind, s in settings:
-        tag = name.replace(" s=", "_s").replace(" ", "_")
+    settings = guidance_settings(scales)
+    for name, tag, kind, s in settings:
         cache = out / f"samples_{tag}_n{samples}_k{steps}_seed{seed}_b{batch}.npz"
         if cache.exists():  # samples depend only on (model, setting, n, steps, seed, batch)
             z = np.load(cache)
@@ -339,8 +331,8 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
             print(f"{name}: {samples} samples in {timing[name]:.0f} s", flush=True)
     test = make_split("test", 6, size=size, seed=cfg.data_seed, root=cfg.data_root)["images"]
     masks = mask_figure(model, test, out / "masks.png", schedule=cfg.schedule)
-    pairs = [(n, "none") for n, k, _ in settings if k] + [
-        (f"tokenrank s={s:g}", f"colsum s={s:g}") for s in scales
+    pairs = [(g.label, "none") for g in settings if g.kind] + [
+        (f"tokenrank s={s:g}", f"column_sum s={s:g}") for s in scales
     ]
     stats = _bootstrap(real_f, sets, seed=seed)
     report = {
@@ -369,7 +361,7 @@ def _verdict(rep: dict) -> str:
     """One plain sentence per scale, from the paired intervals of TokenRank − column sum."""
     lines = []
     for key, d in rep["differences"].items():
-        if not key.startswith("tokenrank") or "colsum" not in key:
+        if not key.startswith("tokenrank") or "column_sum" not in key:
             continue
         fid_d, is_d = d["fid"], d["is"]
 

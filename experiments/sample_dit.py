@@ -18,6 +18,7 @@ import json
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,22 @@ def grid_image(images: np.ndarray, /, *, rows: int, pad: int = 2) -> np.ndarray:
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
-def _settings(scale: float) -> list[tuple[str, str | None, float]]:
-    return [("none", None, 0.0)] + [(f"{k}_s{scale:g}", k, scale) for k in MASK_KINDS]
+class Setting(NamedTuple):
+    """One guidance setting: ``label`` for tables (``"tokenrank s=0.5"``), ``tag`` for file
+    names (``"tokenrank_s0.5"``), the SAG mask ``kind`` (``None`` = unguided) and ``scale``."""
+
+    label: str
+    tag: str
+    kind: str | None
+    scale: float
+
+
+def guidance_settings(scales) -> list[Setting]:
+    """Unguided sampling, then SAG with every mask kind (:data:`MASK_KINDS`) at each scale."""
+    out = [Setting("none", "none", None, 0.0)]
+    for s in scales:
+        out += [Setting(f"{k} s={s:g}", f"{k}_s{s:g}", k, float(s)) for k in MASK_KINDS]
+    return out
 
 
 def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: int = 8,
@@ -63,9 +78,11 @@ def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: i
     k = model.cfg.num_classes
     labels = np.repeat(np.arange(k + 1), per_row)  # the last row is the null label
     files = {}
-    for name, kind, s in _settings(scale):
-        images = ddim_sample(model, labels, steps=steps, seed=seed, sag=kind, sag_scale=s,
-                             schedule=schedule, cfg_scale=cfg_scale)  # fmt: skip
+    for setting in guidance_settings([scale]):
+        name = setting.tag
+        images = ddim_sample(model, labels, steps=steps, seed=seed, sag=setting.kind,
+                             sag_scale=setting.scale, schedule=schedule,
+                             cfg_scale=cfg_scale)  # fmt: skip
         if cfg_scale is not None:
             name = f"{name}_cfg{cfg_scale:g}"
         path = out / f"grid_{name}.png"
@@ -119,11 +136,18 @@ def mask_agreement(model, images, /, *, ts=(100, 300, 500, 700, 900), seed=0,
         _, attn = _forward_at(model, x0, t, seed=seed + t, schedule=schedule)
         for layer in range(model.cfg.depth):
             m = _masks(model, attn, layer)
-            c, r = m["colsum"], m["tokenrank"]
-            rows.append({"t": t, "layer": layer, "agreement": float(np.mean(c == r)),
-                         "colsum_fraction": float(c.mean()),
-                         "tokenrank_fraction": float(r.mean())})  # fmt: skip
+            rows.append({"t": t, "layer": layer, **_mask_stats(m)})
     return rows
+
+
+def _mask_stats(masks: dict) -> dict:
+    """The share of image tokens on which the two masks agree, and the share each masks."""
+    c, r = masks["column_sum"], masks["tokenrank"]
+    return {
+        "agreement": float(np.mean(c == r)),
+        "column_sum_fraction": float(c.mean()),
+        "tokenrank_fraction": float(r.mean()),
+    }
 
 
 def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int = 0,
@@ -154,14 +178,7 @@ def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    c, r = masks["colsum"], masks["tokenrank"]
-    return {
-        "t": t,
-        "layer": model.cfg.depth // 2,
-        "agreement": float(np.mean(c == r)),
-        "colsum_fraction": float(c.mean()),
-        "tokenrank_fraction": float(r.mean()),
-    }
+    return {"t": t, "layer": model.cfg.depth // 2, **_mask_stats(masks)}
 
 
 def main(argv=None) -> int:

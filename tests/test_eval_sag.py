@@ -58,12 +58,12 @@ def test_summary_and_verdict_follow_the_intervals():
     point = lambda f, i: {"fid": f, "is": i, "precision": 0.5, "recall": 0.5}
     stats = {
         name: {"point": point(f, i), "boot": boot(point(f, i))}
-        for name, f, i in [("none", 10.0, 2.0), ("colsum s=1", 9.0, 2.0),
+        for name, f, i in [("none", 10.0, 2.0), ("column_sum s=1", 9.0, 2.0),
                            ("tokenrank s=1", 8.0, 2.0)]
     }  # fmt: skip
-    pairs = [("colsum s=1", "none"), ("tokenrank s=1", "none"), ("tokenrank s=1", "colsum s=1")]
+    pairs = [("column_sum s=1", "none"), ("tokenrank s=1", "none"), ("tokenrank s=1", "column_sum s=1")]
     rep = eval_sag._summarise(stats, pairs)
-    d = rep["differences"]["tokenrank s=1 - colsum s=1"]
+    d = rep["differences"]["tokenrank s=1 - column_sum s=1"]
     assert d["fid"]["value"] == pytest.approx(-1.0) and d["fid"]["ci"][1] < 0
     verdict = eval_sag._verdict(rep)
     assert "FID -1.00" in verdict and "(better)" in verdict and "IS +0.000" in verdict

@@ -40,7 +40,7 @@ def test_sag_scale_zero_is_unguided_and_seeds_repeat(dit):
     kw = dict(steps=6, seed=2)
     plain = np.asarray(ddim_sample(dit, y, **kw))
     assert plain.shape == (4, 8, 8, 3) and plain.min() >= 0 and plain.max() <= 1
-    for kind in ("colsum", "tokenrank"):
+    for kind in ("column_sum", "tokenrank"):
         zero = np.asarray(ddim_sample(dit, y, sag=kind, sag_scale=0.0, **kw))
         np.testing.assert_array_equal(zero, plain)
         guided = np.asarray(ddim_sample(dit, y, sag=kind, sag_scale=1.0, **kw))
@@ -74,7 +74,7 @@ def test_sag_reads_the_attention_of_the_same_forward(dit):
     np.testing.assert_allclose(np.asarray(records[1][0]), want, atol=1e-4)
     # with CFG: one forward on [uncond; cond], the degraded one on the uncond half
     records.clear()
-    sample(fn, y, steps=1, sag="colsum", cfg_scale=2.0, null_label=3, shape=(8, 8, 3),
+    sample(fn, y, steps=1, sag="column_sum", cfg_scale=2.0, null_label=3, shape=(8, 8, 3),
            n_label=2, sag_layer=1)  # fmt: skip
     assert [r[0].shape[0] for r in records] == [4, 2]
     assert np.asarray(records[0][4]).tolist() == [3, 3, 0, 3]
@@ -91,7 +91,7 @@ def test_classifier_free_guidance(dit):
     strong = np.asarray(ddim_sample(dit, y, cfg_scale=3.0, **kw))
     assert np.abs(strong - cond).max() > 1e-3
     # SAG on top of CFG: s = 0 is CFG alone; the degraded forward sees the null label
-    plain = ddim_sample(dit, y, cfg_scale=3.0, sag="colsum", sag_scale=0.0, **kw)
+    plain = ddim_sample(dit, y, cfg_scale=3.0, sag="column_sum", sag_scale=0.0, **kw)
     np.testing.assert_array_equal(plain, strong)
     with pytest.raises(ValueError, match="null_label"):
         sample(lambda x, t, y: (x, {}), y, shape=(4, 4, 1), cfg_scale=2.0)

@@ -27,9 +27,9 @@ def _stationary(p, alpha=0.99):
     return pi / pi.sum()
 
 
-def test_colsum_mask_is_sags_rule(rng):
+def test_column_sum_mask_is_sags_rule(rng):
     attn = _random_attn(rng, (2, 3, 2 + 16, 2 + 16))  # (B, heads, L+N, L+N), L = 2
-    mask = np.asarray(sag_mask(attn, kind="colsum", n_label=2))
+    mask = np.asarray(sag_mask(attn, kind="column_sum", n_label=2))
     a = attn.astype(np.float64).mean(1)[:, 2:, 2:]
     a /= a.sum(-1, keepdims=True)
     colsum = a.sum(1)  # over the queries
@@ -56,6 +56,8 @@ def test_tokenrank_mask_and_chains(rng):
     a[:, 0] = 0.85
     a[0] = [0.05, 0.05, 0.8, 0.1]
     assert np.asarray(sag_mask(a[None], kind="tokenrank")).tolist() == [True, False, True, False]
+    assert np.asarray(sag_mask(a[None], kind="column_sum")).tolist() == [True, False, False, False]
+    # the name before the library's vocabulary ("colsum") is still accepted
     assert np.asarray(sag_mask(a[None], kind="colsum")).tolist() == [True, False, False, False]
 
 
@@ -124,7 +126,7 @@ def test_sag_degrade_empty_and_full_masks(rng):
 
 def test_batching_is_vmap(rng):
     attn = _random_attn(rng, (3, 2, 1 + 9, 1 + 9))
-    for kind in ("colsum", "tokenrank"):
+    for kind in ("column_sum", "tokenrank"):
         f = lambda a, kind=kind: sag_mask(a, kind=kind, n_label=1)
         np.testing.assert_array_equal(jax.vmap(f)(attn), f(attn))
     x = rng.normal(size=(3, 8, 8, 2)).astype(np.float32)

@@ -22,7 +22,7 @@ def test_mask_figure(tmp_path, rng):
     stats = mask_figure(model, images, tmp_path / "m.png", t=300)
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stats["layer"] == 1 and 0 <= stats["agreement"] <= 1
-    assert 0 < stats["colsum_fraction"] < 1 and 0 < stats["tokenrank_fraction"] < 1
+    assert 0 < stats["column_sum_fraction"] < 1 and 0 < stats["tokenrank_fraction"] < 1
     rows = mask_agreement(model, images, ts=(100, 700))
     assert [(r["t"], r["layer"]) for r in rows] == [(100, 0), (100, 1), (700, 0), (700, 1)]
     assert all(0 <= r["agreement"] <= 1 for r in rows)

@@ -63,7 +63,7 @@ def test_loaded_model_samples(finished):
     model, cfg = load_dit(finished[0])
     assert cfg == SMOKE and model.cfg == SMOKE.model
     y = np.array([0, cfg.model.null_label])
-    out = np.asarray(ddim_sample(model, y, steps=2, sag="colsum", sag_scale=0.5))
+    out = np.asarray(ddim_sample(model, y, steps=2, sag="column_sum", sag_scale=0.5))
     assert out.shape == (2, 32, 32, 3) and np.isfinite(out).all()
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ._sag import CHAINS, MASK_KINDS, sag_degrade, sag_mask
+from ._sag import CHAINS, mask_kind, sag_degrade, sag_mask
 
 SCHEDULES = ("cosine", "linear")
 SAMPLERS = ("ddim", "ddpm")
@@ -236,7 +236,7 @@ def sample(
     - ``"ddpm"``: the posterior :math:`q(x_{t'}|x_t, \hat x_0)` of the respaced chain,
       :math:`\beta' = 1 - \bar\alpha_t/\bar\alpha_{t'}` (ADM), the model fed the original ``t``.
 
-    With ``sag`` (``"colsum"`` or ``"tokenrank"``), before the update: the mask
+    With ``sag`` (``"column_sum"`` or ``"tokenrank"``), before the update: the mask
     :func:`sag_mask` of layer ``sag_layer``'s attention *from the same forward*, the
     unclipped :math:`\hat x_0` blurred inside it and re-noised with :math:`\hat\varepsilon`
     (:func:`sag_degrade`), a second forward gives :math:`\hat\varepsilon_{deg}`, and
@@ -267,7 +267,7 @@ def sample(
         :math:`\tilde\varepsilon = \hat\varepsilon + s(\hat\varepsilon_u -
         \hat\varepsilon_{deg})` (diffusers' SAG pipeline).
       null_label: the unconditional label for CFG (default ``model.cfg.null_label``).
-      sag: ``None`` (unguided), ``"colsum"`` or ``"tokenrank"``.
+      sag: ``None`` (unguided), ``"column_sum"`` or ``"tokenrank"`` (``"colsum"`` is accepted).
       sag_scale: guidance scale ``s``.
       sag_layer: the block whose attention gives the mask (default ``depth // 2``).
       sag_chain: ``"image"`` (the renormalised image block) or ``"joint"`` (see
@@ -282,8 +282,8 @@ def sample(
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sag is not None and sag not in MASK_KINDS:
-        raise ValueError(f"sag must be None or one of {MASK_KINDS}, got {sag!r}")
+    if sag is not None:
+        sag = mask_kind(sag, what="sag (or None)")
     if sag_chain not in CHAINS:
         raise ValueError(f"sag_chain must be one of {CHAINS}, got {sag_chain!r}")
     cfg = getattr(model, "cfg", None)

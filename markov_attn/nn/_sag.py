@@ -14,15 +14,26 @@ from jaxtyping import Array, Bool, Float
 
 import markov_attn as ma
 
-MASK_KINDS = ("colsum", "tokenrank")
+#: The SAG mask kinds: SAG's column sum (``ma.column_sum``) and TokenRank (``ma.tokenrank``).
+MASK_KINDS = ("column_sum", "tokenrank")
 CHAINS = ("image", "joint")
+_OLD_KIND_NAMES = {"colsum": "column_sum"}  # the name before the library's vocabulary; accepted
+
+
+def mask_kind(kind: str, /, *, what: str = "kind") -> str:
+    """``kind`` as one of :data:`MASK_KINDS` (``"colsum"`` is accepted for ``"column_sum"``);
+    ``ValueError`` naming the choices otherwise."""
+    kind = _OLD_KIND_NAMES.get(kind, kind)
+    if kind not in MASK_KINDS:
+        raise ValueError(f"{what} must be one of {MASK_KINDS}, got {kind!r}")
+    return kind
 
 
 def sag_mask(
     attn: Float[Array, "*batch heads n n"],
     /,
     *,
-    kind: str = "colsum",
+    kind: str = "column_sum",
     n_label: int = 0,
     chain: str = "image",
     alpha: float = 0.99,
@@ -36,14 +47,15 @@ def sag_mask(
 
     .. math:: M_j = [\, n\, d_j > 1 \,],
 
-    where :math:`d` = ``ma.column_sum(A)`` for ``kind="colsum"`` (so :math:`n d_j` is column
+    where :math:`d` = ``ma.column_sum(A)`` for ``kind="column_sum"`` (so :math:`n d_j` is column
     :math:`j`'s sum, SAG's rule ``> 1``) and :math:`d` = ``ma.tokenrank(A, alpha=alpha)`` for
     ``kind="tokenrank"``. With ``chain="joint"`` the distribution is taken over all
     :math:`L + N` tokens and the image part thresholded at its own mean.
 
     Args:
       attn: one layer's attention probabilities ``(..., heads, L+N, L+N)``, rows = queries.
-      kind: ``"colsum"`` or ``"tokenrank"``.
+      kind: ``"column_sum"`` or ``"tokenrank"`` (:data:`MASK_KINDS`; the old name
+        ``"colsum"`` is accepted).
       n_label: tokens before the image tokens (``L``; ``DiTConfig.n_label``).
       chain: ``"image"`` or ``"joint"``.
       alpha: TokenRank teleportation (traced).
@@ -57,8 +69,7 @@ def sag_mask(
       >>> sag_mask(a).tolist(), sag_mask(a, kind="tokenrank").tolist()
       ([True, False, False], [True, False, False])
     """
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    kind = mask_kind(kind)
     if chain not in CHAINS:
         raise ValueError(f"chain must be one of {CHAINS}, got {chain!r}")
     attn = jnp.asarray(attn)
@@ -71,7 +82,7 @@ def sag_mask(
     if chain == "image":
         a = a[..., n_label:, n_label:]
         a = a / jnp.sum(a, axis=-1, keepdims=True)
-    dist = ma.column_sum(a) if kind == "colsum" else ma.tokenrank(a, alpha=alpha)
+    dist = ma.column_sum(a) if kind == "column_sum" else ma.tokenrank(a, alpha=alpha)
     if chain == "joint":
         dist = dist[..., n_label:]
     return dist * dist.shape[-1] > jnp.sum(dist, axis=-1, keepdims=True)
@@ -147,4 +158,12 @@ def sag_degrade(
     return jnp.sqrt(abar) * x0_bar + jnp.sqrt(1.0 - abar) * eps
 
 
-__all__ = ["CHAINS", "MASK_KINDS", "gaussian_blur", "sag_degrade", "sag_mask", "upsample_mask"]
+__all__ = [
+    "CHAINS",
+    "MASK_KINDS",
+    "gaussian_blur",
+    "mask_kind",
+    "sag_degrade",
+    "sag_mask",
+    "upsample_mask",
+]
