@@ -39,6 +39,8 @@ import numpy as np
 import markov_attn as ma
 from markov_attn import testing
 
+from .readme import replace_block
+
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.99
 
@@ -249,12 +251,9 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(md: str, start="<!-- bench:start -->", end="<!-- bench:end -->") -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    i, j = text.index(start) + len(start), text.index(end)
-    readme.write_text(text[:i] + "\n" + md + text[j:])
-    print(f"updated {readme}")
+def update_readme(md: str) -> None:
+    replace_block(ROOT / "README.md", "bench", md)
+    print(f"updated {ROOT / 'README.md'}")
 
 
 def main(argv=None) -> dict:

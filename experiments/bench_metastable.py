@@ -12,12 +12,8 @@ One ``(1, 12, 197, 197)`` float32 stack (4 metastable, 4 near-circulant and 4 di
 with how many heads converged, and the same on a stack of 12 metastable heads (4 clusters), where
 the iteration stops early. No assertion: timings depend on the machine.
 
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m experiments.bench_metastable
+    python -m experiments.bench_metastable
 """
-
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 import jax
 import jax.numpy as jnp

@@ -8,12 +8,8 @@ clustered attention chains (non-reversible and reversible, 3 and 4 clusters) and
 metastabilities, ``trace(diag(1/χᵀη) χᵀ D A χ)``, and crispnesses. The library keeps whichever
 scores higher on metastability.
 
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m experiments.metastable_rotation
+    python -m experiments.metastable_rotation
 """
-
-import os
-
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 import numpy as np
 from scipy.optimize import fmin
