@@ -96,8 +96,7 @@ _GELU = {
     "quick_gelu": "quick",
 }
 
-# HF default layer-norm eps per family, used when config.json is missing.
-_DEFAULT_EPS = {"hf_vit": 1e-12, "hf_dinov2": 1e-6, "hf_dinov2_reg": 1e-6, "hf_clip": 1e-5}
+_CLIP_EPS = 1e-5  # HF CLIPVisionConfig's layer_norm_eps, used when config.json is missing
 
 
 def _strip_prefix(sd: dict, prefixes) -> dict:
@@ -146,9 +145,9 @@ def _depth(sd: dict, pattern: str) -> int:
     return max(idx) + 1
 
 
-def _gelu(act, family: str) -> str:
+def _gelu(act, default: str) -> str:
     if act is None:
-        return "quick" if family == "hf_clip" else "exact"
+        return default
     if act not in _GELU:
         raise ValueError(f"hidden_act {act!r} is not supported; supported: {sorted(_GELU)}")
     return _GELU[act]
@@ -254,14 +253,16 @@ def _check(cfg_val, shape_val, what: str):
         )
 
 
-def hf(family: str, sd: dict, config: dict | None, *, num_heads=None):
-    """HF ViT / DINOv2 / DINOv2-with-registers."""
+def hf(family: str, sd: dict, config: dict | None, *, num_heads=None, default_eps: float,
+       pos_interp: str = "bicubic"):  # fmt: skip
+    """HF ViT / DINOv2 / DINOv2-with-registers (``default_eps``: the family's LayerNorm eps in
+    HF, used without config.json; ``pos_interp``: how HF resizes its position embedding)."""
     notes: list[str] = []
     sd = _strip_prefix(sd, ("vit.", "dinov2.", "dinov2_with_registers."))
     take = _Taker(sd)
     c = dict(config or {})
     if config is None:
-        notes.append(f"no config.json: eps {_DEFAULT_EPS[family]} and exact GELU assumed")
+        notes.append(f"no config.json: eps {default_eps} and exact GELU assumed")
     p: dict[str, np.ndarray] = {}
     patch, chans, patch_bias, width, grid = _hf_embeddings(
         take,
@@ -324,12 +325,11 @@ def hf(family: str, sd: dict, config: dict | None, *, num_heads=None):
         cls_token=True,
         num_registers=0 if regs is None else int(regs.shape[1]),
         pos_embed_cls=True,
-        # HF DINOv2-with-registers resizes with antialias=True, the others without.
-        pos_interp="bicubic_antialias" if family == "hf_dinov2_reg" else "bicubic",
+        pos_interp=pos_interp,
         pool="cls",
-        gelu=_gelu(c.get("hidden_act"), family),
+        gelu=_gelu(c.get("hidden_act"), "exact"),
         layer_scale=1.0 if dinov2 else None,
-        norm_eps=float(c.get("layer_norm_eps", _DEFAULT_EPS[family])),
+        norm_eps=float(c.get("layer_norm_eps", default_eps)),
         pre_norm=False,
         final_norm="all",
         qkv_bias=qkv_bias,
@@ -399,9 +399,9 @@ def clip(sd: dict, config: dict | None, *, num_heads=None):
         pos_embed_cls=True,
         pos_interp="bicubic",
         pool="cls",
-        gelu=_gelu(c.get("hidden_act"), "hf_clip"),
+        gelu=_gelu(c.get("hidden_act"), "quick"),
         layer_scale=None,
-        norm_eps=float(c.get("layer_norm_eps", _DEFAULT_EPS["hf_clip"])),
+        norm_eps=float(c.get("layer_norm_eps", _CLIP_EPS)),
         pre_norm=True,
         final_norm="pooled",
         qkv_bias=qkv_bias,
@@ -573,21 +573,22 @@ CONVERTERS = _registry(
         "hf_vit",
         "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
         "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
-        functools.partial(hf, "hf_vit"),
+        functools.partial(hf, "hf_vit", default_eps=1e-12),
         signature=Signature((_HF_PATCH, "encoder.layer.0.layernorm_before.weight"), 4),
         preprocessing=Preprocessing("square", 1.0, "bilinear", HALF_MEAN, HALF_STD),
     ),
     Converter(
         "hf_dinov2",
         "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
-        functools.partial(hf, "hf_dinov2"),
+        functools.partial(hf, "hf_dinov2", default_eps=1e-6),
         signature=Signature(_DINOV2_SIGNATURE, 3),
         preprocessing=_DINOV2_PREPROCESSING,
     ),
     Converter(
         "hf_dinov2_reg",
         "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
-        functools.partial(hf, "hf_dinov2_reg"),
+        # HF DINOv2-with-registers resizes its position embedding with antialias=True
+        functools.partial(hf, "hf_dinov2_reg", default_eps=1e-6, pos_interp="bicubic_antialias"),
         signature=Signature((*_DINOV2_SIGNATURE, "embeddings.register_tokens"), 2),
         preprocessing=_DINOV2_PREPROCESSING,
     ),
