@@ -76,10 +76,11 @@ def test_the_library_never_imports_experiments():
 
 
 def test_the_library_has_no_import_cycle():
-    """Module-level imports between the library's modules form no cycle."""
+    """Imports between the library's modules form no cycle, counting the imports inside
+    functions too (a lazy import that only hides a cycle counts as one)."""
     graph = {
         module: {
-            n for n in _imports(path, module, top_level_only=True) if n.startswith("markov_attn")
+            n for n in _imports(path, module, top_level_only=False) if n.startswith("markov_attn")
         }
         for path, module in _library_modules()
     }
