@@ -15,10 +15,11 @@ meta), ``metrics.jsonl`` (one JSON line per logged window of steps, plus test li
 
 Its loop owns what both scripts need around the step: the windowed metrics log
 (:class:`MetricsLog`), the progress bar, periodic evaluation and checkpoint saving (their time
-is excluded from the step time), ``stop_after`` and the SIGKILL hook of the kill tests
-(``kill_at_step``). Resuming truncates ``metrics.jsonl`` to the checkpoint's step, so a killed
-run rewrites the same lines. The step time of the summary is the steady state: the first window
-of a session holds the compilation and is left out, unless it is the session's only one.
+is excluded from the step time), ``stop_after`` and an ``on_step`` callback after every step
+(the kill tests' SIGKILL is one: :func:`sigkill_at`). Resuming truncates ``metrics.jsonl`` to
+the checkpoint's step, so a killed run rewrites the same lines. The step time of the summary is
+the steady state: the first window of a session holds the compilation and is left out, unless
+it is the session's only one.
 """
 
 import contextlib
@@ -183,6 +184,21 @@ class MetricsLog:
         self.file.close()
 
 
+def sigkill_at(step: int | None, /) -> Callable[[int, object], None] | None:
+    """An ``on_step`` callback that SIGKILLs this process once global step ``step`` is done (its
+    checkpoint, if any, written): how the kill-and-resume tests kill a run mid-way through the
+    command line's hidden ``--kill-at-step``. ``None`` for ``step=None``."""
+    if step is None:
+        return None
+
+    def kill(done: int, state) -> None:
+        if done == step:
+            jax.block_until_ready(state)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
 class TrainingRun:
     """One process's part of a training run in ``workdir``: from its last checkpoint (if any) to
     the end of the run, or to ``stop_after``.
@@ -196,7 +212,8 @@ class TrainingRun:
       free_fields: config fields a resumed run may change (:func:`check_same_run`).
       assumed: values of config fields that older checkpoints did not store.
       stop_after: stop after this global step without a final checkpoint, as if killed there.
-      kill_at_step: SIGKILL this process after that step (kill tests).
+      on_step: ``(step, state) -> None``, called after each global step once its log line,
+        evaluation and checkpoint are written (e.g. :func:`sigkill_at`).
       progress: keyword arguments of the tqdm progress bar (``desc`` ...), or ``None``: no bar.
 
     Attributes:
@@ -216,7 +233,7 @@ class TrainingRun:
         free_fields: Collection[str],
         assumed: Mapping | None = None,
         stop_after: int | None = None,
-        kill_at_step: int | None = None,
+        on_step: Callable[[int, object], None] | None = None,
         progress: Mapping | None = None,
     ):
         self.t_start = time.perf_counter()
@@ -224,7 +241,7 @@ class TrainingRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.workdir / "metrics.jsonl"
         self.config = config_to_dict(cfg)
-        self.kill_at_step, self.progress = kill_at_step, progress
+        self.on_step, self.progress = on_step, progress
         self.start, self.end = 0, cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         self.log, self.train_time = None, 0.0
         self.ckpt = Checkpointer(self.workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
@@ -278,8 +295,8 @@ class TrainingRun:
         After each global step ``done`` it logs (:class:`MetricsLog`), evaluates every
         ``eval_every`` steps before the last (a ``{"step", "split": "test", **evaluate(state)}``
         line), saves a checkpoint every ``ckpt_every`` steps and at the last (``saved(state)``
-        with meta ``{"step", **position(done), "config"}``), moves the progress bar and, at
-        ``kill_at_step``, SIGKILLs the process. Closes the checkpointer.
+        with meta ``{"step", **position(done), "config"}``), moves the progress bar and calls
+        ``on_step(done, state)``. Closes the checkpointer.
 
         Args:
           state: the training state (a pytree).
@@ -324,9 +341,8 @@ class TrainingRun:
                         self.ckpt.save(done, saved(state), meta)
                 if bar is not None:
                     bar.update(1)
-                if self.kill_at_step is not None and done == self.kill_at_step:
-                    jax.block_until_ready(state)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if self.on_step is not None:
+                    self.on_step(done, state)
             self.train_time = self.log.clock() - self.log.t0
         finally:
             log.close()

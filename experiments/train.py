@@ -23,6 +23,7 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -34,7 +35,7 @@ from flax import nnx
 from markov_attn.nn import ViT, load_run, write_weights
 from markov_attn.nn import config_from_dict as _from_dict
 
-from ._loop import TrainingRun, count_params
+from ._loop import TrainingRun, count_params, sigkill_at
 from .ckpt import CheckpointError
 from .configs import PRESETS, TrainConfig, get_preset
 
@@ -365,7 +366,7 @@ def train_and_evaluate(
     data: dict | None = None,
     stop_after: int | None = None,
     progress: bool = True,
-    kill_at_step: int | None = None,
+    on_step: Callable[[int, object], None] | None = None,
 ) -> dict:
     """Trains ``config`` in ``workdir`` (resuming from its last checkpoint), evaluates, and
     writes ``metrics.jsonl`` and ``summary.json``.
@@ -379,7 +380,7 @@ def train_and_evaluate(
       stop_after: stop after this global step without a final checkpoint or evaluation, as if
         the process had been killed there (for resume tests). Returns the partial state.
       progress: show a tqdm progress bar.
-      kill_at_step: send SIGKILL to this process after that step (for kill tests).
+      on_step: ``(step, state) -> None`` after every step (:class:`experiments._loop.TrainingRun`).
 
     Returns:
       The summary dict (also written to ``workdir/summary.json``): test accuracy and loss,
@@ -399,7 +400,7 @@ def train_and_evaluate(
         free_fields=_FREE_FIELDS,
         assumed={"difficulty": "standard"},  # runs from before the levels existed
         stop_after=stop_after,
-        kill_at_step=kill_at_step,
+        on_step=on_step,
         progress={"desc": f"{cfg.name}/{cfg.model.pool}", "mininterval": 1.0} if progress else None,
     )
 
@@ -567,7 +568,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(argv)
     try:
         summary = train_and_evaluate(
-            cfg, a.workdir, progress=not a.no_progress, kill_at_step=a.kill_at_step
+            cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # DataMissingError: FileNotFound
         print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from flax import nnx
 from markov_attn.nn import DiT, q_sample
 from markov_attn.nn import config_from_dict as _from_dict
 
-from ._loop import TrainingRun, count_params
+from ._loop import TrainingRun, count_params, sigkill_at
 from .ckpt import Checkpointer, CheckpointError
 from .dit_configs import PRESETS, DiTTrainConfig, get_preset
 from .train import _to_uint8, batch_indices, make_optimizer, synthetic_data
@@ -166,7 +167,7 @@ def train_and_evaluate(
     data: dict | None = None,
     stop_after: int | None = None,
     progress: bool = True,
-    kill_at_step: int | None = None,
+    on_step: Callable[[int, object], None] | None = None,
 ) -> dict:
     """Trains ``config`` in ``workdir`` (resuming its last checkpoint), then writes the held-out
     denoising loss of the EMA weights and ``summary.json``.
@@ -178,7 +179,7 @@ def train_and_evaluate(
         ``config.data``.
       stop_after: stop after this step without a final checkpoint, as if killed (tests).
       progress: tqdm progress bar.
-      kill_at_step: SIGKILL this process after that step (tests).
+      on_step: ``(step, state) -> None`` after every step (:class:`experiments._loop.TrainingRun`).
 
     Returns:
       The summary (``test_loss``, ``train_loss``, step time, images/s, parameters, config).
@@ -189,7 +190,7 @@ def train_and_evaluate(
         workdir,
         free_fields=_FREE_FIELDS,
         stop_after=stop_after,
-        kill_at_step=kill_at_step,
+        on_step=on_step,
         progress={"desc": f"dit/{cfg.name}"} if progress else None,
     )
     data = load_data(cfg) if data is None else data
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(argv)
     try:
         summary = train_and_evaluate(
-            cfg, a.workdir, progress=not a.no_progress, kill_at_step=a.kill_at_step
+            cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)
         )
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

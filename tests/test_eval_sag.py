@@ -61,7 +61,11 @@ def test_summary_and_verdict_follow_the_intervals():
         for name, f, i in [("none", 10.0, 2.0), ("column_sum s=1", 9.0, 2.0),
                            ("tokenrank s=1", 8.0, 2.0)]
     }  # fmt: skip
-    pairs = [("column_sum s=1", "none"), ("tokenrank s=1", "none"), ("tokenrank s=1", "column_sum s=1")]
+    pairs = [
+        ("column_sum s=1", "none"),
+        ("tokenrank s=1", "none"),
+        ("tokenrank s=1", "column_sum s=1"),
+    ]
     rep = eval_sag._summarise(stats, pairs)
     d = rep["differences"]["tokenrank s=1 - column_sum s=1"]
     assert d["fid"]["value"] == pytest.approx(-1.0) and d["fid"]["ci"][1] < 0

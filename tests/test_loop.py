@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from experiments._loop import MetricsLog, TrainingRun, check_same_run, truncate_metrics
+from experiments._loop import (
+    MetricsLog,
+    TrainingRun,
+    check_same_run,
+    sigkill_at,
+    truncate_metrics,
+)
 
 
 class _Clock:
@@ -168,3 +174,19 @@ def test_a_stopped_run_resumes_on_the_same_lines(tmp_path):
     _toy_run(tmp_path / "part", cfg=_Cfg(name="renamed"))  # a free field may change
     with pytest.raises(ValueError, match=r"part holds a checkpoint of a different run \(lr:"):
         _toy_run(tmp_path / "part", cfg=_Cfg(lr=0.25))
+
+
+def test_on_step_sees_every_step_after_its_checkpoint(tmp_path):
+    seen = []
+
+    def on_step(done, state):
+        # the checkpoint of a step divisible by ckpt_every is on disk before the callback runs
+        on_disk = (tmp_path / "r" / "checkpoints" / str(done)).exists()
+        seen.append((done, float(state["w"][0]), on_disk))
+
+    _toy_run(tmp_path / "r", on_step=on_step)
+    cfg = _Cfg()
+    assert [d for d, _, _ in seen] == list(range(1, cfg.steps + 1))
+    np.testing.assert_allclose([w for _, w, _ in seen], cfg.lr ** np.arange(1, cfg.steps + 1))
+    assert all(disk for d, _, disk in seen if d % cfg.ckpt_every == 0 or d == cfg.steps)
+    assert sigkill_at(None) is None
