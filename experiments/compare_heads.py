@@ -147,13 +147,14 @@ def table(rows: list[dict], /, *, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: str | pathlib.Path, text: str, /) -> None:
-    """Replaces the text between the ``heads`` markers of ``readme`` with ``text``.
+def update_readme(readme: str | pathlib.Path, text: str, /, *, block: str = "heads") -> None:
+    """Replaces the text between the ``block`` markers of ``readme`` (default ``heads``) with
+    ``text``.
 
     Raises:
       ValueError: if the markers are missing or out of order (nothing is written).
     """
-    replace_block(readme, "heads", text)
+    replace_block(readme, block, text)
 
 
 def main(argv=None) -> int:
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    p.add_argument(
+        "--readme-block", default="heads", help="the README block to replace (default: heads)"
+    )
     a = p.parse_args(argv)
     over = {"data": a.data, "difficulty": a.difficulty}
     if a.steps is not None:
@@ -202,8 +206,8 @@ def main(argv=None) -> int:
     print(md)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     if a.update_readme:
-        update_readme(a.update_readme, md)
-        print(f"updated {a.update_readme} between {START} and {END}")
+        update_readme(a.update_readme, md, block=a.readme_block)
+        print(f"updated {a.update_readme} between the {a.readme_block} markers")
     return 0
 
 
