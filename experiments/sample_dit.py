@@ -91,23 +91,42 @@ def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: i
     return files
 
 
-def time_sampling(model, /, *, batch: int = 64, steps: int = 10, repeats: int = 2,
+def time_sampling(model, /, *, batch: int = 64, steps: int = 10, rounds: int = 7,
                   schedule: str = "cosine") -> dict:  # fmt: skip
-    """Milliseconds per sampling step (after compilation, best of ``repeats``) for each
-    setting, and the guided/unguided ratios."""
+    """Milliseconds per sampling step for each setting (unguided and each SAG mask), and the
+    guided/unguided ratios.
+
+    After one compiling call per setting, the settings are timed in ``rounds`` interleaved
+    rounds (unguided, column sum, TokenRank, then again), so that a change in the machine's
+    load hits all settings alike; each ratio is taken within a round and the medians over
+    rounds are reported, with the range of the per-round ratios.
+    """
     labels = np.full(batch, model.cfg.null_label)
-    ms = {}
-    for kind in (None, *MASK_KINDS):
-        run = lambda kind=kind: ddim_sample(model, labels, steps=steps, sag=kind, schedule=schedule)
+    kinds = (None, *MASK_KINDS)
+    runs = {
+        k: (lambda k=k: ddim_sample(model, labels, steps=steps, sag=k, schedule=schedule))
+        for k in kinds
+    }
+    for run in runs.values():
         jax.block_until_ready(run())
-        best = float("inf")
-        for _ in range(repeats):
+    per_round = []
+    for _ in range(rounds):
+        ms = {}
+        for k, run in runs.items():
             t0 = time.perf_counter()
             jax.block_until_ready(run())
-            best = min(best, time.perf_counter() - t0)
-        ms[kind or "none"] = 1e3 * best / steps
-    ratios = {k: ms[k] / ms["none"] for k in MASK_KINDS}
-    return {"batch": batch, "steps": steps, "ms_per_step": ms, "ratio_vs_unguided": ratios}
+            ms[k or "none"] = 1e3 * (time.perf_counter() - t0) / steps
+        per_round.append(ms)
+    names = [k or "none" for k in kinds]
+    ratios = {k: [r[k] / r["none"] for r in per_round] for k in MASK_KINDS}
+    return {
+        "batch": batch,
+        "steps": steps,
+        "rounds": rounds,
+        "ms_per_step": {k: float(np.median([r[k] for r in per_round])) for k in names},
+        "ratio_vs_unguided": {k: float(np.median(v)) for k, v in ratios.items()},
+        "ratio_range": {k: [float(min(v)), float(max(v))] for k, v in ratios.items()},
+    }
 
 
 def _forward_at(model, x0, t, *, seed, schedule):

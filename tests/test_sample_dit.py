@@ -26,3 +26,25 @@ def test_mask_figure(tmp_path, rng):
     rows = mask_agreement(model, images, ts=(100, 700))
     assert [(r["t"], r["layer"]) for r in rows] == [(100, 0), (100, 1), (700, 0), (700, 1)]
     assert all(0 <= r["agreement"] <= 1 for r in rows)
+
+
+def test_time_sampling_interleaves_rounds_and_reports_medians(monkeypatch):
+    import experiments.sample_dit as sd
+
+    cfg = DiTConfig(image_size=8, patch_size=4, width=16, depth=2, num_heads=2, n_label=2)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    order = []
+    real = sd.ddim_sample
+
+    def spy(*a, sag=None, **kw):
+        order.append(sag)
+        return real(*a, sag=sag, **kw)
+
+    monkeypatch.setattr(sd, "ddim_sample", spy)
+    out = sd.time_sampling(model, batch=2, steps=1, rounds=3)
+    kinds = [None, *sd.MASK_KINDS]
+    assert order == kinds * 4  # one compiling call each, then 3 interleaved rounds
+    assert set(out["ms_per_step"]) == {"none", *sd.MASK_KINDS} and out["rounds"] == 3
+    for k in sd.MASK_KINDS:
+        lo, hi = out["ratio_range"][k]
+        assert 0 < lo <= out["ratio_vs_unguided"][k] <= hi
