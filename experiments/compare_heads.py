@@ -50,8 +50,10 @@ def run_all(
     out: str | pathlib.Path = "runs/compare",
     data: dict | None = None,
     progress: bool = True,
+    train: bool = True,
 ) -> list[dict]:
-    """Trains every ``(seed, pool)`` of ``base`` and returns the runs' summaries."""
+    """Trains every ``(seed, pool)`` of ``base`` and returns the runs' summaries; with
+    ``train=False`` only the runs already finished (the others are left out, and said so)."""
     out = pathlib.Path(out)
     summaries = []
     for seed in seeds:
@@ -64,8 +66,51 @@ def run_all(
                 if s.get("steps") == cfg.steps and s.get("config", {}).get("steps") == cfg.steps:
                     summaries.append(s)
                     continue
+            if not train:
+                print(f"not finished, left out: {workdir}", file=sys.stderr)
+                continue
             summaries.append(train_and_evaluate(cfg, workdir, data=data, progress=progress))
     return summaries
+
+
+def interleaved_step_times(base: TrainConfig, /, *, pools=POOLS, rounds: int = 8) -> dict:
+    """Steady-state training-step time of each head, timed in one process in interleaved
+    rounds (one step of every head per round, after one compiling step each), so that a change
+    in the machine's load hits every head alike: per head the median milliseconds over rounds,
+    and per head the median and range over rounds of its ratio to CLS's step of the same round.
+    Random uint8 images and labels of ``base``'s shapes; nothing is written."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from .train import _compiled, _normalised
+
+    rng = np.random.default_rng(0)
+    size = base.model.image_size
+    x = jnp.asarray(rng.integers(0, 256, (base.batch_size, size, size, 3), dtype=np.uint8))
+    y = jnp.asarray(rng.integers(0, base.model.num_classes, base.batch_size), jnp.int32)
+    steps, states = {}, {}
+    for pool in pools:
+        fns = _compiled(_normalised(override(base, pool=pool)))
+        steps[pool], states[pool] = fns.train_step, fns.init()
+        *states[pool], m = steps[pool](*states[pool], x, y, jnp.int32(0))
+        jax.block_until_ready(m)
+    per_round = []
+    for r in range(rounds):
+        ms = {}
+        for pool in pools:
+            t0 = time.perf_counter()
+            *states[pool], m = steps[pool](*states[pool], x, y, jnp.int32(r + 1))
+            jax.block_until_ready(m)
+            ms[pool] = 1e3 * (time.perf_counter() - t0)
+        per_round.append(ms)
+    out = {"rounds": rounds, "ms": {p: float(np.median([r[p] for r in per_round])) for p in pools}}
+    if "cls" in pools:
+        ratios = {p: [r[p] / r["cls"] for r in per_round] for p in pools if p != "cls"}
+        out["vs_cls"] = {p: float(np.median(v)) for p, v in ratios.items()}
+        out["vs_cls_range"] = {p: [float(min(v)), float(max(v))] for p, v in ratios.items()}
+    return out
 
 
 def _mean_spread(values) -> tuple[float, float]:
@@ -144,6 +189,23 @@ def table(rows: list[dict], /, *, meta: dict) -> str:
         f"Command: `{meta['command']}`. Data: {meta.get('data', DATA_NOTES['bench'])} "
         "Timings are steady-state step times (compilation and checkpoint writes excluded).",
     ]
+    timing = meta.get("interleaved")
+    if timing and timing.get("vs_cls"):
+        parts = [
+            f"{p} {100 * (v - 1):+.1f} % [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}]"
+            for (p, v), (lo, hi) in zip(
+                timing["vs_cls"].items(), timing["vs_cls_range"].values(), strict=True
+            )
+        ]
+        lines += [
+            "",
+            f"Step-time overhead over CLS timed in one process, the heads interleaved "
+            f"({timing['rounds']} rounds; median and range over rounds): "
+            + "; ".join(parts)
+            + f" (CLS {timing['ms']['cls']:.0f} ms a step). This is the overhead to read: the "
+            "table's step times come from separate runs at different moments of the machine's "
+            "load.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -171,6 +233,18 @@ def main(argv=None) -> int:
     p.add_argument(
         "--readme-block", default="heads", help="the README block to replace (default: heads)"
     )
+    p.add_argument(
+        "--time-rounds",
+        type=int,
+        default=0,
+        help="also time the heads' training steps interleaved in this process, this many "
+        "rounds (0: no)",
+    )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="tabulate the finished runs only (e.g. runs trained elsewhere); train nothing",
+    )
     a = p.parse_args(argv)
     over = {"data": a.data, "difficulty": a.difficulty}
     if a.steps is not None:
@@ -178,10 +252,20 @@ def main(argv=None) -> int:
             steps=a.steps, warmup_steps=min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
         )
     base = get_preset(a.preset, **over)
-    data = load_data(base)  # every head and seed trains on the same images: generate them once
+    # every head and seed trains on the same images: generate them once
+    data = None if a.no_train else load_data(base)
     summaries = run_all(
-        base, pools=a.pools, seeds=a.seeds, out=a.out, data=data, progress=not a.no_progress
+        base,
+        pools=a.pools,
+        seeds=a.seeds,
+        out=a.out,
+        data=data,
+        progress=not a.no_progress,
+        train=not a.no_train,
     )
+    if not summaries:
+        print(f"no finished runs under {a.out}", file=sys.stderr)
+        return 1
     rows = aggregate(summaries)
     command = "python -m experiments.compare_heads" + "".join(
         f" {x}" for x in (argv if argv is not None else sys.argv[1:])
@@ -191,11 +275,13 @@ def main(argv=None) -> int:
         "budget": f"{base.steps} steps x {base.batch_size} images, level {base.difficulty}, "
         f"{base.model.image_size} px / patch {base.model.patch_size}, width {base.model.width}, "
         f"depth {base.model.depth}",
-        "seeds": a.seeds,
+        "seeds": sorted({s["seed"] for s in summaries}),
         "data": DATA_NOTES[base.data],
         "device": f"{summaries[0]['backend']} ({summaries[0]['device']}), {platform.machine()}",
-        "command": command.replace(" --update-readme", "").strip(),
+        "command": command.replace(" --update-readme", "").replace(" --no-train", "").strip(),
     }
+    if a.time_rounds:
+        meta["interleaved"] = interleaved_step_times(base, pools=a.pools, rounds=a.time_rounds)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = table(rows, meta=meta)

@@ -322,6 +322,26 @@ def test_compare_heads_table_and_readme(tmp_path, finished_run):
         update_readme(readme, md)
 
 
+def test_compare_heads_interleaved_timing_and_finished_runs_only(tmp_path, capsys):
+    from experiments.compare_heads import interleaved_step_times, run_all, table
+
+    timing = interleaved_step_times(TINY, pools=("cls", "tokenrank"), rounds=3)
+    assert timing["rounds"] == 3 and set(timing["ms"]) == {"cls", "tokenrank"}
+    lo, hi = timing["vs_cls_range"]["tokenrank"]
+    assert 0 < lo <= timing["vs_cls"]["tokenrank"] <= hi
+    meta = {"preset": "x", "budget": "b", "seeds": [0], "device": "cpu", "command": "c",
+            "interleaved": timing}  # fmt: skip
+    row = {"pool": "cls", "test_acc": 0.5, "test_acc_sd": 0.0, "images_per_s": 1.0,
+           "images_per_s_sd": 0.0, "step_time_ms": 1.0, "step_time_ms_sd": 0.0,
+           "overhead_vs_cls_pct": None}  # fmt: skip
+    md = table([row], meta=meta)
+    assert "interleaved (3 rounds" in md and "tokenrank " in md.split("interleaved")[1]
+    # train=False tabulates finished runs only and trains nothing
+    assert run_all(TINY, pools=("cls",), seeds=(0,), out=tmp_path, train=False) == []
+    assert "not finished, left out" in capsys.readouterr().err
+    assert not (tmp_path / "cls_s0").exists()
+
+
 def test_conv_stem_run_checkpoints_its_batch_statistics(tmp_path):
     model = dataclasses.replace(TINY.model, conv_stem=(4,))
     cfg = _tiny(model=model, eval_every=2, steps=4)

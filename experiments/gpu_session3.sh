@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The next call on a lent GPU machine (prepared on the CPU, not yet run on a GPU): what the
+# 2-core CPU cannot answer, in one time-boxed command (a session has 15 device minutes, one
+# command at most 10):
+#
+#   A. the pre-registered heads test of issue #12 on the `clutter` level (README, "The cluttered
+#      setting"): cls, mean, map and tokenrank pooling x 5 seeds at the `cpu` recipe (720 x 128),
+#      one process per head, the seeds one after another;
+#   B. the same 4 heads x 5 seeds on the `standard` level at the full `cpu` recipe (the CPU table
+#      uses the 240-step `compare` preset);
+#   C. the DiT `gpu` preset for as many steps as the time box allows (issues #14, #15), then the
+#      label-token bounce table and the SAG evaluation on it, both time-boxed.
+#
+# Run from the repository root with the Fashion-MNIST .gz files in .device/ (carry it):
+#
+#     OUT=$OUT bash experiments/gpu_session3.sh          # on the device
+#     SMOKE=1 OUT=/tmp/g3 bash experiments/gpu_session3.sh   # on the CPU: the plumbing only
+#
+# Every phase writes under runs/gpu_session3 and is packed into $OUT/results.tgz (checkpoints
+# excluded) with the DiT's EMA weights. Afterwards, on the CPU machine: unpack into runs/ and
+# regenerate the README blocks with the commands printed at the end (compare_heads aggregates
+# finished runs without retraining them).
+set -u
+OUT=${OUT:-runs/gpu_session3}
+R=runs/gpu_session3
+mkdir -p "$OUT" "$R"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
+[ -d "$PWD/.device" ] && export MARKOV_ATTN_FASHION_MNIST=$PWD/.device
+PY=${PY:-python3}
+T0=$(date +%s)
+el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+if [ -n "${SMOKE:-}" ]; then  # CPU check of the plumbing: tiny presets and budgets
+  HEADS_PRESET=smoke; DIT_PRESET=smoke; SEEDS="0"; DIT_STEPS=4; TRAIN_S=300; EVAL_S=300
+  SAG_ARGS="--samples 16 --steps 2 --batch 16 --classifier-steps 5"; LB_ARGS="--n-images 20"
+else
+  HEADS_PRESET=cpu; DIT_PRESET=gpu; SEEDS=${SEEDS:-"0 1 2 3 4"}
+  # the DiT's steps are a guess (never timed on a GPU): the time box stops it, and its last
+  # checkpoint (every 1,000 steps) is what the evaluations load
+  DIT_STEPS=${DIT_STEPS:-8000}; TRAIN_S=${TRAIN_S:-330}; EVAL_S=${EVAL_S:-190}
+  SAG_ARGS=${SAG_ARGS:-"--samples 10000 --scales 0.25 0.5 0.75 1.0"}; LB_ARGS=""
+fi
+cp README.md "$R/README.gpu.md"  # the evaluations write their README blocks into this copy
+
+el "env"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
+$PY -c "import sys, jax, flax; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+
+el "A+B+C. heads (clutter, standard) and the DiT, in parallel, time-boxed at ${TRAIN_S} s"
+pids=()
+for level in clutter standard; do
+  for pool in cls mean map tokenrank; do
+    # shellcheck disable=SC2086
+    timeout "$TRAIN_S" $PY -m experiments.compare_heads --preset $HEADS_PRESET \
+      --difficulty $level --pools $pool --seeds $SEEDS --out "$R/heads_$level" --no-progress \
+      > "$R/heads_${level}_$pool.log" 2>&1 &
+    pids+=($!)
+  done
+done
+timeout "$TRAIN_S" $PY -m experiments.train_dit --preset $DIT_PRESET --steps "$DIT_STEPS" \
+  --workdir "$R/dit_gpu" --no-progress > "$R/dit_gpu.log" 2>&1 &
+pids+=($!)
+wait "${pids[@]}"
+el "training done"
+for level in clutter standard; do
+  for f in "$R/heads_$level"/*/summary.json; do echo "$f $(grep -h '"test_acc"' "$f")"; done
+done
+grep '"test_loss"\|"step"' "$R/dit_gpu/metrics.jsonl" 2>/dev/null | tail -n 2
+
+el "C. label-token bounce and SAG evaluation on the DiT (latest checkpoint), in parallel"
+pids=()
+# shellcheck disable=SC2086
+timeout "$EVAL_S" $PY -m experiments.label_bounce --workdir "$R/dit_gpu" $LB_ARGS \
+  --update-readme "$R/README.gpu.md" > "$R/label_bounce.log" 2>&1 &
+pids+=($!)
+# shellcheck disable=SC2086
+timeout "$EVAL_S" $PY -m experiments.eval_sag --workdir "$R/dit_gpu" $SAG_ARGS \
+  --classifier-dir "$R/fid_classifier" --no-progress --update-readme "$R/README.gpu.md" \
+  > "$R/eval_sag.log" 2>&1 &
+pids+=($!)
+wait "${pids[@]}"
+el "evaluations done"
+tail -n 5 "$R/label_bounce.log" "$R/eval_sag.log"
+
+$PY -c "
+import numpy as np, jax
+from flax import nnx
+from experiments.train_dit import load_dit
+m, _ = load_dit('$R/dit_gpu')
+leaves = jax.tree_util.tree_leaves_with_path(nnx.state(m, nnx.Param))
+np.savez_compressed('$OUT/dit_gpu_ema.npz',
+                    **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+" >> "$R/dit_gpu.log" 2>&1
+tar czf "$OUT/results.tgz" --exclude=checkpoints "$R"
+el "packed"; ls -la "$OUT"
+cat <<EOF
+Then, on the CPU machine (after unpacking results.tgz at the repository root):
+  python -m experiments.compare_heads --preset $HEADS_PRESET --difficulty clutter --pools cls mean map tokenrank --seeds $SEEDS --out $R/heads_clutter --no-train --readme-block heads-clutter --update-readme
+  python -m experiments.compare_heads --preset $HEADS_PRESET --difficulty standard --pools cls mean map tokenrank --seeds $SEEDS --out $R/heads_standard --no-train --readme-block heads-gpu-standard --update-readme
+  (a new block: add its markers to the README first)
+  the label-bounce and sag-eval blocks of the GPU DiT: in $R/README.gpu.md (copy them over)
+EOF
