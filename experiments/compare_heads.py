@@ -28,7 +28,7 @@ import numpy as np
 from markov_attn.segmentation import bootstrap_mean
 
 from .configs import PRESETS, TrainConfig, get_preset, override
-from .readme import markers, replace_block
+from .readme import command_line, markers, replace_block
 from .train import load_data, train_and_evaluate
 
 POOLS = ("cls", "mean", "map", "tokenrank")
@@ -267,8 +267,10 @@ def main(argv=None) -> int:
         print(f"no finished runs under {a.out}", file=sys.stderr)
         return 1
     rows = aggregate(summaries)
-    command = "python -m experiments.compare_heads" + "".join(
-        f" {x}" for x in (argv if argv is not None else sys.argv[1:])
+    command = command_line(
+        "experiments.compare_heads",
+        sys.argv[1:] if argv is None else argv,
+        drop=("--update-readme", "--no-train"),
     )
     meta = {
         "preset": base.name,
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
         "seeds": sorted({s["seed"] for s in summaries}),
         "data": DATA_NOTES[base.data],
         "device": f"{summaries[0]['backend']} ({summaries[0]['device']}), {platform.machine()}",
-        "command": command.replace(" --update-readme", "").replace(" --no-train", "").strip(),
+        "command": command,
     }
     if a.time_rounds:
         meta["interleaved"] = interleaved_step_times(base, pools=a.pools, rounds=a.time_rounds)

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from .readme import replace_block
+from .readme import command_line, replace_block
 
 __all__ = [
     "Classifier",
@@ -433,8 +433,8 @@ def main(argv=None) -> int:
     rep = evaluate(a.workdir, samples=a.samples, steps=a.steps, scales=tuple(a.scales),
                    batch=a.batch, seed=a.seed, classifier_dir=a.classifier_dir,
                    classifier_steps=a.classifier_steps, progress=not a.no_progress)  # fmt: skip
-    cmd = "python -m experiments.eval_sag " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(rep, cmd.replace(" --update-readme", "").strip())
+    argv = sys.argv[1:] if argv is None else argv
+    md = markdown(rep, command_line("experiments.eval_sag", argv))
     print(md)
     if a.update_readme:
         replace_block(a.update_readme, "sag-eval", md)

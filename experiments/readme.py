@@ -25,3 +25,26 @@ def replace_block(readme, name: str, text: str, /) -> None:
             f"where the {name} block should go"
         )
     readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
+
+
+def command_line(prog: str, argv, /, *, drop=("--update-readme",)) -> str:
+    """The command that reproduces a table, for its README block: ``python -m prog`` and
+    ``argv`` without the flags in ``drop`` (``--update-readme`` and its optional README path:
+    where a table is copied is not how it is made).
+
+    Examples:
+      >>> command_line("experiments.x", ["--a", "1", "--update-readme", "R.md", "--b"])
+      'python -m experiments.x --a 1 --b'
+      >>> command_line("experiments.x", ["--update-readme", "--a", "1"])
+      'python -m experiments.x --a 1'
+    """
+    out, args, i = [], list(argv), 0
+    while i < len(args):
+        if args[i] in drop:
+            i += 1
+            if args[i - 1] == "--update-readme" and i < len(args) and not args[i].startswith("-"):
+                i += 1  # its README path
+            continue
+        out.append(args[i])
+        i += 1
+    return " ".join(["python -m " + prog, *out])

@@ -445,3 +445,14 @@ def test_runs_table_reads_finished_and_stopped_runs(finished_run, tmp_path):
     assert f"**{summary['test_acc']:.3f}**" in done_row and "data=synthetic" in done_row
     stop_row = next(r for r in md.splitlines() if r.startswith(f"| `{stopped}`"))
     assert "stopped at step 4" in stop_row and "lr=0.02" in stop_row
+
+
+def test_published_command_line_drops_where_the_table_is_copied():
+    from experiments.readme import command_line
+
+    argv = ["--a", "1", "--update-readme", "R.md", "--b", "--update-readme"]
+    assert command_line("experiments.x", argv) == "python -m experiments.x --a 1 --b"
+    assert (
+        command_line("experiments.x", ["--update-readme", "--c"]) == "python -m experiments.x --c"
+    )
+    assert command_line("m", ["--no-train", "--x"], drop=("--no-train",)) == "python -m m --x"
