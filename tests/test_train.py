@@ -334,8 +334,11 @@ def test_compare_heads_interleaved_timing_and_finished_runs_only(tmp_path, capsy
     row = {"pool": "cls", "test_acc": 0.5, "test_acc_sd": 0.0, "images_per_s": 1.0,
            "images_per_s_sd": 0.0, "step_time_ms": 1.0, "step_time_ms_sd": 0.0,
            "overhead_vs_cls_pct": None}  # fmt: skip
-    md = table([row], meta=meta)
-    assert "interleaved (3 rounds" in md and "tokenrank " in md.split("interleaved")[1]
+    tr = {**row, "pool": "tokenrank"}
+    md = table([row, tr], meta=meta)
+    assert "overhead vs CLS (interleaved) |" in md and "3 rounds after compilation" in md
+    v, (lo, hi) = timing["vs_cls"]["tokenrank"], timing["vs_cls_range"]["tokenrank"]
+    assert f"| {100 * (v - 1):+.1f} % [{100 * (lo - 1):+.1f}, {100 * (hi - 1):+.1f}] |" in md
     # train=False tabulates finished runs only and trains nothing
     assert run_all(TINY, pools=("cls",), seeds=(0,), out=tmp_path, train=False) == []
     assert "not finished, left out" in capsys.readouterr().err
