@@ -253,10 +253,12 @@ def _check(cfg_val, shape_val, what: str):
         )
 
 
-def hf(family: str, sd: dict, config: dict | None, *, num_heads=None, default_eps: float,
-       pos_interp: str = "bicubic"):  # fmt: skip
+def hf(sd: dict, config: dict | None, *, num_heads=None, default_eps: float,
+       dinov2: bool = False, pos_interp: str = "bicubic"):  # fmt: skip
     """HF ViT / DINOv2 / DINOv2-with-registers (``default_eps``: the family's LayerNorm eps in
-    HF, used without config.json; ``pos_interp``: how HF resizes its position embedding)."""
+    HF, used without config.json; ``dinov2``: the Dinov2 block layout (``norm1``/``norm2``,
+    ``mlp.fc1``/``fc2``, layer scale) instead of ViT's; ``pos_interp``: how HF resizes its
+    position embedding)."""
     notes: list[str] = []
     sd = _strip_prefix(sd, ("vit.", "dinov2.", "dinov2_with_registers."))
     take = _Taker(sd)
@@ -275,7 +277,6 @@ def hf(family: str, sd: dict, config: dict | None, *, num_heads=None, default_ep
     regs = take.maybe("embeddings.register_tokens")
     if regs is not None:
         p["registers"] = regs.reshape(1, -1, width)
-    dinov2 = family.startswith("hf_dinov2")
     if dinov2 and c.get("use_swiglu_ffn"):
         raise ValueError("DINOv2 checkpoints with the SwiGLU FFN (giant) are not supported")
     depth = _depth(take.sd, r"encoder\.layer\.(\d+)\.")
@@ -573,14 +574,14 @@ CONVERTERS = _registry(
         "hf_vit",
         "HuggingFace ViTModel / ViTForImageClassification (also DINO v1 in HF format): "
         "embeddings.patch_embeddings.projection + encoder.layer.N.layernorm_before",
-        functools.partial(hf, "hf_vit", default_eps=1e-12),
+        functools.partial(hf, default_eps=1e-12),
         signature=Signature((_HF_PATCH, "encoder.layer.0.layernorm_before.weight"), 4),
         preprocessing=Preprocessing("square", 1.0, "bilinear", HALF_MEAN, HALF_STD),
     ),
     Converter(
         "hf_dinov2",
         "HuggingFace Dinov2Model: encoder.layer.N.norm1 + layer_scale1.lambda1",
-        functools.partial(hf, "hf_dinov2", default_eps=1e-6),
+        functools.partial(hf, default_eps=1e-6, dinov2=True),
         signature=Signature(_DINOV2_SIGNATURE, 3),
         preprocessing=_DINOV2_PREPROCESSING,
     ),
@@ -588,7 +589,7 @@ CONVERTERS = _registry(
         "hf_dinov2_reg",
         "HuggingFace Dinov2WithRegistersModel: as Dinov2 + embeddings.register_tokens",
         # HF DINOv2-with-registers resizes its position embedding with antialias=True
-        functools.partial(hf, "hf_dinov2_reg", default_eps=1e-6, pos_interp="bicubic_antialias"),
+        functools.partial(hf, default_eps=1e-6, dinov2=True, pos_interp="bicubic_antialias"),
         signature=Signature((*_DINOV2_SIGNATURE, "embeddings.register_tokens"), 2),
         preprocessing=_DINOV2_PREPROCESSING,
     ),

@@ -168,7 +168,6 @@ class JointAttention(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
-        self.head_dim = cfg.width // cfg.num_heads
         self.qkv = _linear(cfg, cfg.width, 3 * cfg.width, rngs)
         self.proj = _linear(cfg, cfg.width, cfg.width, rngs)
         if cfg.single_stream:

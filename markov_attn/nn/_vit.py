@@ -34,7 +34,6 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
-        self.head_dim = cfg.width // cfg.num_heads
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_xavier, rngs=rngs)
         self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, use_bias=cfg.qkv_bias, **kw)
         self.proj = nnx.Linear(cfg.width, cfg.width, **kw)
