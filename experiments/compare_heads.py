@@ -29,6 +29,7 @@ from markov_attn.segmentation import bootstrap_mean
 
 from .configs import PRESETS, TrainConfig, get_preset, override
 from .readme import command_line, markers, replace_block
+from .timing import interleaved
 from .train import load_data, train_and_evaluate
 
 POOLS = ("cls", "mean", "map", "tokenrank")
@@ -79,9 +80,6 @@ def interleaved_step_times(base: TrainConfig, /, *, pools=POOLS, rounds: int = 8
     in the machine's load hits every head alike: per head the median milliseconds over rounds,
     and per head the median and range over rounds of its ratio to CLS's step of the same round.
     Random uint8 images and labels of ``base``'s shapes; nothing is written."""
-    import time
-
-    import jax
     import jax.numpy as jnp
 
     from .train import _compiled, _normalised
@@ -90,26 +88,25 @@ def interleaved_step_times(base: TrainConfig, /, *, pools=POOLS, rounds: int = 8
     size = base.model.image_size
     x = jnp.asarray(rng.integers(0, 256, (base.batch_size, size, size, 3), dtype=np.uint8))
     y = jnp.asarray(rng.integers(0, base.model.num_classes, base.batch_size), jnp.int32)
-    steps, states = {}, {}
-    for pool in pools:
+
+    def one_step(pool):
         fns = _compiled(_normalised(override(base, pool=pool)))
-        steps[pool], states[pool] = fns.train_step, fns.init()
-        *states[pool], m = steps[pool](*states[pool], x, y, jnp.int32(0))
-        jax.block_until_ready(m)
-    per_round = []
-    for r in range(rounds):
-        ms = {}
-        for pool in pools:
-            t0 = time.perf_counter()
-            *states[pool], m = steps[pool](*states[pool], x, y, jnp.int32(r + 1))
-            jax.block_until_ready(m)
-            ms[pool] = 1e3 * (time.perf_counter() - t0)
-        per_round.append(ms)
-    out = {"rounds": rounds, "ms": {p: float(np.median([r[p] for r in per_round])) for p in pools}}
-    if "cls" in pools:
-        ratios = {p: [r[p] / r["cls"] for r in per_round] for p in pools if p != "cls"}
-        out["vs_cls"] = {p: float(np.median(v)) for p, v in ratios.items()}
-        out["vs_cls_range"] = {p: [float(min(v)), float(max(v))] for p, v in ratios.items()}
+        state, step = fns.init(), 0
+
+        def call():
+            nonlocal state, step
+            *state, metrics = fns.train_step(*state, x, y, jnp.int32(step))
+            step += 1
+            return metrics
+
+        return call
+
+    t = interleaved(
+        {p: one_step(p) for p in pools}, rounds=rounds, baseline="cls" if "cls" in pools else None
+    )
+    out = {"rounds": rounds, "ms": t["ms"]}
+    if "ratio" in t:
+        out["vs_cls"], out["vs_cls_range"] = t["ratio"], t["ratio_range"]
     return out
 
 

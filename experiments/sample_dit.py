@@ -17,7 +17,6 @@ import dataclasses
 import json
 import pathlib
 import sys
-import time
 from typing import NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 
 from markov_attn.nn import MASK_KINDS, alphas_cumprod, ddim_sample, sag_mask, upsample_mask
 
+from .timing import interleaved
 from .train_dit import load_data, load_dit
 
 __all__ = [
@@ -102,30 +102,18 @@ def time_sampling(model, /, *, batch: int = 64, steps: int = 10, rounds: int = 7
     rounds are reported, with the range of the per-round ratios.
     """
     labels = np.full(batch, model.cfg.null_label)
-    kinds = (None, *MASK_KINDS)
-    runs = {
-        k: (lambda k=k: ddim_sample(model, labels, steps=steps, sag=k, schedule=schedule))
-        for k in kinds
+    calls = {
+        k or "none": (lambda k=k: ddim_sample(model, labels, steps=steps, sag=k, schedule=schedule))
+        for k in (None, *MASK_KINDS)
     }
-    for run in runs.values():
-        jax.block_until_ready(run())
-    per_round = []
-    for _ in range(rounds):
-        ms = {}
-        for k, run in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run())
-            ms[k or "none"] = 1e3 * (time.perf_counter() - t0) / steps
-        per_round.append(ms)
-    names = [k or "none" for k in kinds]
-    ratios = {k: [r[k] / r["none"] for r in per_round] for k in MASK_KINDS}
+    t = interleaved(calls, rounds=rounds, baseline="none")
     return {
         "batch": batch,
         "steps": steps,
         "rounds": rounds,
-        "ms_per_step": {k: float(np.median([r[k] for r in per_round])) for k in names},
-        "ratio_vs_unguided": {k: float(np.median(v)) for k, v in ratios.items()},
-        "ratio_range": {k: [float(min(v)), float(max(v))] for k, v in ratios.items()},
+        "ms_per_step": {k: ms / steps for k, ms in t["ms"].items()},
+        "ratio_vs_unguided": t["ratio"],
+        "ratio_range": t["ratio_range"],
     }
 
 
