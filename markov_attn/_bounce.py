@@ -31,6 +31,8 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     bad = invalid_matrices(a)
     n = a.shape[-1]
     alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
+    if direction == "reverse":  # the reverse of the chain, not of the raw weights
+        a = safe_normalize(a)
     if direction == "reverse" and teleport_first:
         # the paper's reverse chain: reverse(teleport(A)), stepped without teleporting again
         a = _reverse(_teleport(a, alpha, v))

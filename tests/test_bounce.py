@@ -97,3 +97,15 @@ def test_gradients(rng, x64):
 def test_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ma.bounce(PAPER_A, *args, **kwargs)
+
+
+def test_reverse_bounce_of_unnormalised_weights_is_that_of_their_chain(rng):
+    """Rows are renormalised first: the reverse chain is that of the normalised chain, not of
+    the raw weights (which gave a different chain until this was fixed)."""
+    n = 11
+    w = testing.random_chains(rng, (2,), n) * rng.uniform(0.1, 30.0, (2, n, 1))
+    chain = w / w.sum(-1, keepdims=True)
+    for tf in (True, False):
+        out = ma.bounce(w, 3, steps=4, direction="reverse", teleport_first=tf)
+        want = ma.bounce(chain, 3, steps=4, direction="reverse", teleport_first=tf)
+        np.testing.assert_allclose(out, want, atol=2e-6)
