@@ -17,8 +17,10 @@ from ._util import (
     invalid_matrices,
     map_over_batch,
     matvec,
+    normalized_rows,
     poison,
-    safe_normalize,
+    row_scale,
+    row_sums,
 )
 
 METHODS = ("arnoldi", "eig")
@@ -44,11 +46,17 @@ def lambda2_from_matvec(mv, shape, dtype, krylov):
     return spectral_radius(hess[..., :m, :])
 
 
-def _lambda2_arnoldi(a, krylov):
+def _lambda2_arnoldi(a, rows, krylov):
     # In the basis {1, U} (U orthonormal, spanning the zero-sum vectors) A is block upper
     # triangular, [[1, *], [0, U^T A U]]: the compression P A P onto zero-sum vectors carries
-    # every eigenvalue but the Perron 1. (A x is also the faster product layout.)
-    return lambda2_from_matvec(lambda x: matvec(a, x), a.shape[:-1], a.dtype, krylov)
+    # every eigenvalue but the Perron 1. (A x is also the faster product layout.) The rows are
+    # normalised inside the product, (A / s) x = (A x) / s, so no normalised copy is written.
+    inv, zero = row_scale(rows)
+
+    def mv(x):
+        return jnp.where(zero, jnp.mean(x, -1, keepdims=True), matvec(a, x) * inv)
+
+    return lambda2_from_matvec(mv, a.shape[:-1], a.dtype, krylov)
 
 
 def _second_largest(mod):
@@ -78,24 +86,34 @@ def _lambda2_triangular(a):
     return _second_largest(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _lambda2(a, method, krylov):
-    tri = triangular(a)
-    exact = _lambda2_triangular(a)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lambda2(a, rows, method, krylov):
+    """|λ2| of the row-normalised ``normalized_rows(a, rows)``, never written out."""
+    inv, zero = row_scale(rows)
+    # a zero row stands for the uniform row, so the normalised matrix is not triangular
+    tri = triangular(a) & ~jnp.any(zero, axis=-1)
+    d = jnp.diagonal(a, axis1=-2, axis2=-1) * inv
+    exact = _second_largest(jnp.abs(d))
     if method == "eig":
-        return jnp.where(tri, exact, _lambda2_eig(a))
+        return jnp.where(tri, exact, _lambda2_eig(normalized_rows(a, rows)))
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
     est = map_over_batch(
-        lambda x: _lambda2_arnoldi(x, krylov), a, batch_ndim=a.ndim - 2, item_bytes=item
+        lambda a, rows: _lambda2_arnoldi(a, rows, krylov),
+        a,
+        rows,
+        batch_ndim=a.ndim - 2,
+        item_bytes=item,
     )
     return jnp.where(tri, exact, est)
 
 
-def _lambda2_fwd(a, method, krylov):
-    return _lambda2(a, method, krylov), a
+def _lambda2_fwd(a, rows, method, krylov):
+    return _lambda2(a, rows, method, krylov), (a, rows)
 
 
-def _lambda2_bwd(method, krylov, a, g):
+def _lambda2_bwd(method, krylov, res, g):
+    a_raw, rows = res
+    a, pullback = jax.vjp(normalized_rows, a_raw, rows)
     # First-order perturbation of a simple eigenvalue: d lam = l^T dA r with l^T r = 1, and
     # d|lam| = Re(conj(lam) d lam) / |lam|. Needs the eigenvectors: CPU/GPU only.
     n = a.shape[-1]
@@ -118,7 +136,7 @@ def _lambda2_bwd(method, krylov, a, g):
     sign = jnp.sign(jnp.take_along_axis(d, k[..., None], axis=-1))
     grad_tri = (sign * eye_k)[..., :, None] * eye_k[..., None, :]
     grad = jnp.where(triangular(a)[..., None, None], grad_tri, grad.astype(a.dtype))
-    return (g[..., None, None] * grad,)
+    return pullback(g[..., None, None] * grad)
 
 
 _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
@@ -127,8 +145,8 @@ _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
 @functools.partial(jax.jit, static_argnames=("method", "krylov"))
 def _second_eigenvalue(attn, method, krylov):
     a = as_chain(attn)
-    bad = invalid_matrices(a)
-    return poison(_lambda2(safe_normalize(a), method, krylov), bad)
+    rows = row_sums(a)
+    return poison(_lambda2(a, rows, method, krylov), invalid_matrices(a, rows))
 
 
 def second_eigenvalue(

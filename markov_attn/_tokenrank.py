@@ -10,6 +10,7 @@ from ._chain import _reverse, _teleport, _uniform_or, check_v
 from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import ChainLike, Dist, DistLike
 from ._util import (
+    accurate_blocks,
     as_chain,
     check_alpha,
     check_choice,
@@ -19,9 +20,11 @@ from ._util import (
     invalid_matrices,
     matvec,
     matvec_t,
-    matvec_t_accurate,
+    matvec_t_blocks,
+    normalized_rows,
     poison,
-    safe_normalize,
+    row_scale,
+    row_sums,
 )
 
 METHODS = ("auto", "solve", "gmres", "power")
@@ -38,30 +41,68 @@ def _off_diagonal(a):
 
 
 def dense_operator(a: jax.Array) -> Operator:
-    """The :class:`Operator` of a stack of dense chains ``(..., n, n)``."""
+    """The :class:`Operator` of the row-normalised stack ``safe_normalize(a)`` ``(..., n, n)``.
+
+    Its parameters are ``(a, rows)``, the raw stack and its row sums (:func:`row_sums`): every
+    product scales instead of dividing the stack, ``(A / s)^T x = A^T (x / s)`` and
+    ``(A / s) u = (A u) / s`` (a zero row stands for the uniform row), so no normalised copy of
+    the stack is ever written. On a large stack on CPU that copy and the elementwise input
+    checks over it cost as much as a third of a solve; the chunks of the batch
+    (:func:`~markov_attn._util.map_over_batch`) then read each matrix from memory once.
+    """
+    n = a.shape[-1]
+
+    def at(p, x):
+        a, rows = p
+        inv, zero = row_scale(rows)
+        lost = jnp.sum(jnp.where(zero, x, 0.0), -1, keepdims=True) / n
+        return matvec_t(a, x * inv) + lost
+
+    def av(p, u):
+        a, rows = p
+        inv, zero = row_scale(rows)
+        return jnp.where(zero, jnp.mean(u, -1, keepdims=True), matvec(a, u) * inv)
+
+    def prepare(p):
+        a, rows = p
+        return accurate_blocks(_off_diagonal(a)), rows
+
+    def offdiag(acc, x):
+        off, rows = acc
+        inv, zero = row_scale(rows)
+        z = jnp.where(zero, x, 0.0)
+        return matvec_t_blocks(off, x * inv) + (jnp.sum(z, -1, keepdims=True) - z) / n
+
+    def diag(p):
+        a, rows = p
+        inv, zero = row_scale(rows)
+        d = jnp.diagonal(a, axis1=-2, axis2=-1)
+        return jnp.where(zero, jnp.asarray(1.0 / n, a.dtype), d * inv)
+
     return Operator(
-        at=matvec_t,
-        a=matvec,
-        prepare=_off_diagonal,
-        offdiag=matvec_t_accurate,
-        diag=lambda a: jnp.diagonal(a, axis1=-2, axis2=-1),
-        dense=lambda a: a,
-        item_bytes=a.shape[-1] * a.shape[-1] * a.dtype.itemsize,
+        at=at,
+        a=av,
+        prepare=prepare,
+        offdiag=offdiag,
+        diag=diag,
+        dense=lambda p: normalized_rows(*p),
+        item_bytes=n * n * a.dtype.itemsize,
     )
 
 
-def _solve(a, v, alpha, method, opts):
+def _solve(a, rows, v, alpha, method, opts):
     op = dense_operator(a)
+    p = (a, rows)
     if method != "auto":
-        return stationary(op, Options(method, *opts), a, v, alpha)
+        return stationary(op, Options(method, *opts), p, v, alpha)
     dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
     return jax.lax.platform_dependent(
-        a,
+        p,
         v,
         alpha,
-        cpu=lambda a, v, al: stationary(op, Options("gmres", *opts), a, v, al),
-        default=lambda a, v, al: stationary(
-            op, Options("solve" if dense else "gmres", *opts), a, v, al
+        cpu=lambda p, v, al: stationary(op, Options("gmres", *opts), p, v, al),
+        default=lambda p, v, al: stationary(
+            op, Options("solve" if dense else "gmres", *opts), p, v, al
         ),
     )
 
@@ -72,7 +113,8 @@ def _solve(a, v, alpha, method, opts):
 def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first):
     a = as_chain(attn)
     n = a.shape[-1]
-    bad = invalid_matrices(a)
+    rows = row_sums(a)
+    bad = invalid_matrices(a, rows)
     alpha = jnp.asarray(alpha, a.dtype)
     bad_alpha = ~((alpha >= 0) & (alpha <= 1))
     v = _uniform_or(v, n, a.dtype)
@@ -82,18 +124,21 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
     # invalid members come back as NaN (a NaN matrix stops its own iteration at once; the
     # matrix is not copied to sanitise it)
     a = jnp.broadcast_to(a, (*batch, n, n))
+    rows = jnp.broadcast_to(rows, (*batch, n))
     v = jnp.where(bad[..., None], jnp.asarray(1.0 / n, a.dtype), jnp.broadcast_to(v, (*batch, n)))
     alpha = jnp.where(bad, jnp.asarray(0.5, a.dtype), jnp.broadcast_to(alpha, batch))
     if direction == "out":
+        a = normalized_rows(a, rows)  # the reverse of the chain, not of the raw weights
         if teleport_first:  # the paper's reverse chain: reverse(teleport(A)), not teleported again
             a = _reverse(_teleport(a, alpha[..., None, None], v))
             alpha = jnp.ones_like(alpha)
         else:
             a = _reverse(a)
-    # Renormalising rows makes the result a well-defined function of any non-negative input
-    # (the implicit VJP assumes row-stochastic A) and absorbs bf16 rounding.
-    a = safe_normalize(a)
-    pi, info = _solve(a, v, alpha, method, (tol, max_steps))
+        rows = row_sums(a)
+    # The solver reads the rows renormalised (implicitly: see dense_operator), which makes the
+    # result a well-defined function of any non-negative input (the implicit VJP assumes
+    # row-stochastic A) and absorbs bf16 rounding.
+    pi, info = _solve(a, rows, v, alpha, method, (tol, max_steps))
     return poison(pi, bad), info._replace(converged=info.converged & ~bad)
 
 

@@ -79,9 +79,41 @@ def poison(x: jax.Array, bad: jax.Array) -> jax.Array:
     return jnp.where(bad, jnp.asarray(jnp.nan, x.dtype), x)
 
 
-def invalid_matrices(a: jax.Array) -> jax.Array:
-    """``(...)`` flags: matrices with a NaN/inf or a negative entry."""
-    return ~jnp.all(jnp.isfinite(a) & (a >= 0), axis=(-2, -1))
+def row_sums(a: jax.Array) -> jax.Array:
+    """``(..., n)`` row sums of ``(..., n, n)``, by XLA's reduction.
+
+    Not a matrix–vector product with ones, although that is 1.5× faster on CPU: its float32
+    sums err by ~7e-7 at ``n = 1025`` against ~2e-7 for the reduction, and normalising by them
+    moved TokenRank on nearly reducible chains by 1.5e-5 in L1 (the rows of the normalised
+    chain must sum to 1 as exactly as float32 allows).
+    """
+    return jnp.sum(a, axis=-1)
+
+
+def row_scale(rows):
+    """``1 / rows`` (0 where a row sums to zero) and the zero-row flags."""
+    zero = rows == 0
+    return jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, rows)).astype(rows.dtype), zero
+
+
+def normalized_rows(a, rows):
+    """``safe_normalize(a)`` from its row sums: ``A / (A 1)``, uniform rows where a row is 0."""
+    inv, zero = row_scale(rows)
+    n = a.shape[-1]
+    return jnp.where(zero[..., None], jnp.asarray(1.0 / n, a.dtype), a * inv[..., None])
+
+
+def invalid_matrices(a: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """``(...)`` flags: matrices with a NaN/inf or a negative entry (or a row sum that
+    overflows to inf).
+
+    Two cheap passes instead of an elementwise test reduced over both axes (3× slower on a
+    large stack on CPU): a NaN or ±inf entry makes its row sum non-finite, and the minimum over
+    each column (a reduction over the major axis, which XLA vectorises) finds negative entries.
+    ``rows``: the row sums, when the caller has them already.
+    """
+    rows = row_sums(a) if rows is None else rows
+    return ~(jnp.all(jnp.isfinite(rows), axis=-1) & jnp.all(jnp.min(a, axis=-2) >= 0, axis=-1))
 
 
 def invalid_dists(x: jax.Array) -> jax.Array:
@@ -123,34 +155,45 @@ def matvec(attn: jax.Array, x: jax.Array) -> jax.Array:
 
 # Terms per partial sum of the accurate product (see matvec_t_accurate).
 ACCURATE_BLOCK = 32
-# Rows per partial sum of the dense accurate product (matvec_t_accurate): one GEMM row each.
+# Rows per partial sum of the dense accurate product (matvec_t_blocks).
 ACCURATE_GEMM_BLOCK = 64
 
 
-def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
-    """``attn^T x`` with blocked summation: partial sums over ``ACCURATE_GEMM_BLOCK`` rows, then
-    a sum of the partials.
+def accurate_blocks(attn: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``attn`` ``(..., m, n)`` split for :func:`matvec_t_blocks`: its first
+    ``ACCURATE_GEMM_BLOCK * (m // ACCURATE_GEMM_BLOCK)`` rows as blocks ``(..., nb, b, n)`` and
+    the remaining rows ``(..., m mod b, n)``. A copy: make it once per solve, not per product."""
+    m, b = attn.shape[-2], ACCURATE_GEMM_BLOCK
+    head = b * (m // b)
+    blocks = attn[..., :head, :].reshape((*attn.shape[:-2], m // b, b, attn.shape[-1]))
+    return blocks, attn[..., head:, :]
+
+
+def matvec_t_blocks(prepared: tuple[jax.Array, jax.Array], x: jax.Array) -> jax.Array:
+    """``attn^T x`` with blocked summation, from ``accurate_blocks(attn)``: one partial sum per
+    block of ``ACCURATE_GEMM_BLOCK`` rows (a batched product over the blocks), then the sum of
+    the partials and of the remaining rows' product.
 
     XLA's CPU ``attn^T x`` accumulates the ``n`` terms of each output in one float32 running
     sum, an L1 error of about ``1e-6`` at ``n = 1025``; blocking brings it to the rounding of
     the output (about ``6e-8``). Iterative solvers use it for their true residuals, where an
     error along a slowly mixing direction is amplified by up to ``(1 + alpha) / (1 - alpha)``.
-
-    The partial sums come from one matrix product ``X @ attn`` whose ``k``-th row holds the
-    entries of ``x`` in rows block ``k`` and zeros elsewhere (the zeros add nothing, so each
-    output of the product is a sum of at most ``ACCURATE_GEMM_BLOCK`` terms): a GEMM with
-    ``ceil(n / 64)`` rows instead of one batched product per block (timings in
-    ``docs/benchmarks.md``).
+    From prepared blocks it costs about one plain product (timings in ``docs/benchmarks.md``).
     """
-    m = attn.shape[-2]
-    b = ACCURATE_GEMM_BLOCK
-    if m <= b:
+    blocks, tail = prepared
+    nb, b = blocks.shape[-3], blocks.shape[-2]
+    head = nb * b
+    xb = x[..., :head].reshape((*x.shape[:-1], nb, b))
+    part = jnp.einsum("...bkj,...bk->...bj", blocks, xb, precision=HIGHEST)
+    return jnp.sum(part, axis=-2) + matvec_t(tail, x[..., head:])
+
+
+def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
+    """``attn^T x`` with blocked summation (see :func:`matvec_t_blocks`); for repeated products
+    with one matrix, prepare it once with :func:`accurate_blocks` instead."""
+    if attn.shape[-2] <= ACCURATE_GEMM_BLOCK:
         return matvec_t(attn, x)
-    nb = -(-m // b)
-    owner = (jnp.arange(m) // b)[None, :] == jnp.arange(nb)[:, None]  # (nb, m)
-    owner = owner.reshape((1,) * (x.ndim - 1) + owner.shape)
-    blocks = jnp.where(owner, x[..., None, :], jnp.zeros((), x.dtype))
-    return jnp.sum(jnp.matmul(blocks, attn, precision=HIGHEST), axis=-2)
+    return matvec_t_blocks(accurate_blocks(attn), x)
 
 
 def is_concrete(x) -> bool:
@@ -214,10 +257,10 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
     On CPU the flattened batch is processed in chunks of ``CPU_CHUNK_BYTES // item_bytes``
     items with ``lax.map``, so each chunk's matrices stay in cache across the iterations of
     ``fn`` (and each chunk stops iterating when its own members converge). On GPU and TPU the
-    whole batch runs at once. Every arg shares the same ``batch_ndim`` leading axes; ``fn``
-    returns a pytree of arrays with those leading axes.
+    whole batch runs at once. Every arg (an array or a pytree of arrays) shares the same
+    ``batch_ndim`` leading axes; ``fn`` returns a pytree of arrays with those leading axes.
     """
-    batch = args[0].shape[:batch_ndim]
+    batch = jax.tree.leaves(args)[0].shape[:batch_ndim]
     if not all(isinstance(d, int) for d in batch):  # symbolic batch (jax.export): no chunks
         return fn(*args)
     total = int(np.prod(batch)) if batch else 1
@@ -226,7 +269,7 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
         return fn(*args)
 
     def on_cpu(*args):
-        flat = [a.reshape((total, *a.shape[batch_ndim:])) for a in args]
+        flat = jax.tree.map(lambda a: a.reshape((total, *a.shape[batch_ndim:])), args)
         out = jax.lax.map(lambda xs: fn(*xs), flat, batch_size=chunk)
         return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
 

@@ -227,3 +227,22 @@ def test_iterative_methods_are_bounded_on_adversarial_input():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ma.tokenrank(PAPER_A, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unnormalised_weights_with_zero_rows_equal_their_normalised_chain(rng, method):
+    """The solver normalises rows inside its products (no normalised copy); weights whose rows
+    do not sum to 1, some all-zero (read as uniform rows), give the normalised chain's answer."""
+    for n in (9, 130):
+        w = testing.random_chains(rng, (3,), n) * rng.uniform(0.1, 30.0, (3, n, 1))
+        w[0, 2] = 0.0
+        w[1, [0, n - 1]] = 0.0
+        s = w.sum(-1, keepdims=True)
+        chain = np.where(s == 0, 1.0 / n, w / np.where(s == 0, 1.0, s))
+        ref = stationary(chain, 0.99)
+        for direction in ("in", "out"):
+            out = ma.tokenrank(w.astype(np.float32), method=method, direction=direction)
+            want = ma.tokenrank(chain.astype(np.float32), method=method, direction=direction)
+            np.testing.assert_allclose(out, want, atol=2e-6)
+        out = np.asarray(ma.tokenrank(w.astype(np.float32), method=method), np.float64)
+        assert np.abs(out - ref).sum(-1).max() <= 1e-5
