@@ -476,3 +476,55 @@ def test_multiseg_scores_are_permutation_invariant():
     miou, ari, macc = multiseg.scores(one, inst)
     assert miou == pytest.approx((64 - 32) / 64 / 3) and ari == pytest.approx(0.0)
     assert macc == pytest.approx(32 / 64)  # the background's pixels are matched correctly
+
+
+def test_batched_kmeans_matches_scikit_learn_on_separated_clusters():
+    """The multi-object table's batched k-means (JAX) finds the same partitions as
+    scikit-learn's KMeans where the answer is clear, for several k in one call."""
+    km = pytest.importorskip("experiments.kmeans")
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(3)
+    sets, ks = [], []
+    for i in range(12):
+        k = 2 + i % 3
+        centres = rng.normal(0, 10, (k, 3))
+        lab = np.concatenate([np.arange(k), rng.integers(0, k, 64 - k)])
+        sets.append(centres[lab] + rng.normal(0, 0.3, (64, 3)))
+        ks.append(k)
+    pts, ks = np.stack(sets), np.array(ks)
+    out = km.kmeans(pts, ks, n_init=5)
+    assert out.shape == (12, 64) and out.dtype == np.int32
+    for i in range(12):
+        ref = KMeans(int(ks[i]), n_init=5, random_state=0).fit_predict(pts[i])
+        assert adjusted_rand_score(ref, out[i]) == 1.0
+        assert len(np.unique(out[i])) == ks[i]
+    np.testing.assert_array_equal(out, km.kmeans(pts, ks, n_init=5))  # deterministic
+
+
+def test_multiseg_spectral_matches_scikit_learn_on_block_chains():
+    """Batched spectral clustering recovers the blocks of nearly block-diagonal chains, as
+    scikit-learn's SpectralClustering does, and its eigengap picks the number of blocks."""
+    multiseg = pytest.importorskip("experiments.multiseg")
+    from sklearn.cluster import SpectralClustering
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(4)
+    chains, truth, ks = [], [], []
+    for i in range(6):
+        k = 2 + i % 3
+        lab = rng.permutation(np.arange(64) % k)
+        w = np.where(lab[:, None] == lab[None, :], 1.0, 0.01) * rng.uniform(0.5, 1.5, (64, 64))
+        chains.append(w / w.sum(1, keepdims=True))
+        truth.append(lab)
+        ks.append(k)
+    chains, ks = np.stack(chains), np.array(ks)
+    for auto in (False, True):
+        states, used = multiseg._spectral(chains, ks, auto)
+        np.testing.assert_array_equal(used, ks)
+        for i in range(6):
+            assert adjusted_rand_score(truth[i], states[i]) == 1.0
+            sym = (chains[i] + chains[i].T) / 2
+            ref = SpectralClustering(int(ks[i]), affinity="precomputed", random_state=0)
+            assert adjusted_rand_score(ref.fit_predict(sym), states[i]) == 1.0
