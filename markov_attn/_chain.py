@@ -202,6 +202,7 @@ def normalize(weights: ChainLike, /) -> Chain:
                 f"weights must be non-negative (min {w.min():.3g}); if these are "
                 "pre-softmax scores, use ma.transition instead"
             )
+        check_values(weights, "weights")  # and rows whose float32 sum overflows
     return _normalize(weights)
 
 

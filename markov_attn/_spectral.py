@@ -135,7 +135,8 @@ def _lambda2_bwd(method, krylov, res, g):
     eye_k = jax.nn.one_hot(k, n, dtype=a.dtype)
     sign = jnp.sign(jnp.take_along_axis(d, k[..., None], axis=-1))
     grad_tri = (sign * eye_k)[..., :, None] * eye_k[..., None, :]
-    grad = jnp.where(triangular(a)[..., None, None], grad_tri, grad.astype(a.dtype))
+    tri = triangular(a_raw) & ~jnp.any(row_scale(rows)[1], axis=-1)  # as in the forward pass
+    grad = jnp.where(tri[..., None, None], grad_tri, grad.astype(a.dtype))
     return pullback(g[..., None, None] * grad)
 
 

@@ -106,7 +106,7 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
     """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
 
     ``accurate=True`` gives ``(A - diag(A))^T x`` summed within a block in partial sums of
-    ``ACCURATE_BLOCK`` queries (see ``markov_attn._util.matvec_t_accurate``)."""
+    ``ACCURATE_BLOCK`` queries (see ``markov_attn._util.matvec_t_blocks``)."""
     n = qs.shape[-2]
     xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
     if x is not None:

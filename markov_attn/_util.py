@@ -61,11 +61,21 @@ def check_values(x, name: str = "attn") -> None:
             f"{name} has negative entries; attention probabilities are non-negative: pass "
             "pre-softmax scores through ma.transition (ma.check_chain says where)"
         )
+    if np.ndim(x) >= 2 and not bool(_sums_finite(jnp.asarray(x))):
+        raise ValueError(
+            f"{name} has a row whose sum overflows to inf (entries near the float maximum); "
+            "divide the weights by a common scale first (rows are renormalised anyway)"
+        )
 
 
 @jax.jit
 def _value_flags(x):
     return jnp.all(jnp.isfinite(x)), jnp.all(x >= 0)
+
+
+@jax.jit
+def _sums_finite(x):
+    return jnp.all(jnp.isfinite(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=-1)))
 
 
 def poison(x: jax.Array, bad: jax.Array) -> jax.Array:
@@ -91,13 +101,19 @@ def row_sums(a: jax.Array) -> jax.Array:
 
 
 def row_scale(rows):
-    """``1 / rows`` (0 where a row sums to zero) and the zero-row flags."""
-    zero = rows == 0
+    """``1 / rows`` (0 where a row is empty) and the empty-row flags.
+
+    A row is empty when its sum is below the smallest normal float (not only exactly 0): its
+    reciprocal would overflow, and CPU arithmetic flushes such sums to zero anyway, so every
+    backend reads it as the uniform row. NaN sums stay NaN.
+    """
+    zero = rows < jnp.finfo(rows.dtype).tiny
     return jnp.where(zero, 0.0, 1.0 / jnp.where(zero, 1.0, rows)).astype(rows.dtype), zero
 
 
 def normalized_rows(a, rows):
-    """``safe_normalize(a)`` from its row sums: ``A / (A 1)``, uniform rows where a row is 0."""
+    """``safe_normalize(a)`` from its row sums: ``A / (A 1)``, uniform rows where a row is empty
+    (see :func:`row_scale`)."""
     inv, zero = row_scale(rows)
     n = a.shape[-1]
     return jnp.where(zero[..., None], jnp.asarray(1.0 / n, a.dtype), a * inv[..., None])
@@ -153,7 +169,7 @@ def matvec(attn: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.einsum("...ij,...j->...i", attn, x, precision=HIGHEST)
 
 
-# Terms per partial sum of the accurate product (see matvec_t_accurate).
+# Terms per partial sum of the streaming accurate product (see markov_attn._stream).
 ACCURATE_BLOCK = 32
 # Rows per partial sum of the dense accurate product (matvec_t_blocks).
 ACCURATE_GEMM_BLOCK = 64

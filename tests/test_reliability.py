@@ -206,6 +206,18 @@ def test_invalid_entries_raise_eagerly_and_give_nan_under_jit(rng, name):
         assert np.all(np.isfinite(out[[0, 2]])), what  # the others are untouched
 
 
+@pytest.mark.parametrize("name", ["tokenrank", "second_eigenvalue", "bounce", "normalize"])
+def test_rows_whose_sum_overflows_raise_eagerly_and_give_nan_under_jit(rng, name):
+    # finite entries, but a row sum of inf cannot be normalised: an error, never a number
+    fn = CHAIN_FUNCTIONS[name]
+    a = testing.random_chains(rng, (3,), 6).astype(np.float32)
+    a[1, 2, :2] = 3e38
+    with pytest.raises(ValueError, match="overflows"):
+        fn(a)
+    out = np.asarray(jax.jit(fn)(a))
+    assert np.all(np.isnan(out[1])) and np.all(np.isfinite(out[[0, 2]]))
+
+
 def test_invalid_options_under_jit_give_nan(rng):
     a = testing.random_chains(rng, (2,), 8).astype(np.float32)
     for alpha in (1.5, -0.1, np.nan):
