@@ -28,7 +28,7 @@ import sys
 import time
 
 from .configs import PRESETS, get_preset
-from .readme import replace_block
+from .readme import publish
 from .train import load_data, train_and_evaluate
 
 STEM = (32, 64, 128)
@@ -236,10 +236,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.runs:
         md = runs_table(a.runs, base=a.base)
-        print(md)
-        if a.update_readme:
-            replace_block(a.update_readme, "demo-ablation", md)
-            print(f"updated {a.update_readme}")
+        publish(md, a.update_readme, "demo-ablation")
         return 0
     if a.all:
         stored = json.loads((pathlib.Path(a.out) / "results.json").read_text()).values()
@@ -253,10 +250,7 @@ def main(argv=None) -> int:
         )  # fmt: skip
     md = table(rows)
     (pathlib.Path(a.out) / "results.md").write_text(md)
-    print(md)
-    if a.update_readme:
-        replace_block(a.update_readme, "ablation", md)
-        print(f"updated {a.update_readme}")
+    publish(md, a.update_readme, "ablation")
     return 0
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import markov_attn as ma
 from markov_attn import segmentation as seg
 
-from .readme import replace_block
+from .readme import publish
 
 LEVELS = (100, 300, 500, 800)
 STEPS = 10
@@ -255,10 +255,7 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(res, indent=1, default=list))
     md = table(res)
     (out / "results.md").write_text(md)
-    print(md)
-    if a.update_readme:
-        replace_block(a.update_readme, "label-bounce", md)
-        print(f"updated {a.update_readme}")
+    publish(md, a.update_readme, "label-bounce")
     return 0
 
 

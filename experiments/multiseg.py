@@ -54,7 +54,7 @@ import markov_attn as ma
 from markov_attn import segmentation as seg
 
 from .kmeans import kmeans
-from .readme import replace_block
+from .readme import publish
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "vit_reference.npz"
 AUTO_RANGE = (2, 6)
@@ -487,18 +487,12 @@ def main(argv=None) -> int:
         cmd = f"python -m experiments.multiseg --out {a.out} --models {models}"
         md = models_table(results, cmd)
         (out / "models.md").write_text(md)
-        print(md)
-        if a.update_readme:
-            replace_block(a.update_readme, "multiseg-models", md)
-            print(f"updated {a.update_readme}")
+        publish(md, a.update_readme, "multiseg-models")
         return 0
     res = evaluate(a.run, n_images=a.n_images)
     md = _write(res, out)
-    print(md)
     print(f"wrote {out}/results.json, results.md, states_grid.png")
-    if a.update_readme:
-        replace_block(a.update_readme, "multiseg", md)
-        print(f"updated {a.update_readme}")
+    publish(md, a.update_readme, "multiseg")
     return 0
 
 

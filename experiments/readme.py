@@ -27,6 +27,15 @@ def replace_block(readme, name: str, text: str, /) -> None:
     readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
 
 
+def publish(text: str, readme, name: str, /) -> None:
+    """Prints a generated table and, when ``readme`` is given (a script's ``--update-readme``),
+    writes it into that file's ``name`` block."""
+    print(text)
+    if readme:
+        replace_block(readme, name, text)
+        print(f"updated {readme}")
+
+
 def command_line(prog: str, argv, /, *, drop=("--update-readme",)) -> str:
     """The command that reproduces a table, for its README block: ``python -m prog`` and
     ``argv`` without the flags in ``drop`` (``--update-readme`` and its optional README path:
