@@ -19,6 +19,7 @@ from ._util import (
     invalid_dists,
     invalid_matrices,
     is_concrete,
+    overflow_error,
     poison,
     safe_normalize,
     traced_range,
@@ -202,7 +203,8 @@ def normalize(weights: ChainLike, /) -> Chain:
                 f"weights must be non-negative (min {w.min():.3g}); if these are "
                 "pre-softmax scores, use ma.transition instead"
             )
-        check_values(weights, "weights")  # and rows whose float32 sum overflows
+        if np.any(w.sum(-1) > np.finfo(compute_dtype(weights.dtype)).max):
+            raise overflow_error("weights")  # finite entries, but a row sum of inf
     return _normalize(weights)
 
 

@@ -24,9 +24,10 @@ def as_chain(attn, name: str = "attn") -> jax.Array:
     return attn.astype(compute_dtype(attn.dtype))
 
 
-def value_flags(x) -> tuple[bool, bool] | None:
-    """``(all finite, all non-negative)`` of a float array whose values are known now, or
-    ``None`` (traced, inside someone's ``jit``, empty or not floating)."""
+def value_flags(x) -> tuple[bool, bool, bool] | None:
+    """``(all finite, all non-negative, all row sums finite)`` of a float array whose values are
+    known now, or ``None`` (traced, inside someone's ``jit``, empty or not floating). Row sums
+    are over the last axis of an array with at least two axes (``True`` otherwise)."""
     if isinstance(x, list | tuple):
         x = np.asarray(x)
     if not is_concrete(x):
@@ -34,10 +35,10 @@ def value_flags(x) -> tuple[bool, bool] | None:
     arr = jnp.asarray(x)
     if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
         return None
-    finite, nonneg = _value_flags(arr)
+    finite, nonneg, sums = _value_flags(arr)
     if isinstance(finite, jax.core.Tracer):  # concrete input, but traced by an outer jit
         return None
-    return bool(finite), bool(nonneg)
+    return bool(finite), bool(nonneg), bool(sums)
 
 
 def check_values(x, name: str = "attn") -> None:
@@ -49,7 +50,7 @@ def check_values(x, name: str = "attn") -> None:
     flags = value_flags(x)
     if flags is None:
         return
-    finite, nonneg = flags
+    finite, nonneg, sums = flags
     if not finite:
         raise ValueError(
             f"{name} contains NaN or inf; check the attention extraction (an all-masked row "
@@ -61,21 +62,22 @@ def check_values(x, name: str = "attn") -> None:
             f"{name} has negative entries; attention probabilities are non-negative: pass "
             "pre-softmax scores through ma.transition (ma.check_chain says where)"
         )
-    if np.ndim(x) >= 2 and not bool(_sums_finite(jnp.asarray(x))):
-        raise ValueError(
-            f"{name} has a row whose sum overflows to inf (entries near the float maximum); "
-            "divide the weights by a common scale first (rows are renormalised anyway)"
-        )
+    if not sums:
+        raise overflow_error(name)
+
+
+def overflow_error(name: str) -> ValueError:
+    """The error for finite entries whose float32 row sum overflows (it cannot be normalised)."""
+    return ValueError(
+        f"{name} has a row whose sum overflows to inf (entries near the float maximum); "
+        "divide the weights by a common scale first (rows are renormalised anyway)"
+    )
 
 
 @jax.jit
 def _value_flags(x):
-    return jnp.all(jnp.isfinite(x)), jnp.all(x >= 0)
-
-
-@jax.jit
-def _sums_finite(x):
-    return jnp.all(jnp.isfinite(jnp.sum(x.astype(compute_dtype(x.dtype)), axis=-1)))
+    sums = jnp.sum(x.astype(compute_dtype(x.dtype)), axis=-1) if x.ndim >= 2 else x
+    return jnp.all(jnp.isfinite(x)), jnp.all(x >= 0), jnp.all(jnp.isfinite(sums))
 
 
 def poison(x: jax.Array, bad: jax.Array) -> jax.Array:
@@ -202,14 +204,6 @@ def matvec_t_blocks(prepared: tuple[jax.Array, jax.Array], x: jax.Array) -> jax.
     xb = x[..., :head].reshape((*x.shape[:-1], nb, b))
     part = jnp.einsum("...bkj,...bk->...bj", blocks, xb, precision=HIGHEST)
     return jnp.sum(part, axis=-2) + matvec_t(tail, x[..., head:])
-
-
-def matvec_t_accurate(attn: jax.Array, x: jax.Array) -> jax.Array:
-    """``attn^T x`` with blocked summation (see :func:`matvec_t_blocks`); for repeated products
-    with one matrix, prepare it once with :func:`accurate_blocks` instead."""
-    if attn.shape[-2] <= ACCURATE_GEMM_BLOCK:
-        return matvec_t(attn, x)
-    return matvec_t_blocks(accurate_blocks(attn), x)
 
 
 def is_concrete(x) -> bool:
