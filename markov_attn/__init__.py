@@ -27,6 +27,7 @@ from ._metastable import schur_subspace as schur_subspace
 from ._rollout import rollout as rollout
 from ._shard import shard_stack as shard_stack
 from ._shard import stack_spec as stack_spec
+from ._spectral import Lambda2Info as Lambda2Info  # result type (not in __all__)
 from ._spectral import second_eigenvalue as second_eigenvalue
 from ._spectral import spectral_gap as spectral_gap
 from ._stream import bounce_qk as bounce_qk

@@ -5,6 +5,8 @@ loop counts fixed at trace time (or bounded ``while_loop``s), so it lowers on CP
 and a vmapped call never waits on an unbounded slowest member.
 """
 
+import functools
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -39,44 +41,150 @@ def _orthogonalize(basis, w, passes: int = 2):
     return w, h_total
 
 
-def arnoldi(matvec: MatVec, v0: jax.Array, steps: int, *, project: MatVec | None = None):
-    """``steps`` steps of Arnoldi with re-orthogonalised Gram–Schmidt.
+class Radius(NamedTuple):
+    """Result of :func:`arnoldi_radius` (one entry per member of the batch)."""
+
+    value: jax.Array  #: spectral radius of the Krylov compression (the estimate)
+    residual: jax.Array  #: residual of its dominant Ritz subspace, ``||A Y - Y (Y^T A Y)||``
+    steps: jax.Array  #: Krylov dimension of the returned estimate
+
+
+def _orthogonalize_dgks(basis, w, eta: float = 0.5**0.5):
+    """Gram–Schmidt against ``basis`` with a second pass only where it is needed.
+
+    The second pass runs when the first removed more than ``1 - eta`` of ``w``'s norm for
+    some member (Daniel, Gragg, Kaufman and Stewart's criterion, as in ARPACK): a scalar
+    ``cond`` over the members of the call, so a batch chunk skips it when none needs it.
+    """
+    n0 = _norm(w)
+    w, h = _orthogonalize(basis, w, passes=1)
+    again = jnp.any(_norm(w) < eta * n0)
+    w2, h2 = jax.lax.cond(
+        again,
+        lambda w: _orthogonalize(basis, w, passes=1),
+        lambda w: (w, jnp.zeros_like(h)),
+        w,
+    )
+    return w2, h + h2
+
+
+def arnoldi_radius(
+    matvec: MatVec,
+    v0: jax.Array,
+    stages: tuple[int, ...],
+    *,
+    project: MatVec | None = None,
+    tol: float = 0.0,
+) -> Radius:
+    """The largest eigenvalue modulus of an operator by Arnoldi, grown in stages until it holds.
+
+    Arnoldi (re-orthogonalised Gram–Schmidt) builds the Krylov basis ``V`` and the Hessenberg
+    compression ``H`` one product at a time. At the end of each stage (``stages``: increasing
+    static Krylov dimensions) the spectral radius of ``H_m`` comes from Gelfand's formula
+    (:func:`spectral_radius`), whose last normalised power spans the dominant Ritz subspace
+    ``Y`` of ``H_m`` (one vector for a real Ritz value, two for a complex pair); its residual
+    in the operator, from ``A V_m = V_m H_m + h_{m+1,m} v_{m+1} e_m^T`` without a product,
+
+        ``||A V Y - V Y (Y^T H Y)||^2 = ||H Y - Y (Y^T H Y)||^2 + h_{m+1,m}^2 ||e_m^T Y||^2``,
+
+    says whether that Ritz value has converged. A member keeps the estimate of the first stage
+    whose residual met ``tol``; the next stage runs only while some member's residual is above
+    ``tol`` (``tol=0`` runs every stage). Each stage orthogonalises against the basis built so
+    far only, so an early stop saves the products and the Gram–Schmidt work of the later
+    stages; the first stage re-orthogonalises every column (CGS2), later ones where the DGKS
+    criterion asks for it. A single stage is plain ``stages[0]``-step Arnoldi.
 
     Args:
       matvec: the operator, batched over leading axes.
       v0: start vectors ``(..., n)`` (normalised here).
-      steps: Krylov dimension ``m`` (static).
+      stages: Krylov dimensions at which to check, increasing (static).
       project: optional projection applied after each product (for example onto zero-sum
         vectors, to keep the iteration in an invariant subspace despite rounding).
+      tol: residual at which a member counts as converged.
 
     Returns:
-      ``(V, H, beta)``: basis ``(..., m + 1, n)``, Hessenberg ``(..., m + 1, m)`` and the norm
-      of ``v0``. A breakdown (invariant subspace found) leaves zero columns, never NaN.
+      A :class:`Radius`. A breakdown (invariant subspace found) leaves zero columns and a zero
+      residual, never NaN.
     """
     dtype = v0.dtype
     tiny = jnp.finfo(dtype).tiny * 1e4
+    m_max = stages[-1]
     beta = _norm(v0)
-    basis = jnp.zeros((*v0.shape[:-1], steps + 1, v0.shape[-1]), dtype)
+    batch = v0.shape[:-1]
+    basis = jnp.zeros((*batch, m_max + 1, v0.shape[-1]), dtype)
     basis = basis.at[..., 0, :].set(_safe_div(v0, beta, tiny))
-    hess = jnp.zeros((*v0.shape[:-1], steps + 1, steps), dtype)
-    scale = jnp.zeros(v0.shape[:-1], dtype)
+    hess = jnp.zeros((*batch, m_max + 1, m_max), dtype)
+    scale = jnp.zeros(batch, dtype)
 
-    def body(k, carry):
-        basis, hess, scale = carry
-        w = matvec(basis[..., k, :])
-        if project is not None:
-            w = project(w)
-        scale = jnp.maximum(scale, _norm(w))
-        w, h = _orthogonalize(basis, w)
-        hn = _norm(w)
-        # a column with (numerically) nothing new marks an invariant subspace: stop growing it
-        hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
-        hess = hess.at[..., :, k].set(h.at[..., k + 1].set(hn))
-        basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
-        return basis, hess, scale
+    # the first stage re-orthogonalises every column (cheap for a short basis, and exactly
+    # plain Arnoldi when there is one stage); later stages only where DGKS asks for it
+    def grow(lo, hi, basis, hess, scale):
+        ortho = _orthogonalize if lo == 0 else _orthogonalize_dgks
 
-    basis, hess, _ = jax.lax.fori_loop(0, steps, body, (basis, hess, scale))
-    return basis, hess, beta
+        def body(k, carry):
+            basis, hess, scale = carry
+            w = matvec(basis[..., k, :])
+            if project is not None:
+                w = project(w)
+            scale = jnp.maximum(scale, _norm(w))
+            w, h = ortho(basis[..., : hi + 1, :], w)
+            hn = _norm(w)
+            # a column with (numerically) nothing new marks an invariant subspace: stop growing
+            hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
+            hess = hess.at[..., : hi + 1, k].set(h.at[..., k + 1].set(hn))
+            basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
+            return basis, hess, scale
+
+        return jax.lax.fori_loop(lo, hi, body, (basis, hess, scale))
+
+    def stage(lo, hi, carry):
+        basis, hess, scale, value, res, steps = carry
+        basis, hess, scale = grow(lo, hi, basis, hess, scale)
+        h = hess[..., :hi, :hi]
+        new_value, power = spectral_radius(h, return_power=True)
+        new_res = _ritz_residual(h, power, hess[..., hi, hi - 1])
+        # a member keeps the estimate of the first stage that met tol, so its result does not
+        # depend on the other members of its batch
+        done = res <= tol
+        value = jnp.where(done, value, new_value)
+        res = jnp.where(done, res, new_res)
+        steps = jnp.where(done, steps, hi)
+        return basis, hess, scale, value, res, steps
+
+    inf = jnp.full(batch, jnp.inf, dtype)
+    carry = (basis, hess, scale, inf, inf, jnp.zeros(batch, jnp.int32))
+    carry = stage(0, stages[0], carry)
+    for lo, hi in itertools.pairwise(stages):
+        more = jnp.any(~(carry[4] <= tol))
+        carry = jax.lax.cond(more, functools.partial(stage, lo, hi), lambda c: c, carry)
+    *_, value, res, steps = carry
+    return Radius(value, res, steps)
+
+
+def _ritz_residual(h, power, h_next):
+    """Residual of the dominant Ritz subspace of ``h`` ``(..., m, m)`` spanned by the columns
+    of ``power`` (a normalised high power of ``h``), given ``h_{m+1,m}`` (see
+    :func:`arnoldi_radius`)."""
+    m = h.shape[-1]
+    cols = jnp.sum(power * power, axis=-2)
+    pick = jnp.argmax(cols, axis=-1)
+    u = jnp.take_along_axis(power, pick[..., None, None], axis=-1)[..., 0]
+    tiny = jnp.finfo(h.dtype).tiny * 1e4
+    u = _safe_div(u, _norm(u), tiny)
+    w = jnp.einsum("...ij,...j->...i", h, u, precision=HIGHEST)
+    w2 = w - _dot(u, w)[..., None] * u
+    w2 = w2 - _dot(u, w2)[..., None] * u
+    nw = _norm(w2)
+    # a complex pair: the dominant subspace is span{u, H u}; a real Ritz value: u alone
+    pair = nw > 1e-4 * jnp.maximum(_norm(w), tiny)
+    u2 = jnp.where(pair[..., None], _safe_div(w2, nw, tiny), 0.0)
+    y = jnp.stack([u, u2], axis=-1)  # (..., m, 2)
+    hy = jnp.einsum("...ij,...jk->...ik", h, y, precision=HIGHEST)
+    small = jnp.einsum("...ji,...jk->...ik", y, hy, precision=HIGHEST)
+    inner = hy - jnp.einsum("...ij,...jk->...ik", y, small, precision=HIGHEST)
+    last = y[..., m - 1, :]
+    res2 = jnp.sum(inner * inner, axis=(-2, -1)) + h_next * h_next * jnp.sum(last * last, -1)
+    return jnp.sqrt(res2)
 
 
 def gmres_cycle(matvec: MatVec, r: jax.Array, *, steps: int, rtol: float):
@@ -237,12 +345,14 @@ def refined_gmres(
     return Refined(x, nres, steps, conv & ~active)
 
 
-def spectral_radius(mat: jax.Array, *, squarings: int = 24) -> jax.Array:
+def spectral_radius(mat: jax.Array, *, squarings: int = 24, return_power: bool = False):
     r"""Spectral radius of small square matrices by Gelfand's formula with matmuls only.
 
     :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`; ``squarings`` normalised squarings give
     :math:`k = 2^{s}`, with relative error about :math:`\log(\kappa) / 2^{s}`. Runs on any
-    backend (no eigendecomposition).
+    backend (no eigendecomposition). With ``return_power=True`` also returns the last
+    normalised power :math:`H^{2^s} / \|H^{2^s}\|`, whose columns span the dominant invariant
+    subspace of ``H`` (of the eigenvalues of largest modulus).
     """
     nrm = jnp.sqrt(jnp.sum(mat * mat, axis=(-2, -1)))
     ok = nrm > 0
@@ -258,5 +368,5 @@ def spectral_radius(mat: jax.Array, *, squarings: int = 24) -> jax.Array:
         log_rho = log_rho + jnp.where(ok, jnp.log(jnp.where(ok, n2, 1.0)), -jnp.inf) * weight
         return b2 / jnp.where(ok, n2, 1.0)[..., None, None], log_rho
 
-    _, log_rho = jax.lax.fori_loop(0, squarings, body, (b, log_rho))
-    return jnp.exp(log_rho)
+    b, log_rho = jax.lax.fori_loop(0, squarings, body, (b, log_rho))
+    return (jnp.exp(log_rho), b) if return_power else jnp.exp(log_rho)

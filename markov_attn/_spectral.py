@@ -1,13 +1,14 @@
 """|λ2| and the spectral gap of attention chains."""
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from . import _host
-from ._krylov import arnoldi, spectral_radius
+from ._krylov import Radius, arnoldi_radius
 from ._typing import ChainLike, PerMatrix
 from ._util import (
     as_chain,
@@ -24,7 +25,9 @@ from ._util import (
 )
 
 METHODS = ("arnoldi", "eig")
-KRYLOV_DIM = 128
+KRYLOV_DIM = 256
+CHECK_EVERY = 32
+TOL = 1e-5
 
 
 def _zero_sum_start(n: int, dtype) -> jax.Array:
@@ -33,20 +36,37 @@ def _zero_sum_start(n: int, dtype) -> jax.Array:
     return x - jnp.mean(x)
 
 
-def lambda2_from_matvec(mv, shape, dtype, krylov):
-    """|λ2| from ``krylov`` Arnoldi steps of a product ``mv`` (``A x`` or ``A^T x``, which have
-    the same spectrum) on zero-sum vectors of ``shape`` ``(..., n)``, then Gelfand's formula."""
+def check_residual_tol(tol) -> float:
+    """``tol`` of the |λ2| estimate: a finite float ``>= 0``."""
+    if isinstance(tol, bool) or not isinstance(tol, float | int) or not 0 <= tol < float("inf"):
+        raise ValueError(f"tol must be a finite float >= 0 (a residual), got {tol!r}")
+    return float(tol)
+
+
+def krylov_stages(m: int) -> tuple[int, ...]:
+    """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 48, then
+    every ``CHECK_EVERY`` up to ``m`` (which is always the last). The early checks are cheap
+    and let fast-mixing and strongly metastable heads stop after a few products."""
+    early = tuple(k for k in (16, 32, 48) if k < m)
+    start = (early[-1] if early else 0) + CHECK_EVERY - (early[-1] if early else 0) % CHECK_EVERY
+    return (*early, *(k for k in range(start, m, CHECK_EVERY) if k <= m - 8), m)
+
+
+def lambda2_from_matvec(mv, shape, dtype, krylov, tol) -> Radius:
+    """|λ2| from Arnoldi on a product ``mv`` (``A x`` or ``A^T x``, which have the same
+    spectrum) on zero-sum vectors of ``shape`` ``(..., n)``, then Gelfand's formula; grown in
+    stages of ``CHECK_EVERY`` up to ``krylov`` while a residual is above ``tol``."""
     n = shape[-1]
     if n == 1:
-        return jnp.zeros(shape[:-1], dtype)
+        zero = jnp.zeros(shape[:-1], dtype)
+        return Radius(zero, zero, jnp.zeros(shape[:-1], jnp.int32))
     m = min(krylov, n - 1)
     v0 = jnp.broadcast_to(_zero_sum_start(n, dtype), shape)
     project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
-    _, hess, _ = arnoldi(mv, v0, m, project=project)
-    return spectral_radius(hess[..., :m, :])
+    return arnoldi_radius(mv, v0, krylov_stages(m), project=project, tol=tol)
 
 
-def _lambda2_arnoldi(a, rows, krylov):
+def _lambda2_arnoldi(a, rows, krylov, tol):
     # In the basis {1, U} (U orthonormal, spanning the zero-sum vectors) A is block upper
     # triangular, [[1, *], [0, U^T A U]]: the compression P A P onto zero-sum vectors carries
     # every eigenvalue but the Perron 1. (A x is also the faster product layout.) The rows are
@@ -56,7 +76,8 @@ def _lambda2_arnoldi(a, rows, krylov):
     def mv(x):
         return jnp.where(zero, jnp.mean(x, -1, keepdims=True), matvec(a, x) * inv)
 
-    return lambda2_from_matvec(mv, a.shape[:-1], a.dtype, krylov)
+    r = lambda2_from_matvec(mv, a.shape[:-1], a.dtype, krylov, tol)
+    return r.value, r.residual, r.steps
 
 
 def _second_largest(mod):
@@ -73,12 +94,23 @@ def _lambda2_eig(a):
 def triangular(a: jax.Array) -> jax.Array:
     """``(...)`` flags: matrices that are exactly lower or upper triangular (causal heads)."""
     n = a.shape[-1]
-    i = jnp.arange(n)
-    upper = (i[None, :] > i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
-    lower = (i[None, :] < i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
-    return jnp.all(jnp.where(upper, a == 0, True), axis=(-2, -1)) | jnp.all(
-        jnp.where(lower, a == 0, True), axis=(-2, -1)
-    )
+    if n == 1:
+        return jnp.ones(a.shape[:-2], bool)
+    # a lower triangular matrix has nothing right of a[0, 0], an upper one nothing left of
+    # a[n-1, n-1]: a test on two rows, so the full pass over the stack (as costly as a
+    # product) runs only when some matrix of the batch passes it
+    maybe = jnp.all(a[..., 0, 1:] == 0, axis=-1) | jnp.all(a[..., -1, :-1] == 0, axis=-1)
+
+    def full(a):
+        i = jnp.arange(n)
+        upper = (i[None, :] > i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
+        lower = (i[None, :] < i[:, None]).reshape((1,) * (a.ndim - 2) + (n, n))
+        tri = jnp.all(jnp.where(upper, a == 0, True), axis=(-2, -1)) | jnp.all(
+            jnp.where(lower, a == 0, True), axis=(-2, -1)
+        )
+        return tri & maybe
+
+    return jax.lax.cond(jnp.any(maybe), full, lambda a: jnp.zeros_like(maybe), a)
 
 
 def _lambda2_triangular(a):
@@ -86,32 +118,37 @@ def _lambda2_triangular(a):
     return _second_largest(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _lambda2(a, rows, method, krylov):
-    """|λ2| of the row-normalised ``normalized_rows(a, rows)``, never written out."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _lambda2(a, rows, method, krylov, tol):
+    """|λ2| of the row-normalised ``normalized_rows(a, rows)``, never written out, with the
+    residual of its Ritz estimate and the Krylov dimension used (both 0 where exact)."""
     inv, zero = row_scale(rows)
     # a zero row stands for the uniform row, so the normalised matrix is not triangular
     tri = triangular(a) & ~jnp.any(zero, axis=-1)
     d = jnp.diagonal(a, axis1=-2, axis2=-1) * inv
     exact = _second_largest(jnp.abs(d))
+    none = jnp.zeros(tri.shape, a.dtype)
     if method == "eig":
-        return jnp.where(tri, exact, _lambda2_eig(normalized_rows(a, rows)))
+        value = jnp.where(tri, exact, _lambda2_eig(normalized_rows(a, rows)))
+        return value, none, jnp.zeros(tri.shape, jnp.int32)
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
-    est = map_over_batch(
-        lambda a, rows: _lambda2_arnoldi(a, rows, krylov),
+    est, res, steps = map_over_batch(
+        lambda a, rows: _lambda2_arnoldi(a, rows, krylov, tol),
         a,
         rows,
         batch_ndim=a.ndim - 2,
         item_bytes=item,
+        whole_chunks=True,  # so that a chunk stops growing its Krylov space when it converged
     )
-    return jnp.where(tri, exact, est)
+    return jnp.where(tri, exact, est), jnp.where(tri, 0.0, res), jnp.where(tri, 0, steps)
 
 
-def _lambda2_fwd(a, rows, method, krylov):
-    return _lambda2(a, rows, method, krylov), (a, rows)
+def _lambda2_fwd(a, rows, method, krylov, tol):
+    return _lambda2(a, rows, method, krylov, tol), (a, rows)
 
 
-def _lambda2_bwd(method, krylov, res, g):
+def _lambda2_bwd(method, krylov, tol, res, cotangents):
+    g = cotangents[0]  # the residual and the step count are not differentiated
     a_raw, rows = res
     a, pullback = jax.vjp(normalized_rows, a_raw, rows)
     # First-order perturbation of a simple eigenvalue: d lam = l^T dA r with l^T r = 1, and
@@ -143,16 +180,42 @@ def _lambda2_bwd(method, krylov, res, g):
 _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "krylov"))
-def _second_eigenvalue(attn, method, krylov):
+class Lambda2Info(NamedTuple):
+    """How an |λ2| estimate went, per matrix (``second_eigenvalue(..., return_info=True)``).
+
+    Attributes:
+      residual: :math:`\\|A Y - Y (Y^\top A Y)\\|` of the dominant Ritz subspace ``Y`` of the
+        Krylov compression (the Ritz vector of the estimate, two for a complex pair), on
+        zero-sum vectors; for a normal matrix the estimate is within it of an eigenvalue
+        modulus. 0 where the value is exact (``method="eig"``, triangular matrices).
+      steps: Krylov dimension of the estimate (products with the matrix), 0 where exact.
+      converged: ``residual <= tol`` (``False`` for a NaN input).
+    """
+
+    residual: Float[Array, "*batch"]
+    steps: Int[Array, "*batch"]
+    converged: Bool[Array, "*batch"]
+
+
+@functools.partial(jax.jit, static_argnames=("method", "krylov", "tol"))
+def _second_eigenvalue(attn, method, krylov, tol):
     a = as_chain(attn)
     rows = row_sums(a)
-    return poison(_lambda2(a, rows, method, krylov), invalid_matrices(a, rows))
+    bad = invalid_matrices(a, rows)
+    value, res, steps = _lambda2(a, rows, method, krylov, tol)
+    res = poison(res, bad)
+    return poison(value, bad), Lambda2Info(res, steps, res <= tol)
 
 
 def second_eigenvalue(
-    attn: ChainLike, /, *, method: str = "arnoldi", krylov: int = KRYLOV_DIM
-) -> PerMatrix:
+    attn: ChainLike,
+    /,
+    *,
+    method: str = "arnoldi",
+    krylov: int = KRYLOV_DIM,
+    tol: float = TOL,
+    return_info: bool = False,
+) -> PerMatrix | tuple[PerMatrix, Lambda2Info]:
     r"""|λ2|, the second-largest eigenvalue modulus of each attention chain.
 
     It sets how fast bounces converge to TokenRank (error :math:`\sim|\lambda_2|^n`) and how
@@ -161,12 +224,18 @@ def second_eigenvalue(
     ``method="arnoldi"`` (default) uses no eigendecomposition, so it runs on CPU, GPU and TPU:
     with :math:`P = I - \mathbf{1}\mathbf{1}^\top/n` the projection onto zero-sum vectors,
     :math:`PAP` restricted to them carries every eigenvalue of :math:`A` but the Perron 1 (in a
-    basis :math:`\{\mathbf{1}, U\}`, :math:`A` is block upper triangular), so ``krylov`` steps of
-    Arnoldi (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` give a small Hessenberg
-    matrix :math:`H` whose
-    spectral radius, found with matmuls only by Gelfand's formula
-    :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. On attention stacks at
-    ``n = 197`` and ``1025`` it matches ``numpy.linalg.eigvals`` to about 1e-5.
+    basis :math:`\{\mathbf{1}, U\}`, :math:`A` is block upper triangular), so Arnoldi
+    (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` gives a small Hessenberg matrix
+    :math:`H` whose spectral radius, found with matmuls only by Gelfand's formula
+    :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. The Krylov space grows
+    in stages of 32 up to ``krylov``: after each stage the residual of the dominant Ritz
+    vector(s) of :math:`H` (from the Arnoldi relation, no extra product) says whether the
+    estimate has converged, and the next stage runs only while some matrix of the batch chunk
+    has a residual above ``tol``. Fast-mixing and metastable heads stop at 32–64 products;
+    heads whose leading eigenvalues crowd near a circle (positional, near-circulant heads) take
+    up to 224 at ``n = 1025``. On attention stacks at ``n = 197`` and ``1025`` it matches
+    ``numpy.linalg.eigvals`` to about 1e-6; ``return_info=True`` reports the residual, the
+    Krylov dimension used and whether the residual met ``tol``.
     ``method="eig"`` is a dense eigendecomposition, :math:`O(n^3)`, the oracle: on CPU it runs
     in NumPy through a host callback (jaxlib 0.10's batched CPU LAPACK kernels can deadlock
     when several run concurrently in one jitted program), on GPU ``jnp.linalg.eigvals``; it does
@@ -198,10 +267,15 @@ def second_eigenvalue(
     Args:
       attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
       method: ``"arnoldi"`` or ``"eig"``.
-      krylov: Krylov dimension of the Arnoldi method (static).
+      krylov: largest Krylov dimension of the Arnoldi method (static); ``n - 1`` at most.
+      tol: residual at which the estimate counts as converged (static); ``0`` always builds
+        the full ``krylov``-dimensional space.
+      return_info: also return a :class:`Lambda2Info` (residual, Krylov dimension used,
+        converged).
 
     Returns:
-      ``(...)`` float32 values in ``[0, 1]``.
+      ``(...)`` float32 values in ``[0, 1]`` (and the ``Lambda2Info`` with
+      ``return_info=True``).
 
     Examples:
       >>> import markov_attn as ma
@@ -213,12 +287,14 @@ def second_eigenvalue(
     """
     check_choice("method", method, METHODS)
     krylov = check_count("krylov", krylov, minimum=1, what=" (Krylov dimension)")
+    tol = check_residual_tol(tol)
     check_values(attn)
-    return _second_eigenvalue(attn, method, krylov)
+    value, info = _second_eigenvalue(attn, method, krylov, tol)
+    return (value, info) if return_info else value
 
 
 def spectral_gap(
-    attn: ChainLike, /, *, method: str = "arnoldi", krylov: int = KRYLOV_DIM
+    attn: ChainLike, /, *, method: str = "arnoldi", krylov: int = KRYLOV_DIM, tol: float = TOL
 ) -> Float[Array, "*batch"]:
     """The spectral gap ``1 - |λ2|`` of each chain (see :func:`second_eigenvalue`).
 
@@ -227,7 +303,7 @@ def spectral_gap(
       >>> round(float(ma.spectral_gap([[0.9, 0.1], [0.1, 0.9]])), 3)
       0.2
     """
-    return 1.0 - second_eigenvalue(attn, method=method, krylov=krylov)
+    return 1.0 - second_eigenvalue(attn, method=method, krylov=krylov, tol=tol)
 
 
-__all__ = ["second_eigenvalue", "spectral_gap"]
+__all__ = ["Lambda2Info", "second_eigenvalue", "spectral_gap"]

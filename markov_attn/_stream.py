@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from ._chain import _keep_index, _uniform_or, check_index, check_v, one_hot
-from ._spectral import KRYLOV_DIM, lambda2_from_matvec
+from ._spectral import KRYLOV_DIM, TOL, check_residual_tol, lambda2_from_matvec
 from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import Dist, DistLike, PerMatrix
 from ._util import (
@@ -579,8 +579,8 @@ def bounce_qk(
 # |lambda_2|
 
 
-@functools.partial(jax.jit, static_argnames=("krylov", "block"))
-def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, block):
+@functools.partial(jax.jit, static_argnames=("krylov", "tol", "block"))
+def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block):
     qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
     n = qs.shape[-2]
     if n == 1:
@@ -593,7 +593,7 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, block):
     def matvec(x):
         return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
 
-    return poison(lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov), bad)
+    return poison(lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov, tol).value, bad)
 
 
 def second_eigenvalue_qk(
@@ -605,13 +605,16 @@ def second_eigenvalue_qk(
     key_mask: Bool[ArrayLike, "*#batch n"] | None = None,
     keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
     krylov: int = KRYLOV_DIM,
+    tol: float = TOL,
     block: int = BLOCK,
 ) -> PerMatrix:
     r"""|λ2| of ``softmax(scale · q kᵀ)``, streamed (see :func:`second_eigenvalue`).
 
-    Arnoldi on zero-sum vectors with the blockwise product :math:`A^\top x` (``krylov`` passes
-    over ``q`` and ``k``), then the spectral radius of the small Hessenberg matrix by Gelfand's
-    formula: no eigendecomposition and no ``n × n`` matrix, so it runs on CPU, GPU and TPU in
+    The same staged Arnoldi as :func:`second_eigenvalue` (one implementation) on zero-sum
+    vectors with the blockwise product :math:`A^\top x` (up to ``krylov`` passes over ``q``
+    and ``k``, fewer where the residual meets ``tol`` earlier), then the spectral radius of the
+    small Hessenberg matrix by Gelfand's formula: no eigendecomposition and no ``n × n``
+    matrix, so it runs on CPU, GPU and TPU in
     :math:`O(n d + \text{block}\cdot n + \text{krylov}\cdot n)` memory. Same result as
     ``ma.second_eigenvalue(ma.transition(...))``. Gradients, if taken, differentiate through
     the Arnoldi recursion (the dense function's eigenvector formula needs the matrix).
@@ -622,7 +625,8 @@ def second_eigenvalue_qk(
       scale: logit scale, ``1 / sqrt(d)`` by default.
       key_mask: boolean ``(..., n)`` key mask (``True`` = valid), before ``keep``.
       keep: tokens kept on both axes before the softmax (concrete).
-      krylov: Krylov dimension (static).
+      krylov: largest Krylov dimension (static).
+      tol: residual at which the estimate counts as converged (static).
       block: queries per tile (static).
 
     Returns:
@@ -637,8 +641,10 @@ def second_eigenvalue_qk(
       True
     """
     krylov = check_count("krylov", krylov, minimum=1, what=" (Krylov dimension)")
+    tol = check_residual_tol(tol)
     q, k, key_mask = _check(q, k, key_mask, block)
-    return _second_eigenvalue_qk(q, k, scale, key_mask, _keep(keep, q.shape[-2]), krylov, block)
+    idx = _keep(keep, q.shape[-2])
+    return _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block)
 
 
 __all__ = ["bounce_qk", "second_eigenvalue_qk", "tokenrank_qk"]

@@ -261,7 +261,7 @@ def safe_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 CPU_CHUNK_BYTES = 12 * 2**20
 
 
-def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
+def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int, whole_chunks: bool = False):
     """Applies ``fn`` (batched over ``batch_ndim`` leading axes) chunk by chunk on CPU.
 
     On CPU the flattened batch is processed in chunks of ``CPU_CHUNK_BYTES // item_bytes``
@@ -269,6 +269,11 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
     ``fn`` (and each chunk stops iterating when its own members converge). On GPU and TPU the
     whole batch runs at once. Every arg (an array or a pytree of arrays) shares the same
     ``batch_ndim`` leading axes; ``fn`` returns a pytree of arrays with those leading axes.
+
+    By default ``lax.map`` vmaps ``fn`` over a chunk, so ``fn`` sees one item and a
+    data-dependent ``lax.cond`` in it becomes a ``select`` that runs both branches. With
+    ``whole_chunks=True`` ``fn`` is called on each chunk as a batch ``(chunk, ...)`` (the
+    remainder as a smaller batch), so a ``cond`` on a reduction over the chunk stays a branch.
     """
     batch = jax.tree.leaves(args)[0].shape[:batch_ndim]
     if not all(isinstance(d, int) for d in batch):  # symbolic batch (jax.export): no chunks
@@ -278,9 +283,21 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int):
     if batch_ndim == 0 or total <= chunk:
         return fn(*args)
 
+    def flat_map(flat):
+        if not whole_chunks:
+            return jax.lax.map(lambda xs: fn(*xs), flat, batch_size=chunk)
+        main = total // chunk * chunk
+        head = jax.tree.map(lambda a: a[:main].reshape((-1, chunk, *a.shape[1:])), flat)
+        out = jax.lax.map(lambda xs: fn(*xs), head)
+        out = jax.tree.map(lambda o: o.reshape((main, *o.shape[2:])), out)
+        if main == total:
+            return out
+        rest = fn(*jax.tree.map(lambda a: a[main:], flat))
+        return jax.tree.map(lambda o, r: jnp.concatenate([o, r]), out, rest)
+
     def on_cpu(*args):
         flat = jax.tree.map(lambda a: a.reshape((total, *a.shape[batch_ndim:])), args)
-        out = jax.lax.map(lambda xs: fn(*xs), flat, batch_size=chunk)
+        out = flat_map(flat)
         return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
 
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
