@@ -75,6 +75,7 @@ def arnoldi_radius(
     *,
     project: MatVec | None = None,
     tol: float = 0.0,
+    skip: jax.Array | None = None,
 ) -> Radius:
     """The largest eigenvalue modulus of an operator by Arnoldi, grown in stages until it holds.
 
@@ -87,12 +88,16 @@ def arnoldi_radius(
 
         ``||A V Y - V Y (Y^T H Y)||^2 = ||H Y - Y (Y^T H Y)||^2 + h_{m+1,m}^2 ||e_m^T Y||^2``,
 
-    says whether that Ritz value has converged. A member keeps the estimate of the first stage
-    whose residual met ``tol``; the next stage runs only while some member's residual is above
-    ``tol`` (``tol=0`` runs every stage). Each stage orthogonalises against the basis built so
-    far only, so an early stop saves the products and the Gram–Schmidt work of the later
-    stages; the first stage re-orthogonalises every column (CGS2), later ones where the DGKS
-    criterion asks for it. A single stage is plain ``stages[0]``-step Arnoldi.
+    says whether that Ritz value has converged (to an eigenvalue of the operator; the Krylov
+    space could still miss one of larger modulus). A member keeps the estimate of the first
+    stage whose residual met ``tol`` (so, up to rounding, its result does not depend on the
+    other members); the next stage runs only while some member's residual is above ``tol``
+    (``tol=0`` runs every stage unless every member's space became invariant). Under
+    ``jax.vmap`` the stage conditions become selects: every stage runs. Each stage
+    orthogonalises against the basis built so far only, so an early stop saves the products
+    and the Gram–Schmidt work of the later stages; the first stage re-orthogonalises every
+    column (CGS2), later ones where the DGKS criterion asks for it. A single stage is plain
+    ``stages[0]``-step Arnoldi.
 
     Args:
       matvec: the operator, batched over leading axes.
@@ -101,10 +106,13 @@ def arnoldi_radius(
       project: optional projection applied after each product (for example onto zero-sum
         vectors, to keep the iteration in an invariant subspace despite rounding).
       tol: residual at which a member counts as converged.
+      skip: optional ``(...)`` flags of members whose estimate is not wanted (exact or
+        invalid elsewhere): they count as converged after the first stage, so they do not
+        keep their batch growing; their results are meaningless.
 
     Returns:
-      A :class:`Radius`. A breakdown (invariant subspace found) leaves zero columns and a zero
-      residual, never NaN.
+      A :class:`Radius`. A breakdown (invariant subspace found) leaves zero columns and a
+      residual at rounding level, never NaN.
     """
     dtype = v0.dtype
     tiny = jnp.finfo(dtype).tiny * 1e4
@@ -143,8 +151,10 @@ def arnoldi_radius(
         h = hess[..., :hi, :hi]
         new_value, power = spectral_radius(h, return_power=True)
         new_res = _ritz_residual(h, power, hess[..., hi, hi - 1])
-        # a member keeps the estimate of the first stage that met tol, so its result does not
-        # depend on the other members of its batch
+        # a member keeps the estimate of the first stage that met tol, so (up to rounding) its
+        # result does not depend on the other members of its batch
+        if skip is not None:
+            new_res = jnp.where(skip, 0.0, new_res)
         done = res <= tol
         value = jnp.where(done, value, new_value)
         res = jnp.where(done, res, new_res)
@@ -184,7 +194,9 @@ def _ritz_residual(h, power, h_next):
     inner = hy - jnp.einsum("...ij,...jk->...ik", y, small, precision=HIGHEST)
     last = y[..., m - 1, :]
     res2 = jnp.sum(inner * inner, axis=(-2, -1)) + h_next * h_next * jnp.sum(last * last, -1)
-    return jnp.sqrt(res2)
+    # a power that collapsed to 0 (H numerically nilpotent) spans nothing: no certificate
+    # beyond |h_{m+1,m}| (0 only where the Krylov space is invariant)
+    return jnp.where(cols.max(-1) > 0, jnp.sqrt(res2), jnp.abs(h_next))
 
 
 def gmres_cycle(matvec: MatVec, r: jax.Array, *, steps: int, rtol: float):

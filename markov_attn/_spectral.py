@@ -1,6 +1,7 @@
 """|λ2| and the spectral gap of attention chains."""
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -38,7 +39,7 @@ def _zero_sum_start(n: int, dtype) -> jax.Array:
 
 def check_residual_tol(tol) -> float:
     """``tol`` of the |λ2| estimate: a finite float ``>= 0``."""
-    if isinstance(tol, bool) or not isinstance(tol, float | int) or not 0 <= tol < float("inf"):
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < float("inf"):
         raise ValueError(f"tol must be a finite float >= 0 (a residual), got {tol!r}")
     return float(tol)
 
@@ -47,15 +48,16 @@ def krylov_stages(m: int) -> tuple[int, ...]:
     """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 48, then
     every ``CHECK_EVERY`` up to ``m`` (which is always the last). The early checks are cheap
     and let fast-mixing and strongly metastable heads stop after a few products."""
-    early = tuple(k for k in (16, 32, 48) if k < m)
+    early = tuple(k for k in (16, 32, 48) if k <= m - 8)
     start = (early[-1] if early else 0) + CHECK_EVERY - (early[-1] if early else 0) % CHECK_EVERY
     return (*early, *(k for k in range(start, m, CHECK_EVERY) if k <= m - 8), m)
 
 
-def lambda2_from_matvec(mv, shape, dtype, krylov, tol) -> Radius:
+def lambda2_from_matvec(mv, shape, dtype, krylov, tol, skip=None) -> Radius:
     """|λ2| from Arnoldi on a product ``mv`` (``A x`` or ``A^T x``, which have the same
     spectrum) on zero-sum vectors of ``shape`` ``(..., n)``, then Gelfand's formula; grown in
-    stages of ``CHECK_EVERY`` up to ``krylov`` while a residual is above ``tol``."""
+    the stages of :func:`krylov_stages` up to ``krylov`` while a residual is above ``tol``
+    (members flagged in ``skip`` do not hold the others back)."""
     n = shape[-1]
     if n == 1:
         zero = jnp.zeros(shape[:-1], dtype)
@@ -63,10 +65,10 @@ def lambda2_from_matvec(mv, shape, dtype, krylov, tol) -> Radius:
     m = min(krylov, n - 1)
     v0 = jnp.broadcast_to(_zero_sum_start(n, dtype), shape)
     project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
-    return arnoldi_radius(mv, v0, krylov_stages(m), project=project, tol=tol)
+    return arnoldi_radius(mv, v0, krylov_stages(m), project=project, tol=tol, skip=skip)
 
 
-def _lambda2_arnoldi(a, rows, krylov, tol):
+def _lambda2_arnoldi(a, rows, skip, krylov, tol):
     # In the basis {1, U} (U orthonormal, spanning the zero-sum vectors) A is block upper
     # triangular, [[1, *], [0, U^T A U]]: the compression P A P onto zero-sum vectors carries
     # every eigenvalue but the Perron 1. (A x is also the faster product layout.) The rows are
@@ -76,7 +78,7 @@ def _lambda2_arnoldi(a, rows, krylov, tol):
     def mv(x):
         return jnp.where(zero, jnp.mean(x, -1, keepdims=True), matvec(a, x) * inv)
 
-    r = lambda2_from_matvec(mv, a.shape[:-1], a.dtype, krylov, tol)
+    r = lambda2_from_matvec(mv, a.shape[:-1], a.dtype, krylov, tol, skip)
     return r.value, r.residual, r.steps
 
 
@@ -118,10 +120,12 @@ def _lambda2_triangular(a):
     return _second_largest(jnp.abs(jnp.diagonal(a, axis1=-2, axis2=-1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lambda2(a, rows, method, krylov, tol):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _lambda2(a, rows, bad, method, krylov, tol):
     """|λ2| of the row-normalised ``normalized_rows(a, rows)``, never written out, with the
-    residual of its Ritz estimate and the Krylov dimension used (both 0 where exact)."""
+    residual of its Ritz estimate and the Krylov dimension used (both 0 where exact). ``bad``
+    flags invalid matrices (their outputs are poisoned by the caller): like the triangular
+    ones, they do not hold a batch's Krylov space growing."""
     inv, zero = row_scale(rows)
     # a zero row stands for the uniform row, so the normalised matrix is not triangular
     tri = triangular(a) & ~jnp.any(zero, axis=-1)
@@ -133,18 +137,19 @@ def _lambda2(a, rows, method, krylov, tol):
         return value, none, jnp.zeros(tri.shape, jnp.int32)
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
     est, res, steps = map_over_batch(
-        lambda a, rows: _lambda2_arnoldi(a, rows, krylov, tol),
+        lambda a, rows, skip: _lambda2_arnoldi(a, rows, skip, krylov, tol),
         a,
         rows,
+        tri | bad,
         batch_ndim=a.ndim - 2,
         item_bytes=item,
         whole_chunks=True,  # so that a chunk stops growing its Krylov space when it converged
     )
-    return jnp.where(tri, exact, est), jnp.where(tri, 0.0, res), jnp.where(tri, 0, steps)
+    return jnp.where(tri, exact, est), jnp.where(tri, 0.0, res), jnp.where(tri | bad, 0, steps)
 
 
-def _lambda2_fwd(a, rows, method, krylov, tol):
-    return _lambda2(a, rows, method, krylov, tol), (a, rows)
+def _lambda2_fwd(a, rows, bad, method, krylov, tol):
+    return _lambda2(a, rows, bad, method, krylov, tol), (a, rows)
 
 
 def _lambda2_bwd(method, krylov, tol, res, cotangents):
@@ -174,21 +179,24 @@ def _lambda2_bwd(method, krylov, tol, res, cotangents):
     grad_tri = (sign * eye_k)[..., :, None] * eye_k[..., None, :]
     tri = triangular(a_raw) & ~jnp.any(row_scale(rows)[1], axis=-1)  # as in the forward pass
     grad = jnp.where(tri[..., None, None], grad_tri, grad.astype(a.dtype))
-    return pullback(g[..., None, None] * grad)
+    return (*pullback(g[..., None, None] * grad), None)
 
 
 _lambda2.defvjp(_lambda2_fwd, _lambda2_bwd)
 
 
 class Lambda2Info(NamedTuple):
-    """How an |λ2| estimate went, per matrix (``second_eigenvalue(..., return_info=True)``).
+    r"""How an |λ2| estimate went, per matrix (``second_eigenvalue(..., return_info=True)``).
 
     Attributes:
-      residual: :math:`\\|A Y - Y (Y^\top A Y)\\|` of the dominant Ritz subspace ``Y`` of the
+      residual: :math:`\|A Y - Y (Y^\top A Y)\|` of the dominant Ritz subspace ``Y`` of the
         Krylov compression (the Ritz vector of the estimate, two for a complex pair), on
         zero-sum vectors; for a normal matrix the estimate is within it of an eigenvalue
-        modulus. 0 where the value is exact (``method="eig"``, triangular matrices).
-      steps: Krylov dimension of the estimate (products with the matrix), 0 where exact.
+        modulus (the Krylov space could in principle still miss one of larger modulus). 0
+        where the value is exact (``method="eig"``, triangular matrices); not differentiated
+        (its gradient is 0).
+      steps: Krylov dimension of the estimate (products with the matrix), 0 where exact or
+        invalid.
       converged: ``residual <= tol`` (``False`` for a NaN input).
     """
 
@@ -202,7 +210,7 @@ def _second_eigenvalue(attn, method, krylov, tol):
     a = as_chain(attn)
     rows = row_sums(a)
     bad = invalid_matrices(a, rows)
-    value, res, steps = _lambda2(a, rows, method, krylov, tol)
+    value, res, steps = _lambda2(a, rows, bad, method, krylov, tol)
     res = poison(res, bad)
     return poison(value, bad), Lambda2Info(res, steps, res <= tol)
 
@@ -228,13 +236,15 @@ def second_eigenvalue(
     (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` gives a small Hessenberg matrix
     :math:`H` whose spectral radius, found with matmuls only by Gelfand's formula
     :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. The Krylov space grows
-    in stages of 32 up to ``krylov``: after each stage the residual of the dominant Ritz
-    vector(s) of :math:`H` (from the Arnoldi relation, no extra product) says whether the
-    estimate has converged, and the next stage runs only while some matrix of the batch chunk
-    has a residual above ``tol``. Fast-mixing and metastable heads stop at 32–64 products;
-    heads whose leading eigenvalues crowd near a circle (positional, near-circulant heads) take
-    up to 224 at ``n = 1025``. On attention stacks at ``n = 197`` and ``1025`` it matches
-    ``numpy.linalg.eigvals`` to about 1e-6; ``return_info=True`` reports the residual, the
+    in stages (16, 32, 48, 64, then every 32) up to ``krylov``: after each stage the residual
+    of the dominant Ritz vector(s) of :math:`H` (from the Arnoldi relation, no extra product)
+    says whether that Ritz value has converged, a matrix keeps the estimate of the first stage
+    whose residual met ``tol``, and the next stage runs only while some matrix of the batch
+    chunk has a residual above ``tol``. Fast-mixing and metastable heads stop at 16–48
+    products; heads whose leading eigenvalues crowd near a circle (positional,
+    near-circulant heads) take up to 224 at ``n = 1025``. On attention stacks at ``n = 197``
+    and ``1025`` it matches ``numpy.linalg.eigvals`` to about 1e-6; ``return_info=True``
+    reports the residual, the
     Krylov dimension used and whether the residual met ``tol``.
     ``method="eig"`` is a dense eigendecomposition, :math:`O(n^3)`, the oracle: on CPU it runs
     in NumPy through a host callback (jaxlib 0.10's batched CPU LAPACK kernels can deadlock
@@ -268,8 +278,10 @@ def second_eigenvalue(
       attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
       method: ``"arnoldi"`` or ``"eig"``.
       krylov: largest Krylov dimension of the Arnoldi method (static); ``n - 1`` at most.
-      tol: residual at which the estimate counts as converged (static); ``0`` always builds
-        the full ``krylov``-dimensional space.
+      tol: residual at which the estimate counts as converged (static); ``0`` builds the
+        full ``krylov``-dimensional space (unless it becomes invariant first). Under
+        ``jax.vmap`` every stage runs (the stage conditions become selects); call it on the
+        batch instead, it is batched over leading axes.
       return_info: also return a :class:`Lambda2Info` (residual, Krylov dimension used,
         converged).
 

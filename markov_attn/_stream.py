@@ -615,9 +615,11 @@ def second_eigenvalue_qk(
     and ``k``, fewer where the residual meets ``tol`` earlier), then the spectral radius of the
     small Hessenberg matrix by Gelfand's formula: no eigendecomposition and no ``n × n``
     matrix, so it runs on CPU, GPU and TPU in
-    :math:`O(n d + \text{block}\cdot n + \text{krylov}\cdot n)` memory. Same result as
-    ``ma.second_eigenvalue(ma.transition(...))``. Gradients, if taken, differentiate through
-    the Arnoldi recursion (the dense function's eigenvector formula needs the matrix).
+    :math:`O(n d + \text{block}\cdot n + \text{krylov}\cdot n)` memory. Agrees with
+    ``ma.second_eigenvalue(ma.transition(...))`` to about ``tol`` (its product is
+    :math:`A^\top x`, the dense one's :math:`A x`, so they may stop at different stages).
+    Gradients, if taken, differentiate through the Arnoldi recursion (the dense function's
+    eigenvector formula needs the matrix).
 
     Args:
       q: queries ``(..., n, d)``.

@@ -272,8 +272,10 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int, whole_chunks: bo
 
     By default ``lax.map`` vmaps ``fn`` over a chunk, so ``fn`` sees one item and a
     data-dependent ``lax.cond`` in it becomes a ``select`` that runs both branches. With
-    ``whole_chunks=True`` ``fn`` is called on each chunk as a batch ``(chunk, ...)`` (the
-    remainder as a smaller batch), so a ``cond`` on a reduction over the chunk stays a branch.
+    ``whole_chunks=True`` ``fn`` is called on each chunk as a batch ``(size, ...)``, so a
+    ``cond`` on a reduction over the chunk stays a branch; the chunks are made equal (at most
+    the cache-sized chunk), the last padded with copies of the last item, so ``fn`` is traced
+    once.
     """
     batch = jax.tree.leaves(args)[0].shape[:batch_ndim]
     if not all(isinstance(d, int) for d in batch):  # symbolic batch (jax.export): no chunks
@@ -286,14 +288,17 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int, whole_chunks: bo
     def flat_map(flat):
         if not whole_chunks:
             return jax.lax.map(lambda xs: fn(*xs), flat, batch_size=chunk)
-        main = total // chunk * chunk
-        head = jax.tree.map(lambda a: a[:main].reshape((-1, chunk, *a.shape[1:])), flat)
+        # as many chunks as the cache size asks for, of equal size (so one trace of fn): the
+        # last one padded with copies of the last item (fewer than the number of chunks)
+        count = -(-total // chunk)
+        size = -(-total // count)
+        pad = count * size - total
+        padded = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, flat
+        )
+        head = jax.tree.map(lambda a: a.reshape((count, size, *a.shape[1:])), padded)
         out = jax.lax.map(lambda xs: fn(*xs), head)
-        out = jax.tree.map(lambda o: o.reshape((main, *o.shape[2:])), out)
-        if main == total:
-            return out
-        rest = fn(*jax.tree.map(lambda a: a[main:], flat))
-        return jax.tree.map(lambda o, r: jnp.concatenate([o, r]), out, rest)
+        return jax.tree.map(lambda o: o.reshape((count * size, *o.shape[2:]))[:total], out)
 
     def on_cpu(*args):
         flat = jax.tree.map(lambda a: a.reshape((total, *a.shape[batch_ndim:])), args)

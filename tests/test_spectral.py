@@ -18,7 +18,7 @@ def test_paper_vector():
     np.testing.assert_allclose(ma.spectral_gap(PAPER_A), 1 - 0.626, atol=5e-4)
 
 
-# Kinds and sizes where the default Krylov dimension (128) is accurate to 1e-4.
+# Kinds and sizes where the default staged Krylov space (up to 256) is accurate to 1e-4.
 CASES = [
     (n, kind, strength)
     for n in (5, 40, 197)
@@ -206,7 +206,7 @@ def test_unnormalised_weights_with_zero_rows_equal_their_normalised_chain(rng):
 
 def test_whole_chunk_mapping_with_a_remainder(rng, monkeypatch):
     """On CPU a batch runs in cache-sized chunks, each as a batch (so a chunk stops growing its
-    Krylov space when its own members converged); a remainder chunk runs on its own."""
+    Krylov space when its own members converged); the chunks are equal, the last one padded."""
     from markov_attn import _util
 
     a = np.concatenate(
@@ -216,7 +216,7 @@ def test_whole_chunk_mapping_with_a_remainder(rng, monkeypatch):
         ]
     ).astype(np.float32)
     whole, info = ma.second_eigenvalue(a, return_info=True)
-    monkeypatch.setattr(_util, "CPU_CHUNK_BYTES", 3 * 23 * 23 * 4)  # chunks of 3, remainder 1
+    monkeypatch.setattr(_util, "CPU_CHUNK_BYTES", 3 * 23 * 23 * 4)  # 3 chunks of 3, 2 padded
     jax.clear_caches()
     chunked, info_c = ma.second_eigenvalue(a, return_info=True)
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
@@ -231,5 +231,37 @@ def test_whole_chunk_mapping_with_a_remainder(rng, monkeypatch):
         whole_chunks=True,
     )
     np.testing.assert_allclose(out["s"], a.sum((-2, -1)) + np.arange(7.0), rtol=1e-6)
-    np.testing.assert_array_equal(out["n"], [3, 3, 3, 3, 3, 3, 1])  # fn saw whole chunks
+    np.testing.assert_array_equal(out["n"], 3)  # fn saw whole chunks of 3
+    out4 = _util.map_over_batch(
+        lambda x: x.shape[0] + jnp.zeros(x.shape[:1], jnp.int32),
+        jnp.zeros((8, 23, 23)),
+        batch_ndim=1,
+        item_bytes=23 * 23 * 4 * 3,  # a cache chunk of 1 item: 8 chunks of 1
+        whole_chunks=True,
+    )
+    np.testing.assert_array_equal(out4, 1)
     jax.clear_caches()
+
+
+def test_exact_or_invalid_members_do_not_hold_the_batch_back(rng):
+    """Triangular (exact) and NaN members need no Krylov estimate: they must not keep the
+    other members' space growing (a causal stack would otherwise pay for 256 steps)."""
+    n = 100
+    causal = testing.random_chains(rng, (3,), n, kind="causal")
+    easy = testing.random_chains(rng, (1,), n, kind="diffuse")
+    _, alone = ma.second_eigenvalue(easy.astype(np.float32), return_info=True)
+    bad = easy.copy()
+    bad[0, 3, 4] = np.nan
+    a = np.concatenate([causal, easy, bad]).astype(np.float32)
+    lam, info = jax.jit(lambda x: ma.second_eigenvalue(x, return_info=True))(a)
+    np.testing.assert_array_equal(np.asarray(info.steps), [0, 0, 0, *np.asarray(alone.steps), 0])
+    assert np.isnan(np.asarray(lam)[4]) and not np.asarray(info.converged)[4]
+    assert np.asarray(info.converged)[:4].all()
+
+
+def test_a_collapsed_power_certifies_nothing():
+    from markov_attn._krylov import _ritz_residual
+
+    h = jnp.array([[0.0, 0.0], [1.0, 0.0]])  # nilpotent: its normalised powers vanish
+    res = _ritz_residual(h, jnp.zeros((2, 2)), jnp.float32(0.5))
+    np.testing.assert_allclose(res, 0.5)
