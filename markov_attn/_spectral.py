@@ -65,7 +65,9 @@ def lambda2_from_matvec(mv, shape, dtype, krylov, tol, skip=None) -> Radius:
     m = min(krylov, n - 1)
     v0 = jnp.broadcast_to(_zero_sum_start(n, dtype), shape)
     project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
-    return arnoldi_radius(mv, v0, krylov_stages(m), project=project, tol=tol, skip=skip)
+    # tol = 0 asks for the whole space: one stage, no residual checks on the way
+    stages = krylov_stages(m) if tol > 0 else (m,)
+    return arnoldi_radius(mv, v0, stages, project=project, tol=tol, skip=skip)
 
 
 def _lambda2_arnoldi(a, rows, skip, krylov, tol):
@@ -279,9 +281,11 @@ def second_eigenvalue(
       method: ``"arnoldi"`` or ``"eig"``.
       krylov: largest Krylov dimension of the Arnoldi method (static); ``n - 1`` at most.
       tol: residual at which the estimate counts as converged (static); ``0`` builds the
-        full ``krylov``-dimensional space (unless it becomes invariant first). Under
+        full ``krylov``-dimensional space in one stage, with no checks on the way (with
+        ``krylov=128``, the fixed-dimension estimate of earlier versions). Under
         ``jax.vmap`` every stage runs (the stage conditions become selects); call it on the
-        batch instead, it is batched over leading axes.
+        batch instead, it is batched over leading axes. On GPU and TPU a whole batch shares
+        one Krylov space, so it stops only when all its matrices have converged.
       return_info: also return a :class:`Lambda2Info` (residual, Krylov dimension used,
         converged).
 
