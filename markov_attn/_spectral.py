@@ -27,7 +27,7 @@ from ._util import (
 
 METHODS = ("arnoldi", "eig")
 KRYLOV_DIM = 256
-CHECK_EVERY = 32
+CHECK_EVERY = 64
 TOL = 1e-5
 
 
@@ -45,12 +45,13 @@ def check_residual_tol(tol) -> float:
 
 
 def krylov_stages(m: int) -> tuple[int, ...]:
-    """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 48, then
-    every ``CHECK_EVERY`` up to ``m`` (which is always the last). The early checks are cheap
-    and let fast-mixing and strongly metastable heads stop after a few products."""
-    early = tuple(k for k in (16, 32, 48) if k <= m - 8)
-    start = (early[-1] if early else 0) + CHECK_EVERY - (early[-1] if early else 0) % CHECK_EVERY
-    return (*early, *(k for k in range(start, m, CHECK_EVERY) if k <= m - 8), m)
+    """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 64, 128,
+    then every 64 up to ``m`` (which is always the last). The early checks are cheap and let
+    fast-mixing and strongly metastable heads stop after a few products; the later ones are
+    sparse because every stage is compiled on its own (each costs about a second of XLA
+    compilation on a 2-core CPU)."""
+    marks = (16, 32, 64, *range(128, m, CHECK_EVERY))
+    return (*(k for k in marks if k <= m - 8), m)
 
 
 def lambda2_from_matvec(mv, shape, dtype, krylov, tol, skip=None) -> Radius:
@@ -238,13 +239,13 @@ def second_eigenvalue(
     (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` gives a small Hessenberg matrix
     :math:`H` whose spectral radius, found with matmuls only by Gelfand's formula
     :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. The Krylov space grows
-    in stages (16, 32, 48, 64, then every 32) up to ``krylov``: after each stage the residual
+    in stages (16, 32, 64, 128, then every 64) up to ``krylov``: after each stage the residual
     of the dominant Ritz vector(s) of :math:`H` (from the Arnoldi relation, no extra product)
     says whether that Ritz value has converged, a matrix keeps the estimate of the first stage
     whose residual met ``tol``, and the next stage runs only while some matrix of the batch
-    chunk has a residual above ``tol``. Fast-mixing and metastable heads stop at 16–48
+    chunk has a residual above ``tol``. Fast-mixing and metastable heads stop at 16–64
     products; heads whose leading eigenvalues crowd near a circle (positional,
-    near-circulant heads) take up to 224 at ``n = 1025``. On attention stacks at ``n = 197``
+    near-circulant heads) take 128–256 at ``n = 1025``. On attention stacks at ``n = 197``
     and ``1025`` it matches ``numpy.linalg.eigvals`` to about 1e-6; ``return_info=True``
     reports the residual, the
     Krylov dimension used and whether the residual met ``tol``.
