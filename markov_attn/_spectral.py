@@ -45,12 +45,12 @@ def check_residual_tol(tol) -> float:
 
 
 def krylov_stages(m: int) -> tuple[int, ...]:
-    """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 64, 128,
-    then every 64 up to ``m`` (which is always the last). The early checks are cheap and let
-    fast-mixing and strongly metastable heads stop after a few products; the later ones are
-    sparse because every stage is compiled on its own (each costs about a second of XLA
+    """The Krylov dimensions at which the |λ2| estimate checks its residual: 16, 32, 64, 96,
+    128, then every 64 up to ``m`` (which is always the last). The early checks are cheap and
+    let fast-mixing and strongly metastable heads stop after a few products; the later ones
+    are sparse because every stage is compiled on its own (each costs most of a second of XLA
     compilation on a 2-core CPU)."""
-    marks = (16, 32, 64, *range(128, m, CHECK_EVERY))
+    marks = (16, 32, 64, 96, *range(128, m, CHECK_EVERY))
     return (*(k for k in marks if k <= m - 8), m)
 
 
@@ -239,7 +239,7 @@ def second_eigenvalue(
     (re-orthogonalised Gram–Schmidt) on :math:`x \mapsto PAx` gives a small Hessenberg matrix
     :math:`H` whose spectral radius, found with matmuls only by Gelfand's formula
     :math:`\rho(H) = \lim_k \|H^k\|^{1/k}`, is :math:`|\lambda_2|`. The Krylov space grows
-    in stages (16, 32, 64, 128, then every 64) up to ``krylov``: after each stage the residual
+    in stages (16, 32, 64, 96, 128, then every 64) up to ``krylov``: after each stage the residual
     of the dominant Ritz vector(s) of :math:`H` (from the Arnoldi relation, no extra product)
     says whether that Ritz value has converged, a matrix keeps the estimate of the first stage
     whose residual met ``tol``, and the next stage runs only while some matrix of the batch
