@@ -28,6 +28,7 @@ from ._util import (
 METHODS = ("arnoldi", "eig")
 KRYLOV_DIM = 256
 CHECK_EVERY = 64
+SMALL = 64  # Krylov dimensions up to this are built whole, in one stage
 TOL = 1e-5
 
 
@@ -66,8 +67,10 @@ def lambda2_from_matvec(mv, shape, dtype, krylov, tol, skip=None) -> Radius:
     m = min(krylov, n - 1)
     v0 = jnp.broadcast_to(_zero_sum_start(n, dtype), shape)
     project = lambda w: w - jnp.mean(w, axis=-1, keepdims=True)
-    # tol = 0 asks for the whole space: one stage, no residual checks on the way
-    stages = krylov_stages(m) if tol > 0 else (m,)
+    # tol = 0 asks for the whole space: one stage, no residual checks on the way; so does a
+    # space of at most SMALL dimensions (n <= 65), whose products cost little, where stages
+    # would only add compilation time
+    stages = krylov_stages(m) if tol > 0 and m > SMALL else (m,)
     return arnoldi_radius(mv, v0, stages, project=project, tol=tol, skip=skip)
 
 
@@ -243,7 +246,8 @@ def second_eigenvalue(
     of the dominant Ritz vector(s) of :math:`H` (from the Arnoldi relation, no extra product)
     says whether that Ritz value has converged, a matrix keeps the estimate of the first stage
     whose residual met ``tol``, and the next stage runs only while some matrix of the batch
-    chunk has a residual above ``tol``. Fast-mixing and metastable heads stop at 16–64
+    chunk has a residual above ``tol`` (up to ``n = 65`` the whole space is built in one
+    stage: its products cost little). Fast-mixing and metastable heads stop at 16–64
     products; heads whose leading eigenvalues crowd near a circle (positional,
     near-circulant heads) take 128–256 at ``n = 1025``. On attention stacks at ``n = 197``
     and ``1025`` it matches ``numpy.linalg.eigvals`` to about 1e-6; ``return_info=True``

@@ -39,14 +39,14 @@ FUNCTIONS = {
     "grad-tokenrank_qk": (jax.grad(lambda q, k: ma.tokenrank_qk(q, k, block=4).sum()), (Q, Q)),
     "bounce_qk": (lambda q, k: ma.bounce_qk(q, k, 0, steps=2, block=4), (Q, Q)),
     "second_eigenvalue_qk": (lambda q, k: ma.second_eigenvalue_qk(q, k, block=4), (Q, Q)),
-    # n = 40: several Krylov stages (the stage conditions), not the single one of n = 6
+    # n = 80: several Krylov stages (the stage conditions), not the single one of n <= 65
     "second_eigenvalue-staged": (
         lambda a: ma.second_eigenvalue(a, return_info=True),
-        (jax.ShapeDtypeStruct((2, 3, 40, 40), jnp.float32),),
+        (jax.ShapeDtypeStruct((2, 3, 80, 80), jnp.float32),),
     ),
     "second_eigenvalue_qk-staged": (
         lambda q, k: ma.second_eigenvalue_qk(q, k, block=8),
-        (jax.ShapeDtypeStruct((2, 3, 40, 4), jnp.float32),) * 2,
+        (jax.ShapeDtypeStruct((2, 3, 80, 4), jnp.float32),) * 2,
     ),
     "schur_subspace": (lambda a: ma.schur_subspace(a, k=3), (A,)),
     "metastable_states": (lambda a: ma.metastable_states(a, k=3), (A,)),
