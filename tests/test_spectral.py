@@ -47,8 +47,9 @@ def test_arnoldi_matches_eigvals(rng, n, kind, strength):
 def test_near_permutation_heads_need_a_larger_krylov_space(rng):
     # The documented hard case: all eigenvalues of nearly the same modulus. 64 Krylov
     # dimensions are only accurate to ~1e-2 here, and the residual says so; krylov >= n - 1
-    # (the default's 256 covers n = 150) is exact.
-    a = testing.random_chains(rng, (2,), 150, kind="permutation")
+    # (the default's 256 covers n = 197) is exact. (Shapes (3, 197) throughout this file's
+    # staged tests: one compilation of the default estimate serves them all.)
+    a = testing.random_chains(rng, (3,), 197, kind="permutation")
     ref = lambda2(a)
     small, info = ma.second_eigenvalue(a.astype(np.float32), krylov=64, return_info=True)
     assert np.abs(np.asarray(small) - ref).max() < 3e-2
@@ -56,14 +57,14 @@ def test_near_permutation_heads_need_a_larger_krylov_space(rng):
     exact, info = ma.second_eigenvalue(a.astype(np.float32), return_info=True)
     assert np.abs(np.asarray(exact) - ref).max() <= 1e-4
     assert np.asarray(info.converged).all()
-    assert np.asarray(info.steps).max() <= 149
+    assert np.asarray(info.steps).max() <= 196
 
 
 @pytest.mark.parametrize("kind", ["attention", "circulant", "metastable", "diffuse", "permutation"])
 def test_the_residual_certifies_the_estimate(rng, kind):
     """A converged estimate is within its residual of |λ2| (these chains are close enough to
     normal), and an estimate that is off by more than 1e-5 never reports convergence."""
-    a = testing.random_chains(rng, (4,), 200, kind=kind, strength=6.0)
+    a = testing.random_chains(rng, (3,), 197, kind=kind, strength=6.0)
     lam, info = ma.second_eigenvalue(a.astype(np.float32), return_info=True)
     err = np.abs(np.asarray(lam, np.float64) - lambda2(a))
     conv = np.asarray(info.converged)
@@ -74,17 +75,18 @@ def test_the_residual_certifies_the_estimate(rng, kind):
 
 
 def test_krylov_space_grows_only_while_needed_and_per_matrix(rng):
-    n = 200
+    n = 197
     easy = testing.random_chains(rng, (2,), n, kind="diffuse").astype(np.float32)
-    hard = testing.random_chains(rng, (2,), n, kind="circulant").astype(np.float32)
-    lam_easy, info_easy = ma.second_eigenvalue(easy, return_info=True)
+    hard = testing.random_chains(rng, (1,), n, kind="permutation").astype(np.float32)
+    alone = np.concatenate([easy, easy[:1]])  # easy heads only (same shape: one compilation)
+    lam_easy, info_easy = ma.second_eigenvalue(alone, return_info=True)
     assert np.asarray(info_easy.steps).max() <= 64  # fast-mixing heads stop early
     lam, info = ma.second_eigenvalue(np.concatenate([easy, hard]), return_info=True)
-    assert np.asarray(info.steps)[2:].min() > np.asarray(info.steps)[:2].max()
+    assert np.asarray(info.steps)[2] > np.asarray(info.steps)[:2].max()
     # a matrix keeps the estimate of the stage where it converged, whatever its batch
-    np.testing.assert_allclose(np.asarray(lam)[:2], lam_easy, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(info.steps)[:2], info_easy.steps)
-    full, info_full = ma.second_eigenvalue(easy, tol=0.0, return_info=True)
+    np.testing.assert_allclose(np.asarray(lam)[:2], lam_easy[:2], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(info.steps)[:2], info_easy.steps[:2])
+    full, info_full = ma.second_eigenvalue(alone, tol=0.0, return_info=True)
     np.testing.assert_array_equal(info_full.steps, n - 1)  # tol=0 builds the whole space
     assert not np.asarray(info_full.converged).any()
     np.testing.assert_allclose(full, lam_easy, atol=1e-5)
@@ -110,24 +112,20 @@ def test_exact_on_triangular_members_of_a_mixed_batch(rng):
 
 
 @pytest.mark.slow
-def test_crowded_circle_head_of_the_benchmark(rng):
-    """The benchmark stack's hardest heads (experiments/bench_core.py, n = 1025, batch 0):
-    near-circulant heads with 54 eigenvalues within 1 % of |λ2|, where 128 fixed Arnoldi steps
-    were off by 3.9e-4."""
-    r = np.random.default_rng([0, 1025])
-    testing.random_chains(r, (8, 4), 1025, kind="metastable", strength=6.0)  # the bench's order
-    crowded = testing.random_chains(r, (8, 4), 1025, kind="circulant", strength=6.0)[0, :2]
+def test_crowded_circle_heads():
+    """Near-circulant heads at n = 1025 like the benchmark's hardest (experiments/bench_core.py,
+    batch 0: 54 eigenvalues within 1 % of |λ2|), where 128 fixed Arnoldi steps were off by up
+    to 3.9e-4; the second head here is such a head (1.6e-4 off at 128 steps)."""
+    crowded = testing.random_chains(
+        np.random.default_rng([0, 1025]), (2,), 1025, kind="circulant", strength=6.0
+    )
     ref = lambda2(crowded)
     old = np.asarray(ma.second_eigenvalue(crowded.astype(np.float32), krylov=128, tol=0.0))
     assert np.abs(old - ref).max() > 1e-4  # the old fixed dimension
-    # with the other kinds at n = 1025 (one call: one compilation)
-    kinds = ["attention", "metastable", "circulant", "diffuse"]
-    others = np.concatenate([testing.random_chains(rng, (1,), 1025, kind=k) for k in kinds])
-    a = np.concatenate([crowded, others])
-    lam, info = ma.second_eigenvalue(a.astype(np.float32), return_info=True)
-    err = np.abs(np.asarray(lam) - np.concatenate([ref, lambda2(others)]))
-    assert err.max() <= 1e-5, dict(zip(["crowded", "crowded", *kinds], err))
+    lam, info = ma.second_eigenvalue(crowded.astype(np.float32), return_info=True)
+    assert np.abs(np.asarray(lam) - ref).max() <= 1e-5, np.asarray(lam) - ref
     assert np.asarray(info.converged).all()
+    # (the other kinds are checked at n = 197, where they compile and run in a fraction)
 
 
 def test_degenerate_chains_no_nan():
@@ -242,17 +240,17 @@ def test_whole_chunk_mapping_with_a_remainder(rng, monkeypatch):
 def test_exact_or_invalid_members_do_not_hold_the_batch_back(rng):
     """Triangular (exact) and NaN members need no Krylov estimate: they must not keep the
     other members' space growing (a causal stack would otherwise pay for 256 steps)."""
-    n = 100
-    causal = testing.random_chains(rng, (3,), n, kind="causal")
+    n = 197
+    causal = testing.random_chains(rng, (1,), n, kind="causal")
     easy = testing.random_chains(rng, (1,), n, kind="diffuse")
-    _, alone = ma.second_eigenvalue(easy.astype(np.float32), return_info=True)
+    _, alone = ma.second_eigenvalue(np.concatenate([easy] * 3).astype(np.float32), return_info=True)
     bad = easy.copy()
     bad[0, 3, 4] = np.nan
     a = np.concatenate([causal, easy, bad]).astype(np.float32)
     lam, info = jax.jit(lambda x: ma.second_eigenvalue(x, return_info=True))(a)
-    np.testing.assert_array_equal(np.asarray(info.steps), [0, 0, 0, *np.asarray(alone.steps), 0])
-    assert np.isnan(np.asarray(lam)[4]) and not np.asarray(info.converged)[4]
-    assert np.asarray(info.converged)[:4].all()
+    np.testing.assert_array_equal(np.asarray(info.steps), [0, np.asarray(alone.steps)[0], 0])
+    assert np.isnan(np.asarray(lam)[2]) and not np.asarray(info.converged)[2]
+    assert np.asarray(info.converged)[:2].all()
 
 
 def test_a_collapsed_power_certifies_nothing():
