@@ -35,6 +35,13 @@ RR_EVERY = 5
 #: of ``H^(2^RR_SQUARINGS)``: as many unshifted QR steps as ``RR_ROUNDS * 2^RR_SQUARINGS``.
 RR_ROUNDS = 2
 RR_SQUARINGS = 3
+#: A member whose residual, extrapolated at its rate over the last ``STALL_ROUNDS`` rounds,
+#: would still exceed ``max(STALL_SLACK * tol, STALL_FLOOR)`` when ``iters`` runs out stops
+#: holding its batch (checked every ``STALL_ROUNDS`` rounds from round ``2 * STALL_ROUNDS``,
+#: i.e. from 72 products on). The floor keeps a tiny ``tol`` from cutting converging members.
+STALL_ROUNDS = 6
+STALL_SLACK = 10.0
+STALL_FLOOR = 1e-4
 #: Default range searched when ``metastable_states(k=None)`` picks the number of states.
 K_RANGE = (2, 10)
 
@@ -218,9 +225,14 @@ def _iterate(a, p, iters, tol, ks):
 
     Each round: ``RR_EVERY`` products, a QR, one more product and the reordering of
     ``V^T A V``. Returns the ``(..., n, p)`` basis, the ``(..., p, p)`` reordered projection and
-    the number of products. Stops early when every member's residual is at most ``tol``: that
-    of the leading ``k`` columns, with ``k`` fixed (``ks = (k, k)``) or, for ``ks = (lo, hi)``,
-    the ``k`` in that range with the largest current Ritz-modulus gap.
+    the number of products. The residual is that of the leading ``k`` columns, with ``k`` fixed
+    (``ks = (k, k)``) or, for ``ks = (lo, hi)``, the ``k`` in that range with the largest
+    current Ritz-modulus gap. Stops early when every member has converged (residual at most
+    ``tol``) or stalled: every ``STALL_ROUNDS`` rounds, a member whose best residual so far,
+    extrapolated at its geometric rate over the last ``STALL_ROUNDS`` rounds to the end of the
+    budget, would still exceed ``max(STALL_SLACK * tol, STALL_FLOOR)`` stops holding the
+    others (it keeps iterating while they do). Heads without a modulus gap at ``k`` (diffuse
+    or near-circulant attention) stall at the first check; ``tol = 0`` turns the rule off.
     """
     n = a.shape[-1]
     v0 = jnp.asarray(_start_basis(n, p), a.dtype)
@@ -228,11 +240,11 @@ def _iterate(a, p, iters, tol, ks):
     rounds = max(1, -(-iters // (RR_EVERY + 1)))
 
     def cond(state):
-        it, *_, res = state
-        return (it < rounds) & jnp.any(~(res <= tol))
+        it, _, _, res, _, _, stalled = state
+        return (it < rounds) & jnp.any(~(res <= tol) & ~stalled)
 
     def body(state):
-        it, v, _, _ = state
+        it, v, _, _, best, anchor, stalled = state
         v = _qr(jax.lax.fori_loop(0, RR_EVERY, lambda _, x: _mm(a, x), v))[0]
         w = _mm(a, v)
         t, u = _order_by_modulus(_mm(_t(v), w))
@@ -241,13 +253,24 @@ def _iterate(a, p, iters, tol, ks):
         if ks[0] == ks[1]:
             res = lead[..., ks[0] - 1]
         else:
-            best = _best_k(t, ks)
-            res = jnp.take_along_axis(lead, (best - 1)[..., None], axis=-1)[..., 0]
-        return it + 1, v, t, res
+            best_k = _best_k(t, ks)
+            res = jnp.take_along_axis(lead, (best_k - 1)[..., None], axis=-1)[..., 0]
+        it = it + 1
+        best = jnp.minimum(best, jnp.where(jnp.isnan(res), jnp.inf, res))
+        check = it % STALL_ROUNDS == 0
+        rate = (best / anchor) ** (1.0 / STALL_ROUNDS)  # per round; anchor = inf: rate 0
+        left = (rounds - it).astype(a.dtype)
+        forecast = best * jnp.where(rate < 1.0, rate**left, 1.0)
+        limit = jnp.maximum(STALL_SLACK * tol, STALL_FLOOR)
+        stall = check & (tol > 0) & jnp.isfinite(anchor) & (forecast > limit)
+        anchor = jnp.where(check, best, anchor)
+        return it, v, t, res, best, anchor, stalled | stall
 
     t = jnp.zeros((*a.shape[:-2], p, p), a.dtype)
     res = jnp.full(a.shape[:-2], jnp.inf, a.dtype)
-    it, v, t, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), v, t, res))
+    no = jnp.zeros(a.shape[:-2], bool)
+    state = (jnp.asarray(0, jnp.int32), v, t, res, res, res, no)
+    it, v, t, *_ = jax.lax.while_loop(cond, body, state)
     return v, t, it * (RR_EVERY + 1)
 
 
@@ -404,7 +427,12 @@ def schur_subspace(
     no LAPACK call, host callback or nonsymmetric eigensolver (``jnp.linalg.eig`` and ``schur``
     have no TPU lowering), so it runs on CPU and lowers for GPU and TPU (checked with
     ``jax.export``, also with a symbolic batch axis). Iteration stops when every
-    matrix of a batch chunk has residual ``<= tol``, or after ``iters`` products.
+    matrix of a batch chunk has residual ``<= tol`` or has stalled, or after ``iters``
+    products. A matrix has stalled when its residual, extrapolated at its rate over the last 36
+    products (checked every 36 from 72 on), would still exceed ``max(10 * tol, 1e-4)`` after
+    ``iters`` products: heads with no modulus gap at ``k`` (diffuse, near-circulant) do at once,
+    and stop holding the others (they iterate on while the others do, and stay
+    ``converged=False``). ``tol=0`` turns the rule off and runs ``iters`` products.
 
     **Convergence is reported, never assumed.** ``converged`` needs the residual at most
     ``tol``, a positive modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|` and an orthonormal
@@ -426,7 +454,8 @@ def schur_subspace(
       attn: attention ``(..., n, n)``, row-stochastic over the last axis (rows renormalised).
       k: subspace dimension, ``1 <= k <= n - 1`` (static).
       oversample: extra columns iterated along (static); ``p = min(k + oversample, n)``.
-      iters: maximum number of products ``A V`` (static).
+      iters: maximum number of products ``A V`` (static); also the budget against which a
+        stalled matrix is judged (above).
       tol: residual threshold of the early stop and of ``converged``.
       split: ``"raise"`` (eagerly) or ``"nan"`` when ``k`` cuts a complex-conjugate pair of
         some matrix in half; with ``"nan"``, and always under ``jit``, that matrix gets a NaN

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg as sl
 
 import markov_attn as ma
+from markov_attn import testing
 from tests._refs import PAPER_A, stationary
 
 N = 48  # one shape (3, N, N) and k = 3 for most tests: each program compiles once (~5 s)
@@ -90,6 +91,29 @@ def test_subspace_matches_sorted_schur_on_nonreversible_chains(rng):
         np.testing.assert_allclose(np.abs(lam), mod[:K], atol=2e-3)
         np.testing.assert_allclose(s.gap[i], mod[K - 1] - mod[K], atol=2e-3)
     np.testing.assert_allclose(_subspace(a).basis, s.basis, atol=1e-6)
+
+
+def test_heads_that_cannot_converge_stop_holding_the_batch(rng):
+    """Diffuse heads have no modulus gap at k: their residual stays ~1e-3-1e-2. Once its trend
+    says it cannot reach tol within iters (checked every 36 products from 72), such a head no
+    longer keeps the batch iterating to iters = 300 (it did before); a slowly converging head
+    is not cut, and tol = 0 runs every product."""
+    slow = testing.random_chains(
+        np.random.default_rng(0), (1,), N, kind="metastable", strength=3.5, clusters=8
+    )  # |λ| 1, .835, .819 | .806, ...: converges in ~100 products at k = 3
+    diffuse = testing.random_chains(rng, (2,), N, kind="diffuse")
+    a = np.concatenate([slow, diffuse]).astype(np.float32)
+    alone = ma.schur_subspace(np.concatenate([slow] * 3).astype(np.float32), k=K)
+    need = int(alone.products[0])
+    assert 72 <= need < 300 and bool(alone.converged[0])
+    s = ma.schur_subspace(a, k=K, split="nan")
+    assert np.asarray(s.converged).tolist() == [True, False, False]
+    assert np.all(np.asarray(s.residual)[1:] > 1e-4)
+    assert need <= int(s.products[0]) <= need + 72 < 300
+    basis = np.asarray(s.basis[0], np.float64)
+    assert np.max(sl.subspace_angles(np.asarray(alone.basis[0], np.float64), basis)) <= 1e-4
+    full = ma.schur_subspace(a, k=K, split="nan", tol=0.0)
+    np.testing.assert_array_equal(full.products, 300)
 
 
 def test_pcca_matches_deeptime_on_reversible_chains(rng):
