@@ -68,6 +68,22 @@ def _orthogonalize_dgks(basis, w, eta: float = 0.5**0.5):
     return w2, h + h2
 
 
+def _arnoldi_column(matvec, basis, k, scale, tiny, *, ortho=_orthogonalize, project=None):
+    """One Arnoldi step: ``w = A v_k`` (then ``project``ed), orthogonalised against the rows of
+    ``basis`` ``(..., j, n)``. Returns the next basis vector (zero where nothing new is left:
+    an invariant subspace), the coefficients ``h`` ``(..., j)``, its norm before normalising
+    ``hn`` (0 there) and the running operator scale."""
+    w = matvec(basis[..., k, :])
+    if project is not None:
+        w = project(w)
+    scale = jnp.maximum(scale, _norm(w))
+    w, h = ortho(basis, w)
+    hn = _norm(w)
+    # a column with (numerically) nothing new marks an invariant subspace: stop growing
+    hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
+    return _safe_div(w, hn, tiny), h, hn, scale
+
+
 def arnoldi_radius(
     matvec: MatVec,
     v0: jax.Array,
@@ -131,16 +147,11 @@ def arnoldi_radius(
 
         def body(k, carry):
             basis, hess, scale = carry
-            w = matvec(basis[..., k, :])
-            if project is not None:
-                w = project(w)
-            scale = jnp.maximum(scale, _norm(w))
-            w, h = ortho(basis[..., : hi + 1, :], w)
-            hn = _norm(w)
-            # a column with (numerically) nothing new marks an invariant subspace: stop growing
-            hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
+            v, h, hn, scale = _arnoldi_column(
+                matvec, basis[..., : hi + 1, :], k, scale, tiny, ortho=ortho, project=project
+            )
             hess = hess.at[..., : hi + 1, k].set(h.at[..., k + 1].set(hn))
-            basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
+            basis = basis.at[..., k + 1, :].set(v)
             return basis, hess, scale
 
         return jax.lax.fori_loop(lo, hi, body, (basis, hess, scale))
@@ -233,12 +244,8 @@ def gmres_cycle(matvec: MatVec, r: jax.Array, *, steps: int, rtol: float):
 
     def body(state):
         k, basis, rmat, cs, sn, g, scale, _ = state
-        w = matvec(basis[..., k, :])
-        scale = jnp.maximum(scale, _norm(w))
-        w, h = _orthogonalize(basis, w)
-        hn = _norm(w)
-        hn = jnp.where(hn > 1e-6 * jnp.maximum(scale, tiny), hn, 0.0)
-        basis = basis.at[..., k + 1, :].set(_safe_div(w, hn, tiny))
+        v, h, hn, scale = _arnoldi_column(matvec, basis, k, scale, tiny)
+        basis = basis.at[..., k + 1, :].set(v)
         col = h[..., :m]  # entries 0..k are live (the rest are zero)
 
         def rot(i, col):
