@@ -17,11 +17,13 @@ Which chain each map reads (last layer, as the pooling head does):
 Also draws the learning curve (training loss and accuracy, and the test accuracy every
 ``eval_every`` steps) into ``runs/demo/learning_curve.png``.
 
-The ``cpu`` preset trains on the benchmark's ``"plain"`` level; the summary and the printout
-also give the test accuracy on the ``"standard"`` level (the benchmark itself).
+The ``cpu`` preset trains and tests on the benchmark itself (the ``"standard"`` level); a
+run on another level (``--set difficulty=plain`` in ``experiments.train``) also reports the
+standard level in its summary.
 
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(about 12 min on 2 idle cores) plus under a minute for data, evaluation and figures.
+(about 11 min on 2 idle cores, data generation included) plus under a minute for evaluation
+and figures.
 """
 
 import json
