@@ -60,7 +60,7 @@ def recipe_table(training: dict, /) -> str:
     names = {
         "stem": "conv_stem=(32, 64, 128) (the `gpu` preset now; the committed reference)",
         "gpu": "no stem (plain patch embedding)",
-        "small": "no stem, width 96, depth 4, 4 heads (the `make demo` transformer)",
+        "small": "no stem, width 96, depth 4, 4 heads (the `make demo` transformer until 2026-11)",
     }
     for key in ("stem", "gpu", "small"):
         r = training["references"][key]
