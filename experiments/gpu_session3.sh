@@ -4,7 +4,8 @@
 # command at most 10):
 #
 #   A. the pre-registered heads test of issue #12 on the `clutter` level (README, "The cluttered
-#      setting"): cls, mean, map and tokenrank pooling x 5 seeds at the `cpu` recipe (720 x 128),
+#      setting"): cls, mean, map and tokenrank pooling x 5 seeds at the `cpu` recipe (1,080 x 128,
+#      depth 2; it was 720 x 128 at depth 4 until 2026-11-28),
 #      one process per head, the seeds one after another;
 #   B. the same 4 heads x 5 seeds on the `standard` level at the full `cpu` recipe (the CPU table
 #      uses the 240-step `compare` preset);

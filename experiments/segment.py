@@ -12,8 +12,9 @@ for per-layer / last-3-layer / prefix-handling ablations, ``--update-readme`` to
 the README table). Writes ``runs/<name>/segment.json``, ``segment.md``,
 ``segment_grid.png`` and ``segment_curves.png``.
 
-Runtime on 2 CPU cores (the ``cpu`` preset: width-96 depth-4 ViT, 64 px, 65 tokens): 66 s for
-the main table on 2,000 images (``timing`` in ``segment.json``; budget 5 minutes).
+Runtime on 2 CPU cores (a width-96 depth-4 ViT at 64 px, 65 tokens, the ``cpu64`` preset's
+model): 66 s for the main table on 2,000 images (``timing`` in ``segment.json``; budget 5
+minutes).
 
 The data are synthetic and the numbers are not comparable with ImageNet-Segmentation.
 """

@@ -231,8 +231,12 @@ def _iterate(a, p, iters, tol, ks):
     ``tol``) or stalled: every ``STALL_ROUNDS`` rounds, a member whose best residual so far,
     extrapolated at its geometric rate over the last ``STALL_ROUNDS`` rounds to the end of the
     budget, would still exceed ``max(STALL_SLACK * tol, STALL_FLOOR)`` stops holding the
-    others (it keeps iterating while they do). Heads without a modulus gap at ``k`` (diffuse
-    or near-circulant attention) stall at the first check; ``tol = 0`` turns the rule off.
+    others (when the batch runs as one it keeps iterating while they do; under ``vmap``, as
+    in ``lax.map`` chunks, its state stays where it stopped). The first check that can stall a
+    member is at round ``2 * STALL_ROUNDS`` (the one before only records the rate's anchor).
+    Heads without a modulus gap at ``k`` (diffuse or near-circulant attention) usually stall
+    there; ``tol = 0`` turns the rule off. ``rounds * (RR_EVERY + 1)`` is ``iters`` rounded up
+    to whole rounds.
     """
     n = a.shape[-1]
     v0 = jnp.asarray(_start_basis(n, p), a.dtype)
@@ -271,7 +275,8 @@ def _iterate(a, p, iters, tol, ks):
     no = jnp.zeros(a.shape[:-2], bool)
     state = (jnp.asarray(0, jnp.int32), v, t, res, res, res, no)
     it, v, t, *_ = jax.lax.while_loop(cond, body, state)
-    return v, t, it * (RR_EVERY + 1)
+    # per member (the same for all): lax.map over chunks stacks it like the other outputs
+    return v, t, jnp.broadcast_to(it * (RR_EVERY + 1), a.shape[:-2])
 
 
 def _frob(x):
@@ -430,9 +435,11 @@ def schur_subspace(
     matrix of a batch chunk has residual ``<= tol`` or has stalled, or after ``iters``
     products. A matrix has stalled when its residual, extrapolated at its rate over the last 36
     products (checked every 36 from 72 on), would still exceed ``max(10 * tol, 1e-4)`` after
-    ``iters`` products: heads with no modulus gap at ``k`` (diffuse, near-circulant) do at once,
-    and stop holding the others (they iterate on while the others do, and stay
-    ``converged=False``). ``tol=0`` turns the rule off and runs ``iters`` products.
+    ``iters`` products: heads with no modulus gap at ``k`` (diffuse, near-circulant) usually do
+    at the first such check, and stop holding the others. A stalled matrix reports
+    ``converged=False`` unless it still reaches ``tol`` while the others iterate on (within one
+    batch chunk it keeps iterating). ``tol=0`` turns the rule off and runs ``iters`` products
+    (rounded up to a multiple of 6).
 
     **Convergence is reported, never assumed.** ``converged`` needs the residual at most
     ``tol``, a positive modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|` and an orthonormal
