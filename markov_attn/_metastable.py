@@ -329,7 +329,6 @@ def _finish(a, v, t, k, tol, products):
     split = starts[..., k - 1]
     ortho = _frob(_mm(_t(vk), vk) - jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), r.shape))
     converged = (residual <= tol) & (gap > 0) & ~split & (ortho <= 1e-4)
-    products = jnp.broadcast_to(products, residual.shape)
     return _Full(vk, r, ritz, residual, gap, split, starts, converged, products)
 
 
