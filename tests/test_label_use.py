@@ -1,0 +1,83 @@
+"""experiments/label_use.py: the label-use losses against their definition, the gains' arithmetic,
+and a run read end to end."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import label_use as lu
+from experiments.dit_configs import get_preset
+from experiments.train_dit import train_and_evaluate
+
+SMOKE = get_preset("smoke", data="synthetic", keep_checkpoints=3)
+
+
+def _images(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 1, (n, 32, 32, 3)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def test_a_model_blind_to_its_label_has_no_gain_and_one_that_reads_it_has():
+    images, labels = _images()
+    blind = lambda x, t, y: (0.5 * x, None)
+    per = lu.losses(blind, SMOKE, images, labels, levels=(100, 700), batch_size=4)
+    assert per["true"].shape == (6, 2)
+    np.testing.assert_array_equal(per["true"], per["wrong"])
+    np.testing.assert_array_equal(per["true"], per["null"])
+    # the loss is that of the blind prediction against one fixed noise per image
+    import jax
+
+    from markov_attn.nn import q_sample
+
+    x0 = images * 2.0 - 1.0
+    eps = np.asarray(jax.random.normal(jax.random.key(0), x0.shape))
+    for j, level in enumerate((100, 700)):
+        t = jnp.full((6,), level)
+        xt = np.asarray(q_sample(x0, t, eps, schedule=SMOKE.schedule))
+        want = np.mean((0.5 * xt - eps) ** 2, axis=(1, 2, 3))
+        np.testing.assert_allclose(per["true"][:, j], want, rtol=1e-5)
+
+    # a model that knows the clean images and reads its label: 0.9 of the noise with the true
+    # label, half of it with a wrong one, nothing with the null label
+    from markov_attn.nn import alphas_cumprod
+
+    abar = jnp.asarray(alphas_cumprod(SMOKE.num_timesteps, schedule=SMOKE.schedule), jnp.float32)
+
+    def reads(x, t, y):
+        a = abar[t][:, None, None, None]
+        noise = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+        scale = jnp.where(y == labels, 0.9, jnp.where(y == SMOKE.model.null_label, 0.0, 0.5))
+        return scale[:, None, None, None] * noise, None
+
+    row = lu.summarise(0, lu.losses(reads, SMOKE, images, labels, batch_size=6))
+    loss = row["loss"]
+    np.testing.assert_allclose([loss["true"], loss["wrong"], loss["null"]], [0.01, 0.25, 1.0],
+                               rtol=0.1)  # fmt: skip
+    assert row["gain_wrong"][1] > 0 and row["gain_null"][1] > row["gain_wrong"][2]
+
+
+def test_gains_are_relative_paired_differences():
+    rng = np.random.default_rng(1)
+    true = rng.uniform(0.1, 0.2, (400, 4))
+    per = {"true": true, "wrong": true + 0.01, "null": true - 0.02}
+    row = lu.summarise(7, per)
+    ref = 100 / true.mean()
+    assert row["step"] == 7
+    np.testing.assert_allclose(row["gain_wrong"], [0.01 * ref] * 3, rtol=1e-9)
+    np.testing.assert_allclose(row["gain_null"], [-0.02 * ref] * 3, rtol=1e-9)
+    for j, t in enumerate(lu.LEVELS):
+        g = row["gain_wrong_by_t"][str(t)]
+        np.testing.assert_allclose(g, [100 * 0.01 / true[:, j].mean()] * 3, rtol=1e-9)
+
+
+def test_reads_every_kept_checkpoint_of_a_run(tmp_path):
+    train_and_evaluate(SMOKE, tmp_path, progress=False)
+    assert lu.main(["--workdir", str(tmp_path), "--n-images", "8"]) == 0
+    res = json.loads((tmp_path / "label_use.json").read_text())
+    assert [r["step"] for r in res["rows"]] == [2, 4, 6]
+    assert res["n_images"] == 8 and res["total_steps"] == SMOKE.steps
+    assert lu.main(["--workdir", str(tmp_path), "--steps", "5"]) == 2  # not kept
+    with pytest.raises(FileNotFoundError, match="train first"):
+        lu.evaluate(tmp_path / "nothing")
