@@ -42,6 +42,9 @@ RR_SQUARINGS = 3
 STALL_ROUNDS = 6
 STALL_SLACK = 10.0
 STALL_FLOOR = 1e-4
+#: ... or whose best residual fell by less than this factor over those rounds (no progress,
+#: e.g. at the floor that float rounding sets) while still above ``tol``.
+STALL_PROGRESS = 0.9
 #: Default range searched when ``metastable_states(k=None)`` picks the number of states.
 K_RANGE = (2, 10)
 
@@ -209,15 +212,20 @@ def _leading_residuals(v, w, t):
     return jnp.sqrt(inside + below)
 
 
-def _best_k(t, ks):
-    """Per matrix, the ``k`` in ``ks = (lo, hi)`` with the largest Ritz-modulus gap that cuts
-    no complex pair (``(...)`` int32)."""
+def _stack_k(t, ks):
+    """The ``k`` that :func:`choose_k` would pick from the current Ritz values of the whole batch
+    ``t`` ``(..., p, p)`` (a traced int32 scalar): the largest batch-mean modulus gap in
+    ``ks = (lo, hi)``, skipping a ``k`` that cuts a complex pair of any member (unless every
+    ``k`` does)."""
     lo, hi = ks
     ritz, starts = _ritz_values(t)
     mod = jnp.sort(jnp.abs(ritz), axis=-1)[..., ::-1]
     gaps = mod[..., lo - 1 : hi] - mod[..., lo : hi + 1]
-    gaps = jnp.where(starts[..., lo - 1 : hi], -jnp.inf, gaps)
-    return lo + jnp.argmax(gaps, axis=-1).astype(jnp.int32)
+    axes = tuple(range(gaps.ndim - 1))
+    mean = jnp.nanmean(gaps, axis=axes)
+    cut = jnp.any(starts[..., lo - 1 : hi], axis=axes)
+    mean = jnp.where(cut & ~jnp.all(cut), -jnp.inf, mean)
+    return lo + jnp.argmax(mean).astype(jnp.int32)
 
 
 def _iterate(a, p, iters, tol, ks):
@@ -226,17 +234,23 @@ def _iterate(a, p, iters, tol, ks):
     Each round: ``RR_EVERY`` products, a QR, one more product and the reordering of
     ``V^T A V``. Returns the ``(..., n, p)`` basis, the ``(..., p, p)`` reordered projection and
     the number of products. The residual is that of the leading ``k`` columns, with ``k`` fixed
-    (``ks = (k, k)``) or, for ``ks = (lo, hi)``, the ``k`` in that range with the largest
-    current Ritz-modulus gap. Stops early when every member has converged (residual at most
+    (``ks = (k, k)``) or, for ``ks = (lo, hi)``, the one ``k`` that :func:`choose_k` would
+    pick for the whole batch (chunk) from the current Ritz values, the ``k`` that
+    ``metastable_states(k=None)`` will use (a per-member best-gap ``k`` made a member that
+    converges slowly at its own ``k`` hold the batch to ``iters`` although that ``k`` was not
+    the one chosen). Stops early when every member has converged (residual at most
     ``tol``) or stalled: every ``STALL_ROUNDS`` rounds, a member whose best residual so far,
     extrapolated at its geometric rate over the last ``STALL_ROUNDS`` rounds to the end of the
-    budget, would still exceed ``max(STALL_SLACK * tol, STALL_FLOOR)`` stops holding the
-    others (when the batch runs as one it keeps iterating while they do; under ``vmap``, as
-    in ``lax.map`` chunks, its state stays where it stopped). The first check that can stall a
+    budget, would still exceed ``max(STALL_SLACK * tol, STALL_FLOOR)``, or that improved by
+    less than the factor ``STALL_PROGRESS`` over those rounds while above ``tol`` (a ``tol``
+    below float rounding's floor), stops holding the others (when the batch runs as one it
+    keeps iterating while they do; under ``vmap``, as in ``lax.map`` chunks, its state stays
+    where it stopped). The first check that can stall a
     member is at round ``2 * STALL_ROUNDS`` (the one before only records the rate's anchor).
     Heads without a modulus gap at ``k`` (diffuse or near-circulant attention) usually stall
-    there; ``tol = 0`` turns the rule off. ``rounds * (RR_EVERY + 1)`` is ``iters`` rounded up
-    to whole rounds.
+    there. The history is kept per ``k``, so a change of the range's ``k`` between rounds
+    does not mix the residuals of two subspaces. ``tol = 0`` turns the rule off.
+    ``rounds * (RR_EVERY + 1)`` is ``iters`` rounded up to whole rounds.
     """
     n = a.shape[-1]
     v0 = jnp.asarray(_start_basis(n, p), a.dtype)
@@ -254,26 +268,27 @@ def _iterate(a, p, iters, tol, ks):
         t, u = _order_by_modulus(_mm(_t(v), w))
         v, w = _mm(v, u), _mm(w, u)
         lead = _leading_residuals(v, w, t)
-        if ks[0] == ks[1]:
-            res = lead[..., ks[0] - 1]
-        else:
-            best_k = _best_k(t, ks)
-            res = jnp.take_along_axis(lead, (best_k - 1)[..., None], axis=-1)[..., 0]
+        kk = ks[0] if ks[0] == ks[1] else _stack_k(t, ks)
+        res = jnp.take(lead, kk - 1, axis=-1)
         it = it + 1
-        best = jnp.minimum(best, jnp.where(jnp.isnan(res), jnp.inf, res))
+        # the history is kept per k (the range's k may change between rounds)
+        best = jnp.minimum(best, jnp.where(jnp.isnan(lead), jnp.inf, lead))
         check = it % STALL_ROUNDS == 0
-        rate = (best / anchor) ** (1.0 / STALL_ROUNDS)  # per round; anchor = inf: rate 0
+        b, anc = jnp.take(best, kk - 1, axis=-1), jnp.take(anchor, kk - 1, axis=-1)
+        rate = (b / anc) ** (1.0 / STALL_ROUNDS)  # per round; anchor = inf: rate 0
         left = (rounds - it).astype(a.dtype)
-        forecast = best * jnp.where(rate < 1.0, rate**left, 1.0)
+        forecast = b * jnp.where(rate < 1.0, rate**left, 1.0)
         limit = jnp.maximum(STALL_SLACK * tol, STALL_FLOOR)
-        stall = check & (tol > 0) & jnp.isfinite(anchor) & (forecast > limit)
+        stuck = (b > tol) & (b > STALL_PROGRESS * anc)  # e.g. at float rounding's floor
+        stall = check & (tol > 0) & jnp.isfinite(anc) & ((forecast > limit) | stuck)
         anchor = jnp.where(check, best, anchor)
         return it, v, t, res, best, anchor, stalled | stall
 
     t = jnp.zeros((*a.shape[:-2], p, p), a.dtype)
     res = jnp.full(a.shape[:-2], jnp.inf, a.dtype)
+    hist = jnp.full((*a.shape[:-2], p), jnp.inf, a.dtype)
     no = jnp.zeros(a.shape[:-2], bool)
-    state = (jnp.asarray(0, jnp.int32), v, t, res, res, res, no)
+    state = (jnp.asarray(0, jnp.int32), v, t, res, hist, hist, no)
     it, v, t, *_ = jax.lax.while_loop(cond, body, state)
     # per member (the same for all): lax.map over chunks stacks it like the other outputs
     return v, t, jnp.broadcast_to(it * (RR_EVERY + 1), a.shape[:-2])
@@ -313,6 +328,7 @@ def _subspace_core(a, k, p, iters, tol, ks=None):
         a,
         batch_ndim=a.ndim - 2,
         item_bytes=item,
+        whole_chunks=ks is not None,  # the range's k is chosen over the chunk, not per member
     )
     return v, t, products
 
@@ -647,7 +663,8 @@ def _metastable(attn, eta, tol, k, p, iters):
 @functools.partial(jax.jit, static_argnames=("ks", "p", "iters"))
 def _leading_basis(attn, eta, tol, ks, p, iters):
     """The ``p``-column ordered basis for ``ks = (k_min, k_max)`` states, and its Ritz values
-    (the iteration stops when each matrix's best-gap ``k`` has converged)."""
+    (the iteration stops when the ``k`` that :func:`choose_k` picks from the current Ritz
+    values has converged or stalled in every matrix)."""
     a, _, _ = _prepare(attn, eta)
     v, t, products = _subspace_core(a, ks[1], p, iters, tol, ks)
     ritz, starts = _ritz_values(t)
@@ -737,9 +754,10 @@ def metastable_states(
     **Choosing k.** ``k=None`` takes the ``k`` in ``k_range`` (clipped to ``n - 1``) with the
     largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
-    each). The subspace iteration then runs once for ``k_max`` (stopping when each matrix's
-    best-gap ``k`` has converged) and G-PCCA uses the leading ``k`` columns of its ordered
-    basis (which span the ``k``-subspace). It needs concrete values
+    each). The subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that
+    this rule picks from the current Ritz values has converged, or stalled, in every matrix)
+    and G-PCCA uses the leading ``k`` columns of its ordered basis (which span the
+    ``k``-subspace). It needs concrete values
     and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
     a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex pair in
     half raises eagerly; under ``jit`` that matrix gets NaN memberships and ``converged = False``.

@@ -119,6 +119,30 @@ def test_heads_that_cannot_converge_stop_holding_the_batch(rng):
     np.testing.assert_array_equal(full.products, 300)
 
 
+def test_a_member_stuck_at_rounding_stops_holding_the_batch(rng):
+    """A tol below float32's floor (~1e-6 here) cannot be met: the residuals stop improving
+    above it. Such members used to hold the batch to iters = 300 (their forecast stayed under
+    the 1e-4 stall limit); with no progress over a check period they now stop."""
+    a, _ = _stack(rng)
+    s = ma.schur_subspace(a, k=K, tol=1e-9)
+    assert np.all(np.asarray(s.products) < 150)
+    assert np.all(np.asarray(s.residual) < 1e-5) and not np.any(np.asarray(s.converged))
+
+
+def test_k_none_iterates_until_the_k_it_returns_has_converged(rng):
+    """With k=None the iteration used to stop when each member had converged at its own
+    best-gap k: here the 8-cluster head converged at its own k after 18 products and came back
+    unconverged at the k = 3 chosen for the stack. It now iterates for the stack's k."""
+    a, _ = _stack(rng)
+    slow = testing.random_chains(
+        np.random.default_rng(0), (1,), N, kind="metastable", strength=4.5, clusters=8
+    )  # at k = 3 it converges in ~170 products
+    ms = ma.metastable_states(np.concatenate([a, slow.astype(np.float32)]), split="nan")
+    assert ms.k == K
+    assert np.all(np.asarray(ms.converged)) and np.all(np.asarray(ms.residual) <= 1e-5)
+    assert 108 <= int(ms.products[0]) < 300
+
+
 def test_batches_larger_than_a_cache_chunk(rng, monkeypatch):
     """On CPU a batch runs in cache-sized chunks (lax.map): the per-chunk product counts must
     stack like the other outputs (a batch of more than one chunk raised a TypeError), and each
@@ -138,6 +162,10 @@ def test_batches_larger_than_a_cache_chunk(rng, monkeypatch):
         x, y = (np.asarray(s.basis[i], np.float64) for s in (whole, chunked))
         assert np.max(sl.subspace_angles(x, y)) <= 1e-4
     np.testing.assert_array_equal(states.assignment, whole_states.assignment)
+    # k=None chooses its k over each chunk while iterating, and over the batch at the end
+    chosen = ma.metastable_states(a)
+    assert chosen.k == K and chosen.products.shape == (3,)
+    np.testing.assert_array_equal(chosen.assignment, whole_states.assignment)
     jax.clear_caches()
 
 
