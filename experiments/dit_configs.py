@@ -158,7 +158,7 @@ def cpu() -> DiTTrainConfig:
 def cpu_long() -> DiTTrainConfig:
     """The ``cpu`` model and recipe trained 4× as long, on 3× the images: 4,800 steps of 64
     over 60,000 training images (about 5 passes), with a checkpoint kept every 400 steps so
-    that the label-use curve (:func:`experiments.train_dit.label_use`) can be read afterwards.
+    that the label-use curve (``python -m experiments.label_use``) can be read afterwards.
 
     Command: ``python -m experiments.train_dit --preset cpu_long --workdir runs/dit_cpu_long``.
     Runtime: about 0.97 s a step on idle cores (``--steps 40`` of ``cpu``), so about 80 min,

@@ -16,6 +16,7 @@ Command::
 """
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -25,72 +26,105 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from markov_attn.segmentation import bootstrap_mean
-
 from .readme import command_line, publish
 
 LEVELS = (100, 300, 500, 800)
 CONDITIONS = ("true", "wrong", "null")
 
 
+def test_images(cfg, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's held-out images as the training saw them (uint8) and their labels: the
+    benchmark's test split (its ``data_root``) or, for a ``synthetic`` run, synthetic ones."""
+    from .train import _to_uint8, synthetic_data
+
+    size = cfg.model.image_size
+    if cfg.data == "synthetic":
+        d = synthetic_data(n_images, size=size, seed=cfg.data_seed, split="test")
+    else:
+        from markov_attn.data import make_split
+
+        d = make_split("test", n_images, size=size, seed=cfg.data_seed, root=cfg.data_root)
+    return _to_uint8(d["images"]), np.asarray(d["labels"], np.int32)
+
+
 def losses(model, cfg, images, labels, *, levels=LEVELS, batch_size=100, seed=0) -> dict:
     """Per-image denoising losses ``{condition: (n_images, len(levels))}`` of ``model``
-    (a :class:`markov_attn.nn.DiT`) on ``images`` ``(n, H, W, 3)`` in ``[0, 1]``."""
-    from markov_attn.nn import q_sample
+    (a :class:`markov_attn.nn.DiT`, or any ``(x_t, t, y) -> (eps, aux)``) on ``images``
+    ``(n, H, W, 3)``: uint8 (as in training) or floats in ``[0, 1]``."""
+    from flax import nnx
 
-    x0 = np.asarray(images, np.float32) * 2.0 - 1.0
+    images = np.asarray(images)
+    x0 = images / 127.5 - 1.0 if images.dtype == np.uint8 else images * 2.0 - 1.0
+    x0 = x0.astype(np.float32)
     labels = np.asarray(labels, np.int32)
+    if max(levels) >= cfg.num_timesteps or min(levels) < 0:
+        raise ValueError(f"levels must lie in [0, {cfg.num_timesteps}), got {tuple(levels)}")
     noise = np.asarray(jax.random.normal(jax.random.key(seed), x0.shape), np.float32)
-    null = cfg.model.null_label
-
-    @jax.jit
-    def per_image(x0, eps, t, y):
-        xt = q_sample(x0, t, eps, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)
-        ys = {"true": y, "wrong": (y + 1) % cfg.model.num_classes, "null": jnp.full_like(y, null)}
-        return {c: jnp.mean((model(xt, t, ys[c])[0] - eps) ** 2, axis=(1, 2, 3)) for c in ys}
-
+    if isinstance(model, nnx.Module):  # weights as arguments: one program for every checkpoint
+        graphdef, state = nnx.split(model)
+        fn = _per_image(graphdef, cfg)
+    else:
+        state, fn = None, jax.jit(lambda _, *a: _per_image_body(model, cfg, *a))
     out = {c: np.zeros((len(labels), len(levels)), np.float64) for c in CONDITIONS}
     for j, level in enumerate(levels):
         for s in range(0, len(labels), batch_size):
             sl = slice(s, s + batch_size)
             t = jnp.full((len(labels[sl]),), level, jnp.int32)
-            got = per_image(x0[sl], noise[sl], t, labels[sl])
+            got = fn(state, x0[sl], noise[sl], t, labels[sl])
             for c in CONDITIONS:
                 out[c][sl, j] = np.asarray(got[c])
     return out
 
 
-def _gain(a, b, ref):
-    """Mean of ``a − b`` relative to the mean of ``ref``, in %, with its bootstrap interval."""
-    scale = 100.0 / float(np.mean(ref))
-    lo, hi = bootstrap_mean(a - b)
-    return [float(np.mean(a - b)) * scale, lo * scale, hi * scale]
+def _per_image_body(model, cfg, x0, eps, t, y):
+    from markov_attn.nn import q_sample
+
+    xt = q_sample(x0, t, eps, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)
+    k = cfg.model.num_classes
+    ys = {"true": y, "wrong": (y + 1) % k, "null": jnp.full_like(y, cfg.model.null_label)}
+    return {c: jnp.mean((model(xt, t, ys[c])[0] - eps) ** 2, axis=(1, 2, 3)) for c in ys}
+
+
+@functools.lru_cache(maxsize=4)
+def _per_image(graphdef, cfg):
+    from flax import nnx
+
+    return jax.jit(lambda st, *a: _per_image_body(nnx.merge(graphdef, st), cfg, *a))
+
+
+def _gain(a, b, ref, *, n_resamples=1000, seed=0):
+    """``mean(a − b) / mean(ref)`` in %, with a percentile bootstrap interval that resamples
+    the images of numerator and denominator together (paired)."""
+    d, ref = np.asarray(a - b, np.float64), np.asarray(ref, np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), (n_resamples, len(d)))
+    ratios = 100.0 * d[idx].mean(1) / ref[idx].mean(1)
+    lo, hi = np.quantile(ratios, (0.025, 0.975))
+    return [100.0 * float(d.mean() / ref.mean()), float(lo), float(hi)]
 
 
 def summarise(step: int, per: dict, levels=LEVELS) -> dict:
     """One checkpoint's row: mean losses, and the relative gains of the true label over the
     wrong and the null one (all levels, and per level)."""
     true, wrong, null = (per[c] for c in CONDITIONS)
-    row = {
+    return {
         "step": step,
         "loss": {c: float(np.mean(per[c])) for c in CONDITIONS},
-        "gain_wrong": _gain(wrong.mean(1), true.mean(1), true),
-        "gain_null": _gain(null.mean(1), true.mean(1), true),
+        "gain_wrong": _gain(wrong.mean(1), true.mean(1), true.mean(1)),
+        "gain_null": _gain(null.mean(1), true.mean(1), true.mean(1)),
         "gain_wrong_by_t": {
             str(t): _gain(wrong[:, j], true[:, j], true[:, j]) for j, t in enumerate(levels)
         },
     }
-    return row
 
 
 def evaluate(workdir, *, steps=None, n_images=1000, levels=LEVELS, seed=0) -> dict:
     """The label-use rows of a run's kept checkpoints (``steps``: a subset, default all)."""
-    from markov_attn.data import make_split
-
     from .ckpt import Checkpointer
     from .train_dit import load_dit
 
     workdir = pathlib.Path(workdir)
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
     with Checkpointer(workdir / "checkpoints") as ck:
         kept = ck.all_steps()
     if not kept:
@@ -100,19 +134,20 @@ def evaluate(workdir, *, steps=None, n_images=1000, levels=LEVELS, seed=0) -> di
         raise ValueError(f"steps {missing} are not kept in {workdir}; kept: {kept}")
     steps = sorted(steps or kept)
     _, cfg = load_dit(workdir, step=steps[-1])
-    d = make_split("test", n_images, size=cfg.model.image_size, seed=cfg.data_seed)
+    images, labels = test_images(cfg, n_images)
     rows = []
     for step in steps:
         t0 = time.perf_counter()
         model, _ = load_dit(workdir, step=step)
-        per = losses(model, cfg, d["images"], d["labels"], levels=levels, seed=seed)
+        per = losses(model, cfg, images, labels, levels=levels, seed=seed)
         rows.append({**summarise(step, per, levels), "seconds": time.perf_counter() - t0})
         g = rows[-1]["gain_wrong"]
-        print(f"step {step}: L(wrong) - L(true) = {g[0]:+.2f} % [{g[1]:+.2f}, {g[2]:+.2f}]")
+        print(f"step {step}: L(wrong) - L(true) = {g[0]:+.3f} % [{g[1]:+.3f}, {g[2]:+.3f}]")
     return {
         "workdir": str(workdir),
         "preset": cfg.name,
         "total_steps": cfg.steps,
+        "num_classes": cfg.model.num_classes,
         "n_images": n_images,
         "levels": list(levels),
         "rows": rows,
@@ -120,7 +155,7 @@ def evaluate(workdir, *, steps=None, n_images=1000, levels=LEVELS, seed=0) -> di
 
 
 def _fmt(g) -> str:
-    return f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}]"
+    return f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]"
 
 
 def table(res: dict, command: str) -> str:
@@ -141,7 +176,8 @@ def table(res: dict, command: str) -> str:
         f"\nEMA weights of `{res['workdir']}` (preset `{res['preset']}`, {res['total_steps']} "
         f"steps in all) at each kept checkpoint; {res['n_images']} benchmark test images, each "
         f"noised at t ∈ {{{', '.join(map(str, levels))}}} with one fixed ε, predicted with the "
-        "true label, a wrong one ((y + 1) mod 10) and the null label. Losses are the mean "
+        f"true label, a wrong one ((y + 1) mod {res['num_classes']}) and the null label. "
+        "Losses are the mean "
         "ε-MSE; differences are relative to L(true), with 95 % percentile bootstrap intervals "
         "over images (paired). Positive: the model predicts better with the true label. "
         f"Command: `{command}`."
@@ -149,11 +185,18 @@ def table(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.label_use", description=__doc__)
     p.add_argument("--workdir", required=True, help="a train_dit run directory")
     p.add_argument("--steps", type=int, nargs="+", help="checkpoints to read (default: all kept)")
-    p.add_argument("--n-images", type=int, default=1000)
+    p.add_argument("--n-images", type=_positive, default=1000)
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     return p
 
@@ -166,10 +209,16 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = pathlib.Path(a.workdir) / "label_use.json"
+    name = "label_use.json" if not a.steps else f"label_use_{'_'.join(map(str, a.steps))}.json"
+    out = pathlib.Path(a.workdir) / name
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
-    publish(table(res, command_line("experiments.label_use", argv)), a.update_readme, "label-use")
+    try:
+        text = table(res, command_line("experiments.label_use", argv))
+        publish(text, a.update_readme, "label-use")
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -258,40 +258,44 @@ def _iterate(a, p, iters, tol, ks):
     rounds = max(1, -(-iters // (RR_EVERY + 1)))
 
     def cond(state):
-        it, _, _, res, _, _, stalled = state
-        return (it < rounds) & jnp.any(~(res <= tol) & ~stalled)
+        it, _, _, res, _, _, stalled, kk = state
+        held = ~(res <= tol) & ~jnp.take(stalled, kk - 1, axis=-1)
+        return (it < rounds) & jnp.any(held)
 
     def body(state):
-        it, v, _, _, best, anchor, stalled = state
+        it, v, _, _, best, anchor, stalled, _ = state
         v = _qr(jax.lax.fori_loop(0, RR_EVERY, lambda _, x: _mm(a, x), v))[0]
         w = _mm(a, v)
         t, u = _order_by_modulus(_mm(_t(v), w))
         v, w = _mm(v, u), _mm(w, u)
         lead = _leading_residuals(v, w, t)
-        kk = ks[0] if ks[0] == ks[1] else _stack_k(t, ks)
-        res = jnp.take(lead, kk - 1, axis=-1)
+        kk = jnp.asarray(ks[0] if ks[0] == ks[1] else _stack_k(t, ks), jnp.int32)
         it = it + 1
-        # the history is kept per k (the range's k may change between rounds)
+        # history and stall flags per k (the range's k may change between rounds)
         best = jnp.minimum(best, jnp.where(jnp.isnan(lead), jnp.inf, lead))
         check = it % STALL_ROUNDS == 0
-        b, anc = jnp.take(best, kk - 1, axis=-1), jnp.take(anchor, kk - 1, axis=-1)
-        rate = (b / anc) ** (1.0 / STALL_ROUNDS)  # per round; anchor = inf: rate 0
+        rate = (best / anchor) ** (1.0 / STALL_ROUNDS)  # per round; anchor = inf: rate 0
         left = (rounds - it).astype(a.dtype)
-        forecast = b * jnp.where(rate < 1.0, rate**left, 1.0)
+        decay = jnp.where(rate < 1.0, rate**left, 1.0)
+        forecast = best * decay
         limit = jnp.maximum(STALL_SLACK * tol, STALL_FLOOR)
-        stuck = (b > tol) & (b > STALL_PROGRESS * anc)  # e.g. at float rounding's floor
-        stall = check & (tol > 0) & jnp.isfinite(anc) & ((forecast > limit) | stuck)
+        # little progress, and the current residual would not reach tol at that rate within
+        # the budget (e.g. at float rounding's floor, where it swings around its best)
+        stuck = (lead * decay > tol) & (best > STALL_PROGRESS * anchor)
+        stall = check & (tol > 0) & jnp.isfinite(anchor) & ((forecast > limit) | stuck)
         anchor = jnp.where(check, best, anchor)
-        return it, v, t, res, best, anchor, stalled | stall
+        res = jnp.take(lead, kk - 1, axis=-1)
+        return it, v, t, res, best, anchor, stalled | stall, kk
 
     t = jnp.zeros((*a.shape[:-2], p, p), a.dtype)
     res = jnp.full(a.shape[:-2], jnp.inf, a.dtype)
     hist = jnp.full((*a.shape[:-2], p), jnp.inf, a.dtype)
-    no = jnp.zeros(a.shape[:-2], bool)
-    state = (jnp.asarray(0, jnp.int32), v, t, res, hist, hist, no)
-    it, v, t, *_ = jax.lax.while_loop(cond, body, state)
-    # per member (the same for all): lax.map over chunks stacks it like the other outputs
-    return v, t, jnp.broadcast_to(it * (RR_EVERY + 1), a.shape[:-2])
+    no = jnp.zeros((*a.shape[:-2], p), bool)
+    state = (jnp.asarray(0, jnp.int32), v, t, res, hist, hist, no, jnp.asarray(ks[0], jnp.int32))
+    it, v, t, *_, kk = jax.lax.while_loop(cond, body, state)
+    # per member (the same for all): lax.map over chunks stacks them like the other outputs
+    per = a.shape[:-2]
+    return v, t, jnp.broadcast_to(it * (RR_EVERY + 1), per), jnp.broadcast_to(kk, per)
 
 
 def _frob(x):
@@ -323,14 +327,14 @@ def _subspace_core(a, k, p, iters, tol, ks=None):
     """The ``k``-dimensional dominant subspace of valid chains ``a`` (no input checks)."""
     a = jax.lax.stop_gradient(a)  # memberships are held fixed under differentiation
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
-    v, t, products = map_over_batch(
+    v, t, products, kk = map_over_batch(
         lambda x: _iterate(x, p, iters, tol, ks or (k, k)),
         a,
         batch_ndim=a.ndim - 2,
         item_bytes=item,
         whole_chunks=ks is not None,  # the range's k is chosen over the chunk, not per member
     )
-    return v, t, products
+    return v, t, products, kk
 
 
 def _finish(a, v, t, k, tol, products):
@@ -353,7 +357,7 @@ def _schur_subspace(attn, tol, k, p, iters):
     a = as_chain(attn)
     bad = invalid_matrices(a)
     a = _sanitize(a, bad)
-    v, t, products = _subspace_core(a, k, p, iters, tol)
+    v, t, products, _ = _subspace_core(a, k, p, iters, tol)
     full = _finish(a, v, t, k, tol, products)
     cut = bad | full.split  # a cut complex pair: no invariant subspace of that dimension
     return full._replace(
@@ -656,7 +660,7 @@ def _states(a, eta, bad, v, t, products, tol, k):
 @functools.partial(jax.jit, static_argnames=("k", "p", "iters"))
 def _metastable(attn, eta, tol, k, p, iters):
     a, eta, bad = _prepare(attn, eta)
-    v, t, products = _subspace_core(a, k, p, iters, tol)
+    v, t, products, _ = _subspace_core(a, k, p, iters, tol)
     return _states(a, eta, bad, v, t, products, tol, k)
 
 
@@ -666,9 +670,9 @@ def _leading_basis(attn, eta, tol, ks, p, iters):
     (the iteration stops when the ``k`` that :func:`choose_k` picks from the current Ritz
     values has converged or stalled in every matrix)."""
     a, _, _ = _prepare(attn, eta)
-    v, t, products = _subspace_core(a, ks[1], p, iters, tol, ks)
+    v, t, products, kk = _subspace_core(a, ks[1], p, iters, tol, ks)
     ritz, starts = _ritz_values(t)
-    return v, t, products, ritz, starts
+    return v, t, products, ritz, starts, kk
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -757,7 +761,9 @@ def metastable_states(
     each). The subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that
     this rule picks from the current Ritz values has converged, or stalled, in every matrix)
     and G-PCCA uses the leading ``k`` columns of its ordered basis (which span the
-    ``k``-subspace). It needs concrete values
+    ``k``-subspace). On CPU a large batch iterates in cache-sized chunks, each picking its
+    ``k`` over its own members; if one picked another ``k`` than the whole batch, the batch is
+    iterated again for the batch's ``k`` (``products`` counts both runs). It needs concrete values
     and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
     a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex pair in
     half raises eagerly; under ``jit`` that matrix gets NaN memberships and ``converged = False``.
@@ -828,7 +834,11 @@ def metastable_states(
         if not is_concrete(basis[3]):  # concrete input inside someone's jit
             raise ValueError("k=None needs concrete values (eager mode); pass k= under jit")
         k = choose_k(basis[3], (lo, hi), cuts=basis[4])
-        full, st = _metastable_from(a, eta, *basis[:3], tol, k)
+        if np.all(np.asarray(basis[5]) == k):
+            full, st = _metastable_from(a, eta, *basis[:3], tol, k)
+        else:  # a chunk (CPU) iterated for another k than the batch's: iterate for this one
+            full, st = _metastable(a, eta, tol, k, min(k + oversample, n), iters)
+            full = full._replace(products=full.products + basis[2])
     else:
         k = _check_k(k, n, 2, " (number of metastable states)")
         full, st = _metastable(a, eta, tol, k, min(k + oversample, n), iters)

@@ -59,17 +59,28 @@ def test_a_model_blind_to_its_label_has_no_gain_and_one_that_reads_it_has():
 
 
 def test_gains_are_relative_paired_differences():
+    """Point values are mean differences over mean L(true), in %; the interval resamples the
+    images of both together, so with a constant difference only the denominator varies."""
     rng = np.random.default_rng(1)
     true = rng.uniform(0.1, 0.2, (400, 4))
     per = {"true": true, "wrong": true + 0.01, "null": true - 0.02}
     row = lu.summarise(7, per)
-    ref = 100 / true.mean()
     assert row["step"] == 7
-    np.testing.assert_allclose(row["gain_wrong"], [0.01 * ref] * 3, rtol=1e-9)
-    np.testing.assert_allclose(row["gain_null"], [-0.02 * ref] * 3, rtol=1e-9)
+
+    def check(g, want, ref):
+        assert g[0] == pytest.approx(want, rel=1e-9)
+        lo, hi = sorted(want * ref.mean() / np.quantile(_means(ref), [0.975, 0.025]))
+        assert g[1] == pytest.approx(lo, rel=1e-6) and g[2] == pytest.approx(hi, rel=1e-6)
+        assert g[1] < g[0] < g[2] and g[2] - g[1] < 0.05 * abs(g[0])
+
+    def _means(ref):  # the same resamples as lu._gain (seed 0, 1000 resamples)
+        idx = np.random.default_rng(0).integers(0, len(ref), (1000, len(ref)))
+        return ref[idx].mean(1)
+
+    check(row["gain_wrong"], 100 * 0.01 / true.mean(), true.mean(1))
+    check(row["gain_null"], -100 * 0.02 / true.mean(), true.mean(1))
     for j, t in enumerate(lu.LEVELS):
-        g = row["gain_wrong_by_t"][str(t)]
-        np.testing.assert_allclose(g, [100 * 0.01 / true[:, j].mean()] * 3, rtol=1e-9)
+        check(row["gain_wrong_by_t"][str(t)], 100 * 0.01 / true[:, j].mean(), true[:, j])
 
 
 def test_reads_every_kept_checkpoint_of_a_run(tmp_path):
@@ -81,3 +92,10 @@ def test_reads_every_kept_checkpoint_of_a_run(tmp_path):
     assert lu.main(["--workdir", str(tmp_path), "--steps", "5"]) == 2  # not kept
     with pytest.raises(FileNotFoundError, match="train first"):
         lu.evaluate(tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()  # a mistyped run directory is not created
+    with pytest.raises(SystemExit):
+        lu.main(["--workdir", str(tmp_path), "--n-images", "0"])
+    images, labels = lu.test_images(SMOKE, 4)
+    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+    with pytest.raises(ValueError, match="levels must lie in"):
+        lu.losses(lambda x, t, y: (x, None), SMOKE, images, labels, levels=(100, 1000))

@@ -119,14 +119,18 @@ def test_heads_that_cannot_converge_stop_holding_the_batch(rng):
     np.testing.assert_array_equal(full.products, 300)
 
 
-def test_a_member_stuck_at_rounding_stops_holding_the_batch(rng):
-    """A tol below float32's floor (~1e-6 here) cannot be met: the residuals stop improving
-    above it. Such members used to hold the batch to iters = 300 (their forecast stayed under
-    the 1e-4 stall limit); with no progress over a check period they now stop."""
-    a, _ = _stack(rng)
-    s = ma.schur_subspace(a, k=K, tol=1e-9)
+@pytest.mark.parametrize("tol", [1e-9, 5e-7])
+def test_a_member_stuck_at_rounding_stops_holding_the_batch(tol):
+    """A tol at or below float32's floor (~1e-6 here) cannot be met for good: the residuals stop
+    improving and swing around it (at 5e-7 a member's best dipped below tol once). Such
+    members used to hold the batch to iters = 300 (their forecast stayed under the 1e-4 stall
+    limit); with no progress over a check period they now stop."""
+    a, _ = _stack(np.random.default_rng(1))
+    s = ma.schur_subspace(a, k=K, tol=tol)
     assert np.all(np.asarray(s.products) < 150)
-    assert np.all(np.asarray(s.residual) < 1e-5) and not np.any(np.asarray(s.converged))
+    assert np.all(np.asarray(s.residual) < 2e-6)
+    if tol < 1e-7:
+        assert not np.any(np.asarray(s.converged))
 
 
 def test_k_none_iterates_until_the_k_it_returns_has_converged(rng):
@@ -162,10 +166,18 @@ def test_batches_larger_than_a_cache_chunk(rng, monkeypatch):
         x, y = (np.asarray(s.basis[i], np.float64) for s in (whole, chunked))
         assert np.max(sl.subspace_angles(x, y)) <= 1e-4
     np.testing.assert_array_equal(states.assignment, whole_states.assignment)
-    # k=None chooses its k over each chunk while iterating, and over the batch at the end
-    chosen = ma.metastable_states(a)
-    assert chosen.k == K and chosen.products.shape == (3,)
-    np.testing.assert_array_equal(chosen.assignment, whole_states.assignment)
+    # k=None chooses its k over each chunk while iterating, and over the batch at the end;
+    # a chunk that iterated for another k (the 8-cluster heads alone want k = 8) is iterated
+    # again for the batch's k (it came back unconverged, residual 1e-2)
+    slow = testing.random_chains(
+        np.random.default_rng(0), (1,), N, kind="metastable", strength=4.5, clusters=8
+    ).astype(np.float32)
+    monkeypatch.setattr(_util, "CPU_CHUNK_BYTES", 3 * N * N * 4)  # [a0 a1 a2] [slow slow]
+    jax.clear_caches()
+    chosen = ma.metastable_states(np.concatenate([a, slow, slow]), split="nan")
+    assert chosen.k == K and chosen.products.shape == (5,)
+    assert np.all(np.asarray(chosen.converged))
+    np.testing.assert_array_equal(chosen.assignment[:3], whole_states.assignment)
     jax.clear_caches()
 
 
