@@ -32,21 +32,6 @@ LEVELS = (100, 300, 500, 800)
 CONDITIONS = ("true", "wrong", "null")
 
 
-def test_images(cfg, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """The run's held-out images as the training saw them (uint8) and their labels: the
-    benchmark's test split (its ``data_root``) or, for a ``synthetic`` run, synthetic ones."""
-    from .train import _to_uint8, synthetic_data
-
-    size = cfg.model.image_size
-    if cfg.data == "synthetic":
-        d = synthetic_data(n_images, size=size, seed=cfg.data_seed, split="test")
-    else:
-        from markov_attn.data import make_split
-
-        d = make_split("test", n_images, size=size, seed=cfg.data_seed, root=cfg.data_root)
-    return _to_uint8(d["images"]), np.asarray(d["labels"], np.int32)
-
-
 def losses(model, cfg, images, labels, *, levels=LEVELS, batch_size=100, seed=0) -> dict:
     """Per-image denoising losses ``{condition: (n_images, len(levels))}`` of ``model``
     (a :class:`markov_attn.nn.DiT`, or any ``(x_t, t, y) -> (eps, aux)``) on ``images``
@@ -120,21 +105,22 @@ def summarise(step: int, per: dict, levels=LEVELS) -> dict:
 def evaluate(workdir, *, steps=None, n_images=1000, levels=LEVELS, seed=0) -> dict:
     """The label-use rows of a run's kept checkpoints (``steps``: a subset, default all)."""
     from .ckpt import Checkpointer
-    from .train_dit import load_dit
+    from .train_dit import config_from_dict, load_dit, load_split
 
     workdir = pathlib.Path(workdir)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
     with Checkpointer(workdir / "checkpoints") as ck:
         kept = ck.all_steps()
-    if not kept:
-        raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
-    missing = sorted(set(steps or ()) - set(kept))
-    if missing:
-        raise ValueError(f"steps {missing} are not kept in {workdir}; kept: {kept}")
-    steps = sorted(steps or kept)
-    _, cfg = load_dit(workdir, step=steps[-1])
-    images, labels = test_images(cfg, n_images)
+        if not kept:
+            raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
+        missing = sorted(set(steps or ()) - set(kept))
+        if missing:
+            raise ValueError(f"steps {missing} are not kept in {workdir}; kept: {kept}")
+        steps = sorted(steps or kept)
+        cfg = config_from_dict(ck.read_meta(step=steps[-1])["config"])
+    test = load_split(cfg, "test", n_images)
+    images, labels = test["images"], np.asarray(test["labels"], np.int32)
     rows = []
     for step in steps:
         t0 = time.perf_counter()

@@ -38,28 +38,38 @@ from .ckpt import Checkpointer, CheckpointError
 from .dit_configs import PRESETS, DiTTrainConfig, get_preset
 from .train import _to_uint8, batch_indices, make_optimizer, synthetic_data
 
-__all__ = ["config_from_dict", "load_data", "load_dit", "main", "train_and_evaluate"]
+__all__ = [
+    "config_from_dict",
+    "load_data",
+    "load_dit",
+    "load_split",
+    "main",
+    "train_and_evaluate",
+]
 
 # Fields that do not change the trajectory: a resumed run may change them.
 _FREE_FIELDS = ("name", "data_root", "test_size", "ckpt_every", "keep_checkpoints",
                 "eval_batch_size")  # fmt: skip
 
 
-def load_data(cfg: DiTTrainConfig, /) -> dict:
-    """``{"train": {"images", "labels"}, "test": {...}}``, images uint8 at the model's size."""
+def load_split(cfg: DiTTrainConfig, split: str, n: int, /) -> dict:
+    """``{"images", "labels"}`` of ``n`` images of ``split`` as the run trains on them: uint8 at
+    the model's size, from ``cfg.data`` (the benchmark under ``cfg.data_root``, or synthetic)."""
     size = cfg.model.image_size
     if cfg.data == "synthetic":
-        return {
-            split: synthetic_data(n, size=size, seed=cfg.data_seed, split=split)
-            for split, n in (("train", cfg.train_size), ("test", cfg.test_size))
-        }
+        return synthetic_data(n, size=size, seed=cfg.data_seed, split=split)
     from markov_attn.data import make_split
 
-    out = {}
-    for split, n in (("train", cfg.train_size), ("test", cfg.test_size)):
-        d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root)
-        out[split] = {"images": _to_uint8(d["images"]), "labels": d["labels"].astype(np.int32)}
-    return out
+    d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root)
+    return {"images": _to_uint8(d["images"]), "labels": d["labels"].astype(np.int32)}
+
+
+def load_data(cfg: DiTTrainConfig, /) -> dict:
+    """``{"train": {"images", "labels"}, "test": {...}}``, images uint8 at the model's size."""
+    return {
+        split: load_split(cfg, split, n)
+        for split, n in (("train", cfg.train_size), ("test", cfg.test_size))
+    }
 
 
 def _new_model(cfg: DiTTrainConfig) -> DiT:

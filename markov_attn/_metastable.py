@@ -212,20 +212,24 @@ def _leading_residuals(v, w, t):
     return jnp.sqrt(inside + below)
 
 
+def _gap_choice(xp, eigenvalues, cuts, lo, hi):
+    """The ``k`` in ``[lo, hi]`` with the largest batch-mean modulus gap, skipping a ``k`` that
+    cuts a complex pair of any matrix (unless every ``k`` does): ``xp`` is NumPy on the host
+    (:func:`choose_k`) or ``jax.numpy`` inside the iteration (:func:`_stack_k`)."""
+    mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
+    mod = mod.reshape(-1, mod.shape[-1])
+    gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
+    if cuts is not None:
+        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
+        gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
+    return lo + xp.argmax(gaps)
+
+
 def _stack_k(t, ks):
     """The ``k`` that :func:`choose_k` would pick from the current Ritz values of the whole batch
-    ``t`` ``(..., p, p)`` (a traced int32 scalar): the largest batch-mean modulus gap in
-    ``ks = (lo, hi)``, skipping a ``k`` that cuts a complex pair of any member (unless every
-    ``k`` does)."""
-    lo, hi = ks
+    ``t`` ``(..., p, p)`` (a traced int32 scalar), by the same rule."""
     ritz, starts = _ritz_values(t)
-    mod = jnp.sort(jnp.abs(ritz), axis=-1)[..., ::-1]
-    gaps = mod[..., lo - 1 : hi] - mod[..., lo : hi + 1]
-    axes = tuple(range(gaps.ndim - 1))
-    mean = jnp.nanmean(gaps, axis=axes)
-    cut = jnp.any(starts[..., lo - 1 : hi], axis=axes)
-    mean = jnp.where(cut & ~jnp.all(cut), -jnp.inf, mean)
-    return lo + jnp.argmax(mean).astype(jnp.int32)
+    return _gap_choice(jnp, ritz, starts, *ks).astype(jnp.int32)
 
 
 def _iterate(a, p, iters, tol, ks):
@@ -708,15 +712,10 @@ def choose_k(eigenvalues, k_range=K_RANGE, cuts=None) -> int:
     complex pair starts; a ``k`` that would cut a pair of any matrix is skipped (unless every
     ``k`` does). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
     """
-    mod = np.sort(np.abs(np.asarray(eigenvalues)), axis=-1)[..., ::-1]
-    mod = mod.reshape(-1, mod.shape[-1])
-    lo, hi = int(k_range[0]), min(int(k_range[1]), mod.shape[-1] - 1)
-    gaps = np.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
-    if cuts is not None:
-        cut = np.asarray(cuts).reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
-        if not cut.all():
-            gaps = np.where(cut, -np.inf, gaps)
-    return lo + int(np.argmax(gaps))
+    eigenvalues = np.asarray(eigenvalues)
+    lo, hi = int(k_range[0]), min(int(k_range[1]), eigenvalues.shape[-1] - 1)
+    cuts = None if cuts is None else np.asarray(cuts)
+    return int(_gap_choice(np, eigenvalues, cuts, lo, hi))
 
 
 def metastable_states(

@@ -9,7 +9,7 @@ import pytest
 
 from experiments import label_use as lu
 from experiments.dit_configs import get_preset
-from experiments.train_dit import train_and_evaluate
+from experiments.train_dit import load_split, train_and_evaluate
 
 SMOKE = get_preset("smoke", data="synthetic", keep_checkpoints=3)
 
@@ -95,7 +95,8 @@ def test_reads_every_kept_checkpoint_of_a_run(tmp_path):
     assert not (tmp_path / "nothing").exists()  # a mistyped run directory is not created
     with pytest.raises(SystemExit):
         lu.main(["--workdir", str(tmp_path), "--n-images", "0"])
-    images, labels = lu.test_images(SMOKE, 4)
-    assert images.dtype == np.uint8 and images.shape == (4, 32, 32, 3)
+    test = load_split(SMOKE, "test", 4)
+    assert test["images"].dtype == np.uint8 and test["images"].shape == (4, 32, 32, 3)
     with pytest.raises(ValueError, match="levels must lie in"):
-        lu.losses(lambda x, t, y: (x, None), SMOKE, images, labels, levels=(100, 1000))
+        blind = lambda x, t, y: (x, None)
+        lu.losses(blind, SMOKE, test["images"], test["labels"], levels=(100, 1000))
