@@ -212,22 +212,33 @@ def _leading_residuals(v, w, t):
     return jnp.sqrt(inside + below)
 
 
-def _gap_choice(xp, eigenvalues, cuts, lo, hi):
-    """The ``k`` in ``[lo, hi]`` with the largest batch-mean modulus gap, skipping a ``k`` that
-    cuts a complex pair of any matrix (unless every ``k`` does): ``xp`` is NumPy on the host
-    (:func:`choose_k`) or ``jax.numpy`` inside the iteration (:func:`_stack_k`)."""
+def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
+    """The ``k`` in ``[lo, hi]`` with the largest batch-mean modulus gap: ``xp`` is NumPy on the
+    host (:func:`choose_k`) or ``jax.numpy`` inside the iteration (:func:`_stack_k`).
+
+    A ``k`` that cuts a complex pair of a matrix separates nothing there. With ``skip_cuts`` such
+    a ``k`` is skipped when it cuts a pair of any matrix (unless every ``k`` does): the rule for
+    ``split="raise"``, where a cut is an error. Without it, a cut counts as a zero gap of that
+    matrix: the rule for ``split="nan"``, where a cut matrix gets NaN and the others keep their
+    states (on a stack of metastable and near-circulant heads the skipping rule is left with
+    the odd ``k``, whose gaps are all at the level of noise)."""
     mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
     mod = mod.reshape(-1, mod.shape[-1])
-    gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
-    if cuts is not None:
-        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
-        gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
+    gap = mod[:, lo - 1 : hi] - mod[:, lo : hi + 1]
+    if cuts is None:
+        return lo + xp.argmax(xp.nanmean(gap, axis=0))
+    cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi]
+    if not skip_cuts:
+        return lo + xp.argmax(xp.nanmean(xp.where(cut, 0.0, gap), axis=0))
+    gaps = xp.nanmean(gap, axis=0)
+    cut = cut.any(axis=0)
+    gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
     return lo + xp.argmax(gaps)
 
 
 def _stack_k(t, ks):
     """The ``k`` that :func:`choose_k` would pick from the current Ritz values of the whole batch
-    ``t`` ``(..., p, p)`` (a traced int32 scalar), by the same rule."""
+    ``t`` ``(..., p, p)`` (a traced int32 scalar), by the same rule; ``ks = (lo, hi, skip_cuts)``."""
     ritz, starts = _ritz_values(t)
     return _gap_choice(jnp, ritz, starts, *ks).astype(jnp.int32)
 
@@ -238,7 +249,7 @@ def _iterate(a, p, iters, tol, ks):
     Each round: ``RR_EVERY`` products, a QR, one more product and the reordering of
     ``V^T A V``. Returns the ``(..., n, p)`` basis, the ``(..., p, p)`` reordered projection and
     the number of products. The residual is that of the leading ``k`` columns, with ``k`` fixed
-    (``ks = (k, k)``) or, for ``ks = (lo, hi)``, the one ``k`` that :func:`choose_k` would
+    (``ks = (k, k, _)``) or, for ``ks = (lo, hi, skip_cuts)``, the one ``k`` that :func:`choose_k` would
     pick for the whole batch (chunk) from the current Ritz values, the ``k`` that
     ``metastable_states(k=None)`` will use (a per-member best-gap ``k`` made a member that
     converges slowly at its own ``k`` hold the batch to ``iters`` although that ``k`` was not
@@ -332,7 +343,7 @@ def _subspace_core(a, k, p, iters, tol, ks=None):
     a = jax.lax.stop_gradient(a)  # memberships are held fixed under differentiation
     item = a.shape[-1] * a.shape[-1] * a.dtype.itemsize
     v, t, products, kk = map_over_batch(
-        lambda x: _iterate(x, p, iters, tol, ks or (k, k)),
+        lambda x: _iterate(x, p, iters, tol, ks or (k, k, True)),
         a,
         batch_ndim=a.ndim - 2,
         item_bytes=item,
@@ -704,18 +715,19 @@ def _check_eta(eta, n):
             )
 
 
-def choose_k(eigenvalues, k_range=K_RANGE, cuts=None) -> int:
+def choose_k(eigenvalues, k_range=K_RANGE, cuts=None, skip_cuts=True) -> int:
     """The number of states with the largest modulus gap ``|λ_k| - |λ_{k+1}|``.
 
     ``eigenvalues`` ``(..., m)`` are leading eigenvalues in decreasing modulus; over a batch the
     gaps are averaged, so one ``k`` serves the whole stack. ``cuts`` ``(..., m)`` flags where a
     complex pair starts; a ``k`` that would cut a pair of any matrix is skipped (unless every
-    ``k`` does). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
+    ``k`` does); with ``skip_cuts=False`` a cut counts as a zero gap of that matrix instead
+    (``split="nan"``). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
     """
     eigenvalues = np.asarray(eigenvalues)
     lo, hi = int(k_range[0]), min(int(k_range[1]), eigenvalues.shape[-1] - 1)
     cuts = None if cuts is None else np.asarray(cuts)
-    return int(_gap_choice(np, eigenvalues, cuts, lo, hi))
+    return int(_gap_choice(np, eigenvalues, cuts, lo, hi, skip_cuts))
 
 
 def metastable_states(
@@ -757,7 +769,11 @@ def metastable_states(
     **Choosing k.** ``k=None`` takes the ``k`` in ``k_range`` (clipped to ``n - 1``) with the
     largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
-    each). The subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that
+    each). With ``split="raise"`` it takes only a ``k`` that cuts no complex pair of any matrix
+    (unless every ``k`` does); with ``split="nan"`` a cut counts as a zero gap of that matrix,
+    which then gets NaN (on a stack that mixes metastable heads with near-circulant ones, whose
+    eigenvalues come in pairs at every even ``k``, the first rule is left with gaps at the
+    level of noise, the second finds the metastable heads' ``k``). The subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that
     this rule picks from the current Ritz values has converged, or stalled, in every matrix)
     and G-PCCA uses the leading ``k`` columns of its ordered basis (which span the
     ``k``-subspace). On CPU a large batch iterates in cache-sized chunks, each picking its
@@ -829,10 +845,11 @@ def metastable_states(
                 "a chain needs at least 3 tokens to have metastable states"
             )
         # one iteration for k_max: its ordered basis also holds the subspaces of smaller k
-        basis = _leading_basis(a, eta, tol, (lo, hi), min(hi + oversample, n), iters)
+        skip = split == "raise"  # a cut is an error: choose among the k that cut no pair
+        basis = _leading_basis(a, eta, tol, (lo, hi, skip), min(hi + oversample, n), iters)
         if not is_concrete(basis[3]):  # concrete input inside someone's jit
             raise ValueError("k=None needs concrete values (eager mode); pass k= under jit")
-        k = choose_k(basis[3], (lo, hi), cuts=basis[4])
+        k = choose_k(basis[3], (lo, hi), cuts=basis[4], skip_cuts=skip)
         if np.all(np.asarray(basis[5]) == k):
             full, st = _metastable_from(a, eta, *basis[:3], tol, k)
         else:  # a chunk (CPU) iterated for another k than the batch's: iterate for this one
