@@ -238,7 +238,8 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
 
 def _stack_k(t, ks):
     """The ``k`` that :func:`choose_k` would pick from the current Ritz values of the whole batch
-    ``t`` ``(..., p, p)`` (a traced int32 scalar), by the same rule; ``ks = (lo, hi, skip_cuts)``."""
+    ``t`` ``(..., p, p)`` (a traced int32 scalar), by the same rule;
+    ``ks = (lo, hi, skip_cuts)``."""
     ritz, starts = _ritz_values(t)
     return _gap_choice(jnp, ritz, starts, *ks).astype(jnp.int32)
 
@@ -249,9 +250,9 @@ def _iterate(a, p, iters, tol, ks):
     Each round: ``RR_EVERY`` products, a QR, one more product and the reordering of
     ``V^T A V``. Returns the ``(..., n, p)`` basis, the ``(..., p, p)`` reordered projection and
     the number of products. The residual is that of the leading ``k`` columns, with ``k`` fixed
-    (``ks = (k, k, _)``) or, for ``ks = (lo, hi, skip_cuts)``, the one ``k`` that :func:`choose_k` would
-    pick for the whole batch (chunk) from the current Ritz values, the ``k`` that
-    ``metastable_states(k=None)`` will use (a per-member best-gap ``k`` made a member that
+    (``ks = (k, k, _)``) or, for ``ks = (lo, hi, skip_cuts)``, the one ``k`` that
+    :func:`choose_k` would pick for the whole batch (chunk) from the current Ritz values, the ``k``
+    that ``metastable_states(k=None)`` will use (a per-member best-gap ``k`` made a member that
     converges slowly at its own ``k`` hold the batch to ``iters`` although that ``k`` was not
     the one chosen). Stops early when every member has converged (residual at most
     ``tol``) or stalled: every ``STALL_ROUNDS`` rounds, a member whose best residual so far,
@@ -773,9 +774,10 @@ def metastable_states(
     (unless every ``k`` does); with ``split="nan"`` a cut counts as a zero gap of that matrix,
     which then gets NaN (on a stack that mixes metastable heads with near-circulant ones, whose
     eigenvalues come in pairs at every even ``k``, the first rule is left with gaps at the
-    level of noise, the second finds the metastable heads' ``k``). The subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that
-    this rule picks from the current Ritz values has converged, or stalled, in every matrix)
-    and G-PCCA uses the leading ``k`` columns of its ordered basis (which span the
+    level of noise, the second finds the metastable heads' ``k``). The subspace iteration then
+    runs once for ``k_max`` (stopping when the ``k`` that this rule picks from the current Ritz
+    values has converged, or stalled, in every matrix) and G-PCCA uses the leading ``k`` columns of
+    its ordered basis (which span the
     ``k``-subspace). On CPU a large batch iterates in cache-sized chunks, each picking its
     ``k`` over its own members; if one picked another ``k`` than the whole batch, the batch is
     iterated again for the batch's ``k`` (``products`` counts both runs). It needs concrete values
