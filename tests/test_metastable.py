@@ -128,7 +128,7 @@ def test_a_member_stuck_at_rounding_stops_holding_the_batch(tol):
     a, _ = _stack(np.random.default_rng(1))
     s = ma.schur_subspace(a, k=K, tol=tol)
     assert np.all(np.asarray(s.products) < 150)
-    assert np.all(np.asarray(s.residual) < 2e-6)
+    assert np.all(np.asarray(s.residual) < 5e-6)  # at the floor (its level depends on codegen)
     if tol < 1e-7:
         assert not np.any(np.asarray(s.converged))
 
