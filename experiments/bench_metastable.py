@@ -1,7 +1,7 @@
 """Timing of ``ma.metastable_states`` against ``ma.second_eigenvalue`` on one ViT-sized stack.
 
 One ``(1, 12, 197, 197)`` float32 stack (4 metastable, 4 near-circulant and 4 diffuse heads,
-``experiments.bench_core.build_stack``). Prints the median wall time of three jitted calls
+``experiments.bench_core.build_stack``). Prints the median wall time of nine jitted calls
 (after a warm-up that compiles; median of 9) of
 
 - ``second_eigenvalue`` (Arnoldi + Gelfand), the reference cost;

@@ -216,23 +216,19 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
     """The ``k`` in ``[lo, hi]`` with the largest batch-mean modulus gap: ``xp`` is NumPy on the
     host (:func:`choose_k`) or ``jax.numpy`` inside the iteration (:func:`_stack_k`).
 
-    A ``k`` that cuts a complex pair of a matrix separates nothing there. With ``skip_cuts`` such
-    a ``k`` is skipped when it cuts a pair of any matrix (unless every ``k`` does): the rule for
-    ``split="raise"``, where a cut is an error. Without it, a cut counts as a zero gap of that
-    matrix: the rule for ``split="nan"``, where a cut matrix gets NaN and the others keep their
-    states (on a stack of metastable and near-circulant heads the skipping rule is left with
-    the odd ``k``, whose gaps are all at the level of noise)."""
+    A ``k`` that cuts a complex pair of a matrix has a zero gap there (the pair's two
+    eigenvalues share one modulus). With ``skip_cuts`` such a ``k`` is also ruled out when it
+    cuts a pair of any matrix (unless every ``k`` does): the rule for ``split="raise"``, where a
+    cut is an error. Without it the gaps alone decide: the rule for ``split="nan"``, where a cut
+    matrix gets NaN and the others keep their states (on a stack of metastable and
+    near-circulant heads the skipping rule is left with the odd ``k``, whose gaps are all at
+    the level of noise)."""
     mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
     mod = mod.reshape(-1, mod.shape[-1])
-    gap = mod[:, lo - 1 : hi] - mod[:, lo : hi + 1]
-    if cuts is None:
-        return lo + xp.argmax(xp.nanmean(gap, axis=0))
-    cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi]
-    if not skip_cuts:
-        return lo + xp.argmax(xp.nanmean(xp.where(cut, 0.0, gap), axis=0))
-    gaps = xp.nanmean(gap, axis=0)
-    cut = cut.any(axis=0)
-    gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
+    gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
+    if cuts is not None and skip_cuts:
+        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
+        gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
     return lo + xp.argmax(gaps)
 
 
@@ -682,7 +678,7 @@ def _metastable(attn, eta, tol, k, p, iters):
 
 @functools.partial(jax.jit, static_argnames=("ks", "p", "iters"))
 def _leading_basis(attn, eta, tol, ks, p, iters):
-    """The ``p``-column ordered basis for ``ks = (k_min, k_max)`` states, and its Ritz values
+    """The ``p``-column ordered basis for ``ks = (k_min, k_max, skip_cuts)``, and its Ritz values
     (the iteration stops when the ``k`` that :func:`choose_k` picks from the current Ritz
     values has converged or stalled in every matrix)."""
     a, _, _ = _prepare(attn, eta)
@@ -722,8 +718,9 @@ def choose_k(eigenvalues, k_range=K_RANGE, cuts=None, skip_cuts=True) -> int:
     ``eigenvalues`` ``(..., m)`` are leading eigenvalues in decreasing modulus; over a batch the
     gaps are averaged, so one ``k`` serves the whole stack. ``cuts`` ``(..., m)`` flags where a
     complex pair starts; a ``k`` that would cut a pair of any matrix is skipped (unless every
-    ``k`` does); with ``skip_cuts=False`` a cut counts as a zero gap of that matrix instead
-    (``split="nan"``). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
+    ``k`` does); with ``skip_cuts=False`` (``split="nan"``) the gaps alone decide (a cut pair
+    has a zero gap in its matrix). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to
+    ``m - 1``.
     """
     eigenvalues = np.asarray(eigenvalues)
     lo, hi = int(k_range[0]), min(int(k_range[1]), eigenvalues.shape[-1] - 1)
@@ -771,14 +768,14 @@ def metastable_states(
     largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
     each). With ``split="raise"`` it takes only a ``k`` that cuts no complex pair of any matrix
-    (unless every ``k`` does); with ``split="nan"`` a cut counts as a zero gap of that matrix,
-    which then gets NaN (on a stack that mixes metastable heads with near-circulant ones, whose
-    eigenvalues come in pairs at every even ``k``, the first rule is left with gaps at the
-    level of noise, the second finds the metastable heads' ``k``). The subspace iteration then
-    runs once for ``k_max`` (stopping when the ``k`` that this rule picks from the current Ritz
-    values has converged, or stalled, in every matrix) and G-PCCA uses the leading ``k`` columns of
-    its ordered basis (which span the
-    ``k``-subspace). On CPU a large batch iterates in cache-sized chunks, each picking its
+    (unless every ``k`` does); with ``split="nan"`` the gaps alone decide (a cut pair has a zero
+    gap in its matrix, which then gets NaN). On a stack that mixes metastable heads with
+    near-circulant ones, whose eigenvalues come in pairs at every even ``k``, the first rule is
+    left with gaps at the level of noise, the second finds the metastable heads' ``k``. The
+    subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule
+    picks from the current Ritz values has converged, or stalled, in every matrix) and G-PCCA
+    uses the leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU
+    a large batch iterates in cache-sized chunks, each picking its
     ``k`` over its own members; if one picked another ``k`` than the whole batch, the batch is
     iterated again for the batch's ``k`` (``products`` counts both runs). It needs concrete values
     and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
