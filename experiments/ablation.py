@@ -233,10 +233,15 @@ def main(argv=None) -> int:
     p.add_argument("--all", action="store_true", help="train nothing; tabulate every run in <out>")
     p.add_argument("--runs", nargs="+", metavar="DIR", help="train nothing; tabulate these runs")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    p.add_argument(
+        "--block",
+        default="demo-ablation",
+        help="README block of a --runs table (another block keeps a table of runs made elsewhere)",
+    )
     a = p.parse_args(argv)
     if a.runs:
         md = runs_table(a.runs, base=a.base)
-        publish(md, a.update_readme, "demo-ablation")
+        publish(md, a.update_readme, a.block)
         return 0
     if a.all:
         stored = json.loads((pathlib.Path(a.out) / "results.json").read_text()).values()
