@@ -180,8 +180,9 @@ def _changes(config: dict, base: dict) -> dict:
     return out
 
 
-def runs_table(workdirs, /, *, base: str = "cpu") -> str:
-    """The Markdown table of finished or stopped training runs against preset ``base``."""
+def runs_table(workdirs, /, *, base: str = "cpu", block: str = "demo-ablation") -> str:
+    """The Markdown table of finished or stopped training runs against preset ``base`` (its
+    caption's command names the README ``block`` it is written to)."""
     from markov_attn.nn import config_to_dict
 
     base_cfg = config_to_dict(get_preset(base, pool="tokenrank"))
@@ -216,7 +217,10 @@ def runs_table(workdirs, /, *, base: str = "cpu") -> str:
         "level and, for runs on another level, on the same images at the standard level (the "
         f"benchmark). {platform.machine()}, {os.cpu_count()} CPUs, step times with the cores "
         "shared between runs (not comparable across rows). Table: `python -m "
-        "experiments.ablation --runs " + " ".join(map(str, workdirs)) + "`.",
+        "experiments.ablation --runs "
+        + " ".join(map(str, workdirs))
+        + ("" if block == "demo-ablation" else f" --block {block}")
+        + "`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
     )
     a = p.parse_args(argv)
     if a.runs:
-        md = runs_table(a.runs, base=a.base)
+        md = runs_table(a.runs, base=a.base, block=a.block)
         publish(md, a.update_readme, a.block)
         return 0
     if a.all:

@@ -22,8 +22,8 @@ run on another level (``--set difficulty=plain`` in ``experiments.train``) also 
 standard level in its summary.
 
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(about 11 min on 2 idle cores, data generation included) plus under a minute for evaluation
-and figures.
+(about 11 min on 2 idle cores of an Intel Xeon, 14 min on an AMD EPYC, data generation
+included) plus under a minute for evaluation and figures.
 """
 
 import json
