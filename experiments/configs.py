@@ -173,7 +173,7 @@ def cpu() -> TrainConfig:
     depth of the previous recipe (depth 4, 720 steps; ``compare`` still uses it) makes a step
     about 0.57 as long on the 2-core machine, which buys 1.5x the steps and images in less
     time: 48.7 % against 45.0 % on the benchmark; a peak learning rate of 3e-3 instead of 1e-3
-    then 54.2 % (2e-3: 52.8 %; README: what each change bought).
+    then 54.2 % (2e-3: 52.8 %, 4e-3: 52.0 %; README: what each change bought).
     ``difficulty="plain"`` (``--set difficulty=plain``) trains and tests on the easier level
     and also reports the standard level.
 
