@@ -170,6 +170,10 @@ def _run_record(workdir: pathlib.Path) -> dict:
     return {"config": config, "lines": lines, "summary": summary}
 
 
+#: README block of a ``--runs`` table (``--block`` names another).
+RUNS_BLOCK = "demo-ablation"
+
+
 def _changes(config: dict, base: dict) -> dict:
     out = {}
     for k, v in config.items():
@@ -180,7 +184,7 @@ def _changes(config: dict, base: dict) -> dict:
     return out
 
 
-def runs_table(workdirs, /, *, base: str = "cpu", block: str = "demo-ablation") -> str:
+def runs_table(workdirs, /, *, base: str = "cpu", block: str = RUNS_BLOCK) -> str:
     """The Markdown table of finished or stopped training runs against preset ``base`` (its
     caption's command names the README ``block`` it is written to)."""
     from markov_attn.nn import config_to_dict
@@ -219,7 +223,7 @@ def runs_table(workdirs, /, *, base: str = "cpu", block: str = "demo-ablation") 
         "shared between runs (not comparable across rows). Table: `python -m "
         "experiments.ablation --runs "
         + " ".join(map(str, workdirs))
-        + ("" if block == "demo-ablation" else f" --block {block}")
+        + ("" if block == RUNS_BLOCK else f" --block {block}")
         + "`.",
     ]
     return "\n".join(lines) + "\n"
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     p.add_argument(
         "--block",
-        default="demo-ablation",
+        default=RUNS_BLOCK,
         help="README block of a --runs table (another block keeps a table of runs made elsewhere)",
     )
     a = p.parse_args(argv)
