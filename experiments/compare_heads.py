@@ -1,7 +1,7 @@
 """The four pooling heads (cls, mean, map, tokenrank) at equal budget over several seeds.
 
-Command (the default: the ``compare`` preset, seeds 0 and 1, about 5 min per run on 2 cores,
-so ~40 min for the 8 runs)::
+Command (the default: the ``compare`` preset, seeds 0 and 1, about 2 min per run on 2 cores,
+so ~16 min for the 8 runs)::
 
     python -m experiments.compare_heads                       # runs/compare/{results.json,.md}
     python -m experiments.compare_heads --update-readme       # also copy the table into README.md

@@ -22,8 +22,9 @@ run on another level (``--set difficulty=plain`` in ``experiments.train``) also 
 standard level in its summary.
 
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(about 11 min on 2 idle cores of an Intel Xeon, 14 min on an AMD EPYC, data generation
-included) plus under a minute for evaluation and figures.
+(8.3 min on 2 idle cores of the AMD EPYC of 2026-12-07 at 266 ms a step, data generation
+26 s; the step time differs by up to 2.6x between this project's 2-core machines, README) plus
+under a minute for evaluation and figures.
 """
 
 import json

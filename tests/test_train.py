@@ -270,9 +270,13 @@ def test_presets_and_overrides():
     assert cfg.difficulty == "standard" and get_preset("cpu64").difficulty == "standard"
     assert cfg.train_size >= cfg.steps * cfg.batch_size  # each training image seen once
     assert cfg.model.patch_norm  # without it the cpu budget stays at chance
-    # compare keeps the depth-4 recipe its table was measured with (fewer steps)
-    assert get_preset("compare").model == dataclasses.replace(get_preset("cpu").model, depth=4)
-    assert get_preset("compare").steps < cfg.steps
+    # compare is the cpu recipe with fewer steps, still one pass over fresh images
+    small = get_preset("compare")
+    assert small.model == get_preset("cpu").model and small.lr == cfg.lr
+    assert small.steps < cfg.steps and small.train_size >= small.steps * small.batch_size
+    long = get_preset("cpu_long")  # the longer CPU run: same family, wider, fresh images
+    assert long.model.conv_stem == cfg.model.conv_stem and long.model.width > cfg.model.width
+    assert long.steps > cfg.steps and long.train_size >= long.steps * long.batch_size
     from experiments.train import config_from_args
 
     args = ["--workdir", "w", "--pool", "cls", "--no-patch-norm"]
