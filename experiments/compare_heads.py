@@ -225,7 +225,12 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="compare", choices=sorted(PRESETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--pools", nargs="+", default=list(POOLS), choices=POOLS)
-    p.add_argument("--steps", type=int, help="override the preset's steps (for quick checks)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="override the preset's steps (for quick checks; the preset's training images are "
+        "kept, so more steps than train_size / batch_size see images twice)",
+    )
     p.add_argument("--data", choices=("bench", "synthetic"))
     p.add_argument("--difficulty", help="generator level (markov_attn.data.DIFFICULTIES)")
     p.add_argument("--out", default="runs/compare")

@@ -6,7 +6,9 @@
 #   A. the pre-registered heads test of issue #12 on the `clutter` level (README, "The cluttered
 #      setting"): cls, mean, map and tokenrank pooling x 5 seeds at the `cpu` recipe (1,800 x 128,
 #      depth 2, since 2026-12-07; on the CPU the 360-step `compare` budget stays at chance there),
-#      one process per head, the seeds one after another;
+#      one process per head, the seeds one after another (never timed on a GPU: with 1,800 steps
+#      a run since 2026-12-07, fewer seeds may finish inside TRAIN_S; the table counts the
+#      finished ones);
 #   B. the same 4 heads x 5 seeds on the `standard` level at the full `cpu` recipe (the CPU table
 #      uses the 360-step `compare` preset);
 #   C. the DiT `gpu` preset for as many steps as the time box allows (issues #14, #15), then the

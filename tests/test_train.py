@@ -276,6 +276,7 @@ def test_presets_and_overrides():
     assert small.steps < cfg.steps and small.train_size >= small.steps * small.batch_size
     long = get_preset("cpu_long")  # the longer CPU run: same family, wider, fresh images
     assert long.model.conv_stem == cfg.model.conv_stem and long.model.width > cfg.model.width
+    assert long.model.depth == cfg.model.depth and long.lr == cfg.lr
     assert long.steps > cfg.steps and long.train_size >= long.steps * long.batch_size
     from experiments.train import config_from_args
 
