@@ -219,15 +219,20 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
     A ``k`` that cuts a complex pair of a matrix has a zero gap there (the pair's two
     eigenvalues share one modulus). With ``skip_cuts`` such a ``k`` is also ruled out when it
     cuts a pair of any matrix (unless every ``k`` does): the rule for ``split="raise"``, where a
-    cut is an error. Without it the gaps alone decide: the rule for ``split="nan"``, where a cut
-    matrix gets NaN and the others keep their states (on a stack of metastable and
+    cut is an error. Without it the gaps decide, except that a ``k`` which cuts a pair of
+    every matrix is ruled out (unless every ``k`` does): the rule for ``split="nan"``, where a
+    cut matrix gets NaN and the others keep their states (on a stack of metastable and
     near-circulant heads the skipping rule is left with the odd ``k``, whose gaps are all at
-    the level of noise)."""
+    the level of noise). The exception matters where the gaps are noise: the moduli are
+    sorted for the gaps, while ``cuts`` are by position in the (partly converged) Schur order,
+    so on a chain with no gap (a nearly rank-one chain, whose Ritz values past the first are
+    rounding noise) the largest noise gap could fall on a cut and leave every matrix NaN."""
     mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
     mod = mod.reshape(-1, mod.shape[-1])
     gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
-    if cuts is not None and skip_cuts:
-        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi].any(axis=0)
+    if cuts is not None:
+        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi]
+        cut = cut.any(axis=0) if skip_cuts else cut.all(axis=0)
         gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
     return lo + xp.argmax(gaps)
 
@@ -718,9 +723,9 @@ def choose_k(eigenvalues, k_range=K_RANGE, cuts=None, skip_cuts=True) -> int:
     ``eigenvalues`` ``(..., m)`` are leading eigenvalues in decreasing modulus; over a batch the
     gaps are averaged, so one ``k`` serves the whole stack. ``cuts`` ``(..., m)`` flags where a
     complex pair starts; a ``k`` that would cut a pair of any matrix is skipped (unless every
-    ``k`` does); with ``skip_cuts=False`` (``split="nan"``) the gaps alone decide (a cut pair
-    has a zero gap in its matrix). Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to
-    ``m - 1``.
+    ``k`` does); with ``skip_cuts=False`` (``split="nan"``) the gaps decide (a cut pair has a
+    zero gap in its matrix) and only a ``k`` that cuts a pair of every matrix is skipped.
+    Host-side (NumPy); ``k`` ranges over ``k_range`` clipped to ``m - 1``.
     """
     eigenvalues = np.asarray(eigenvalues)
     lo, hi = int(k_range[0]), min(int(k_range[1]), eigenvalues.shape[-1] - 1)
@@ -768,8 +773,8 @@ def metastable_states(
     largest modulus gap :math:`|\lambda_k| - |\lambda_{k+1}|`, averaged over the batch: outputs
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
     each). With ``split="raise"`` it takes only a ``k`` that cuts no complex pair of any matrix
-    (unless every ``k`` does); with ``split="nan"`` the gaps alone decide (a cut pair has a zero
-    gap in its matrix, which then gets NaN). On a stack that mixes metastable heads with
+    (unless every ``k`` does); with ``split="nan"`` the gaps decide (a cut pair has a zero gap
+    in its matrix, which then gets NaN), among the ``k`` that leave at least one matrix uncut. On a stack that mixes metastable heads with
     near-circulant ones, whose eigenvalues come in pairs at every even ``k``, the first rule is
     left with gaps at the level of noise, the second finds the metastable heads' ``k``. The
     subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule

@@ -291,6 +291,14 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     )
     states_figure(np.asarray(loaded.unnormalize(x))[0], assign, chi, path=png, title=title)
     sizes = [int((assign == s).sum()) for s in range(k)]
+    if np.isnan(metastability):  # split="nan": k cuts a complex-conjugate pair (no real basis)
+        state_text = (
+            f"no states at k = {k}: it would split a complex-conjugate pair of the chain's "
+            "leading eigenvalues (choose another --states, or omit it to choose k by the "
+            "eigenvalue gap)"
+        )
+    else:
+        state_text = f"sizes {sizes}; metastability {metastability:.3f} of {k}"
     return {
         "image": str(img_path),
         "png": str(png),
@@ -300,8 +308,8 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
         "metastability": metastability,
         "converged": converged,
         "state_sizes": sizes,
-        "summary": f"{k} metastable states ({how}); sizes {sizes}; metastability "
-        f"{metastability:.3f} of {k}" + ("" if converged else "; the Schur basis did NOT converge"),
+        "summary": f"{k} metastable states ({how}); {state_text}"
+        + ("" if converged else "; the Schur basis did NOT converge"),
     }
 
 

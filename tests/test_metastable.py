@@ -271,6 +271,29 @@ def test_k_none_with_split_nan_counts_a_cut_as_no_gap(rng):
     cuts = np.concatenate([starts, np.zeros((4, 1), bool)], axis=1)
     assert ma._metastable.choose_k(ev, cuts=cuts, skip_cuts=False) == 4
     assert ma._metastable.choose_k(ev, cuts=cuts) % 2 == 1
+    # a k that cuts a pair of every matrix is skipped under split="nan" too: the circulant
+    # heads alone (4 cuts both) take their next-best gap, not an all-NaN k
+    alone = ma._metastable.choose_k(ev[2:], cuts=cuts[2:], skip_cuts=False)
+    assert not cuts[2:, alone - 1].all()
+    both = np.zeros((2, 12), bool)  # and with no cut anywhere the largest gap wins
+    assert ma._metastable.choose_k(ev[2:], cuts=both, skip_cuts=False) == ma._metastable.choose_k(
+        ev[2:], skip_cuts=False
+    )
+
+
+def test_k_none_never_cuts_every_matrix_of_a_rank_one_chain():
+    """A nearly rank-one chain (every row almost the same distribution) has no gap after its
+    first eigenvalue: its Ritz values past the first are rounding noise, and their complex pairs
+    fall anywhere. k=None with split="nan" must still return states for it (the CLI's
+    ``--method metastable`` on an untrained model's attention)."""
+    rng = np.random.default_rng(5)
+    for seed in range(6):
+        row = rng.dirichlet(np.ones(16))
+        a = row + 1e-4 * np.random.default_rng(seed).random((16, 16))
+        a = (a / a.sum(-1, keepdims=True)).astype(np.float32)
+        ms = ma.metastable_states(a, k_range=(2, 10), split="nan")
+        assert np.isfinite(float(ms.metastability)), seed
+        assert np.asarray(ms.assignment).min() >= 0
 
 
 def test_coarse_is_differentiable_at_fixed_memberships(rng):
