@@ -774,9 +774,10 @@ def metastable_states(
     need one static shape, so the whole stack gets the same ``k`` (call per matrix for a ``k``
     each). With ``split="raise"`` it takes only a ``k`` that cuts no complex pair of any matrix
     (unless every ``k`` does); with ``split="nan"`` the gaps decide (a cut pair has a zero gap
-    in its matrix, which then gets NaN), among the ``k`` that leave at least one matrix uncut. On a stack that mixes metastable heads with
-    near-circulant ones, whose eigenvalues come in pairs at every even ``k``, the first rule is
-    left with gaps at the level of noise, the second finds the metastable heads' ``k``. The
+    in its matrix, which then gets NaN), among the ``k`` that leave at least one matrix uncut.
+    On a stack that mixes metastable heads with near-circulant ones, whose eigenvalues come in
+    pairs at every even ``k``, the first rule is left with gaps at the level of noise, the
+    second finds the metastable heads' ``k``. The
     subspace iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule
     picks from the current Ritz values has converged, or stalled, in every matrix) and G-PCCA
     uses the leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU
