@@ -783,10 +783,13 @@ def metastable_states(
     uses the leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU
     a large batch iterates in cache-sized chunks, each picking its
     ``k`` over its own members; if one picked another ``k`` than the whole batch, the batch is
-    iterated again for the batch's ``k`` (``products`` counts both runs). It needs concrete values
-    and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for
-    a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex pair in
-    half raises eagerly; under ``jit`` that matrix gets NaN memberships and ``converged = False``.
+    iterated again for the batch's ``k`` (``products`` counts both runs; that fresh iteration's
+    Ritz values can differ from the ones the ``k`` was chosen on, so on chains without a gap
+    the ``k`` may then cut a pair of every matrix, NaN under ``split="nan"``). It needs concrete
+    values and so raises under ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry,
+    near 0 for a good ``k``) and ``crispness`` help compare choices. A ``k`` that cuts a complex
+    pair in half raises eagerly; under ``jit`` that matrix gets NaN memberships and
+    ``converged = False``.
 
     Differentiability: memberships, assignment and the ISA vertex choice are held fixed
     (``stop_gradient``; argmax and the vertex search are piecewise constant). ``coarse`` and

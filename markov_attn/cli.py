@@ -292,11 +292,16 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     states_figure(np.asarray(loaded.unnormalize(x))[0], assign, chi, path=png, title=title)
     sizes = [int((assign == s).sum()) for s in range(k)]
     if np.isnan(metastability):  # split="nan": k cuts a complex-conjugate pair (no real basis)
+        fix = (
+            "choose another --states, or omit it to choose k by the eigenvalue gap"
+            if args.states is not None
+            else "pass --states to choose k yourself"
+        )
         state_text = (
             f"no states at k = {k}: it would split a complex-conjugate pair of the chain's "
-            "leading eigenvalues (choose another --states, or omit it to choose k by the "
-            "eigenvalue gap)"
+            f"leading eigenvalues ({fix})"
         )
+        metastability = None  # null in stats.json (NaN is not JSON)
     else:
         state_text = f"sizes {sizes}; metastability {metastability:.3f} of {k}"
     return {
