@@ -177,6 +177,25 @@ def cpu_long() -> DiTTrainConfig:
     )
 
 
+def cpu_tokens() -> DiTTrainConfig:
+    """The ``cpu`` run with the label only in its tokens (``DiTConfig(label_adaln=False)``).
+
+    Command: ``python -m experiments.train_dit --preset cpu_tokens --workdir runs/dit_cpu_tokens``.
+    Why: with ``c = t_emb + y_emb`` every block's modulation already carries the class, so the
+    model need not read it through the label tokens' attention, and the label-token maps of
+    issue #15 need not be about the class. Here the class can reach the image only through
+    the joint attention. A checkpoint is kept every 200 steps for the label-use curve
+    (``python -m experiments.label_use``).
+    """
+    return dataclasses.replace(
+        cpu(),
+        model=dataclasses.replace(cpu().model, label_adaln=False),
+        name="cpu_tokens",
+        ckpt_every=200,
+        keep_checkpoints=6,
+    )
+
+
 def gpu() -> DiTTrainConfig:
     """A longer run for an accelerator: D=256, depth 8, 8 heads, patch 4 (the same 8×8 grid
     that SAG reads), batch 256.
@@ -201,7 +220,14 @@ def gpu() -> DiTTrainConfig:
     )
 
 
-PRESETS = {"smoke": smoke, "quick": quick, "cpu": cpu, "cpu_long": cpu_long, "gpu": gpu}
+PRESETS = {
+    "smoke": smoke,
+    "quick": quick,
+    "cpu": cpu,
+    "cpu_long": cpu_long,
+    "cpu_tokens": cpu_tokens,
+    "gpu": gpu,
+}
 
 
 def get_preset(name: str, /, **overrides) -> DiTTrainConfig:

@@ -202,9 +202,10 @@ def _diff(a: dict, b: dict, ci: dict, key: str) -> str:
     return f"{100 * (a[key] - b[key]):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
-def table(res: dict) -> str:
+def table(res: dict, block: str = "") -> str:
     """Per noise level and map family, the best layer / heads / map with intervals, and the
-    paired differences against the one-step label row and the wrong-label control."""
+    paired differences against the one-step label row and the wrong-label control; ``block``
+    (e.g. ``" --block NAME"``) ends the command line that the note gives."""
     lines = [
         "| t | best map of its family (layer, heads) | mIoU | mAP | − label row (mIoU) "
         "| − wrong label (mIoU) |",
@@ -237,7 +238,8 @@ def table(res: dict) -> str:
         "one-step label row of the same t (first row of each block); the wrong-label control "
         "is run for the chosen maps only. "
         f"Total {res['total_s']:.0f} s on {res['backend']}. Command: "
-        f"`python -m experiments.label_bounce --workdir {res['workdir']} --update-readme`.",
+        f"`python -m experiments.label_bounce --workdir {res['workdir']} --update-readme"
+        f"{block}`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -248,14 +250,16 @@ def main(argv=None) -> int:
     p.add_argument("--n-images", type=int, default=1000)
     p.add_argument("--out", default=None, help="default: <workdir>/label_bounce")
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    p.add_argument("--block", default="label-bounce", help="the README block to replace")
     a = p.parse_args(argv)
     res = evaluate(a.workdir, n_images=a.n_images)
     out = pathlib.Path(a.out or pathlib.Path(a.workdir) / "label_bounce")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=list))
-    md = table(res)
+    block = "" if a.block == "label-bounce" else f" --block {a.block}"
+    md = table(res, block)
     (out / "results.md").write_text(md)
-    publish(md, a.update_readme, "label-bounce")
+    publish(md, a.update_readme, a.block)
     return 0
 
 

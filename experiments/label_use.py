@@ -8,7 +8,10 @@ and every checkpoint), and the EMA model predicts ``ε`` three times: with the i
 label dropout trains). A model that reads its label predicts better with the true one:
 ``gain = L(wrong) − L(true) > 0``, reported relative to ``L(true)`` with a percentile bootstrap
 interval over images (paired: the same images, noise and ``t`` in both terms). Read at every
-kept checkpoint of a run, this is the curve of label use over training.
+kept checkpoint of a run, this is the curve of label use over training. On the benchmark the
+label can only help where the object is (the photo behind it is the same for every class), so
+the gain is also given over the object's pixels alone (the exact masks; a tenth to a sixth of
+the image), where a whole-image average would dilute it.
 
 Command::
 
@@ -32,10 +35,14 @@ LEVELS = (100, 300, 500, 800)
 CONDITIONS = ("true", "wrong", "null")
 
 
-def losses(model, cfg, images, labels, *, levels=LEVELS, batch_size=100, seed=0) -> dict:
+def losses(
+    model, cfg, images, labels, *, masks=None, levels=LEVELS, batch_size=100, seed=0
+) -> dict:
     """Per-image denoising losses ``{condition: (n_images, len(levels))}`` of ``model``
     (a :class:`markov_attn.nn.DiT`, or any ``(x_t, t, y) -> (eps, aux)``) on ``images``
-    ``(n, H, W, 3)``: uint8 (as in training) or floats in ``[0, 1]``."""
+    ``(n, H, W, 3)``: uint8 (as in training) or floats in ``[0, 1]``. With ``masks``
+    ``(n, H, W)`` bool (the objects), also ``{condition + "_object": ...}``: the loss over the
+    mask's pixels only (NaN for an empty mask)."""
     from flax import nnx
 
     images = np.asarray(images)
@@ -45,29 +52,38 @@ def losses(model, cfg, images, labels, *, levels=LEVELS, batch_size=100, seed=0)
     if max(levels) >= cfg.num_timesteps or min(levels) < 0:
         raise ValueError(f"levels must lie in [0, {cfg.num_timesteps}), got {tuple(levels)}")
     noise = np.asarray(jax.random.normal(jax.random.key(seed), x0.shape), np.float32)
+    weights = np.ones(x0.shape[:3], np.float32) if masks is None else np.asarray(masks, np.float32)
+    if weights.shape != x0.shape[:3]:
+        raise ValueError(f"masks must have shape {x0.shape[:3]}, got {weights.shape}")
+    keys = [*CONDITIONS, *(f"{c}_object" for c in CONDITIONS if masks is not None)]
     if isinstance(model, nnx.Module):  # weights as arguments: one program for every checkpoint
         graphdef, state = nnx.split(model)
         fn = _per_image(graphdef, cfg)
     else:
         state, fn = None, jax.jit(lambda _, *a: _per_image_body(model, cfg, *a))
-    out = {c: np.zeros((len(labels), len(levels)), np.float64) for c in CONDITIONS}
+    out = {c: np.zeros((len(labels), len(levels)), np.float64) for c in keys}
     for j, level in enumerate(levels):
         for s in range(0, len(labels), batch_size):
             sl = slice(s, s + batch_size)
             t = jnp.full((len(labels[sl]),), level, jnp.int32)
-            got = fn(state, x0[sl], noise[sl], t, labels[sl])
-            for c in CONDITIONS:
+            got = fn(state, x0[sl], noise[sl], t, labels[sl], weights[sl])
+            for c in keys:
                 out[c][sl, j] = np.asarray(got[c])
     return out
 
 
-def _per_image_body(model, cfg, x0, eps, t, y):
+def _per_image_body(model, cfg, x0, eps, t, y, w):
     from markov_attn.nn import q_sample
 
     xt = q_sample(x0, t, eps, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)
     k = cfg.model.num_classes
     ys = {"true": y, "wrong": (y + 1) % k, "null": jnp.full_like(y, cfg.model.null_label)}
-    return {c: jnp.mean((model(xt, t, ys[c])[0] - eps) ** 2, axis=(1, 2, 3)) for c in ys}
+    out = {}
+    for c, label in ys.items():
+        err = jnp.mean((model(xt, t, label)[0] - eps) ** 2, axis=-1)  # (b, H, W)
+        out[c] = jnp.mean(err, axis=(1, 2))
+        out[c + "_object"] = jnp.sum(err * w, axis=(1, 2)) / jnp.sum(w, axis=(1, 2))
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,8 +105,22 @@ def _gain(a, b, ref, *, n_resamples=1000, seed=0):
 
 def summarise(step: int, per: dict, levels=LEVELS) -> dict:
     """One checkpoint's row: mean losses, and the relative gains of the true label over the
-    wrong and the null one (all levels, and per level)."""
+    wrong and the null one (all levels, and per level); with the object losses of
+    :func:`losses` also the gains over the objects' pixels (images with an object)."""
     true, wrong, null = (per[c] for c in CONDITIONS)
+    extra = {}
+    if "true_object" in per:
+        ok = ~np.isnan(per["true_object"]).any(axis=1)
+        t_o, w_o, n_o = (per[c + "_object"][ok].mean(1) for c in CONDITIONS)
+        extra = {
+            "loss_object": {
+                "true": float(t_o.mean()),
+                "wrong": float(w_o.mean()),
+                "null": float(n_o.mean()),
+            },
+            "gain_wrong_object": _gain(w_o, t_o, t_o),
+            "gain_null_object": _gain(n_o, t_o, t_o),
+        }
     return {
         "step": step,
         "loss": {c: float(np.mean(per[c])) for c in CONDITIONS},
@@ -99,6 +129,7 @@ def summarise(step: int, per: dict, levels=LEVELS) -> dict:
         "gain_wrong_by_t": {
             str(t): _gain(wrong[:, j], true[:, j], true[:, j]) for j, t in enumerate(levels)
         },
+        **extra,
     }
 
 
@@ -119,13 +150,14 @@ def evaluate(workdir, *, steps=None, n_images=1000, levels=LEVELS, seed=0) -> di
             raise ValueError(f"steps {missing} are not kept in {workdir}; kept: {kept}")
         steps = sorted(steps or kept)
         cfg = config_from_dict(ck.read_meta(step=steps[-1])["config"])
-    test = load_split(cfg, "test", n_images)
+    test = load_split(cfg, "test", n_images, masks=True)
     images, labels = test["images"], np.asarray(test["labels"], np.int32)
+    masks = test.get("masks")
     rows = []
     for step in steps:
         t0 = time.perf_counter()
         model, _ = load_dit(workdir, step=step)
-        per = losses(model, cfg, images, labels, levels=levels, seed=seed)
+        per = losses(model, cfg, images, labels, masks=masks, levels=levels, seed=seed)
         rows.append({**summarise(step, per, levels), "seconds": time.perf_counter() - t0})
         g = rows[-1]["gain_wrong"]
         print(f"step {step}: L(wrong) - L(true) = {g[0]:+.3f} % [{g[1]:+.3f}, {g[2]:+.3f}]")
@@ -151,13 +183,22 @@ def table(res: dict, command: str) -> str:
         + " | ".join(f"wrong − true at t = {t}, %" for t in levels)
         + " |"
     )
-    lines = [head, "|" + "---|" * (4 + len(levels))]
+    obj = all("gain_wrong_object" in r for r in res["rows"])
+    if obj:
+        head += " object: L(true) | object: L(wrong) − L(true), % | object: L(null) − L(true), % |"
+    lines = [head, "|" + "---|" * (4 + len(levels) + 3 * obj)]
     for r in res["rows"]:
         by_t = " | ".join(_fmt(r["gain_wrong_by_t"][str(t)]) for t in levels)
-        lines.append(
+        line = (
             f"| {r['step']} | {r['loss']['true']:.4f} | {_fmt(r['gain_wrong'])} | "
             f"{_fmt(r['gain_null'])} | {by_t} |"
         )
+        if obj:
+            line += (
+                f" {r['loss_object']['true']:.4f} | {_fmt(r['gain_wrong_object'])} | "
+                f"{_fmt(r['gain_null_object'])} |"
+            )
+        lines.append(line)
     note = (
         f"\nEMA weights of `{res['workdir']}` (preset `{res['preset']}`, {res['total_steps']} "
         f"steps in all) at each kept checkpoint; {res['n_images']} benchmark test images, each "
@@ -166,7 +207,13 @@ def table(res: dict, command: str) -> str:
         "Losses are the mean "
         "ε-MSE; differences are relative to L(true), with 95 % percentile bootstrap intervals "
         "over images (paired). Positive: the model predicts better with the true label. "
-        f"Command: `{command}`."
+        + (
+            "The object columns average the squared error over each image's object mask only "
+            "(the label cannot help on the photo behind it). "
+            if obj
+            else ""
+        )
+        + f"Command: `{command}`."
     )
     return "\n".join(lines) + "\n" + note
 
@@ -184,6 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, nargs="+", help="checkpoints to read (default: all kept)")
     p.add_argument("--n-images", type=_positive, default=1000)
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
+    p.add_argument("--block", default="label-use", help="the README block to replace")
     return p
 
 
@@ -201,7 +249,7 @@ def main(argv=None) -> int:
     print(f"wrote {out}")
     try:
         text = table(res, command_line("experiments.label_use", argv))
-        publish(text, a.update_readme, "label-use")
+        publish(text, a.update_readme, a.block)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,16 +52,18 @@ _FREE_FIELDS = ("name", "data_root", "test_size", "ckpt_every", "keep_checkpoint
                 "eval_batch_size")  # fmt: skip
 
 
-def load_split(cfg: DiTTrainConfig, split: str, n: int, /) -> dict:
+def load_split(cfg: DiTTrainConfig, split: str, n: int, /, *, masks: bool = False) -> dict:
     """``{"images", "labels"}`` of ``n`` images of ``split`` as the run trains on them: uint8 at
-    the model's size, from ``cfg.data`` (the benchmark under ``cfg.data_root``, or synthetic)."""
+    the model's size, from ``cfg.data`` (the benchmark under ``cfg.data_root``, or synthetic);
+    with ``masks=True`` also the benchmark's object masks ``"masks"`` (none for synthetic)."""
     size = cfg.model.image_size
     if cfg.data == "synthetic":
         return synthetic_data(n, size=size, seed=cfg.data_seed, split=split)
     from markov_attn.data import make_split
 
     d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root)
-    return {"images": _to_uint8(d["images"]), "labels": d["labels"].astype(np.int32)}
+    out = {"images": _to_uint8(d["images"]), "labels": d["labels"].astype(np.int32)}
+    return {**out, "masks": d["masks"]} if masks else out
 
 
 def load_data(cfg: DiTTrainConfig, /) -> dict:

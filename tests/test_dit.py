@@ -96,6 +96,22 @@ def test_labels_and_null_label_change_the_output(inputs):
     assert aux["attn"].shape[-1] == 19
 
 
+def test_without_label_adaln_the_label_enters_only_through_its_tokens(inputs):
+    model = _perturbed(_model(label_adaln=False))
+    assert not hasattr(model, "y_embed")
+    x, t, _ = inputs
+    y0, y1 = jnp.zeros((3,), jnp.int32), jnp.ones((3,), jnp.int32)
+    e0, e1 = (np.asarray(model(x, t, y)[0]) for y in (y0, y1))
+    assert np.abs(e0 - e1).max() > 1e-4  # the label still matters ...
+    tokens = model.label_tokens[...]
+    model.label_tokens[...] = tokens.at[1].set(tokens[0])  # ... but only through its tokens
+    np.testing.assert_array_equal(np.asarray(model(x, t, y1)[0]), e0)
+    # with adaLN the same equal tokens still leave the two labels apart (y_embed differs)
+    ada = _perturbed(_model())
+    ada.label_tokens[...] = ada.label_tokens[...].at[1].set(ada.label_tokens[...][0])
+    assert np.abs(np.asarray(ada(x, t, y0)[0]) - np.asarray(ada(x, t, y1)[0])).max() > 1e-4
+
+
 def test_attention_is_sown_under_capture(inputs):
     model = _perturbed(_model())
     (_, aux), sown = nnx.capture(model, nnx.Intermediate)(*inputs)

@@ -58,6 +58,44 @@ def test_a_model_blind_to_its_label_has_no_gain_and_one_that_reads_it_has():
     assert row["gain_wrong"][1] > 0 and row["gain_null"][1] > row["gain_wrong"][2]
 
 
+def test_object_losses_average_over_the_mask_only():
+    """The object loss is the squared error averaged over the mask's pixels; a model that errs
+    only on the object with a wrong label shows a larger relative gain there than over the
+    whole image, and an image with an empty mask is left out of the object gains."""
+    images, labels = _images(n=8, seed=2)
+    masks = np.zeros((8, 32, 32), bool)
+    masks[:, 8:16, 10:20] = True  # 80 of 1024 pixels
+    masks[3] = False  # no object
+    blind = lambda x, t, y: (0.5 * x, None)
+    per = lu.losses(blind, SMOKE, images, labels, masks=masks, levels=(100, 700), batch_size=4)
+    assert set(per) == {"true", "wrong", "null", "true_object", "wrong_object", "null_object"}
+    import jax
+
+    from markov_attn.nn import q_sample
+
+    x0 = images * 2.0 - 1.0
+    eps = np.asarray(jax.random.normal(jax.random.key(0), x0.shape))
+    xt = np.asarray(q_sample(x0, jnp.full((8,), 700), eps, schedule=SMOKE.schedule))
+    err = np.mean((0.5 * xt - eps) ** 2, axis=-1)
+    want = np.array([e[m].mean() if m.any() else np.nan for e, m in zip(err, masks)])
+    np.testing.assert_allclose(per["true_object"][:, 1], want, rtol=1e-5)
+    assert np.isnan(per["true_object"][3]).all()
+
+    def object_only(x, t, y):  # a wrong label adds an error of 1 on the object's pixels
+        wrong = (y != labels[: len(y)])[:, None, None, None] & masks[: len(y), :, :, None]
+        return eps[: len(y)] * 0 + 0.1 + wrong, None
+
+    row = lu.summarise(0, lu.losses(object_only, SMOKE, images, labels, masks=masks, batch_size=8))
+    assert np.isfinite(row["gain_wrong_object"]).all()
+    assert row["gain_wrong_object"][0] > 5 * row["gain_wrong"][0] > 0
+    assert row["gain_null_object"][0] > 0  # the null label is not the true one either
+    text = lu.table({"levels": list(lu.LEVELS), "rows": [row], "workdir": "w", "preset": "p",
+                     "total_steps": 1, "n_images": 8, "num_classes": 10}, "cmd")  # fmt: skip
+    assert "object: L(wrong) − L(true), %" in text and "object mask only" in text
+    with pytest.raises(ValueError, match="masks must have shape"):
+        lu.losses(blind, SMOKE, images, labels, masks=masks[:, :16])
+
+
 def test_gains_are_relative_paired_differences():
     """Point values are mean differences over mean L(true), in %; the interval resamples the
     images of both together, so with a constant difference only the denominator varies."""

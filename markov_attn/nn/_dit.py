@@ -2,8 +2,10 @@
 
 Two token streams share one softmax: ``n_label`` label tokens followed by the image patches
 (``[label | image]``, FLUX order). Each stream has its own adaLN-zero modulation, QKV and output
-projections and MLP (SD3's joint block), all conditioned on ``c = t_emb + y_emb`` (DiT). The
-attention probabilities of every block are returned explicitly, like the :class:`ViT`'s.
+projections and MLP (SD3's joint block), all conditioned on ``c = t_emb + y_emb`` (DiT; or on
+``c = t_emb`` alone with ``DiTConfig(label_adaln=False)``, the label then entering only through
+its tokens). The attention probabilities of every block are returned explicitly, like the
+:class:`ViT`'s.
 """
 
 import dataclasses
@@ -38,6 +40,11 @@ class DiTConfig:
       n_label: label tokens placed before the image tokens in the joint sequence (``L``).
       single_stream: share every weight between the label and the image stream (an ablation;
         the default gives each stream its own modulation, projections and MLP, as SD3).
+      label_adaln: add the label embedding to the adaLN conditioning, ``c = t_emb + y_emb``
+        (DiT; the default). ``False`` gives ``c = t_emb`` and no ``y_embed`` table: the label
+        reaches the image tokens only through the label tokens in the joint attention, so
+        whatever the model reads of its class passes through the attention chain (as the
+        text tokens' content does in FLUX / SD3; issue #15's label-token maps).
       freq_dim: size of the sinusoidal timestep features.
       norm_eps: LayerNorm epsilon.
       dtype: computation dtype (``None`` = from the inputs). The softmax runs in float32.
@@ -54,6 +61,7 @@ class DiTConfig:
     num_classes: int = 10
     n_label: int = 4
     single_stream: bool = False
+    label_adaln: bool = True
     freq_dim: int = 256
     norm_eps: float = 1e-6
     dtype: object = None
@@ -225,7 +233,8 @@ class DiT(nnx.Module):
     The joint sequence is ``[L label tokens | N image tokens]`` (``L = cfg.n_label``, image
     tokens row-major over the ``grid × grid`` patches, with fixed 2-D sin-cos position
     embeddings). The label tokens come from a ``(K+1, L, D)`` table and the conditioning vector
-    is ``c = t_emb + y_emb`` with ``y_emb`` from a ``(K+1, D)`` table; row ``K`` (the null label,
+    is ``c = t_emb + y_emb`` with ``y_emb`` from a ``(K+1, D)`` table (``c = t_emb`` with
+    ``cfg.label_adaln=False``); row ``K`` (the null label,
     ``cfg.null_label``) serves unconditional sampling and label dropout. adaLN-zero
     initialisation makes every block an identity and the output exactly 0 at initialisation.
     The network predicts the noise ``ε``.
@@ -258,7 +267,8 @@ class DiT(nnx.Module):
         self.t_fc1 = _linear(cfg, cfg.freq_dim, d, rngs)
         self.t_fc2 = _linear(cfg, d, d, rngs)
         std = nnx.initializers.normal(0.02)
-        self.y_embed = nnx.Param(std(rngs.params(), (k + 1, d), cfg.param_dtype))
+        if cfg.label_adaln:
+            self.y_embed = nnx.Param(std(rngs.params(), (k + 1, d), cfg.param_dtype))
         self.label_tokens = nnx.Param(std(rngs.params(), (k + 1, cfg.n_label, d), cfg.param_dtype))
         self.blocks = nnx.List([JointBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.final_norm = _norm(cfg, rngs)
@@ -309,7 +319,7 @@ class DiT(nnx.Module):
         img = self.patch_embed(self.patchify(x))
         img = img + jnp.asarray(sincos_pos_embed(cfg.width, cfg.grid))[None].astype(img.dtype)
         t_emb = self.t_fc2(jax.nn.silu(self.t_fc1(timestep_features(t, cfg.freq_dim))))
-        c = t_emb + self.y_embed[...][y]
+        c = t_emb + self.y_embed[...][y] if cfg.label_adaln else t_emb
         ctx = self.label_tokens[...][y].astype(img.dtype)
         attn = []
         for block in self.blocks:
