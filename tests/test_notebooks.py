@@ -25,6 +25,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     env.update(
         MARKOV_ATTN_NOTEBOOK_SMOKE="1",
         MARKOV_ATTN_RUN=str(tmp_path / "no_checkpoint"),  # always the smoke preset
+        MARKOV_ATTN_DIT_RUN=str(tmp_path / "no_dit_checkpoint"),  # the smoke DiT, trained there
         MARKOV_ATTN_NOTEBOOK_OUT=str(tmp_path),
         MPLBACKEND="Agg",
         PYTHONPATH=str(ROOT),
@@ -46,3 +47,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
         for name in ("bounces.png", "lambda2_heads.png", "segmentation.png"):
             assert (tmp_path / name).stat().st_size > 0, name
         assert "oracle" in proc.stdout
+    if path.stem == "states_and_guidance":
+        for name in ("eigenvalues.png", "states.png", "sag.png", "label_bounce.png"):
+            assert (tmp_path / name).stat().st_size > 0, name
+        assert "metastability" in proc.stdout and "wrong label" in proc.stdout
