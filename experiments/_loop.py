@@ -57,7 +57,8 @@ def check_same_run(
       current: the config dict of the run now (:func:`markov_attn.nn.config_to_dict`).
       workdir: the run directory (named in the message).
       free_fields: fields a resumed run may change (they do not change the trajectory).
-      assumed: values of fields that runs written before the field existed did not store.
+      assumed: values of fields that runs written before the field existed did not store; a
+        mapping value fills the missing keys of a nested config (``{"model": {"field": v}}``).
 
     Raises:
       ValueError: naming the first differing field (in sorted order) and both values.
@@ -67,6 +68,8 @@ def check_same_run(
         if key in free_fields:
             continue
         old = stored[key] if key in stored else assumed.get(key)
+        if isinstance(old, Mapping) and isinstance(assumed.get(key), Mapping):
+            old = {**assumed[key], **old}  # nested fields older runs did not store
         if old != current.get(key):
             raise ValueError(
                 f"{workdir} holds a checkpoint of a different run ({key}: stored "

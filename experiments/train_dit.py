@@ -201,6 +201,7 @@ def train_and_evaluate(
         cfg,
         workdir,
         free_fields=_FREE_FIELDS,
+        assumed={"model": {"label_adaln": True}},  # runs from before the option existed
         stop_after=stop_after,
         on_step=on_step,
         progress={"desc": f"dit/{cfg.name}"} if progress else None,

@@ -143,16 +143,19 @@ print("figure:", OUT / "states.png")
 
 # %%
 from experiments.dit_configs import get_preset as dit_preset
-from experiments.train_dit import load_dit
+from experiments.train_dit import load_dit, load_split
 from experiments.train_dit import train_and_evaluate as train_dit
-from markov_attn.data import make_split
 from markov_attn.nn import ddim_sample, q_sample, sag_mask
 
+dit = None
 if (DIT_RUN / "checkpoints").is_dir():
-    dit, dcfg = load_dit(DIT_RUN)
-    source = str(DIT_RUN)
-else:
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="states_dit_"))
+    try:
+        dit, dcfg = load_dit(DIT_RUN)  # its latest kept checkpoint (EMA weights)
+        source = f"{DIT_RUN} (latest checkpoint; preset {dcfg.name}, {dcfg.steps} steps planned)"
+    except FileNotFoundError:  # a run that has not written its first checkpoint yet
+        print(f"{DIT_RUN} has no checkpoint yet")
+if dit is None:
+    workdir = OUT / "smoke_dit"
     train_dit(dit_preset("smoke"), workdir, progress=False)
     dit, dcfg = load_dit(workdir)
     source = f"smoke preset trained in {workdir}"
@@ -160,8 +163,9 @@ L, depth = dcfg.model.n_label, dcfg.model.depth
 dgrid = dcfg.model.grid
 print(f"DiT from {source}: depth {depth}, {L} label tokens, {dgrid}x{dgrid} image tokens")
 
-test = make_split("test", N_IMAGES, size=dcfg.model.image_size, seed=dcfg.data_seed)
-x0 = jnp.asarray(test["images"] * 2.0 - 1.0)
+test = load_split(dcfg, "test", N_IMAGES, masks=True)  # uint8, as the run was trained on
+images = test["images"] / 255.0
+x0 = jnp.asarray(images * 2.0 - 1.0, jnp.float32)
 t = jnp.full((N_IMAGES,), 500)
 eps = jax.random.normal(jax.random.key(0), x0.shape)
 xt = q_sample(x0, t, eps, schedule=dcfg.schedule, num_timesteps=dcfg.num_timesteps)
@@ -180,9 +184,12 @@ print(f"agreement of the two masks (IoU): {both.sum() / max(either.sum(), 1):.2f
 # %%
 steps = 4 if SMOKE else 50
 null = jnp.full((8,), dcfg.model.null_label)
-rows = {"no guidance": ddim_sample(dit, null, steps=steps, seed=0)}
+sched = {"schedule": dcfg.schedule, "num_timesteps": dcfg.num_timesteps}
+rows = {"no guidance": ddim_sample(dit, null, steps=steps, seed=0, **sched)}
 for kind in ("column_sum", "tokenrank"):
-    rows[f"SAG, {kind}"] = ddim_sample(dit, null, steps=steps, seed=0, sag=kind, sag_scale=0.75)
+    rows[f"SAG, {kind}"] = ddim_sample(
+        dit, null, steps=steps, seed=0, sag=kind, sag_scale=0.75, **sched
+    )
 fig, axes = plt.subplots(len(rows) + 2, 8, figsize=(8 * 1.2, (len(rows) + 2) * 1.3))
 for j in range(8):
     for r, (name, imgs) in enumerate(rows.items()):
@@ -194,14 +201,16 @@ for j in range(8):
             continue
         rep = dcfg.model.image_size // dgrid
         up = np.kron(masks[kind][j].reshape(dgrid, dgrid), np.ones((rep, rep)))[..., None]
-        axes[r, j].imshow(test["images"][j] * (0.35 + 0.65 * up))  # dimmed outside the mask
+        axes[r, j].imshow(images[j] * (0.35 + 0.65 * up))  # dimmed outside the mask
         if j == 0:
-            axes[r, j].set_title(f"{kind} mask (t = 500)", fontsize=7, loc="left")
+            title = f"{kind} mask: test image at t = 500, true label"
+            axes[r, j].set_title(title, fontsize=7, loc="left")
 for a in axes.ravel():
     a.set_axis_off()
 fig.tight_layout()
 fig.savefig(OUT / "sag.png", dpi=90)
 print("figure:", OUT / "sag.png", f"({steps} DDIM steps, unconditional, the same seed per column)")
+print("(the mask rows show the masks of the forward pass above, not those of the samples)")
 
 # %% [markdown]
 # ## 3. Bounces from the label tokens
@@ -232,7 +241,7 @@ for n in range(true_maps.shape[1]):
     print(f"n = {n + 1}: mIoU true label {r_true['miou']:.3f}, wrong label {r_wrong['miou']:.3f}")
 fig, axes = plt.subplots(3, N_IMAGES, figsize=(N_IMAGES * 1.6, 5), squeeze=False)
 for j in range(N_IMAGES):
-    axes[0, j].imshow(test["images"][j])
+    axes[0, j].imshow(images[j])
     axes[1, j].imshow(true_maps[j, 0], cmap="inferno")
     axes[2, j].imshow(wrong_maps[j, 0], cmap="inferno")
 axes[0, 0].set_title("noised at t = 500 (shown clean)", fontsize=7, loc="left")

@@ -97,8 +97,14 @@ def test_labels_and_null_label_change_the_output(inputs):
 
 
 def test_without_label_adaln_the_label_enters_only_through_its_tokens(inputs):
-    model = _perturbed(_model(label_adaln=False))
-    assert not hasattr(model, "y_embed")
+    plain = _model(label_adaln=False)
+    assert not hasattr(plain, "y_embed")
+    # every other weight starts as with the adaLN label (one seed, one draw order)
+    ref = _model()
+    np.testing.assert_array_equal(plain.label_tokens[...], ref.label_tokens[...])
+    np.testing.assert_array_equal(plain.blocks[-1].attn.qkv.kernel[...],
+                                  ref.blocks[-1].attn.qkv.kernel[...])  # fmt: skip
+    model = _perturbed(plain)
     x, t, _ = inputs
     y0, y1 = jnp.zeros((3,), jnp.int32), jnp.ones((3,), jnp.int32)
     e0, e1 = (np.asarray(model(x, t, y)[0]) for y in (y0, y1))

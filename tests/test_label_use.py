@@ -64,7 +64,8 @@ def test_object_losses_average_over_the_mask_only():
     whole image, and an image with an empty mask is left out of the object gains."""
     images, labels = _images(n=8, seed=2)
     masks = np.zeros((8, 32, 32), bool)
-    masks[:, 8:16, 10:20] = True  # 80 of 1024 pixels
+    for i in range(8):  # a different box per image (a misaligned batch slice would show)
+        masks[i, 2 * i : 2 * i + 9, 3 * i : 3 * i + 7] = True
     masks[3] = False  # no object
     blind = lambda x, t, y: (0.5 * x, None)
     per = lu.losses(blind, SMOKE, images, labels, masks=masks, levels=(100, 700), batch_size=4)
@@ -92,6 +93,8 @@ def test_object_losses_average_over_the_mask_only():
     text = lu.table({"levels": list(lu.LEVELS), "rows": [row], "workdir": "w", "preset": "p",
                      "total_steps": 1, "n_images": 8, "num_classes": 10}, "cmd")  # fmt: skip
     assert "object: L(wrong) − L(true), %" in text and "object mask only" in text
+    empty = {k: v * np.nan if k.endswith("_object") else v for k, v in per.items()}
+    assert "gain_wrong_object" not in lu.summarise(0, empty, (100, 700))  # no image has one
     with pytest.raises(ValueError, match="masks must have shape"):
         lu.losses(blind, SMOKE, images, labels, masks=masks[:, :16])
 

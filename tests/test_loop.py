@@ -90,6 +90,16 @@ def test_resume_check_names_the_differing_field(tmp_path):
     check_same_run(stored, {**stored, "level": "std"}, tmp_path, assumed={"level": "std"})
     with pytest.raises(ValueError, match=r"level: stored 'std', now 'plain'"):
         check_same_run(stored, {**stored, "level": "plain"}, tmp_path, assumed={"level": "std"})
+    # a nested field (a model option added later): the old run's model dict lacks it
+    old = {**stored, "model": {"width": 8}}
+    assumed = {"model": {"label_adaln": True}}
+    new = {**stored, "model": {"width": 8, "label_adaln": True}}
+    with pytest.raises(ValueError, match="model: stored"):
+        check_same_run(old, new, tmp_path)  # without the assumption: a different run
+    check_same_run(old, new, tmp_path, assumed=assumed)
+    with pytest.raises(ValueError, match="model: stored"):
+        off = {**stored, "model": {"width": 8, "label_adaln": False}}
+        check_same_run(old, off, tmp_path, assumed=assumed)
 
 
 def test_truncate_metrics_drops_later_and_final_lines(tmp_path):

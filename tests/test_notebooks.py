@@ -11,9 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 
 
-def test_tour_is_a_percent_format_notebook():
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_a_percent_format_notebook(path):
     jupytext = pytest.importorskip("jupytext")
-    nb = jupytext.read(ROOT / "notebooks" / "tour.py")
+    nb = jupytext.read(path)
     kinds = [c.cell_type for c in nb.cells]
     assert kinds.count("markdown") >= 4 and kinds.count("code") >= 6
 
@@ -25,7 +26,7 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path):
     env.update(
         MARKOV_ATTN_NOTEBOOK_SMOKE="1",
         MARKOV_ATTN_RUN=str(tmp_path / "no_checkpoint"),  # always the smoke preset
-        MARKOV_ATTN_DIT_RUN=str(tmp_path / "no_dit_checkpoint"),  # the smoke DiT, trained there
+        MARKOV_ATTN_DIT_RUN=str(tmp_path / "no_dit_checkpoint"),  # always the smoke DiT
         MARKOV_ATTN_NOTEBOOK_OUT=str(tmp_path),
         MPLBACKEND="Agg",
         PYTHONPATH=str(ROOT),

@@ -43,8 +43,10 @@ class DiTConfig:
       label_adaln: add the label embedding to the adaLN conditioning, ``c = t_emb + y_emb``
         (DiT; the default). ``False`` gives ``c = t_emb`` and no ``y_embed`` table: the label
         reaches the image tokens only through the label tokens in the joint attention, so
-        whatever the model reads of its class passes through the attention chain (as the
-        text tokens' content does in FLUX / SD3; issue #15's label-token maps).
+        whatever the model reads of its class passes through the attention chain (issue #15's
+        label-token maps). FLUX and SD3 do both: a pooled text vector in the modulation, the
+        per-token text content through the joint attention; the default is the closer analogue.
+        Both settings initialise every other weight alike (same seed, same values).
       freq_dim: size of the sinusoidal timestep features.
       norm_eps: LayerNorm epsilon.
       dtype: computation dtype (``None`` = from the inputs). The softmax runs in float32.
@@ -267,8 +269,9 @@ class DiT(nnx.Module):
         self.t_fc1 = _linear(cfg, cfg.freq_dim, d, rngs)
         self.t_fc2 = _linear(cfg, d, d, rngs)
         std = nnx.initializers.normal(0.02)
+        key = rngs.params()  # drawn either way: the other weights start as with label_adaln
         if cfg.label_adaln:
-            self.y_embed = nnx.Param(std(rngs.params(), (k + 1, d), cfg.param_dtype))
+            self.y_embed = nnx.Param(std(key, (k + 1, d), cfg.param_dtype))
         self.label_tokens = nnx.Param(std(rngs.params(), (k + 1, cfg.n_label, d), cfg.param_dtype))
         self.blocks = nnx.List([JointBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.final_norm = _norm(cfg, rngs)
