@@ -62,15 +62,18 @@ def run_all(
             cfg = override(base, pool=pool, seed=seed)
             workdir = out / f"{pool}_s{seed}"
             done = workdir / "summary.json"
+            s = None
             if done.exists():  # finished earlier: keep its numbers (timings included)
                 s = json.loads(done.read_text())
-                if s.get("steps") == cfg.steps and s.get("config", {}).get("steps") == cfg.steps:
-                    summaries.append(s)
-                    continue
-            if not train:
+                if s.get("steps") != cfg.steps or s.get("config", {}).get("steps") != cfg.steps:
+                    s = None
+            if s is None and not train:
                 print(f"not finished, left out: {workdir}", file=sys.stderr)
                 continue
-            summaries.append(train_and_evaluate(cfg, workdir, data=data, progress=progress))
+            if s is None:
+                s = train_and_evaluate(cfg, workdir, data=data, progress=progress)
+            at = left_chance_at(workdir / "metrics.jsonl", cfg.model.num_classes)
+            summaries.append({**s, "left_chance_at": at})
     return summaries
 
 
@@ -137,6 +140,24 @@ def _fmt_diff(d: dict | None) -> str:
     return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] ({d['pairs']})"
 
 
+CHANCE_MARGIN = 0.05  # a run has left chance once its test accuracy is 5 points above it
+
+
+def left_chance_at(metrics_path: str | pathlib.Path, num_classes: int, /) -> int | None:
+    """The first evaluation step of a run (``metrics.jsonl``) whose test accuracy is at least
+    ``1 / num_classes + CHANCE_MARGIN``, or ``None`` if no evaluation reached it (the run stayed
+    on the chance plateau)."""
+    path = pathlib.Path(metrics_path)
+    if not path.exists():
+        return None
+    level = 1.0 / num_classes + CHANCE_MARGIN
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if rec.get("split") == "test" and rec.get("test_acc", 0.0) >= level:
+            return int(rec["step"])
+    return None
+
+
 def aggregate(summaries: list[dict], /) -> list[dict]:
     """Per head: mean and standard deviation over seeds, the paired differences against CLS
     and mean pooling, and the step-time overhead over CLS."""
@@ -153,6 +174,8 @@ def aggregate(summaries: list[dict], /) -> list[dict]:
             "step_time_ms": ms, "step_time_ms_sd": ms_sd,
             "vs_cls": paired_difference(summaries, pool, "cls"),
             "vs_mean": paired_difference(summaries, pool, "mean"),
+            "per_seed": {s["seed"]: s["test_acc"] for s in runs},
+            "left_chance_at": {s["seed"]: s.get("left_chance_at") for s in runs},
         })  # fmt: skip
     cls = next((r for r in rows if r["pool"] == "cls"), None)
     for r in rows:
@@ -162,10 +185,12 @@ def aggregate(summaries: list[dict], /) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], /, *, meta: dict) -> str:
+def table(rows: list[dict], /, *, meta: dict, per_seed: bool = False) -> str:
     """The Markdown results table with the command and the setting it came from. With
     ``meta["interleaved"]`` (:func:`interleaved_step_times`) the overhead column is that
-    measurement; otherwise it compares the runs' own step times."""
+    measurement; otherwise it compares the runs' own step times. ``per_seed`` adds a second
+    table: each seed's test accuracy and the step at which the run left chance
+    (:func:`left_chance_at`)."""
     timing = meta.get("interleaved") or {}
     interleaved = timing.get("vs_cls", {})
     lines = [
@@ -194,12 +219,33 @@ def table(rows: list[dict], /, *, meta: dict) -> str:
             f"| {r['images_per_s']:.1f} ± {r['images_per_s_sd']:.1f} "
             f"| {r['step_time_ms']:.0f} ± {r['step_time_ms_sd']:.0f} | {ov} |"
         )
+    if per_seed:
+        seeds = meta["seeds"]
+        lines += [
+            "",
+            "| head | "
+            + " | ".join(f"seed {s}: test acc (left chance at step)" for s in seeds)
+            + " |",
+            "|---|" + "---|" * len(seeds),
+        ]
+        for r in rows:
+            cells = []
+            for seed in seeds:
+                acc = r["per_seed"].get(seed, r["per_seed"].get(str(seed)))
+                at = r["left_chance_at"].get(seed, r["left_chance_at"].get(str(seed)))
+                cells.append("—" if acc is None else f"{acc:.3f} ({'never' if at is None else at})")
+            lines.append(f"| {r['pool']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Command: `{meta['command']}`. Data: {meta.get('data', DATA_NOTES['bench'])} "
         "Step times and images/s are the runs' steady state (compilation and checkpoint "
         "writes excluded).",
     ]
+    if per_seed:
+        lines[-1] += (
+            f" A run has left chance at the first evaluation with a test accuracy of at least "
+            f"chance + {100 * CHANCE_MARGIN:.0f} points (never: it stayed on the plateau)."
+        )
     if interleaved:
         lines[-1] += (
             " The overhead column was timed separately, in one process with the heads' "
@@ -251,6 +297,11 @@ def main(argv=None) -> int:
         action="store_true",
         help="tabulate the finished runs only (e.g. runs trained elsewhere); train nothing",
     )
+    p.add_argument(
+        "--per-seed",
+        action="store_true",
+        help="also tabulate each seed's accuracy and the step at which it left chance",
+    )
     a = p.parse_args(argv)
     over = {"data": a.data, "difficulty": a.difficulty}
     if a.steps is not None:
@@ -292,7 +343,7 @@ def main(argv=None) -> int:
         meta["interleaved"] = interleaved_step_times(base, pools=a.pools, rounds=a.time_rounds)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = table(rows, meta=meta)
+    md = table(rows, meta=meta, per_seed=a.per_seed)
     (out / "results.json").write_text(
         json.dumps({"meta": meta, "heads": rows, "runs": summaries}, indent=1) + "\n"
     )

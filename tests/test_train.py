@@ -351,6 +351,37 @@ def test_compare_heads_interleaved_timing_and_finished_runs_only(tmp_path, capsy
     assert not (tmp_path / "cls_s0").exists()
 
 
+def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path):
+    import json
+
+    from experiments.compare_heads import aggregate, left_chance_at, table
+
+    lines = [{"step": 20, "loss": 2.3}, {"step": 180, "split": "test", "test_acc": 0.149},
+             {"step": 360, "split": "test", "test_acc": 0.151},
+             {"step": 540, "split": "test", "test_acc": 0.40}]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert left_chance_at(path, 10) == 360  # the first evaluation at chance + 5 points or more
+    assert left_chance_at(path, 2) is None  # 0.40 < 0.55: never left chance
+    assert left_chance_at(tmp_path / "missing.jsonl", 10) is None
+    fake = [
+        {"pool": p, "seed": s, "test_acc": a, "images_per_s": 1.0, "step_time_ms": 1.0,
+         "left_chance_at": at}
+        for p, s, a, at in [("cls", 0, 0.5, 180), ("cls", 1, 0.1, None),
+                            ("mean", 0, 0.3, 540), ("mean", 1, 0.35, 360)]
+    ]  # fmt: skip
+    rows = aggregate(fake)
+    meta = {"preset": "x", "budget": "b", "seeds": [0, 1], "device": "cpu", "command": "c"}
+    md = table(rows, meta=meta, per_seed=True)
+    assert "| cls | 0.500 (180) | 0.100 (never) |" in md
+    assert "| mean | 0.300 (540) | 0.350 (360) |" in md
+    assert "left chance at the first evaluation" in md
+    assert "(never)" not in table(rows, meta=meta)  # off by default
+    # rows read back from results.json have string seeds
+    back = json.loads(json.dumps(rows))
+    assert "| cls | 0.500 (180) | 0.100 (never) |" in table(back, meta=meta, per_seed=True)
+
+
 def test_conv_stem_run_checkpoints_its_batch_statistics(tmp_path):
     model = dataclasses.replace(TINY.model, conv_stem=(4,))
     cfg = _tiny(model=model, eval_every=2, steps=4)
