@@ -134,11 +134,12 @@ def cpu() -> DiTTrainConfig:
     tokens; 64 image tokens), 32 px benchmark images.
 
     Command: ``python -m experiments.train_dit --preset cpu --workdir runs/dit_cpu``.
-    Runtime: ≤ 45 min on 2 cores: 1,200 steps of 64 images at 2.19 s a step measured with
-    the cores shared (1-minute load about 6, 29 img/s, ``--steps 40``), plus about 1.5 min
-    of data generation and compilation. Not run to the end in this repository yet.
+    Runtime: ≤ 45 min on 2 cores: 32.5 min measured on 2026-12-07 (1.57 s a step at
+    ``nice 19`` behind a ViT training run on the same cores); 2.19 s a step in an earlier
+    ``--steps 40`` measurement with the cores shared (1-minute load about 6).
     Expected: soft samples with the right layout (object on a background), far from
-    convergence.
+    convergence. Measured: EMA held-out denoising loss 0.0916; a wrong label costs +0.010 %
+    [+0.001, +0.018] of the loss (+0.025 % on the objects' pixels; README).
     """
     return DiTTrainConfig(
         model=DiTConfig(width=128, depth=6, num_heads=4, n_label=4),
@@ -188,8 +189,9 @@ def cpu_tokens() -> DiTTrainConfig:
     (``python -m experiments.label_use``).
     Runtime: 27.6 min measured (2026-12-07, 1.29 s a step at ``nice 19`` behind a ViT training
     run on the same 2 cores). Measured: training loss 0.994 → 0.079, EMA held-out denoising
-    loss 0.0916 (``cpu``: 0.092); a wrong label raises the loss by +0.002 % [−0.000, +0.004]
-    (+0.004 % on the objects' pixels): this model does not read its label either (README).
+    loss 0.0916 (``cpu``: 0.0916); a wrong label costs it hardly anything (+0.002 %
+    [−0.000, +0.004]; +0.018 % at t = 800), though on the objects' pixels the true label beats
+    the null label by +0.021 % [+0.017, +0.025] (README).
     """
     return dataclasses.replace(
         cpu(),
