@@ -38,7 +38,24 @@ from markov_attn.nn import config_to_dict
 
 from .ckpt import Checkpointer
 
-__all__ = ["MetricsLog", "TrainingRun", "check_same_run", "count_params", "truncate_metrics"]
+__all__ = [
+    "MetricsLog",
+    "TrainingDiverged",
+    "TrainingRun",
+    "check_same_run",
+    "count_params",
+    "truncate_metrics",
+]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops instead of training on (and then
+    evaluating) non-finite weights. ``step`` is the last step of the first log window whose mean
+    loss was not finite; ``checkpoint`` the run's last checkpoint before it (``None``: none)."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: int | None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 def check_same_run(
@@ -293,7 +310,9 @@ class TrainingRun:
         evaluate: Callable[[object], dict] | None = None,
         eval_every: int = 0,
     ):
-        """Runs the steps ``start … end - 1`` and returns the state after them.
+        """Runs the steps ``start … end - 1`` and returns the state after them; raises
+        :class:`TrainingDiverged` at the first log line whose loss is NaN or infinite (before
+        that step's evaluation and checkpoint).
 
         After each global step ``done`` it logs (:class:`MetricsLog`), evaluates every
         ``eval_every`` steps before the last (a ``{"step", "split": "test", **evaluate(state)}``
@@ -332,6 +351,16 @@ class TrainingRun:
                 state, metrics = step_fn(state, step)
                 done = step + 1
                 line = log.step(done, metrics)
+                if line is not None and not math.isfinite(line.get("loss", 0.0)):
+                    saved_at = self.ckpt.latest_step()
+                    raise TrainingDiverged(
+                        f"{self.workdir}: the training loss became {line['loss']} in steps "
+                        f"{done - cfg.log_every + 1}-{done}; the run stops here (its last "
+                        f"checkpoint: {saved_at}). Lower the learning rate, lengthen the warm-up "
+                        "or clip the gradients harder, or try another seed",
+                        step=done,
+                        checkpoint=saved_at,
+                    )
                 if line is not None and bar is not None:
                     bar.set_postfix(**postfix(line))
                 if evaluate and eval_every and done % eval_every == 0 and done < cfg.steps:

@@ -19,6 +19,7 @@ steady-state images/s and step time, and the step-time overhead of each head ove
 
 import argparse
 import json
+import math
 import pathlib
 import platform
 import sys
@@ -27,6 +28,7 @@ import numpy as np
 
 from markov_attn.segmentation import bootstrap_mean
 
+from ._loop import TrainingDiverged
 from .configs import PRESETS, TrainConfig, get_preset, override
 from .readme import command_line, markers, replace_block
 from .timing import interleaved
@@ -63,6 +65,14 @@ def run_all(
             workdir = out / f"{pool}_s{seed}"
             done = workdir / "summary.json"
             s = None
+            failed = workdir / "diverged.json"
+            if failed.exists():  # diverged earlier: the same config diverges again
+                s = json.loads(failed.read_text())
+                if s.get("steps") != cfg.steps:
+                    s = None
+                else:
+                    summaries.append(s)
+                    continue
             if done.exists():  # finished earlier: keep its numbers (timings included)
                 s = json.loads(done.read_text())
                 if s.get("steps") != cfg.steps or s.get("config", {}).get("steps") != cfg.steps:
@@ -71,8 +81,26 @@ def run_all(
                 print(f"not finished, left out: {workdir}", file=sys.stderr)
                 continue
             if s is None:
-                s = train_and_evaluate(cfg, workdir, data=data, progress=progress)
+                try:
+                    s = train_and_evaluate(cfg, workdir, data=data, progress=progress)
+                except TrainingDiverged as e:  # no accuracy: a diverged run is counted as such
+                    print(f"diverged: {e}", file=sys.stderr)
+                    s = {
+                        "pool": pool,
+                        "seed": seed,
+                        "steps": cfg.steps,
+                        "test_acc": None,
+                        "diverged_at": e.step,
+                        "images_per_s": None,
+                        "step_time_ms": None,
+                    }
+                    failed.write_text(json.dumps(s, indent=1) + "\n")
+                    summaries.append(s)
+                    continue
             at = left_chance_at(workdir / "metrics.jsonl", cfg.model.num_classes)
+            nan_at = first_nonfinite_loss(workdir / "metrics.jsonl")
+            if nan_at is not None:  # trained on through a NaN loss (before the loop stopped it)
+                s = {**s, "test_acc": None, "diverged_at": nan_at}
             summaries.append({**s, "left_chance_at": at})
     return summaries
 
@@ -123,7 +151,7 @@ def _mean_spread(values) -> tuple[float, float]:
 def paired_difference(summaries: list[dict], pool: str, base: str, /) -> dict | None:
     """``test_acc(pool) - test_acc(base)`` over the seeds both have: mean, 95 % bootstrap
     interval over seeds (``None`` with fewer than 2 pairs) and the number of pairs."""
-    acc = {(s["pool"], s["seed"]): s["test_acc"] for s in summaries}
+    acc = {(s["pool"], s["seed"]): s["test_acc"] for s in summaries if s["test_acc"] is not None}
     seeds = sorted(seed for p, seed in acc if p == pool and (base, seed) in acc)
     if pool == base or not seeds:
         return None
@@ -141,6 +169,20 @@ def _fmt_diff(d: dict | None) -> str:
 
 
 CHANCE_MARGIN = 0.05  # a run has left chance once its test accuracy is 5 points above it
+
+
+def first_nonfinite_loss(metrics_path: str | pathlib.Path, /) -> int | None:
+    """The step of a run's first training log line whose loss is NaN or infinite (``None``:
+    none, or no ``metrics.jsonl``). Runs from before the training loop stopped at such a loss
+    trained on and were evaluated with non-finite weights; their accuracy means nothing."""
+    path = pathlib.Path(metrics_path)
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        if "loss" in rec and not math.isfinite(rec["loss"]):
+            return int(rec["step"])
+    return None
 
 
 def left_chance_at(metrics_path: str | pathlib.Path, num_classes: int, /) -> int | None:
@@ -176,6 +218,7 @@ def aggregate(summaries: list[dict], /) -> list[dict]:
             "vs_mean": paired_difference(summaries, pool, "mean"),
             "per_seed": {s["seed"]: s["test_acc"] for s in runs},
             "left_chance_at": {s["seed"]: s.get("left_chance_at") for s in runs},
+            "diverged_at": {s["seed"]: s["diverged_at"] for s in runs if s.get("diverged_at")},
         })  # fmt: skip
     cls = next((r for r in rows if r["pool"] == "cls"), None)
     for r in rows:
@@ -183,6 +226,15 @@ def aggregate(summaries: list[dict], /) -> list[dict]:
             100.0 * (r["step_time_ms"] / cls["step_time_ms"] - 1.0) if cls else None
         )
     return rows
+
+
+def _diverged_note(row: dict) -> str:
+    """`` (3 of 5 runs; 2 diverged)`` when some of the head's runs diverged, else ``""``."""
+    div = row.get("diverged_at") or {}
+    if not div:
+        return ""
+    n = len(row["per_seed"])
+    return f" ({n - len(div)} of {n} runs; {len(div)} diverged)"
 
 
 def table(rows: list[dict], /, *, meta: dict, per_seed: bool = False) -> str:
@@ -214,7 +266,7 @@ def table(rows: list[dict], /, *, meta: dict, per_seed: bool = False) -> str:
             pct = r["overhead_vs_cls_pct"]
             ov = "—" if pct is None else f"{pct:+.1f} %"
         lines.append(
-            f"| {r['pool']} | {r['test_acc']:.3f} ± {r['test_acc_sd']:.3f} "
+            f"| {r['pool']} | {r['test_acc']:.3f} ± {r['test_acc_sd']:.3f}{_diverged_note(r)} "
             f"| {_fmt_diff(r.get('vs_cls'))} | {_fmt_diff(r.get('vs_mean'))} "
             f"| {r['images_per_s']:.1f} ± {r['images_per_s_sd']:.1f} "
             f"| {r['step_time_ms']:.0f} ± {r['step_time_ms_sd']:.0f} | {ov} |"
@@ -233,7 +285,13 @@ def table(rows: list[dict], /, *, meta: dict, per_seed: bool = False) -> str:
             for seed in seeds:
                 acc = r["per_seed"].get(seed, r["per_seed"].get(str(seed)))
                 at = r["left_chance_at"].get(seed, r["left_chance_at"].get(str(seed)))
-                cells.append("—" if acc is None else f"{acc:.3f} ({'never' if at is None else at})")
+                div = r.get("diverged_at", {})
+                div = div.get(seed, div.get(str(seed)))
+                if div is not None:
+                    cells.append(f"diverged (NaN loss by step {div})")
+                else:
+                    left = "never" if at is None else at
+                    cells.append("—" if acc is None else f"{acc:.3f} ({left})")
             lines.append(f"| {r['pool']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -245,6 +303,11 @@ def table(rows: list[dict], /, *, meta: dict, per_seed: bool = False) -> str:
         lines[-1] += (
             f" A run has left chance at the first evaluation with a test accuracy of at least "
             f"chance + {100 * CHANCE_MARGIN:.0f} points (never: it stayed on the plateau)."
+        )
+    if any(r.get("diverged_at") for r in rows):
+        lines[-1] += (
+            " A diverged run (its training loss became NaN; the training stops there) has no "
+            "accuracy: means, spreads and paired differences are over the finished runs."
         )
     if interleaved:
         lines[-1] += (

@@ -570,7 +570,12 @@ def main(argv=None) -> int:
         summary = train_and_evaluate(
             cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)
         )
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # DataMissingError: FileNotFound
+    except (
+        CheckpointError,
+        FileNotFoundError,
+        ValueError,
+        FloatingPointError,
+    ) as e:  # DataMissingError: FileNotFound
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = ("pool", "seed", "test_acc", "train_loss", "step_time_ms", "images_per_s")

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
         summary = train_and_evaluate(
             cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)
         )
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = ("first_loss", "train_loss", "test_loss", "step_time_ms", "images_per_s")

@@ -10,6 +10,7 @@ import pytest
 
 from experiments._loop import (
     MetricsLog,
+    TrainingDiverged,
     TrainingRun,
     check_same_run,
     sigkill_at,
@@ -184,6 +185,26 @@ def test_a_stopped_run_resumes_on_the_same_lines(tmp_path):
     _toy_run(tmp_path / "part", cfg=_Cfg(name="renamed"))  # a free field may change
     with pytest.raises(ValueError, match=r"part holds a checkpoint of a different run \(lr:"):
         _toy_run(tmp_path / "part", cfg=_Cfg(lr=0.25))
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    run = TrainingRun(_Cfg(), tmp_path, free_fields=())
+
+    def step_fn(state, step):  # the loss turns NaN at step 3 (the second log window, 3-4)
+        return state, {"loss": float("nan") if step >= 2 else 1.0}
+
+    with pytest.raises(TrainingDiverged, match=r"became nan in steps 3-4.*last checkpoint: 2") as e:
+        run.train(
+            {"w": np.ones(3, np.float32)},
+            step_fn,
+            summarise=lambda window: {"loss": float(np.mean([w["loss"] for w in window]))},
+            postfix=lambda line: {},
+        )
+    assert (e.value.step, e.value.checkpoint) == (4, 2)
+    assert isinstance(e.value, FloatingPointError)
+    assert TrainingRun(_Cfg(), tmp_path, free_fields=()).latest == 2  # no step-4 checkpoint
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4] and np.isnan(lines[-1]["loss"])
 
 
 def test_on_step_sees_every_step_after_its_checkpoint(tmp_path):

@@ -380,6 +380,37 @@ def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path):
     # rows read back from results.json have string seeds
     back = json.loads(json.dumps(rows))
     assert "| cls | 0.500 (180) | 0.100 (never) |" in table(back, meta=meta, per_seed=True)
+    # a diverged run has no accuracy: left out of means and pairs, and said so
+    div = {"pool": "mean", "seed": 2, "steps": 1, "test_acc": None, "diverged_at": 540,
+           "images_per_s": None, "step_time_ms": None}  # fmt: skip
+    cls2 = {**fake[0], "seed": 2, "test_acc": 0.9}
+    rows = aggregate([*fake, cls2, div])
+    mean = next(r for r in rows if r["pool"] == "mean")
+    assert mean["test_acc"] == pytest.approx(0.325) and mean["vs_cls"]["pairs"] == 2
+    meta["seeds"] = [0, 1, 2]
+    md = table(rows, meta=meta, per_seed=True)
+    assert "| mean | 0.325 ± 0.035 (2 of 3 runs; 1 diverged) |" in md
+    assert "diverged (NaN loss by step 540) |" in md and "has no accuracy" in md
+    # run_all counts a run that diverged earlier without training it again
+    from experiments.compare_heads import run_all
+
+    (tmp_path / "cls_s0").mkdir()
+    earlier = {**div, "pool": "cls", "seed": 0, "steps": TINY.steps}
+    (tmp_path / "cls_s0" / "diverged.json").write_text(json.dumps(earlier))
+    got = run_all(TINY, pools=("cls",), seeds=(0,), out=tmp_path, train=False)
+    assert got[0]["diverged_at"] == 540 and got[0]["test_acc"] is None
+    # a run that trained on through a NaN loss (older code) has its accuracy discounted
+    from experiments.compare_heads import first_nonfinite_loss
+
+    run = tmp_path / "mean_s0"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({**fake[2], "steps": TINY.steps,
+                                                  "config": {"steps": TINY.steps}}))  # fmt: skip
+    (run / "metrics.jsonl").write_text('{"step": 20, "loss": 2.3}\n{"step": 40, "loss": NaN}\n')
+    assert first_nonfinite_loss(run / "metrics.jsonl") == 40
+    assert first_nonfinite_loss(path) is None
+    got = run_all(TINY, pools=("mean",), seeds=(0,), out=tmp_path, train=False)
+    assert got[0]["diverged_at"] == 40 and got[0]["test_acc"] is None
 
 
 def test_conv_stem_run_checkpoints_its_batch_statistics(tmp_path):
