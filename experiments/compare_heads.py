@@ -171,33 +171,34 @@ def _fmt_diff(d: dict | None) -> str:
 CHANCE_MARGIN = 0.05  # a run has left chance once its test accuracy is 5 points above it
 
 
-def first_nonfinite_loss(metrics_path: str | pathlib.Path, /) -> int | None:
-    """The step of a run's first training log line whose loss is NaN or infinite (``None``:
-    none, or no ``metrics.jsonl``). Runs from before the training loop stopped at such a loss
-    trained on and were evaluated with non-finite weights; their accuracy means nothing."""
+def _first_step(metrics_path: str | pathlib.Path, match) -> int | None:
+    """The step of the first line of a run's ``metrics.jsonl`` for which ``match(record)``
+    holds (``None``: no such line, or no file)."""
     path = pathlib.Path(metrics_path)
     if not path.exists():
         return None
     for line in path.read_text().splitlines():
         rec = json.loads(line) if line.strip() else {}
-        if "loss" in rec and not math.isfinite(rec["loss"]):
+        if match(rec):
             return int(rec["step"])
     return None
+
+
+def first_nonfinite_loss(metrics_path: str | pathlib.Path, /) -> int | None:
+    """The step of a run's first training log line whose loss is NaN or infinite (``None``:
+    none, or no ``metrics.jsonl``). Runs from before the training loop stopped at such a loss
+    trained on and were evaluated with non-finite weights; their accuracy means nothing."""
+    return _first_step(metrics_path, lambda r: "loss" in r and not math.isfinite(r["loss"]))
 
 
 def left_chance_at(metrics_path: str | pathlib.Path, num_classes: int, /) -> int | None:
     """The first evaluation step of a run (``metrics.jsonl``) whose test accuracy is at least
     ``1 / num_classes + CHANCE_MARGIN``, or ``None`` if no evaluation reached it (the run stayed
     on the chance plateau)."""
-    path = pathlib.Path(metrics_path)
-    if not path.exists():
-        return None
     level = 1.0 / num_classes + CHANCE_MARGIN
-    for line in path.read_text().splitlines():
-        rec = json.loads(line) if line.strip() else {}
-        if rec.get("split") == "test" and rec.get("test_acc", 0.0) >= level:
-            return int(rec["step"])
-    return None
+    return _first_step(
+        metrics_path, lambda r: r.get("split") == "test" and r.get("test_acc", 0.0) >= level
+    )
 
 
 def aggregate(summaries: list[dict], /) -> list[dict]:
