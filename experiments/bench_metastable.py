@@ -6,9 +6,10 @@ One ``(1, 12, 197, 197)`` float32 stack (4 metastable, 4 near-circulant and 4 di
 
 - ``second_eigenvalue`` (Arnoldi + Gelfand), the reference cost;
 - ``schur_subspace(k=4)`` and ``metastable_states(k=4, split="nan")`` (a fixed k);
-- ``metastable_states(k=None, split="nan")`` (eager: one k = 10 subspace iteration picks k and
-  G-PCCA uses its leading k columns; a k that cuts a complex pair of a head counts as no gap
-  there) and the same with the default ``split="raise"`` (only a k that cuts no pair),
+- ``metastable_states()`` (``k=None``, whose default is ``split="nan"``; eager: one k = 10
+  subspace iteration picks k and G-PCCA uses its leading k columns; a k that cuts a complex
+  pair of a head counts as no gap there) and the same with ``split="raise"`` (only a k that
+  cuts no pair),
 
 with how many heads converged, and the same on a stack of 12 metastable heads (4 clusters), where
 the iteration stops early. No assertion: timings depend on the machine.
@@ -31,8 +32,8 @@ def run(a) -> None:
         "second_eigenvalue": lambda: block(ma.second_eigenvalue(a)),
         "schur_subspace k=4": lambda: block(ma.schur_subspace(a, k=4, split="nan")),
         "metastable_states k=4": lambda: block(ma.metastable_states(a, k=4, split="nan")),
-        "metastable_states k=None": lambda: block(ma.metastable_states(a, split="nan")),
-        "  (split='raise')": lambda: block(ma.metastable_states(a)),
+        "metastable_states k=None": lambda: block(ma.metastable_states(a)),
+        "  (split='raise')": lambda: block(ma.metastable_states(a, split="raise")),
     }
     base = None
     for name, fn in cases.items():

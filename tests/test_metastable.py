@@ -256,7 +256,12 @@ def test_k_none_with_split_nan_counts_a_cut_as_no_gap(rng):
     assert np.asarray(nan.converged).tolist() == [True, True, False, False]
     assert np.all(np.isnan(np.asarray(nan.memberships[2:])))
     assert np.asarray(nan.assignment[2:]).max() == -1
-    raised = ma.metastable_states(a)  # split="raise": a k that cuts no pair
+    default = ma.metastable_states(a)  # k=None: split="nan" by default
+    assert default.k == 4
+    np.testing.assert_array_equal(np.asarray(default.assignment), np.asarray(nan.assignment))
+    with pytest.raises(ValueError, match="cuts a complex-conjugate"):
+        ma.metastable_states(a, k=4)  # a k the caller passes: split="raise" by default
+    raised = ma.metastable_states(a, split="raise")  # a k that cuts no pair
     assert raised.k % 2 == 1 and not np.any(np.isnan(np.asarray(raised.memberships)))
     # the iteration targeted the k it returned (a chunk or batch that iterated for another k
     # is iterated again, which would at least double the products)
