@@ -779,18 +779,19 @@ def metastable_states(
     (unless every ``k`` does). On a stack that mixes metastable heads with near-circulant ones,
     whose eigenvalues come in pairs at every even ``k``, the first rule finds the metastable
     heads' ``k``, the second is left with gaps at the level of noise (and, measured, is 3-4
-    times as slow, since heads without a gap at such a ``k`` keep iterating). The subspace iteration then runs once for
-    ``k_max`` (stopping when the ``k`` that this rule picks from the current Ritz values has
-    converged, or stalled, in every matrix) and G-PCCA uses the leading ``k`` columns of its
-    ordered basis (which span the ``k``-subspace). On CPU a large batch iterates in cache-sized
-    chunks, each picking its ``k`` over its own members; if one picked another ``k`` than the
-    whole batch, the batch is iterated again for the batch's ``k`` (``products`` counts both
-    runs; that fresh iteration's Ritz values can differ from the ones the ``k`` was chosen on,
-    so on chains without a gap the ``k`` may then cut a pair of every matrix, NaN under
-    ``split="nan"``). It needs concrete values and so raises under ``jit``; pass ``k`` there.
-    ``min_chi`` (most negative ISA entry, near 0 for a good ``k``) and ``crispness`` help
-    compare choices. A ``k`` that cuts a complex pair in half raises eagerly; under ``jit``
-    that matrix gets NaN memberships and ``converged = False``.
+    times as slow, since heads without a gap at such a ``k`` keep iterating). The subspace
+    iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule picks from
+    the current Ritz values has converged, or stalled, in every matrix) and G-PCCA uses the
+    leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU a large
+    batch iterates in cache-sized chunks, each picking its ``k`` over its own members; if one
+    picked another ``k`` than the whole batch, the batch is iterated again for the batch's
+    ``k`` (``products`` counts both runs; that fresh iteration's Ritz values can differ from
+    the ones the ``k`` was chosen on, so on chains without a gap the ``k`` may then cut a pair
+    of every matrix, NaN under ``split="nan"``). It needs concrete values and so raises under
+    ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for a good ``k``)
+    and ``crispness`` help compare choices. A ``k`` passed by the caller that cuts a complex
+    pair in half raises eagerly (``split="raise"``); under ``jit`` that matrix gets NaN
+    memberships and ``converged = False``.
 
     Differentiability: memberships, assignment and the ISA vertex choice are held fixed
     (``stop_gradient``; argmax and the vertex search are piecewise constant). ``coarse`` and
