@@ -93,6 +93,34 @@ def test_subspace_matches_sorted_schur_on_nonreversible_chains(rng):
     np.testing.assert_allclose(_subspace(a).basis, s.basis, atol=1e-6)
 
 
+@pytest.mark.parametrize("strength", [4.0, 14.0])
+def test_converged_means_the_subspace_is_right(rng, strength):
+    """``converged`` must not report a basis whose subspace is wrong. At strength 14 three
+    planted clusters leak ~1e-6, so k = 2 leaves a modulus gap of ~1e-6, the size of a float32
+    residual: the subspace is not determined by float32 arithmetic, and such bases were 0.3-1.6
+    rad from the float64 Schur subspace while the old flag (residual <= tol and gap > 0) said
+    converged. Every basis reported converged must be within 1e-2 rad of it (1.4e-3 at most on
+    these and attention, causal, reducible and Dirichlet chains when measured)."""
+    a = _blocky(rng, (8,), 32, 3, strength=strength)[0]
+    s = ma.schur_subspace(a.astype(np.float32), k=2)
+    conv = np.asarray(s.converged)
+    for i in range(len(a)):
+        mod = np.sort(np.abs(np.linalg.eigvals(a[i])))[::-1]
+        r = 0.5 * (mod[1] + mod[2])
+        try:
+            _, z, sdim = sl.schur(a[i], output="real", sort=lambda re, im: np.hypot(re, im) > r)
+        except np.linalg.LinAlgError:  # LAPACK's reordering fails on too close eigenvalues
+            continue
+        if sdim != 2 or not conv[i]:
+            continue
+        sv = np.linalg.svd(z[:, :2].T @ np.asarray(s.basis[i], np.float64), compute_uv=False)
+        assert np.arccos(min(sv.min(), 1.0)) <= 1e-2, (i, float(s.gap[i]), float(s.residual[i]))
+    if strength == 4.0:  # well separated: the flag must not be withheld either
+        assert conv.all()
+    else:  # gap ~ residual: not converged, whatever the residual
+        assert not conv.any() and np.all(np.asarray(s.gap) < 100 * np.asarray(s.residual))
+
+
 def test_heads_that_cannot_converge_stop_holding_the_batch(rng):
     """Diffuse heads have no modulus gap at k: their residual stays ~1e-2. Once its trend says
     it cannot reach tol within iters (checked every 36 products from 72), such a head no
