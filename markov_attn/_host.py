@@ -4,7 +4,8 @@ jaxlib 0.10's batched CPU LAPACK kernels (``getrf``, ``geev``, ...) can deadlock
 thread pool when several of them run concurrently inside one jitted program (all pool threads
 end up waiting in each other's batch partitions). On CPU these wrappers therefore hand the
 work to NumPy through ``jax.pure_callback`` (NumPy's LAPACK runs outside XLA's thread pool, in
-float64); on GPU, and for float64 input in x64 mode, they call ``jnp.linalg`` directly. Both
+float64), float64 input in x64 mode included (its results travel as uint32 words, see
+:func:`_callback`); on GPU they call ``jnp.linalg`` directly. Both
 are batched over leading axes and work under ``jit`` and ``vmap``; they are not differentiable
 themselves (the callers define their own VJPs). A host callback cannot be serialised, so the
 CPU path does not export; ``solve`` exports for GPU and TPU, ``eig`` for neither (no TPU
@@ -18,10 +19,47 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _wide(*dtypes) -> bool:
-    """float64 work (x64 mode) goes to ``jnp.linalg`` directly: a host callback cannot return
-    float64 under the thread-local ``jax.enable_x64`` context (its thread sees float32)."""
-    return any(jnp.dtype(d).itemsize >= 8 and jnp.dtype(d) != jnp.complex64 for d in dtypes)
+def _words(dtype) -> int:
+    """uint32 words per element of a float64 / complex128 result (0: passed as it is)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return 2
+    return 4 if dtype == jnp.complex128 else 0
+
+
+def _callback(fn, outs, *args):
+    """``jax.pure_callback(fn, outs, *args)`` that can return float64 and complex128.
+
+    Under the thread-local ``jax.enable_x64`` context the callback's thread sees x64 off, and
+    a float64 result cannot be handed back as such; so wide results come back as their uint32
+    words (``ndarray.view``) and are bitcast to the declared dtype inside the program.
+    """
+
+    def as_words(*a):
+        res = fn(*a)
+        res = res if isinstance(res, tuple) else (res,)
+        return tuple(
+            np.ascontiguousarray(r, np.dtype(o.dtype)).view(np.uint32).reshape(*o.shape, w)
+            if (w := _words(o.dtype))
+            else r
+            for r, o in zip(res, outs_t)
+        )
+
+    outs_t = outs if isinstance(outs, tuple) else (outs,)
+    shapes = tuple(
+        jax.ShapeDtypeStruct((*o.shape, w), jnp.uint32) if (w := _words(o.dtype)) else o
+        for o in outs_t
+    )
+    got = jax.pure_callback(as_words, shapes, *args, vmap_method="broadcast_all")
+    back = []
+    for r, o in zip(got, outs_t):
+        if _words(o.dtype) == 2:
+            r = jax.lax.bitcast_convert_type(r, jnp.float64)
+        elif _words(o.dtype) == 4:
+            parts = jax.lax.bitcast_convert_type(r.reshape(*o.shape, 2, 2), jnp.float64)
+            r = jax.lax.complex(parts[..., 0], parts[..., 1])
+        back.append(r)
+    return tuple(back) if isinstance(outs, tuple) else back[0]
 
 
 def _np_solve(m, b, *, dtype):
@@ -57,13 +95,11 @@ def solve(m: jax.Array, b: jax.Array) -> jax.Array:
         dtype = jnp.result_type(m.dtype, b.dtype)
         out = jax.ShapeDtypeStruct(jnp.broadcast_shapes(m.shape[:-1], b.shape), dtype)
         fn = functools.partial(_np_solve, dtype=np.dtype(dtype))
-        return jax.pure_callback(fn, out, m, b, vmap_method="broadcast_all")
+        return _callback(fn, out, m, b)
 
     def other(m, b):
         return jnp.linalg.solve(m, b[..., None])[..., 0]
 
-    if _wide(m.dtype, b.dtype):
-        return other(m, b)
     return jax.lax.platform_dependent(m, b, cpu=on_cpu, default=other)
 
 
@@ -79,14 +115,12 @@ def eig(a: jax.Array) -> tuple[jax.Array, jax.Array]:
             jax.ShapeDtypeStruct(a.shape, cdtype),
         )
         fn = functools.partial(_np_eig, dtype=np.dtype(cdtype))
-        return jax.pure_callback(fn, out, a, vmap_method="broadcast_all")
+        return _callback(fn, out, a)
 
     def other(a):
         w, vr = jnp.linalg.eig(a)
         return w.astype(cdtype), vr.astype(cdtype)
 
-    if _wide(a.dtype):
-        return other(a)
     return jax.lax.platform_dependent(a, cpu=on_cpu, default=other)
 
 

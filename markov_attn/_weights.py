@@ -60,6 +60,13 @@ def head_weights(
         raise ValueError("lam2 must have at least one axis (the heads to weight)")
     if not -lam2.ndim <= axis < lam2.ndim:
         raise ValueError(f"axis {axis} is out of range for lam2 of shape {lam2.shape}")
+    if lam2.shape[axis] == 0:
+        raise ValueError(
+            f"lam2 of shape {lam2.shape} has no heads along axis {axis}: there is nothing to "
+            "weight (pass |λ2| per head, e.g. ma.second_eigenvalue(attn) of shape (..., heads))"
+        )
+    if lam2.size == 0:  # an empty batch of heads: empty weights
+        return jnp.zeros(lam2.shape, compute_dtype(lam2.dtype))
     if is_concrete(lam2):
         x = np.asarray(lam2, np.float64)
         if not np.all(np.isfinite(x)):

@@ -142,12 +142,26 @@ def _readable(image_path):
     return im
 
 
+#: ``--size`` may give at most this many patch tokens (a 64 x 64 grid): each head's attention
+#: matrix holds tokens² float32 values (64 MiB at 4,096 tokens), and larger inputs only
+#: exhaust memory.
+MAX_TOKENS = 4096
+
+
 def _check_size(size, patch: int, native: int) -> None:
     if size is not None and (size < patch or size % patch):
         lo = max(patch, size // patch * patch) if size > 0 else patch
         _fail(
             f"--size {size} is not a positive multiple of the model's patch size {patch}; "
             f"pass e.g. --size {lo} or --size {lo + patch} (native: {native})"
+        )
+    if size is not None and (size // patch) ** 2 > MAX_TOKENS:
+        grid, top = size // patch, int(MAX_TOKENS**0.5) * patch
+        gib = grid**4 * 4 / 2**30
+        _fail(
+            f"--size {size} gives {grid}x{grid} = {grid * grid} patch tokens, whose attention "
+            f"matrices would take {gib:,.1f} GiB per head; pass --size {top} or less "
+            f"(at most {MAX_TOKENS} tokens; native: {native})"
         )
 
 

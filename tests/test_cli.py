@@ -191,13 +191,15 @@ def test_text_file_as_image(images, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before the first image was processed
 
 
-@pytest.mark.parametrize("size", [13, 2, 0, -8])
+@pytest.mark.parametrize("size", [13, 2, 0, -8, 100_000, 260])
 def test_unsupported_size(images, tmp_path, size):
     msg = _one_line_error(
         _maps_args(FIXTURES / "vit", images[1:], tmp_path / "o", "--size", str(size))
     )
     assert "--size" in msg
-    if size > 0:  # names the nearest sizes that work
+    if size > 256:  # too many tokens: refused before anything is resized (100,000 px: OOM)
+        assert f"{size // 4 * size // 4} patch tokens" in msg and "--size 256 or less" in msg
+    elif size > 0:  # names the nearest sizes that work
         assert "multiple of the model's patch size 4" in msg
         assert f"--size {max(4, size // 4 * 4)} or" in msg
 

@@ -310,6 +310,13 @@ def test_empty_qk_gets_a_clear_error():
         ma.tokenrank_qk(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
 
 
+def test_head_weights_without_heads_gets_a_clear_error():
+    for lam2 in ([], np.zeros((2, 0), np.float32)):
+        with pytest.raises(ValueError, match="no heads along axis -1"):
+            ma.head_weights(lam2)
+    assert ma.head_weights(np.zeros((0, 3), np.float32)).shape == (0, 3)  # an empty batch
+
+
 def test_an_empty_batch_is_fine(rng):
     a = np.zeros((0, 5, 5), np.float32)
     assert ma.tokenrank(a).shape == (0, 5)
@@ -321,7 +328,8 @@ def test_an_empty_batch_is_fine(rng):
 # no hang: the LAPACK paths inside one jitted program on CPU
 
 
-def test_lapack_paths_in_one_program_do_not_hang():
+@pytest.mark.parametrize("x64", [False, True])
+def test_lapack_paths_in_one_program_do_not_hang(x64):
     # jaxlib 0.10's batched CPU LAPACK kernels deadlocked in 2 of 4 runs of this program; the
     # library now routes dense LAPACK work on CPU through NumPy (host callbacks), so the
     # compiled module holds no LAPACK custom call, and it completes. The batch of 4 x 12 chains
@@ -331,12 +339,16 @@ def test_lapack_paths_in_one_program_do_not_hang():
         """
         import os
         os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+        import sys
         import jax, jax.numpy as jnp, numpy as np
+        x64 = sys.argv[1] == "True"
+        # float64 input in x64 mode too: its NumPy results come back as uint32 words
+        jax.config.update("jax_enable_x64", x64)
         import markov_attn as ma
         from markov_attn import testing
 
-        a = jnp.asarray(
-            testing.random_chains(np.random.default_rng(0), (4, 12), 64), jnp.float32)
+        dtype = jnp.float64 if x64 else jnp.float32
+        a = jnp.asarray(testing.random_chains(np.random.default_rng(0), (4, 12), 64), dtype)
 
         @jax.jit
         def everything(a):
@@ -350,10 +362,15 @@ def test_lapack_paths_in_one_program_do_not_hang():
         text = everything.lower(a).compile().as_text().lower()
         assert "lapack" not in text, "a LAPACK custom call is compiled into the CPU module"
         for _ in range(3):
-            jax.block_until_ready(everything(a))
+            out = jax.block_until_ready(everything(a))
+        assert all(o.dtype == dtype for o in out), [o.dtype for o in out]
+        ref = np.sort(np.abs(np.linalg.eigvals(np.asarray(a, np.float64))), -1)[..., -2]
+        assert np.abs(np.asarray(out[2], np.float64) - ref).max() < (1e-12 if x64 else 1e-5)
         print("done")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(x64)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done" in proc.stdout
