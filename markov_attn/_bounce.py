@@ -11,6 +11,7 @@ from ._typing import ChainLike, DistLike
 from ._util import (
     as_chain,
     check_alpha,
+    check_batch,
     check_choice,
     check_count,
     check_values,
@@ -125,14 +126,16 @@ def bounce(
     """
     check_choice("direction", direction, DIRECTIONS)
     steps = check_count("steps", steps, what=" (number of bounces)")
-    check_alpha(alpha)
     attn = jnp.asarray(attn)
     as_chain(attn)  # shape check with a clear message
     check_values(attn)
+    batch = attn.shape[:-2]
+    check_alpha(alpha, batch=batch)
     if v is not None:
-        check_v(v)
+        check_v(v, "v", batch)
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
+        check_batch("x0", x0.shape, batch, "pass one token index or one per matrix")
         check_index(x0, attn.shape[-1])
     elif x0.ndim == 0 or x0.shape[-1] != attn.shape[-1]:
         raise ValueError(
@@ -140,7 +143,7 @@ def bounce(
             f"{attn.shape[-1]} tokens, got {x0.dtype} array of shape {x0.shape}"
         )
     else:
-        check_v(x0, "x0")
+        check_v(x0, "x0", batch)
     return _bounce(attn, x0, alpha, v, steps, direction, bool(teleport_first))
 
 

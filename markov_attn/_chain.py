@@ -13,6 +13,7 @@ from ._util import (
     HIGHEST,
     as_chain,
     check_alpha,
+    check_batch,
     check_square,
     check_values,
     compute_dtype,
@@ -224,11 +225,14 @@ def _uniform_or(v, n: int, dtype, batch_shape=()):
     return poison(safe_normalize(v), invalid_dists(v))
 
 
-def check_v(v, name: str = "v") -> None:
-    """Eager checks of a teleport distribution (values, when concrete)."""
+def check_v(v, name: str = "v", batch=None) -> None:
+    """Eager checks of a teleport distribution (values, when concrete); with ``batch``, the
+    attention's batch shape, also that ``v``'s leading axes broadcast with it."""
     arr = np.asarray(v) if isinstance(v, list | tuple) else v
     if jnp.ndim(arr) == 0:
         raise ValueError(f"{name} must be a distribution (..., n) over the tokens, got a scalar")
+    if batch is not None:
+        check_batch(name, np.shape(arr)[:-1], batch, "pass one distribution (n,) or one per matrix")
     if is_concrete(arr):
         x = np.asarray(arr, np.float64)
         if not np.all(np.isfinite(x)) or np.any(x < 0):
@@ -276,10 +280,10 @@ def teleport(
       >>> ma.teleport(jnp.eye(2), alpha=0.5).tolist()
       [[0.75, 0.25], [0.25, 0.75]]
     """
-    check_alpha(alpha)
     check_values(attn)
+    check_alpha(alpha, batch=np.shape(attn)[:-2])
     if v is not None:
-        check_v(v)
+        check_v(v, "v", np.shape(attn)[:-2])
     return _teleport(attn, alpha, v)
 
 

@@ -433,10 +433,10 @@ def tokenrank_qk(
       ((3, 50), True)
     """
     check_choice("method", method, METHODS)
-    check_alpha(alpha)
-    if v is not None:
-        check_v(v)
     q, k, key_mask = _check(q, k, key_mask, block)
+    check_alpha(alpha, batch=q.shape[:-2])
+    if v is not None:
+        check_v(v, "v", q.shape[:-2])
     if not isinstance(tol, float | int) or isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, Float
 
 from ._chain import _reverse, _teleport, _uniform_or, check_v
@@ -245,10 +246,11 @@ def tokenrank(
     """
     check_choice("direction", direction, DIRECTIONS)
     check_choice("method", method, METHODS)
-    check_alpha(alpha)
     check_values(attn)
+    batch = np.shape(attn)[:-2]
+    check_alpha(alpha, batch=batch)
     if v is not None:
-        check_v(v, "v")
+        check_v(v, "v", batch)
     if not isinstance(tol, float | int) or isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:

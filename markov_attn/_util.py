@@ -213,8 +213,11 @@ def is_concrete(x) -> bool:
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 
-def check_alpha(alpha, *, allow_one: bool = True) -> None:
-    """Eager range check of the teleportation weight, when its value is known."""
+def check_alpha(alpha, *, allow_one: bool = True, batch=None) -> None:
+    """Eager range check of the teleportation weight, when its value is known; with
+    ``batch``, the attention's batch shape, also that ``alpha``'s shape broadcasts with it."""
+    if batch is not None:
+        check_batch("alpha", np.shape(alpha), batch, "pass a scalar or one value per matrix")
     if not is_concrete(alpha):
         return
     a = np.asarray(alpha)
@@ -225,6 +228,17 @@ def check_alpha(alpha, *, allow_one: bool = True) -> None:
             f"alpha must lie in {bound}, got {alpha!r}; alpha is the weight of the attention "
             "chain against teleportation (0.99 in the paper, 1.0 = no teleportation)"
         )
+
+
+def check_batch(name: str, shape, batch, hint: str) -> None:
+    """Eager: ``name``'s batch shape must broadcast with the attention's batch shape."""
+    try:
+        np.broadcast_shapes(tuple(shape), tuple(batch))
+    except ValueError:
+        raise ValueError(
+            f"{name} has batch shape {tuple(shape)}, which does not broadcast with the "
+            f"attention's batch shape {tuple(batch)}; {hint}"
+        ) from None
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -310,6 +310,36 @@ def test_empty_qk_gets_a_clear_error():
         ma.tokenrank_qk(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32))
 
 
+_A2 = testing.random_chains(np.random.default_rng(0), (2,), 8).astype(np.float32)
+_Q2 = np.random.default_rng(1).standard_normal((2, 8, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("v", lambda: ma.tokenrank(_A2, v=np.ones((3, 8)))),
+        ("alpha", lambda: ma.tokenrank(_A2, alpha=np.full(3, 0.9))),
+        ("v", lambda: ma.teleport(_A2, v=np.ones((3, 8)))),
+        ("alpha", lambda: ma.teleport(_A2, alpha=np.full(3, 0.9))),
+        ("v", lambda: ma.bounce(_A2, 0, steps=2, v=np.ones((3, 8)))),
+        ("x0", lambda: ma.bounce(_A2, np.array([0, 1, 2]), steps=2)),
+        ("x0", lambda: ma.bounce(_A2, np.ones((3, 8)), steps=2)),
+        ("v", lambda: ma.tokenrank_qk(_Q2, _Q2, v=np.ones((3, 8)))),
+        ("alpha", lambda: ma.tokenrank_qk(_Q2, _Q2, alpha=np.full(3, 0.9))),
+    ],
+)
+def test_a_batch_shape_that_does_not_broadcast_names_the_argument(name, call):
+    # these used to fail inside the computation with "Incompatible shapes for broadcasting"
+    with pytest.raises(ValueError, match=rf"^{name} has batch shape \(3,\).*batch shape \(2,\)"):
+        call()
+
+
+def test_batch_shapes_that_broadcast_still_work():
+    assert ma.tokenrank(_A2, v=np.ones((2, 8)), alpha=np.full(2, 0.9)).shape == (2, 8)
+    assert ma.tokenrank(_A2[0], v=np.ones((3, 8))).shape == (3, 8)
+    assert ma.bounce(_A2, np.array([0, 1]), steps=2).shape == (2, 3, 8)
+
+
 def test_head_weights_without_heads_gets_a_clear_error():
     for lam2 in ([], np.zeros((2, 0), np.float32)):
         with pytest.raises(ValueError, match="no heads along axis -1"):
