@@ -18,14 +18,18 @@ pixels. Methods, each with the true number of segments ``K`` and with its own au
   symmetric KL is below a threshold, three rounds, then each patch to the proposal with the
   largest value) on the same last-layer uniform chain, with 16 anchors either on DiffSeg's
   uniform 4×4 grid or sampled proportionally to the chain's TokenRank (Erel et al. 2025,
-  ``segmentation.tokenrank_anchors``, seed 0); the number of segments is whatever the merging
-  leaves. One KL threshold serves both anchor choices: the one of ``DIFFSEG_THRESHOLDS`` with
+  ``segmentation.tokenrank_anchors``, seed 0); automatic ``k``: whatever the merging leaves;
+  true ``K``: the surviving proposals then merged pairwise, closest (symmetric KL) first, down
+  to ``K`` (an image left with fewer keeps them). One KL threshold serves both anchor
+  choices: the one of ``DIFFSEG_THRESHOLDS`` with
   the best train ARI, averaged over the two anchor choices, on ``DIFFSEG_TUNE_IMAGES`` images
   of the *train* split, never the test images (on train, mIoU alone favours the most segments
   and mACC alone one segment); the sweep is kept in ``results.json`` (``diffseg_tuning``);
-- ``kmeans``: k-means of the last layer's patch tokens (no automatic ``k``); every k-means
-  here is :func:`experiments.kmeans.kmeans` (k-means++, best of 10 seedings, batched in JAX);
-- ``colour kmeans``: k-means of the patches' mean colours, a baseline that sees no attention;
+- ``kmeans``: k-means of the last layer's patch tokens; automatic ``k`` = the best mean
+  silhouette (Euclidean, 2–6) per image; every k-means here is
+  :func:`experiments.kmeans.kmeans` (k-means++, best of 10 seedings, batched in JAX);
+- ``colour kmeans``: k-means of the patches' mean colours, a baseline that sees no attention
+  (true ``K`` and silhouette ``k``);
 - ``oracle``: each patch labelled with its majority true segment (the best an 8×8 grid can do).
 
 Metrics per image: Hungarian-matched mIoU over the true segments (``scipy``
@@ -67,6 +71,7 @@ DIFFSEG_ROWS = {
     "grid": f"DiffSeg, {DIFFSEG_M}×{DIFFSEG_M} grid anchors, auto k",
     "tokenrank": f"DiffSeg, {DIFFSEG_M**2} TokenRank-sampled anchors, auto k",
 }
+DIFFSEG_TRUE_K = {a: name.replace("auto k", "true K") for a, name in DIFFSEG_ROWS.items()}
 
 
 def _load(path):
@@ -162,7 +167,38 @@ def _kmeans(features, ks):
     return kmeans(features, ks, n_init=KMEANS_INIT), ks.astype(np.int32)
 
 
-def _diffseg(chains, anchors: str, threshold: float):
+def silhouette(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Mean silhouette per image (Euclidean; 0 for a point alone in its cluster, as
+    scikit-learn's ``silhouette_score``), batched: ``features (N, m, d)``, ``labels (N, m)``."""
+    x = features.astype(np.float64)
+    sq = (x * x).sum(-1)
+    dist = np.sqrt(np.maximum(sq[:, :, None] + sq[:, None, :] - 2 * x @ x.swapaxes(1, 2), 0))
+    onehot = labels[..., None] == np.arange(k)  # (N, m, k)
+    sums = dist @ onehot  # (N, m, k): distance of each point to each cluster, summed
+    counts = onehot.sum(1)[:, None, :]  # (N, 1, k)
+    own = onehot
+    size_own = (counts * own).sum(-1)  # (N, m)
+    a = (sums * own).sum(-1) / np.maximum(size_own - 1, 1)
+    other = np.where(own | (counts == 0), np.inf, sums / np.maximum(counts, 1))
+    b = other.min(-1)
+    with np.errstate(invalid="ignore"):  # inf - inf where an image has one cluster only
+        s = np.where(size_own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)
+    s = np.where(np.isfinite(b), s, 0.0)  # one cluster only: no silhouette
+    return s.mean(-1)
+
+
+def _kmeans_auto(features):
+    """k-means with the ``k`` in ``AUTO_RANGE`` of the best mean silhouette, per image."""
+    lo, hi = AUTO_RANGE
+    n = len(features)
+    runs = [kmeans(features, np.full(n, k), n_init=KMEANS_INIT) for k in range(lo, hi + 1)]
+    sil = np.stack([silhouette(features, r, lo + i) for i, r in enumerate(runs)], -1)
+    best = sil.argmax(-1)
+    states = np.stack(runs, 1)[np.arange(n), best]
+    return states, (lo + best).astype(np.int32)
+
+
+def _diffseg(chains, anchors: str, threshold: float, ks=None):
     from markov_attn.segmentation import diffseg
 
     return diffseg(
@@ -172,6 +208,7 @@ def _diffseg(chains, anchors: str, threshold: float):
         kl_threshold=threshold,
         iterations=DIFFSEG_ITERATIONS,
         seed=0,
+        num_segments=ks,
     )
 
 
@@ -277,11 +314,16 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
     add("spectral, last layer, true K", _spectral, chains["uniform"], ks, False)
     add("spectral, last layer, auto k", _spectral, chains["uniform"], ks, True)
     for anchors, name in DIFFSEG_ROWS.items():
+        add(DIFFSEG_TRUE_K[anchors], _diffseg, chains["uniform"], anchors, tuning["threshold"], ks)
         add(name, _diffseg, chains["uniform"], anchors, tuning["threshold"])
-    add("kmeans of last-layer tokens, true K", _kmeans, tokens[:, num_prefix:], ks)
+    patch_tokens = tokens[:, num_prefix:]
+    add("kmeans of last-layer tokens, true K", _kmeans, patch_tokens, ks)
+    add("kmeans of last-layer tokens, auto k", _kmeans_auto, patch_tokens)
     rep = size // grid
     colours = data["images"].reshape(n_images, grid, rep, grid, rep, 3).mean((2, 4))
-    add("kmeans of patch colours, true K", _kmeans, colours.reshape(n_images, grid**2, 3), ks)
+    colours = colours.reshape(n_images, grid**2, 3)
+    add("kmeans of patch colours, true K", _kmeans, colours, ks)
+    add("kmeans of patch colours, auto k", _kmeans_auto, colours)
     add("oracle (majority segment per patch)", lambda: (_oracle(inst, grid), ks))
     rows, per_image = {}, {}
     for name, (states, used) in preds.items():

@@ -111,6 +111,31 @@ def test_threshold_controls_merging():
     assert k1 == k2
 
 
+def test_num_segments_merges_the_closest_proposals_down_to_k():
+    blocks = _quadrants()
+    a = _block_chain(blocks, noise=0.2)
+    # a tiny threshold leaves many proposals; merged down to 4 they are the quadrants
+    _, k_free = diffseg(a, anchors="grid", kl_threshold=1e-6, iterations=1)
+    assert int(k_free) > 4
+    labels, k = diffseg(a, anchors="grid", kl_threshold=1e-6, iterations=1, num_segments=4)
+    assert int(k) == 4 and _same_partition(labels, blocks)
+    # down to 2: two pairs of quadrants, each segment a union of whole quadrants
+    labels, k = diffseg(a, anchors="grid", kl_threshold=1e-6, iterations=1, num_segments=2)
+    assert int(k) == 2
+    for q in range(4):
+        assert len(np.unique(labels[blocks.ravel() == q])) == 1
+    # fewer survivors than asked: kept (merging cannot split)
+    _, k = diffseg(a, anchors="grid", kl_threshold=100.0, num_segments=3)
+    assert int(k) == 1
+    # one per matrix, and bad values
+    both = np.stack([a, a])
+    _, ks = diffseg(both, kl_threshold=1e-6, iterations=1, num_segments=[4, 2])
+    assert ks.tolist() == [4, 2]
+    for bad in (0, [4, 2, 1], 2.5):
+        with pytest.raises(ValueError, match="num_segments"):
+            diffseg(both, num_segments=bad)
+
+
 def test_batched_leading_axes_match_single_calls():
     chains = np.stack([_block_chain(_quadrants(), noise=0.3, seed=s) for s in range(3)])
     chains = np.stack([chains, chains[::-1]])  # (2, 3, 64, 64)

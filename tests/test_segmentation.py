@@ -528,3 +528,30 @@ def test_multiseg_spectral_matches_scikit_learn_on_block_chains():
             sym = (chains[i] + chains[i].T) / 2
             ref = SpectralClustering(int(ks[i]), affinity="precomputed", random_state=0)
             assert adjusted_rand_score(ref.fit_predict(sym), states[i]) == 1.0
+
+
+def test_multiseg_silhouette_matches_scikit_learn_and_picks_the_clusters():
+    """The batched silhouette equals scikit-learn's ``silhouette_score`` (singletons count 0,
+    one cluster gives 0), and k-means with automatic k finds the number of separated blobs."""
+    multiseg = pytest.importorskip("experiments.multiseg")
+    from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 64, 3))
+    lab = rng.integers(0, 4, size=(4, 64))
+    lab[0] = 0  # one cluster
+    lab[1, 0], lab[1, 1:] = 3, rng.integers(0, 3, 63)  # a singleton
+    ours = multiseg.silhouette(x, lab, 4)
+    ref = [silhouette_score(x[i], lab[i]) if len(np.unique(lab[i])) > 1 else 0.0 for i in range(4)]
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+    truth, pts = [], []
+    for i in range(4):
+        k = 2 + i
+        t = np.arange(64) % k
+        centres = rng.normal(scale=20.0, size=(k, 3))
+        pts.append(centres[t] + rng.normal(size=(64, 3)))
+        truth.append(t)
+    states, used = multiseg._kmeans_auto(np.stack(pts).astype(np.float32))
+    assert used.tolist() == [2, 3, 4, 5]
+    for i in range(4):
+        assert adjusted_rand_score(truth[i], states[i]) == 1.0

@@ -134,7 +134,7 @@ def _check_attn(attn) -> np.ndarray:
     return a
 
 
-def _merge_one(a, anchors, thresholds):
+def _merge_one(a, anchors, thresholds, k=None):
     # round 1: each anchor's map becomes the mean of the maps of all tokens within the threshold
     kl = symmetric_kl(a[anchors][:, None, :], a[None, :, :])  # (K, n)
     close = kl < thresholds[0]
@@ -153,6 +153,18 @@ def _merge_one(a, anchors, thresholds):
         props = np.stack(merged)
     # non-maximum suppression: each token goes to the proposal with the largest value on it
     winner = props.argmax(0)
+    if k is not None:  # merge the closest surviving proposals until k segments are left
+        props = props[np.unique(winner)]
+        while len(props) > k:
+            kl = symmetric_kl(props[:, None, :], props[None, :, :])
+            kl[np.diag_indices(len(props))] = np.inf
+            i, j = np.unravel_index(np.argmin(kl), kl.shape)
+            keep = np.ones(len(props), bool)
+            keep[j] = False
+            props[i] = 0.5 * (props[i] + props[j])
+            props = props[keep]
+            props = props[np.unique(props.argmax(0))]  # proposals that still win a token
+        winner = props.argmax(0)
     _, labels = np.unique(winner, return_inverse=True)
     return labels.astype(np.int32), int(labels.max()) + 1
 
@@ -166,6 +178,7 @@ def diffseg(
     kl_threshold: float | Sequence[float] = 1.1,
     iterations: int = 3,
     seed: int | np.random.Generator = 0,
+    num_segments: int | Sequence[int] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Unsupervised segmentation by DiffSeg's iterative attention merging.
 
@@ -185,7 +198,11 @@ def diffseg(
        :math:`P_t` (the proposal that puts most attention mass on it).
 
     The number of segments is whatever survives: the proposals that win at least one token,
-    relabelled ``0 .. k-1`` in proposal order. DiffSeg's optional k-means refinement and the
+    relabelled ``0 .. k-1`` in proposal order. With ``num_segments`` (a true number of
+    segments, for comparison with methods that are told it) the surviving proposals are then
+    merged pairwise, the two with the smallest symmetric KL first (their mean replaces them),
+    until that many win a token; a matrix with fewer survivors keeps them (merging cannot
+    split a segment). DiffSeg's optional k-means refinement and the
     upsampling of the maps before the NMS are not part of this function (upsample the labels).
     Rows are renormalised to sum to 1 (an all-zero row becomes uniform).
 
@@ -203,6 +220,8 @@ def diffseg(
       iterations: number of merging rounds, including the first (anchor vs all tokens) one;
         ignored when ``kl_threshold`` is a sequence.
       seed: seed or generator of the TokenRank sampling (unused otherwise).
+      num_segments: ``None`` (DiffSeg: as many segments as the thresholds leave), or at most
+        how many segments to keep, an int or one per matrix ``(...)``, each ``>= 1``.
 
     Returns:
       ``(labels, num_segments)``: int32 ``(..., n)`` segment labels ``0 .. k-1`` per token and
@@ -273,8 +292,22 @@ def diffseg(
 
     flat_a = a.reshape(-1, n, n)
     flat_i = idx.reshape(len(flat_a), -1)
+    if num_segments is None:
+        flat_k = [None] * len(flat_a)
+    else:
+        ks = np.asarray(num_segments)
+        if not np.issubdtype(ks.dtype, np.integer) or np.any(ks < 1):
+            raise ValueError(
+                f"num_segments must be None or int(s) >= 1 (one per matrix), got {num_segments!r}"
+            )
+        try:
+            flat_k = [int(x) for x in np.broadcast_to(ks, batch).reshape(-1)]
+        except ValueError:
+            raise ValueError(
+                f"num_segments of shape {ks.shape} does not match the batch shape {batch}"
+            ) from None
     labels = np.empty((len(flat_a), n), np.int32)
     counts = np.empty(len(flat_a), np.int32)
     for b in range(len(flat_a)):
-        labels[b], counts[b] = _merge_one(flat_a[b], flat_i[b], thresholds)
+        labels[b], counts[b] = _merge_one(flat_a[b], flat_i[b], thresholds, flat_k[b])
     return labels.reshape(*batch, n), counts.reshape(batch)
