@@ -799,7 +799,10 @@ def metastable_states(
     ``k`` (``products`` counts both runs; that fresh iteration's Ritz values can differ from
     the ones the ``k`` was chosen on, so on chains without a gap the ``k`` may then cut a pair
     of every matrix, NaN under ``split="nan"``). It needs concrete values and so raises under
-    ``jit``; pass ``k`` there. ``min_chi`` (most negative ISA entry, near 0 for a good ``k``)
+    ``jit``; pass ``k`` there. Moduli count, not signs: an eigenvalue near -1 (a near-periodic
+    chain, e.g. attention that alternates between two token sets) opens a gap too; the sets
+    it gives alternate instead of holding the chain, and their ``metastability`` near 0 says
+    so. ``min_chi`` (most negative ISA entry, near 0 for a good ``k``)
     and ``crispness`` help compare choices. A ``k`` passed by the caller that cuts a complex
     pair in half raises eagerly (``split="raise"``); under ``jit`` that matrix gets NaN
     memberships and ``converged = False``.
