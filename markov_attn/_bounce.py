@@ -43,19 +43,21 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     a = safe_normalize(a)
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
-        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape)
+        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape, alpha.shape)
         x = one_hot(x0, n, batch, a.dtype)
     else:
-        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape[:-1])
+        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape[:-1], alpha.shape)
         x0 = x0.astype(a.dtype)
         x = poison(safe_normalize(x0), invalid_dists(x0))
         x = jnp.broadcast_to(x, (*batch, n))
     a = jnp.broadcast_to(a, (*batch, n, n))
     v = jnp.broadcast_to(_uniform_or(v, n, a.dtype), (*batch, n))
-    bad = bad | jnp.isnan(alpha) | jnp.any(jnp.isnan(v), axis=-1)  # the start map too
+    alpha = jnp.broadcast_to(alpha, batch)  # one per matrix
+    bad = jnp.broadcast_to(bad, batch) | jnp.isnan(alpha) | jnp.any(jnp.isnan(v), axis=-1)
+    al = alpha[..., None]
 
     def step(x, _):
-        y = alpha * matvec_t(a, x) + (1.0 - alpha) * jnp.sum(x, -1, keepdims=True) * v
+        y = al * matvec_t(a, x) + (1.0 - al) * jnp.sum(x, -1, keepdims=True) * v
         y = safe_normalize(y)
         return y, y
 
@@ -70,7 +72,7 @@ def bounce(
     /,
     *,
     steps: int,
-    alpha: float | Float[ArrayLike, ""] = 0.99,
+    alpha: float | Float[ArrayLike, "*#batch"] = 0.99,
     v: DistLike | None = None,
     direction: str = "forward",
     teleport_first: bool = True,
@@ -105,7 +107,8 @@ def bounce(
         axes ``attn.shape[:-2]``, one-hot start), or start distributions ``(..., n)``
         (renormalised).
       steps: number of bounces (static).
-      alpha: teleportation weight in ``[0, 1]``; ``1.0`` = no teleportation (traced).
+      alpha: teleportation weight in ``[0, 1]``, a scalar or one per matrix ``(...)``;
+        ``1.0`` = no teleportation (traced).
       v: teleport distribution ``(..., n)``, uniform by default.
       direction: ``"forward"`` or ``"reverse"``.
       teleport_first: for ``direction="reverse"``: reverse the teleported chain (default, the

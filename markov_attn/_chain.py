@@ -246,10 +246,11 @@ def _teleport(attn, alpha, v):
     a = as_chain(attn)
     n = a.shape[-1]
     v = _uniform_or(v, n, a.dtype)
-    if v.ndim < a.ndim - 1:
-        v = v.reshape((1,) * (a.ndim - 1 - v.ndim) + v.shape)
-    alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
-    a = poison(a, invalid_matrices(a))
+    alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)  # a scalar or one per matrix
+    batch = jnp.broadcast_shapes(a.shape[:-2], v.shape[:-1], alpha.shape)
+    a = jnp.broadcast_to(poison(a, invalid_matrices(a)), (*batch, n, n))
+    v = jnp.broadcast_to(v, (*batch, n))
+    alpha = jnp.broadcast_to(alpha, batch)[..., None, None]
     return alpha * a + (1.0 - alpha) * v[..., None, :]
 
 
@@ -257,7 +258,7 @@ def teleport(
     attn: ChainLike,
     /,
     *,
-    alpha: float | Float[ArrayLike, ""] = 0.99,
+    alpha: float | Float[ArrayLike, "*#batch"] = 0.99,
     v: DistLike | None = None,
 ) -> Chain:
     r"""The PageRank-style teleported chain :math:`T = \alpha A + (1-\alpha)\,\mathbf{1} v^\top`.
@@ -268,8 +269,8 @@ def teleport(
 
     Args:
       attn: row-stochastic ``(..., n, n)``.
-      alpha: weight of the attention chain, in ``[0, 1]`` (traced: sweeping it does not
-        recompile).
+      alpha: weight of the attention chain, in ``[0, 1]``: a scalar or one per matrix
+        ``(...)``, broadcast against the batch (traced: sweeping it does not recompile).
       v: teleport distribution ``(..., n)``; uniform by default; renormalised to sum 1.
 
     Returns:

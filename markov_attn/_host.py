@@ -39,7 +39,8 @@ def _callback(fn, outs, *args):
         res = fn(*a)
         res = res if isinstance(res, tuple) else (res,)
         return tuple(
-            np.ascontiguousarray(r, np.dtype(o.dtype)).view(np.uint32).reshape(*o.shape, w)
+            # np.shape(r), not o.shape: under vmap the callback sees the batched arrays
+            np.ascontiguousarray(r, np.dtype(o.dtype)).view(np.uint32).reshape(*np.shape(r), w)
             if (w := _words(o.dtype))
             else r
             for r, o in zip(res, outs_t)

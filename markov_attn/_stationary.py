@@ -10,7 +10,9 @@ approximate solution with residual :math:`r = v - M\hat\pi` has error
 
 .. math:: \|\hat\pi - \pi\|_1 \le \frac{1 + \alpha}{1 - \alpha}\,\|r\|_1,
 
-the bound reported as :attr:`SolveInfo.error_bound` and used by the ``tol`` stopping rule.
+the bound used by the ``tol`` stopping rule. :attr:`SolveInfo.error_bound` reports it with
+the residual's own rounding (``RESIDUAL_ROUNDING`` eps) added to :math:`\|r\|_1`, since the
+residual of a float32 iterate is not known more precisely than that.
 """
 
 import dataclasses

@@ -434,9 +434,12 @@ def tokenrank_qk(
     """
     check_choice("method", method, METHODS)
     q, k, key_mask = _check(q, k, key_mask, block)
-    check_alpha(alpha, batch=q.shape[:-2])
+    batch = jnp.broadcast_shapes(
+        q.shape[:-2], k.shape[:-2], () if key_mask is None else key_mask.shape[:-1]
+    )
+    check_alpha(alpha, batch=batch)
     if v is not None:
-        check_v(v, "v", q.shape[:-2])
+        check_v(v, "v", batch)
     if not isinstance(tol, float | int) or isinstance(tol, bool) or not tol > 0:
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:

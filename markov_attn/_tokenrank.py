@@ -131,7 +131,7 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
     if direction == "out":
         a = normalized_rows(a, rows)  # the reverse of the chain, not of the raw weights
         if teleport_first:  # the paper's reverse chain: reverse(teleport(A)), not teleported again
-            a = _reverse(_teleport(a, alpha[..., None, None], v))
+            a = _reverse(_teleport(a, alpha, v))  # _teleport takes one alpha per matrix
             alpha = jnp.ones_like(alpha)
         else:
             a = _reverse(a)

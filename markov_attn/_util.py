@@ -231,7 +231,10 @@ def check_alpha(alpha, *, allow_one: bool = True, batch=None) -> None:
 
 
 def check_batch(name: str, shape, batch, hint: str) -> None:
-    """Eager: ``name``'s batch shape must broadcast with the attention's batch shape."""
+    """Eager: ``name``'s batch shape must broadcast with the attention's batch shape (not
+    checked for symbolic dimensions, as under ``jax.export``)."""
+    if not all(isinstance(d, int | np.integer) for d in (*shape, *batch)):
+        return
     try:
         np.broadcast_shapes(tuple(shape), tuple(batch))
     except ValueError:

@@ -127,6 +127,30 @@ def test_num_segments_merges_the_closest_proposals_down_to_k():
     # fewer survivors than asked: kept (merging cannot split)
     _, k = diffseg(a, anchors="grid", kl_threshold=100.0, num_segments=3)
     assert int(k) == 1
+    # exactly K whenever more survive: a merged proposal that wins no token once took two
+    # segments away at a time (6 -> 4 on this chain)
+    six = np.array(
+        [
+            [0.017, 0.005, 0.437, 0.063, 0.009, 0.47],
+            [0.035, 0.018, 0.001, 0.223, 0.179, 0.544],
+            [0.063, 0.261, 0.035, 0.119, 0.317, 0.206],
+            [0.015, 0.182, 0.185, 0.471, 0.01, 0.136],
+            [0.677, 0.16, 0.047, 0.011, 0.068, 0.038],
+            [0.122, 0.008, 0.008, 0.021, 0.787, 0.054],
+        ]
+    )
+    _, k6 = diffseg(six, anchors=np.arange(6), kl_threshold=[1e-12])
+    assert int(k6) == 6
+    rng = np.random.default_rng(0)
+    for k in range(1, 7):
+        lab, kk = diffseg(six, anchors=np.arange(6), kl_threshold=[1e-12], num_segments=k)
+        assert int(kk) == k and sorted(np.unique(lab).tolist()) == list(range(k))
+    for _ in range(50):
+        d = rng.dirichlet(np.full(6, 0.5), 6)
+        _, free = diffseg(d, anchors=np.arange(6), kl_threshold=[1e-12])
+        for k in range(1, 7):
+            _, kk = diffseg(d, anchors=np.arange(6), kl_threshold=[1e-12], num_segments=k)
+            assert int(kk) == min(k, int(free))
     # one per matrix, and bad values
     both = np.stack([a, a])
     _, ks = diffseg(both, kl_threshold=1e-6, iterations=1, num_segments=[4, 2])

@@ -343,12 +343,30 @@ _Q2 = np.random.default_rng(1).standard_normal((2, 8, 4)).astype(np.float32)
         ("x0", lambda: ma.bounce(_A2, np.ones((3, 8)), steps=2)),
         ("v", lambda: ma.tokenrank_qk(_Q2, _Q2, v=np.ones((3, 8)))),
         ("alpha", lambda: ma.tokenrank_qk(_Q2, _Q2, alpha=np.full(3, 0.9))),
+        ("v", lambda: ma.tokenrank_qk(_Q2[0], _Q2, v=np.ones((3, 8)))),  # k's batch counts
     ],
 )
 def test_a_batch_shape_that_does_not_broadcast_names_the_argument(name, call):
     # these used to fail inside the computation with "Incompatible shapes for broadcasting"
     with pytest.raises(ValueError, match=rf"^{name} has batch shape \(3,\).*batch shape \(2,\)"):
         call()
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_one_alpha_per_matrix_equals_separate_calls(rng, direction):
+    # teleport and bounce once multiplied a per-matrix alpha (B,) into the token axis: rows
+    # that did not sum to 1, or a broadcasting error when n != B
+    a = testing.random_chains(rng, (3,), 5).astype(np.float32)
+    al = np.array([0.5, 0.9, 0.99], np.float32)
+    t = np.asarray(ma.teleport(a, alpha=al))
+    xs = np.asarray(ma.bounce(a, 0, steps=3, alpha=al, direction=direction))
+    pi = np.asarray(ma.tokenrank(a, alpha=al, direction="out" if direction == "reverse" else "in"))
+    for i in range(3):
+        np.testing.assert_allclose(t[i], ma.teleport(a[i], alpha=al[i]), atol=1e-7)
+        one = ma.bounce(a[i], 0, steps=3, alpha=al[i], direction=direction)
+        np.testing.assert_allclose(xs[i], one, atol=1e-7)
+        d = "out" if direction == "reverse" else "in"
+        np.testing.assert_allclose(pi[i], ma.tokenrank(a[i], alpha=al[i], direction=d), atol=1e-6)
 
 
 def test_batch_shapes_that_broadcast_still_work():
@@ -413,6 +431,12 @@ def test_lapack_paths_in_one_program_do_not_hang(x64):
         assert all(o.dtype == dtype for o in out), [o.dtype for o in out]
         ref = np.sort(np.abs(np.linalg.eigvals(np.asarray(a, np.float64))), -1)[..., -2]
         assert np.abs(np.asarray(out[2], np.float64) - ref).max() < (1e-12 if x64 else 1e-5)
+        # under vmap the host callback sees batched arrays (a reshape there once failed)
+        lam = jax.vmap(lambda x: ma.second_eigenvalue(x, method="eig"))(a)
+        pin = jax.vmap(lambda x: ma.tokenrank(x, method="solve"))(a)
+        assert lam.dtype == pin.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(lam), np.asarray(out[2]))
+        np.testing.assert_allclose(np.asarray(pin), np.asarray(out[0]), atol=1e-6)
         print("done")
         """
     )

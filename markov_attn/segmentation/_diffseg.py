@@ -153,19 +153,17 @@ def _merge_one(a, anchors, thresholds, k=None):
         props = np.stack(merged)
     # non-maximum suppression: each token goes to the proposal with the largest value on it
     winner = props.argmax(0)
-    if k is not None:  # merge the closest surviving proposals until k segments are left
-        props = props[np.unique(winner)]
+    _, labels = np.unique(winner, return_inverse=True)
+    if k is not None:  # merge the closest segments until k are left
+        props = props[np.unique(winner)]  # one proposal per segment, in label order
         while len(props) > k:
             kl = symmetric_kl(props[:, None, :], props[None, :, :])
             kl[np.diag_indices(len(props))] = np.inf
-            i, j = np.unravel_index(np.argmin(kl), kl.shape)
-            keep = np.ones(len(props), bool)
-            keep[j] = False
+            i, j = sorted(np.unravel_index(np.argmin(kl), kl.shape))
             props[i] = 0.5 * (props[i] + props[j])
-            props = props[keep]
-            props = props[np.unique(props.argmax(0))]  # proposals that still win a token
-        winner = props.argmax(0)
-    _, labels = np.unique(winner, return_inverse=True)
+            props = np.delete(props, j, axis=0)
+            labels = np.where(labels == j, i, labels)  # segment j joins segment i
+            labels = np.where(labels > j, labels - 1, labels)
     return labels.astype(np.int32), int(labels.max()) + 1
 
 
@@ -199,11 +197,12 @@ def diffseg(
 
     The number of segments is whatever survives: the proposals that win at least one token,
     relabelled ``0 .. k-1`` in proposal order. With ``num_segments`` (a true number of
-    segments, for comparison with methods that are told it) the surviving proposals are then
-    merged pairwise, the two with the smallest symmetric KL first (their mean replaces them),
-    until that many win a token; a matrix with fewer survivors keeps them (merging cannot
-    split a segment). DiffSeg's optional k-means refinement and the
-    upsampling of the maps before the NMS are not part of this function (upsample the labels).
+    segments, for comparison with methods that are told it) these segments are then merged
+    pairwise, the two whose proposals have the smallest symmetric KL first (the union of their
+    tokens; the mean of their proposals stands for it in later merges), until that many are
+    left; a matrix with fewer segments keeps them (merging cannot split a segment). DiffSeg's
+    optional k-means refinement and the upsampling of the maps before the NMS are not part of
+    this function (upsample the labels).
     Rows are renormalised to sum to 1 (an all-zero row becomes uniform).
 
     Args:
@@ -220,8 +219,9 @@ def diffseg(
       iterations: number of merging rounds, including the first (anchor vs all tokens) one;
         ignored when ``kl_threshold`` is a sequence.
       seed: seed or generator of the TokenRank sampling (unused otherwise).
-      num_segments: ``None`` (DiffSeg: as many segments as the thresholds leave), or at most
-        how many segments to keep, an int or one per matrix ``(...)``, each ``>= 1``.
+      num_segments: ``None`` (DiffSeg: as many segments as the thresholds leave), or how many
+        segments to merge down to (fewer only where fewer survive the thresholds), an int or
+        one per matrix ``(...)``, each ``>= 1``.
 
     Returns:
       ``(labels, num_segments)``: int32 ``(..., n)`` segment labels ``0 .. k-1`` per token and
