@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from ._chain import _keep_index, _uniform_or, check_index, check_v, one_hot
@@ -76,33 +77,69 @@ def _logits(qb, k, live):
     return s
 
 
-def _tile(qb, k, lb, km, live):
+def _dead_rows(km, causal):
+    """Causal rows whose visible keys (``j <= i``) are all masked ``(..., n)``: uniform over
+    all ``n`` keys, as :func:`markov_attn.transition` makes such a row; ``None`` if none can
+    be."""
+    if not causal or km is None:
+        return None
+    return jnp.cumsum(km, axis=-1) == 0
+
+
+def _mask(s, km, pos, dead):
+    """Logits of a query block with its mask applied: ``(s, visible)``. ``pos`` holds the
+    block's query positions (causal: key ``j`` visible to query ``i`` iff ``j <= i``) or is
+    ``None``; ``dead`` the block's dead rows (logit 0 and every key visible)."""
+    vis = None if km is None else km[..., None, :]
+    if pos is not None:
+        tri = jnp.arange(s.shape[-1])[None, :] <= pos[:, None]
+        tri = tri.reshape((1,) * (s.ndim - 2) + tri.shape)
+        vis = tri if vis is None else vis & tri
+    if dead is not None:
+        vis = vis | dead[..., :, None]
+        s = jnp.where(dead[..., :, None], 0.0, s)
+    return s, vis
+
+
+def _tile(qb, k, lb, km, live, pos=None, dead=None):
     """The ``(..., block, n)`` tile of A for a block of queries."""
-    p = jnp.exp(_logits(qb, k, live) - lb[..., None])
-    if km is not None:
-        p = jnp.where(km[..., None, :], p, 0.0)
+    s, vis = _mask(_logits(qb, k, live), km, pos, dead)
+    p = jnp.exp(s - lb[..., None])
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
     return p
+
+
+def _causal_blocks(xs, n, block, km, causal):
+    """Adds the query positions (and dead rows) of each block to a pass's scanned inputs."""
+    if causal:
+        xs["pos"] = _to_blocks(jnp.arange(n), block, -1)
+        dead = _dead_rows(km, causal)
+        if dead is not None:
+            xs["dead"] = _to_blocks(dead, block, -1)
+    return xs
 
 
 # --------------------------------------------------------------------------------------------
 # passes over the query blocks (plain functions: no autodiff through them)
 
 
-def _lse_pass(qs, k, km, live, block):
+def _lse_pass(qs, k, km, live, block, causal=False):
     """Row log-sum-exp ``L`` ``(..., n)`` of the (masked) logits."""
     n = qs.shape[-2]
+    xs = _causal_blocks({"q": _to_blocks(qs, block, -2)}, n, block, km, causal)
 
-    def body(_, qb):
-        s = _logits(qb, k, live)
-        if km is not None:
-            s = jnp.where(km[..., None, :], s, -jnp.inf)
+    def body(_, blk):
+        s, vis = _mask(_logits(blk["q"], k, live), km, blk.get("pos"), blk.get("dead"))
+        if vis is not None:
+            s = jnp.where(vis, s, -jnp.inf)
         return None, jax.nn.logsumexp(s, axis=-1)
 
-    _, lb = jax.lax.scan(body, None, _to_blocks(qs, block, -2))
+    _, lb = jax.lax.scan(body, None, xs)
     return _from_blocks(lb, n, -1)
 
 
-def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
+def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, causal=False):
     """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
 
     ``accurate=True`` gives ``(A - diag(A))^T x`` summed within a block in partial sums of
@@ -113,10 +150,11 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
         xs["x"] = _to_blocks(x, block, -2)
     if accurate:
         xs["i"] = _to_blocks(jnp.arange(n), block, -1)
+    xs = _causal_blocks(xs, n, block, km, causal)
     acc0 = jnp.zeros(x.shape, x.dtype) if x is not None else None
 
     def body(acc, blk):
-        p = _tile(blk["q"], k, blk["l"], km, live)
+        p = _tile(blk["q"], k, blk["l"], km, live, blk.get("pos"), blk.get("dead"))
         if accurate:  # the off-diagonal part only (see _stationary.Operator)
             p = jnp.where(blk["i"][:, None] == jnp.arange(n)[None, :], 0.0, p)
         out = None
@@ -136,7 +174,7 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False):
     return acc, (None if u is None else _from_blocks(out, n, -2))
 
 
-def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool):
+def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool, causal=False):
     """Backward pass for a logit cotangent of the form ``dS = P * (a b^T - fold * c 1^T)``.
 
     With ``P`` the tile of A, ``a``, ``b`` of shape ``(..., n, r)`` and ``c_i = a_i . (P b)_i``,
@@ -149,12 +187,13 @@ def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool)
         "l": _to_blocks(lse, block, -1),
         "a": _to_blocks(a, block, -2),
     }
+    xs = _causal_blocks(xs, n, block, km, causal)
     dk0 = jnp.zeros(k.shape, k.dtype)
     pta0 = jnp.zeros(b.shape, b.dtype) if want_pta else None
 
     def body(carry, blk):
         dk, pta = carry
-        p = _tile(blk["q"], k, blk["l"], km, live)
+        p = _tile(blk["q"], k, blk["l"], km, live, blk.get("pos"), blk.get("dead"))
         pb = jnp.einsum("...ij,...jr->...ir", p, b, precision=HIGHEST)
         c = jnp.sum(blk["a"] * pb, axis=-1)
         w = jnp.einsum("...ir,...jr->...ij", blk["a"], b, precision=HIGHEST)
@@ -163,6 +202,8 @@ def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool)
         ds = p * w
         if live is not None:
             ds = jnp.where(live[..., None, None], ds, 0.0)
+        if "dead" in blk:  # a dead row's logits are constants
+            ds = jnp.where(blk["dead"][..., :, None], 0.0, ds)
         dq = jnp.einsum("...ij,...jd->...id", ds, k, precision=HIGHEST)
         dk = dk + jnp.einsum("...ij,...id->...jd", ds, blk["q"], precision=HIGHEST)
         if want_pta:
@@ -183,21 +224,21 @@ def _grad_pass(qs, k, lse, km, live, block, a, b, *, fold: bool, want_pta: bool)
 # differentiable streaming operators (memory O(n d + block n) forward and backward)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _lse_op(qs, k, km, live, block):
-    return _lse_pass(qs, k, km, live, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _lse_op(qs, k, km, live, block, causal=False):
+    return _lse_pass(qs, k, km, live, block, causal)
 
 
-def _lse_op_fwd(qs, k, km, live, block):
-    lse = _lse_pass(qs, k, km, live, block)
+def _lse_op_fwd(qs, k, km, live, block, causal=False):
+    lse = _lse_pass(qs, k, km, live, block, causal)
     return lse, (qs, k, km, live, lse)
 
 
-def _lse_op_bwd(block, res, g):
+def _lse_op_bwd(block, causal, res, g):
     qs, k, km, live, lse = res
     ones = jnp.ones((*k.shape[:-1], 1), k.dtype)
     dq, dk, _, _, _ = _grad_pass(
-        qs, k, lse, km, live, block, g[..., None], ones, fold=False, want_pta=False
+        qs, k, lse, km, live, block, g[..., None], ones, fold=False, want_pta=False, causal=causal
     )
     return dq, dk, None, None
 
@@ -205,38 +246,42 @@ def _lse_op_bwd(block, res, g):
 _lse_op.defvjp(_lse_op_fwd, _lse_op_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _at_op(qs, k, lse, km, live, x, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _at_op(qs, k, lse, km, live, x, block, causal=False):
     """``A^T x`` for ``x`` ``(..., n, r)``."""
-    return _apply_pass(qs, k, lse, km, live, block, x=x)[0]
+    return _apply_pass(qs, k, lse, km, live, block, x=x, causal=causal)[0]
 
 
-def _at_op_fwd(qs, k, lse, km, live, x, block):
-    return _at_op(qs, k, lse, km, live, x, block), (qs, k, lse, km, live, x)
+def _at_op_fwd(qs, k, lse, km, live, x, block, causal=False):
+    return _at_op(qs, k, lse, km, live, x, block, causal), (qs, k, lse, km, live, x)
 
 
-def _at_op_bwd(block, res, g):
+def _at_op_bwd(block, causal, res, g):
     qs, k, lse, km, live, x = res
-    dq, dk, c, pb, _ = _grad_pass(qs, k, lse, km, live, block, x, g, fold=False, want_pta=False)
+    dq, dk, c, pb, _ = _grad_pass(
+        qs, k, lse, km, live, block, x, g, fold=False, want_pta=False, causal=causal
+    )
     return dq, dk, -c, None, None, pb
 
 
 _at_op.defvjp(_at_op_fwd, _at_op_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _a_op(qs, k, lse, km, live, u, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _a_op(qs, k, lse, km, live, u, block, causal=False):
     """``A u`` for ``u`` ``(..., n, r)``."""
-    return _apply_pass(qs, k, lse, km, live, block, u=u)[1]
+    return _apply_pass(qs, k, lse, km, live, block, u=u, causal=causal)[1]
 
 
-def _a_op_fwd(qs, k, lse, km, live, u, block):
-    return _a_op(qs, k, lse, km, live, u, block), (qs, k, lse, km, live, u)
+def _a_op_fwd(qs, k, lse, km, live, u, block, causal=False):
+    return _a_op(qs, k, lse, km, live, u, block, causal), (qs, k, lse, km, live, u)
 
 
-def _a_op_bwd(block, res, g):
+def _a_op_bwd(block, causal, res, g):
     qs, k, lse, km, live, u = res
-    dq, dk, c, _, pta = _grad_pass(qs, k, lse, km, live, block, g, u, fold=False, want_pta=True)
+    dq, dk, c, _, pta = _grad_pass(
+        qs, k, lse, km, live, block, g, u, fold=False, want_pta=True, causal=causal
+    )
     return dq, dk, -c, None, None, pta
 
 
@@ -247,7 +292,7 @@ _a_op.defvjp(_a_op_fwd, _a_op_bwd)
 # argument handling
 
 
-def _prepare(q, k, scale, key_mask, idx, block):
+def _prepare(q, k, scale, key_mask, idx, block, causal=False):
     """Float32 scaled queries, keys, effective key mask and 'any valid key' flag, broadcast to
     one batch shape, with ``keep`` applied; and the block size clipped to ``n``."""
     dtype = compute_dtype(jnp.result_type(q.dtype, k.dtype))
@@ -268,8 +313,9 @@ def _prepare(q, k, scale, key_mask, idx, block):
     km = live = None
     if key_mask is not None:
         km = jnp.broadcast_to(key_mask, (*batch, n))
-        live = jnp.any(km, axis=-1)
-        km = km | ~live[..., None]
+        if not causal:  # causal: rows without a visible key are handled as dead rows
+            live = jnp.any(km, axis=-1)
+            km = km | ~live[..., None]
     return qs, k, km, live, batch, min(block, n)
 
 
@@ -317,8 +363,12 @@ def _bad_qk(qs, k):
     return ~(jnp.all(jnp.isfinite(qs), axis=(-2, -1)) & jnp.all(jnp.isfinite(k), axis=(-2, -1)))
 
 
-def _keep(keep, n):
+def _keep(keep, n, causal=False):
     idx = _keep_index(keep, n)
+    if causal and idx is not None and np.any(np.diff(idx) < 0):
+        raise ValueError(
+            "causal=True needs keep= in increasing token order (the causal order); sort it"
+        )
     return None if idx is None else jnp.asarray(idx)
 
 
@@ -326,31 +376,40 @@ def _keep(keep, n):
 # TokenRank
 
 
-def _diag(p):
-    """``A_ii`` from ``(qs, k, lse, km, live)`` in ``O(n d)``."""
+def _diag(p, causal=False):
+    """``A_ii`` from ``(qs, k, lse, km, live)`` in ``O(n d)`` (the diagonal key is visible
+    under a causal mask too)."""
     qs, k, lse, km, live = p
     s = jnp.sum(qs * k, axis=-1)
     if live is not None:
         s = jnp.where(live[..., None], s, 0.0)
+    dead = _dead_rows(km, causal)
+    if dead is not None:  # uniform rows
+        s = jnp.where(dead, 0.0, s)
+        km = km | dead
     d = jnp.exp(s - lse)
     return d if km is None else jnp.where(km, d, 0.0)
 
 
-def stream_operator(block: int) -> Operator:
+def stream_operator(block: int, causal: bool = False) -> Operator:
     """The :class:`Operator` of a streamed chain; its parameters are
     ``(qs, k, lse, km, live)``."""
+
+    def offdiag(p, x):
+        return _apply_pass(*p, block, x=x[..., None], accurate=True, causal=causal)[0][..., 0]
+
     return Operator(
-        at=lambda p, x: _at_op(*p, x[..., None], block)[..., 0],
-        a=lambda p, u: _a_op(*p, u[..., None], block)[..., 0],
+        at=lambda p, x: _at_op(*p, x[..., None], block, causal)[..., 0],
+        a=lambda p, u: _a_op(*p, u[..., None], block, causal)[..., 0],
         prepare=lambda p: p,
-        offdiag=lambda p, x: _apply_pass(*p, block, x=x[..., None], accurate=True)[0][..., 0],
-        diag=_diag,
+        offdiag=offdiag,
+        diag=functools.partial(_diag, causal=causal),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("block", "method", "tol", "max_steps"))
-def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method, tol, max_steps):
-    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+@functools.partial(jax.jit, static_argnames=("block", "method", "tol", "max_steps", "causal"))
+def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method, tol, max_steps, causal):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block, causal)
     n = qs.shape[-2]
     v = _uniform_or(v, n, qs.dtype)
     alpha = jnp.asarray(alpha, qs.dtype)
@@ -362,12 +421,13 @@ def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method, tol, max_
     k = jnp.where(bad[..., None, None], 0.0, jnp.broadcast_to(k, qs.shape))
     if km is not None:
         km = jnp.broadcast_to(km, (*batch, n))
-        live = jnp.broadcast_to(live, batch)
+        live = None if live is None else jnp.broadcast_to(live, batch)
     v = jnp.where(bad[..., None], 1.0 / n, jnp.broadcast_to(v, (*batch, n)))
     alpha = jnp.where(bad, 0.5, jnp.broadcast_to(alpha, batch))
-    lse = _lse_op(qs, k, km, live, block)
+    lse = _lse_op(qs, k, km, live, block, causal)
     opts = Options(method, tol, max_steps)
-    pi, info = stationary(stream_operator(block), opts, (qs, k, lse, km, live), v, alpha)
+    op = stream_operator(block, causal)
+    pi, info = stationary(op, opts, (qs, k, lse, km, live), v, alpha)
     return poison(pi, bad), info._replace(converged=info.converged & ~bad)
 
 
@@ -386,13 +446,15 @@ def tokenrank_qk(
     tol: float = 1e-6,
     max_steps: int | None = None,
     return_info: bool = False,
+    causal: bool = False,
 ) -> Dist | tuple[Dist, SolveInfo]:
     r"""TokenRank streamed from queries and keys, without the ``n × n`` attention matrix.
 
     Equals ``ma.tokenrank(ma.transition(scale * q @ kᵀ, keep=keep, mask=key_mask), alpha=alpha,
-    v=v)`` to solver tolerance, but computes every product :math:`A^\top x` blockwise from
-    ``q``, ``k`` and the row log-sum-exp, holding at most a ``(block, n)`` tile of :math:`A` per
-    matrix: memory :math:`O(n d + \text{block}\cdot n)` instead of :math:`O(n^2)`.
+    v=v)`` (with ``causal=causal`` in both) to solver tolerance, but computes every product
+    :math:`A^\top x` blockwise from ``q``, ``k`` and the row log-sum-exp, holding at most a
+    ``(block, n)`` tile of :math:`A` per matrix: memory :math:`O(n d + \text{block}\cdot n)`
+    instead of :math:`O(n^2)`.
 
     The system :math:`(I - \alpha A^\top + \alpha v\mathbf{1}^\top)\pi = v` is solved by the
     same solver as :func:`tokenrank` (GMRES with iterative refinement, or the power method),
@@ -419,6 +481,10 @@ def tokenrank_qk(
       tol: target L1 error (static; see :func:`tokenrank`).
       max_steps: bound on products (GMRES) or power steps.
       return_info: also return a :class:`SolveInfo` per matrix.
+      causal: decoder (causal) attention, as ``ma.transition(..., causal=True)``: query
+        ``i`` sees keys ``j <= i`` only (original token order, combined with ``key_mask``; a
+        query whose visible keys are all masked attends uniformly to every token, as there).
+        Static; ``keep`` must then be in increasing order.
 
     Returns:
       ``(..., m)`` float32 distributions over the ``m`` kept tokens (NaN for a matrix whose
@@ -451,11 +517,12 @@ def tokenrank_qk(
         alpha,
         v,
         key_mask,
-        _keep(keep, q.shape[-2]),
+        _keep(keep, q.shape[-2], causal),
         block,
         method,
         float(tol),
         max_steps,
+        bool(causal),
     )
     return (pi, info) if return_info else pi
 
@@ -464,9 +531,9 @@ def tokenrank_qk(
 # bounces
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "block", "batch_starts"))
-def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_starts):
-    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+@functools.partial(jax.jit, static_argnames=("steps", "block", "batch_starts", "causal"))
+def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_starts, causal):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block, causal)
     n = qs.shape[-2]
     if jnp.issubdtype(x0.dtype, jnp.integer):
         if batch_starts:  # (..., r) indices -> (..., n, r)
@@ -488,13 +555,14 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
     k = jnp.broadcast_to(k, qs.shape)
     if km is not None:
         km = jnp.broadcast_to(km, (*bshape, n))
-        live = jnp.broadcast_to(live, bshape)
+        live = None if live is None else jnp.broadcast_to(live, bshape)
     v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*bshape, n))[..., None]
     alpha = traced_range(jnp.asarray(alpha, qs.dtype), 0.0, 1.0)
-    lse = _lse_op(qs, k, km, live, block)
+    alpha = jnp.broadcast_to(alpha, bshape)[..., None, None]  # one per chain
+    lse = _lse_op(qs, k, km, live, block, causal)
 
     def step(x, _):
-        y = alpha * _at_op(qs, k, lse, km, live, x, block)
+        y = alpha * _at_op(qs, k, lse, km, live, x, block, causal)
         y = y + (1.0 - alpha) * jnp.sum(x, -2, keepdims=True) * v
         y = safe_normalize(y, axis=-2)
         return y, y
@@ -515,12 +583,13 @@ def bounce_qk(
     *,
     steps: int,
     scale: float | None = None,
-    alpha: float | Float[ArrayLike, ""] = 0.99,
+    alpha: float | Float[ArrayLike, "*#batch"] = 0.99,
     v: DistLike | None = None,
     key_mask: Bool[ArrayLike, "*#batch n"] | None = None,
     keep: slice | Integer[ArrayLike, " k"] | Bool[ArrayLike, " n"] | None = None,
     block: int = BLOCK,
     batch_starts: bool = False,
+    causal: bool = False,
 ) -> Float[Array, "*batch steps_plus_1 n"]:
     r"""Multi-bounce maps streamed from queries and keys (see :func:`bounce`).
 
@@ -539,13 +608,18 @@ def bounce_qk(
         distributions ``(..., r, n)``, ``r`` start vectors per chain.
       steps: number of bounces (static).
       scale: logit scale, ``1 / sqrt(d)`` by default.
-      alpha: teleportation weight in ``[0, 1]``; ``1.0`` = no teleportation.
+      alpha: teleportation weight in ``[0, 1]``, a scalar or one per chain ``(...)``; ``1.0``
+        = no teleportation.
       v: teleport distribution ``(..., n)``, uniform by default.
       key_mask: boolean ``(..., n)`` key mask (``True`` = valid), before ``keep``.
       keep: tokens kept on both axes before the softmax (concrete); ``x0`` indexes the kept
         tokens.
       block: queries per tile (static).
       batch_starts: whether ``x0`` carries an axis of start vectors (see ``x0``).
+      causal: decoder (causal) attention, as ``ma.transition(..., causal=True)``: query
+        ``i`` sees keys ``j <= i`` only (original token order, combined with ``key_mask``; a
+        query whose visible keys are all masked attends uniformly to every token, as there).
+        Static; ``keep`` must then be in increasing order.
 
     Returns:
       ``(..., steps + 1, n)``, or ``(..., r, steps + 1, n)`` with ``batch_starts``.
@@ -562,7 +636,7 @@ def bounce_qk(
     if v is not None:
         check_v(v)
     q, k, key_mask = _check(q, k, key_mask, block)
-    idx = _keep(keep, q.shape[-2])
+    idx = _keep(keep, q.shape[-2], causal)
     m = q.shape[-2] if idx is None else int(idx.shape[0])
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
@@ -575,28 +649,40 @@ def bounce_qk(
             f"x0 must be token indices (integers) or distributions {want} over the {m} kept "
             f"tokens, got {x0.dtype} array of shape {x0.shape}"
         )
-    return _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, bool(batch_starts))
+    return _bounce_qk(
+        q, k, x0, scale, alpha, v, key_mask, idx, steps, block, bool(batch_starts), bool(causal)
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # |lambda_2|
 
 
-@functools.partial(jax.jit, static_argnames=("krylov", "tol", "block"))
-def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block):
-    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block)
+@functools.partial(jax.jit, static_argnames=("krylov", "tol", "block", "causal"))
+def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, causal):
+    qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block, causal)
     n = qs.shape[-2]
     if n == 1:
         return jnp.zeros(batch, qs.dtype)
     bad = _bad_qk(qs, k)
     qs = jnp.where(bad[..., None, None], 0.0, qs)
     k = jnp.where(bad[..., None, None], 0.0, k)
-    lse = _lse_op(qs, k, km, live, block)
+    lse = _lse_op(qs, k, km, live, block, causal)
+    if causal:  # lower triangular: the eigenvalues are the diagonal, read exactly
+        diag = _diag((qs, k, lse, km, live), causal=True)
+        exact = jnp.sort(jnp.abs(diag), axis=-1)[..., -2]
+        dead = _dead_rows(km, causal)
+        if dead is None:
+            return poison(exact, bad)
+        triangular = ~jnp.any(dead, axis=-1)  # a uniform (dead) row is not triangular
 
     def matvec(x):
-        return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
+        return _at_op(qs, k, lse, km, live, x[..., None], block, causal)[..., 0]
 
-    return poison(lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov, tol).value, bad)
+    lam = lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov, tol).value
+    if causal:
+        lam = jnp.where(triangular, exact, lam)
+    return poison(lam, bad)
 
 
 def second_eigenvalue_qk(
@@ -610,6 +696,7 @@ def second_eigenvalue_qk(
     krylov: int = KRYLOV_DIM,
     tol: float = TOL,
     block: int = BLOCK,
+    causal: bool = False,
 ) -> PerMatrix:
     r"""|λ2| of ``softmax(scale · q kᵀ)``, streamed (see :func:`second_eigenvalue`).
 
@@ -633,6 +720,13 @@ def second_eigenvalue_qk(
       krylov: largest Krylov dimension (static).
       tol: residual at which the estimate counts as converged (static).
       block: queries per tile (static).
+      causal: decoder (causal) attention, as ``ma.transition(..., causal=True)``: query
+        ``i`` sees keys ``j <= i`` only (original token order, combined with ``key_mask``; a
+        query whose visible keys are all masked attends uniformly to every token, as there).
+        Static; ``keep`` must then be in increasing order. A causal chain is lower
+        triangular, so its eigenvalues are its diagonal: |λ2| is read from it exactly (no
+        Krylov estimate, which cannot be trusted on such non-normal chains), except in a matrix
+        with a uniform row.
 
     Returns:
       ``(...)`` float32 values in ``[0, 1]``.
@@ -648,8 +742,8 @@ def second_eigenvalue_qk(
     krylov = check_count("krylov", krylov, minimum=1, what=" (Krylov dimension)")
     tol = check_residual_tol(tol)
     q, k, key_mask = _check(q, k, key_mask, block)
-    idx = _keep(keep, q.shape[-2])
-    return _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block)
+    idx = _keep(keep, q.shape[-2], causal)
+    return _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, bool(causal))
 
 
 __all__ = ["bounce_qk", "second_eigenvalue_qk", "tokenrank_qk"]

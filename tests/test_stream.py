@@ -188,6 +188,69 @@ def test_streaming_operators_gradients(rng, x64, op):
     np.testing.assert_allclose(f(qs, k, lse, x), want, atol=1e-12)
 
 
+def _causal64(q, k, mask=None):
+    """Float64 causal transition matrix: query i sees keys j <= i (and the mask); a row with
+    no visible key is uniform over every token, as ``ma.transition(..., causal=True)``."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    n = q.shape[-2]
+    s = np.einsum("...id,...jd->...ij", q, k) / np.sqrt(q.shape[-1])
+    vis = np.tril(np.ones((n, n), bool))
+    if mask is not None:
+        vis = vis & mask[..., None, :]
+    vis = np.broadcast_to(vis, s.shape)
+    dead = ~vis.any(-1)
+    vis = vis | dead[..., None]
+    s = np.where(dead[..., None], 0.0, s)
+    e = np.where(vis, np.exp(s - np.where(vis, s, -np.inf).max(-1, keepdims=True)), 0.0)
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_causal_streaming_equals_the_causal_chain(rng, with_mask):
+    """causal=True streams ma.transition(..., causal=True): TokenRank, bounces (and their
+    gradients) and |λ2| (exact: the diagonal), with masked keys, rows whose visible keys are
+    all masked (uniform) and a matrix with every key masked."""
+    q, k = _qk(rng, (3,), 37, d=8, temp=1.0)
+    mask = None
+    if with_mask:
+        mask = rng.random((3, 37)) > 0.3
+        mask[1, :5] = False  # rows 0-4 of matrix 1 see no key
+        mask[2] = False  # every key masked
+    a = _causal64(q, k, mask)
+    np.testing.assert_allclose(
+        ma.transition(_logits(q, k), causal=True, mask=mask), a, atol=1e-6
+    )  # the reference is the library's causal chain
+    pi = tokenrank_qk(q, k, causal=True, key_mask=mask, block=8)
+    np.testing.assert_allclose(pi, stationary(a), atol=2e-6)
+    xs = bounce_qk(q, k, 0, steps=3, alpha=0.9, causal=True, key_mask=mask, block=8)
+    np.testing.assert_allclose(xs, bounces(a, np.eye(37)[[0, 0, 0]], 3, 0.9), atol=1e-6)
+    lam = second_eigenvalue_qk(q, k, causal=True, key_mask=mask, block=8)
+    np.testing.assert_allclose(lam, lambda2(a), atol=1e-5)
+    if not with_mask:  # triangular: |λ2| is the second largest diagonal entry, exactly
+        want = np.sort(np.abs(np.diagonal(a, axis1=-2, axis2=-1)), -1)[:, -2]
+        np.testing.assert_allclose(lam, want, rtol=1e-5)
+    # keep: the causal order of the kept tokens; unsorted keep is refused
+    kept = tokenrank_qk(q, k, causal=True, key_mask=mask, keep=slice(2, None), block=8)
+    dense = ma.tokenrank(ma.transition(_logits(q, k), causal=True, mask=mask, keep=slice(2, None)))
+    np.testing.assert_allclose(kept, dense, atol=2e-6)
+    with pytest.raises(ValueError, match="increasing token order"):
+        tokenrank_qk(q, k, causal=True, keep=np.array([3, 1, 2]))
+
+    def dense_loss(q, k):
+        c = ma.transition(_logits(q, k), causal=True, mask=mask)
+        return jnp.sum(ma.tokenrank(c) ** 2) + jnp.sum(ma.bounce(c, 0, steps=2)[..., -1, :] ** 2)
+
+    def stream_loss(q, k):
+        pi = tokenrank_qk(q, k, causal=True, key_mask=mask, block=8)
+        xs = bounce_qk(q, k, 0, steps=2, causal=True, key_mask=mask, block=8)
+        return jnp.sum(pi**2) + jnp.sum(xs[..., -1, :] ** 2)
+
+    gd = jax.grad(dense_loss, argnums=(0, 1))(q, k)
+    gs = jax.grad(stream_loss, argnums=(0, 1))(q, k)
+    for x, y in zip(gd, gs):
+        np.testing.assert_allclose(y, x, atol=5e-4 * float(jnp.abs(x).max()))  # float32 solves
+
+
 def test_bounce_equals_dense_with_gradients(rng):
     case = "mask_keep"
     batch, n = (2,), 70
