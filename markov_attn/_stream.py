@@ -550,6 +550,9 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
         bshape = jnp.broadcast_shapes(batch, x.shape[:-2])
         x = poison(safe_normalize(x), invalid_dists(x))
         x = jnp.broadcast_to(x, (*bshape, *x.shape[-2:]))
+    alpha = traced_range(jnp.asarray(alpha, qs.dtype), 0.0, 1.0)
+    bshape = jnp.broadcast_shapes(bshape, alpha.shape)  # one alpha per chain
+    x = jnp.broadcast_to(x, (*bshape, *x.shape[-2:]))
     x = jnp.swapaxes(x, -1, -2)  # (..., n, r): all start vectors share each pass
     qs = jnp.broadcast_to(qs, (*bshape, n, qs.shape[-1]))
     k = jnp.broadcast_to(k, qs.shape)
@@ -557,8 +560,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
         km = jnp.broadcast_to(km, (*bshape, n))
         live = None if live is None else jnp.broadcast_to(live, bshape)
     v = jnp.broadcast_to(_uniform_or(v, n, qs.dtype), (*bshape, n))[..., None]
-    alpha = traced_range(jnp.asarray(alpha, qs.dtype), 0.0, 1.0)
-    alpha = jnp.broadcast_to(alpha, bshape)[..., None, None]  # one per chain
+    alpha = jnp.broadcast_to(alpha, bshape)[..., None, None]
     lse = _lse_op(qs, k, km, live, block, causal)
 
     def step(x, _):
@@ -668,21 +670,30 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, causal
     qs = jnp.where(bad[..., None, None], 0.0, qs)
     k = jnp.where(bad[..., None, None], 0.0, k)
     lse = _lse_op(qs, k, km, live, block, causal)
-    if causal:  # lower triangular: the eigenvalues are the diagonal, read exactly
-        diag = _diag((qs, k, lse, km, live), causal=True)
-        exact = jnp.sort(jnp.abs(diag), axis=-1)[..., -2]
-        dead = _dead_rows(km, causal)
-        if dead is None:
-            return poison(exact, bad)
-        triangular = ~jnp.any(dead, axis=-1)  # a uniform (dead) row is not triangular
+    if causal:  # the eigenvalues in closed form: no Krylov estimate
+        return poison(_causal_lambda2((qs, k, lse, km, live)), bad)
 
     def matvec(x):
         return _at_op(qs, k, lse, km, live, x[..., None], block, causal)[..., 0]
 
     lam = lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov, tol).value
-    if causal:
-        lam = jnp.where(triangular, exact, lam)
     return poison(lam, bad)
+
+
+def _causal_lambda2(p):
+    """|λ2| of a causal chain, exactly. Rows without a visible key (``cumsum(key_mask) == 0``)
+    are a prefix of ``r`` uniform rows, and the later rows put no mass on those ``r`` masked
+    keys, so the chain is block upper triangular, ``[[J/n, J/n], [0, L]]`` with ``L`` lower
+    triangular: its eigenvalues are ``r/n`` (for ``r > 0``), ``0`` and ``L``'s diagonal."""
+    diag = _diag(p, causal=True)
+    dead = _dead_rows(p[3], True)
+    n = diag.shape[-1]
+    if dead is None:
+        vals = jnp.abs(diag)
+    else:
+        r = jnp.sum(dead, axis=-1, dtype=diag.dtype)
+        vals = jnp.concatenate([jnp.where(dead, 0.0, jnp.abs(diag)), (r / n)[..., None]], -1)
+    return jnp.sort(vals, axis=-1)[..., -2]
 
 
 def second_eigenvalue_qk(
@@ -725,8 +736,9 @@ def second_eigenvalue_qk(
         query whose visible keys are all masked attends uniformly to every token, as there).
         Static; ``keep`` must then be in increasing order. A causal chain is lower
         triangular, so its eigenvalues are its diagonal: |λ2| is read from it exactly (no
-        Krylov estimate, which cannot be trusted on such non-normal chains), except in a matrix
-        with a uniform row.
+        Krylov estimate, which cannot be trusted on such non-normal chains; rows left without
+        a visible key form a uniform block whose eigenvalues are added in closed form), and
+        differentiated through it.
 
     Returns:
       ``(...)`` float32 values in ``[0, 1]``.

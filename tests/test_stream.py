@@ -225,7 +225,7 @@ def test_causal_streaming_equals_the_causal_chain(rng, with_mask):
     xs = bounce_qk(q, k, 0, steps=3, alpha=0.9, causal=True, key_mask=mask, block=8)
     np.testing.assert_allclose(xs, bounces(a, np.eye(37)[[0, 0, 0]], 3, 0.9), atol=1e-6)
     lam = second_eigenvalue_qk(q, k, causal=True, key_mask=mask, block=8)
-    np.testing.assert_allclose(lam, lambda2(a), atol=1e-5)
+    np.testing.assert_allclose(lam, lambda2(a), atol=1e-6)  # closed form, dead rows included
     if not with_mask:  # triangular: |λ2| is the second largest diagonal entry, exactly
         want = np.sort(np.abs(np.diagonal(a, axis1=-2, axis2=-1)), -1)[:, -2]
         np.testing.assert_allclose(lam, want, rtol=1e-5)
@@ -249,6 +249,33 @@ def test_causal_streaming_equals_the_causal_chain(rng, with_mask):
     gs = jax.grad(stream_loss, argnums=(0, 1))(q, k)
     for x, y in zip(gd, gs):
         np.testing.assert_allclose(y, x, atol=5e-4 * float(jnp.abs(x).max()))  # float32 solves
+
+
+def test_causal_lambda2_is_exact_and_differentiable_with_masks(rng):
+    """|λ2| of masked causal chains in closed form (dead rows are a prefix forming a uniform
+    block): equal to float64 eigenvalues for every block size, with finite gradients equal to
+    the dense function's (a Krylov branch once gave NaN gradients with any key_mask)."""
+    q, k = _qk(rng, (6,), 11, d=4, temp=1.0)
+    mask = rng.random((6, 11)) > 0.3
+    mask[0, :3] = False  # a dead prefix of 3 rows
+    mask[1] = False  # all masked
+    mask[2] = True
+    a = _causal64(q, k, mask)
+    for block in (1, 4, 11):
+        lam = second_eigenvalue_qk(q, k, causal=True, key_mask=mask, block=block)
+        np.testing.assert_allclose(lam, lambda2(a), atol=1e-6)
+    gs = jax.grad(lambda q: jnp.sum(second_eigenvalue_qk(q, k, causal=True, key_mask=mask)))(q)
+    dense = lambda q: jnp.sum(
+        ma.second_eigenvalue(ma.transition(_logits(q, k), causal=True, mask=mask))
+    )
+    gd = jax.grad(dense)(q)
+    assert np.all(np.isfinite(gs))
+    np.testing.assert_allclose(gs, gd, atol=1e-4 * float(jnp.abs(gd).max()) + 1e-7)
+    # one alpha per chain, more chains than q/k have
+    al = np.array([0.5, 0.9, 1.0], np.float32)
+    xs = bounce_qk(q[3], k[3], 2, steps=3, alpha=al, causal=True)
+    assert xs.shape == (3, 4, 11)
+    np.testing.assert_allclose(xs[1], bounce_qk(q[3], k[3], 2, steps=3, alpha=0.9, causal=True))
 
 
 def test_bounce_equals_dense_with_gradients(rng):
