@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
-from ._chain import _keep_index, _uniform_or, check_index, check_v, one_hot
-from ._spectral import KRYLOV_DIM, TOL, check_residual_tol, lambda2_from_matvec
+from ._chain import _keep_index, _transition, _uniform_or, check_index, check_v, one_hot
+from ._spectral import KRYLOV_DIM, TOL, _second_eigenvalue, check_residual_tol, lambda2_from_matvec
 from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import Dist, DistLike, PerMatrix
 from ._util import (
@@ -673,11 +673,42 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, causal
     if causal:  # the eigenvalues in closed form: no Krylov estimate
         return poison(_causal_lambda2((qs, k, lse, km, live)), bad)
 
-    def matvec(x):
-        return _at_op(qs, k, lse, km, live, x[..., None], block, causal)[..., 0]
-
-    lam = lambda2_from_matvec(matvec, (*batch, n), qs.dtype, krylov, tol).value
+    lam = _lambda2_streamed(qs, k, lse, km, live, bad, krylov, tol, block)
     return poison(lam, bad)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _lambda2_streamed(qs, k, lse, km, live, bad, krylov, tol, block):
+    """Arnoldi |λ2| with blockwise products. Its gradient is the eigenvector formula of the
+    dense :func:`markov_attn.second_eigenvalue`, on the matrix built from ``qs`` and ``k`` in
+    the backward pass: differentiating through the Arnoldi recursion gave wrong gradients
+    (off by up to 66 % on 10-token heads) and NaN with a key mask."""
+    n = qs.shape[-2]
+
+    def matvec(x):
+        return _at_op(qs, k, lse, km, live, x[..., None], block)[..., 0]
+
+    return lambda2_from_matvec(matvec, (*qs.shape[:-2], n), qs.dtype, krylov, tol).value
+
+
+def _lambda2_streamed_fwd(qs, k, lse, km, live, bad, krylov, tol, block):
+    out = _lambda2_streamed(qs, k, lse, km, live, bad, krylov, tol, block)
+    return out, (qs, k, km, live, bad)
+
+
+def _lambda2_streamed_bwd(krylov, tol, block, res, g):
+    qs, k, km, live, bad = res
+
+    def dense(qs, k):  # the streamed chain (keep applied, scale in qs, km as _prepare made it)
+        a = _transition(_logits(qs, k, live), None, km, False)
+        return _second_eigenvalue(a, "arnoldi", krylov, tol)[0]
+
+    _, vjp = jax.vjp(dense, qs, k)
+    dq, dk = vjp(jnp.where(bad, 0.0, g))
+    return dq, dk, None, None, None, None
+
+
+_lambda2_streamed.defvjp(_lambda2_streamed_fwd, _lambda2_streamed_bwd)
 
 
 def _causal_lambda2(p):
@@ -719,8 +750,10 @@ def second_eigenvalue_qk(
     :math:`O(n d + \text{block}\cdot n + \text{krylov}\cdot n)` memory. Agrees with
     ``ma.second_eigenvalue(ma.transition(...))`` to about ``tol`` (its product is
     :math:`A^\top x`, the dense one's :math:`A x`, so they may stop at different stages).
-    Gradients, if taken, differentiate through the Arnoldi recursion (the dense function's
-    eigenvector formula needs the matrix).
+    Gradients are the dense function's eigenvector formula, on the matrix rebuilt from ``q``
+    and ``k`` in the backward pass (``O(n^2)`` memory there; the forward stays streamed):
+    differentiating through the Arnoldi recursion was wrong by up to 66 % on 10-token heads
+    and NaN with a key mask. With ``causal=True`` they flow through the exact diagonal.
 
     Args:
       q: queries ``(..., n, d)``.
