@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import markov_attn as ma
@@ -120,3 +121,24 @@ def test_exports_with_a_symbolic_batch_axis(name, platform):
     sym = [jax.ShapeDtypeStruct((b, *a.shape), a.dtype) for a in args]
     exported = jax.export.export(jax.jit(fn), platforms=[platform])(*sym)
     assert exported.in_avals[0].shape[0] == b
+    if platform == "cpu":  # and the exported program runs, at a concrete batch, like jit
+        rng = np.random.default_rng(0)
+        concrete = [_concrete(rng, (3, *a.shape)) for a in args]
+        got = jax.tree.leaves(exported.call(*concrete))
+        want = jax.tree.leaves(jax.jit(fn)(*concrete))
+        for x, y in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def _concrete(rng, shape):
+    """Valid values for an abstract argument: chains (..., n, n), distributions (..., N),
+    |λ2| per head, or queries/keys."""
+    if len(shape) >= 2 and shape[-1] == shape[-2]:
+        x = rng.random(shape) + 0.05
+        return (x / x.sum(-1, keepdims=True)).astype(np.float32)
+    if shape[-1] == N:
+        x = rng.random(shape) + 0.05
+        return (x / x.sum(-1, keepdims=True)).astype(np.float32)
+    if shape[-1] == 4:
+        return rng.normal(size=shape).astype(np.float32)
+    return rng.uniform(0.1, 0.9, shape).astype(np.float32)
