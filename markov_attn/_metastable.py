@@ -430,7 +430,7 @@ def _check_k(k, n, minimum, what):
 SPLIT = ("raise", "nan")
 
 
-def _check_split(full, k, split, name="attn"):
+def _check_split(full, k, split, name="attn", chosen=False):
     """Eager: refuse a ``k`` that cuts a complex-conjugate pair of some matrix in half."""
     if split == "nan" or not is_concrete(full.split):
         return
@@ -438,6 +438,14 @@ def _check_split(full, k, split, name="attn"):
     if cut.any():
         where = np.argwhere(cut)
         first = tuple(int(i) for i in where[0]) if where.shape[1] else ()
+        if chosen:
+            raise ValueError(
+                f"k=None chose k = {k} (the largest gap among the k that cut no pair while "
+                f"iterating), but the final basis cuts a complex-conjugate pair in half for "
+                f"{int(cut.sum())} matrices of {name} (the first at index {first}): no k suits "
+                'every matrix of this stack. Pass split="nan" (the default for k=None) to get '
+                "NaN and converged=False for those matrices only, or call per matrix"
+            )
         raise ValueError(
             f"k = {k} cuts a complex-conjugate eigenvalue pair in half for {int(cut.sum())} "
             f"matrices of {name} (the first at index {first}); a real invariant subspace must "
@@ -859,6 +867,7 @@ def metastable_states(
     # one weights array of the batch's shape, so every call of one shape shares a program
     eta = jnp.full(shape[:-1], 1.0 / n, jnp.float32) if eta is None else eta
     eta = jnp.broadcast_to(jnp.asarray(eta), shape[:-1])
+    chosen = k is None
     if k is None:
         if not is_concrete(jnp.asarray(a) if not isinstance(a, jax.Array) else a):
             raise ValueError(
@@ -888,7 +897,7 @@ def metastable_states(
     else:
         k = _check_k(k, n, 2, " (number of metastable states)")
         full, st = _metastable(a, eta, tol, k, min(k + oversample, n), iters)
-    _check_split(full, k, split)
+    _check_split(full, k, split, chosen=chosen)
     return MetastableStates(
         *st,
         eigenvalues=full.ritz[..., :k],
