@@ -246,46 +246,33 @@ def _lse_op_bwd(block, causal, res, g):
 _lse_op.defvjp(_lse_op_fwd, _lse_op_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _at_op(qs, k, lse, km, live, x, block, causal=False):
-    """``A^T x`` for ``x`` ``(..., n, r)``."""
-    return _apply_pass(qs, k, lse, km, live, block, x=x, causal=causal)[0]
+def _product_op(transposed: bool):
+    """The differentiable product ``A^T x`` (``transposed``) or ``A u``, for ``(..., n, r)``
+    vectors: one pass forward; one pass backward that recomputes the tiles."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+    def op(qs, k, lse, km, live, x, block, causal=False):
+        vec = {"x": x} if transposed else {"u": x}
+        out = _apply_pass(qs, k, lse, km, live, block, **vec, causal=causal)
+        return out[0] if transposed else out[1]
+
+    def fwd(qs, k, lse, km, live, x, block, causal=False):
+        return op(qs, k, lse, km, live, x, block, causal), (qs, k, lse, km, live, x)
+
+    def bwd(block, causal, res, g):
+        qs, k, lse, km, live, x = res
+        a, b = (x, g) if transposed else (g, x)
+        dq, dk, c, pb, pta = _grad_pass(
+            qs, k, lse, km, live, block, a, b, fold=False, want_pta=not transposed, causal=causal
+        )
+        return dq, dk, -c, None, None, (pb if transposed else pta)
+
+    op.defvjp(fwd, bwd)
+    return op
 
 
-def _at_op_fwd(qs, k, lse, km, live, x, block, causal=False):
-    return _at_op(qs, k, lse, km, live, x, block, causal), (qs, k, lse, km, live, x)
-
-
-def _at_op_bwd(block, causal, res, g):
-    qs, k, lse, km, live, x = res
-    dq, dk, c, pb, _ = _grad_pass(
-        qs, k, lse, km, live, block, x, g, fold=False, want_pta=False, causal=causal
-    )
-    return dq, dk, -c, None, None, pb
-
-
-_at_op.defvjp(_at_op_fwd, _at_op_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _a_op(qs, k, lse, km, live, u, block, causal=False):
-    """``A u`` for ``u`` ``(..., n, r)``."""
-    return _apply_pass(qs, k, lse, km, live, block, u=u, causal=causal)[1]
-
-
-def _a_op_fwd(qs, k, lse, km, live, u, block, causal=False):
-    return _a_op(qs, k, lse, km, live, u, block, causal), (qs, k, lse, km, live, u)
-
-
-def _a_op_bwd(block, causal, res, g):
-    qs, k, lse, km, live, u = res
-    dq, dk, c, _, pta = _grad_pass(
-        qs, k, lse, km, live, block, g, u, fold=False, want_pta=True, causal=causal
-    )
-    return dq, dk, -c, None, None, pta
-
-
-_a_op.defvjp(_a_op_fwd, _a_op_bwd)
+_at_op = _product_op(transposed=True)  # A^T x
+_a_op = _product_op(transposed=False)  # A u
 
 
 # --------------------------------------------------------------------------------------------
