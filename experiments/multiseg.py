@@ -176,10 +176,9 @@ def silhouette(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     onehot = labels[..., None] == np.arange(k)  # (N, m, k)
     sums = dist @ onehot  # (N, m, k): distance of each point to each cluster, summed
     counts = onehot.sum(1)[:, None, :]  # (N, 1, k)
-    own = onehot
-    size_own = (counts * own).sum(-1)  # (N, m)
-    a = (sums * own).sum(-1) / np.maximum(size_own - 1, 1)
-    other = np.where(own | (counts == 0), np.inf, sums / np.maximum(counts, 1))
+    size_own = (counts * onehot).sum(-1)  # (N, m): the size of each point's own cluster
+    a = (sums * onehot).sum(-1) / np.maximum(size_own - 1, 1)
+    other = np.where(onehot | (counts == 0), np.inf, sums / np.maximum(counts, 1))
     b = other.min(-1)
     with np.errstate(invalid="ignore"):  # inf - inf where an image has one cluster only
         s = np.where(size_own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-12), 0.0)

@@ -570,12 +570,8 @@ def main(argv=None) -> int:
         summary = train_and_evaluate(
             cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)
         )
-    except (
-        CheckpointError,
-        FileNotFoundError,
-        ValueError,
-        FloatingPointError,
-    ) as e:  # DataMissingError: FileNotFound
+    # DataMissingError is a FileNotFoundError; TrainingDiverged a FloatingPointError
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = ("pool", "seed", "test_acc", "train_loss", "step_time_ms", "images_per_s")

@@ -30,9 +30,19 @@ from ._util import (
 # transition / normalize
 
 
-def _keep_index(keep, n: int) -> np.ndarray | None:
+def _keep_index(keep, n: int, causal: bool = False) -> np.ndarray | None:
     """Turns ``keep`` (slice, index array or boolean mask over tokens) into sorted-as-given
-    integer indices, eagerly (it changes the output shape, so it must be concrete)."""
+    integer indices, eagerly (it changes the output shape, so it must be concrete); with
+    ``causal``, refuses an order that is not increasing (the causal order)."""
+    idx = _keep_indices(keep, n)
+    if causal and idx is not None and np.any(np.diff(idx) < 0):
+        raise ValueError(
+            "causal=True needs keep= in increasing token order (the causal order); sort it"
+        )
+    return idx
+
+
+def _keep_indices(keep, n: int) -> np.ndarray | None:
     if keep is None:
         return None
     if isinstance(keep, slice):
@@ -150,7 +160,7 @@ def transition(
     logits = jnp.asarray(logits)
     check_square(logits.shape, "logits")
     n = logits.shape[-1]
-    idx = _keep_index(keep, n)
+    idx = _keep_index(keep, n, causal)
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != bool:
@@ -159,10 +169,6 @@ def transition(
             raise ValueError(
                 f"mask must have shape (..., {n}) (keys) or (..., {n}, {n}), got {mask.shape}"
             )
-    if causal and idx is not None and np.any(np.diff(idx) < 0):
-        raise ValueError(
-            "causal=True needs keep= in increasing token order (the causal order); sort it"
-        )
     return _transition(logits, None if idx is None else jnp.asarray(idx), mask, bool(causal))
 
 

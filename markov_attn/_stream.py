@@ -18,7 +18,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from ._chain import _keep_index, _transition, _uniform_or, check_index, check_v, one_hot
@@ -279,6 +278,12 @@ _a_op = _product_op(transposed=False)  # A u
 # argument handling
 
 
+def _qk_batch(q, k, key_mask):
+    """The batch shape of the chains given by ``q``, ``k`` and ``key_mask``."""
+    masks = () if key_mask is None else (key_mask.shape[:-1],)
+    return jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2], *masks)
+
+
 def _prepare(q, k, scale, key_mask, idx, block, causal=False):
     """Float32 scaled queries, keys, effective key mask and 'any valid key' flag, broadcast to
     one batch shape, with ``keep`` applied; and the block size clipped to ``n``."""
@@ -290,9 +295,7 @@ def _prepare(q, k, scale, key_mask, idx, block, causal=False):
         k = jnp.take(k, idx, axis=-2)
         if key_mask is not None:
             key_mask = jnp.take(key_mask, idx, axis=-1)
-    batch = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    if key_mask is not None:
-        batch = jnp.broadcast_shapes(batch, key_mask.shape[:-1])
+    batch = _qk_batch(q, k, key_mask)
     n, d = q.shape[-2:]
     scale = jnp.asarray(1.0 / math.sqrt(d) if scale is None else scale, dtype)
     qs = jnp.broadcast_to(q * scale, (*batch, n, d))
@@ -351,11 +354,7 @@ def _bad_qk(qs, k):
 
 
 def _keep(keep, n, causal=False):
-    idx = _keep_index(keep, n)
-    if causal and idx is not None and np.any(np.diff(idx) < 0):
-        raise ValueError(
-            "causal=True needs keep= in increasing token order (the causal order); sort it"
-        )
+    idx = _keep_index(keep, n, causal)
     return None if idx is None else jnp.asarray(idx)
 
 
@@ -487,9 +486,7 @@ def tokenrank_qk(
     """
     check_choice("method", method, METHODS)
     q, k, key_mask = _check(q, k, key_mask, block)
-    batch = jnp.broadcast_shapes(
-        q.shape[:-2], k.shape[:-2], () if key_mask is None else key_mask.shape[:-1]
-    )
+    batch = _qk_batch(q, k, key_mask)
     check_alpha(alpha, batch=batch)
     if v is not None:
         check_v(v, "v", batch)
