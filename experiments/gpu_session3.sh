@@ -5,8 +5,8 @@
 #
 #   A. the MAP head on the `clutter` level, 5 seeds at the `cpu` recipe (1,800 x 128, depth 2):
 #      the pre-registered heads test (README, "The cluttered setting") ran on the CPU on
-#      2026-12-07 for cls, mean and tokenrank (runs/heads_clutter_full); MAP ran there later
-#      with seeds 0-3 only (seed 4 stopped for time): this phase runs all five on the GPU;
+#      2026-12-07 for cls, mean, tokenrank and map (runs/heads_clutter_full, 5 seeds each):
+#      this phase reruns map's five on the GPU (a check of the CPU table, not new evidence);
 #   B. cls, mean, map and tokenrank x 5 seeds on the `standard` level at the full `cpu` recipe
 #      (the CPU table uses the 360-step `compare` preset), one process per head, the seeds one
 #      after another (never timed on a GPU: fewer seeds may finish inside TRAIN_S; the table
