@@ -299,7 +299,7 @@ class Refined(NamedTuple):
 
 def refined_gmres(
     fast: MatVec,
-    accurate: MatVec,
+    residual: MatVec,
     b: jax.Array,
     *,
     threshold: jax.Array,
@@ -309,8 +309,9 @@ def refined_gmres(
 ) -> Refined:
     """GMRES with iterative refinement: ``M x = b`` to the accuracy of the residual.
 
-    Each refinement computes the true residual ``r = b - M x`` with the ``accurate`` product,
-    then solves ``M d = r`` with one :func:`gmres_cycle` of the ``fast`` product (at most
+    Each refinement computes the true residual ``r = b - M x`` with ``residual`` (``x -> b - M
+    x``, computed more accurately than the fast product: in double-float for the stationary
+    solver), then solves ``M d = r`` with one :func:`gmres_cycle` of the ``fast`` product (at most
     ``restart`` products, ending early at relative residual ``inner_rtol``) and adds ``d``.
     A member stops when ``||r||_1 <= threshold`` (converged), or when a refinement reduced
     its residual by less than a tenth of what the inner solve promised (the residual is at its
@@ -320,8 +321,9 @@ def refined_gmres(
     lower it still lowers the error).
 
     Why: a stopping rule on the residual alone is not enough when ``M`` is ill-conditioned
-    (nearly reducible chains): the float32 product ``A^T x`` accumulates an error along slow
-    directions that the inverse amplifies; refinement with an accurate residual removes it.
+    (nearly reducible chains): the float32 product ``A^T x`` errs along slow directions, which
+    the inverse amplifies; refinement with an accurate residual removes that error, down to
+    the accuracy of the residual itself.
     """
     x0 = jnp.zeros_like(b)
     r0 = b  # the residual of x = 0 needs no product
@@ -337,7 +339,7 @@ def refined_gmres(
         it, x, r, nres, steps, active, conv = state
         d, est, k = gmres_cycle(fast, r, steps=restart, rtol=inner_rtol)
         x_new = x + d
-        r_new = b - accurate(x_new)
+        r_new = residual(x_new)
         n_new = jnp.sum(jnp.abs(r_new), axis=-1)
         # accept unless the step diverged: at the rounding floor the residual is noise, and a
         # correction that does not lower it can still lower the error

@@ -11,8 +11,9 @@ approximate solution with residual :math:`r = v - M\hat\pi` has error
 .. math:: \|\hat\pi - \pi\|_1 \le \frac{1 + \alpha}{1 - \alpha}\,\|r\|_1,
 
 the bound used by the ``tol`` stopping rule. :attr:`SolveInfo.error_bound` reports it with
-the residual's own rounding (``RESIDUAL_ROUNDING`` eps) added to :math:`\|r\|_1`, since the
-residual of a float32 iterate is not known more precisely than that.
+the residual's own rounding (``RESIDUAL_ROUNDING`` eps) added to :math:`\|r\|_1`. True
+residuals are formed in double-float (:func:`_residual_fn`), so that iterative refinement
+reaches the accuracy of the float32 solution rather than that of a float32 residual.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from . import _host
+from . import _df, _host
 from ._krylov import refined_gmres
 from ._util import map_over_batch, safe_normalize
 
@@ -36,13 +37,13 @@ class SolveInfo(NamedTuple):
 
     Attributes:
       residual: :math:`\\|v - M\\pi\\|_1` of the returned :math:`\\pi` before its final
-        renormalisation, computed with an accurate (blocked) product.
+        renormalisation, formed in double-float (rounded once, to float32).
       error_bound: :math:`(1+\\alpha)/(1-\\alpha)` times the residual plus its own rounding
         (2 eps of the working precision), a bound on the L1 error (``inf`` at
         :math:`\\alpha = 1`, where no such bound exists). At float32 and
-        :math:`\\alpha = 0.99` it is at least :math:`4.7\\cdot 10^{-5}`: the residual of a
-        float32 iterate cannot be computed more precisely, and along the slow direction of a
-        nearly reducible chain the error can come within a factor 3 of that (1.6e-5 measured).
+        :math:`\\alpha = 0.99` it is at least :math:`4.7\\cdot 10^{-5}`, pessimistic: the
+        errors on nearly reducible chains are about 1e-6 (the residual's rounding along
+        :math:`v` only rescales the solution, which is renormalised).
       steps: matrix–vector products (or power steps) used; members of one batch chunk share a
         count.
       converged: the bound met ``tol``, or the iteration reached the rounding floor of float32
@@ -73,21 +74,22 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class Operator:
-    """A chain given by products. ``params`` is any pytree of arrays with the batch leading.
+    r"""A chain given by products. ``params`` is any pytree of arrays with the batch leading.
 
     Attributes:
       at: ``(params, x) -> A^T x`` for ``x`` ``(..., n)`` (the fast product).
       a: ``(params, u) -> A u``.
-      prepare: ``params -> acc``, whatever :attr:`offdiag` needs (run once per solve, inside
-        the batch chunk).
-      offdiag: ``(acc, x) -> (A - diag(A))^T x``, accurate to the rounding of its output.
-      diag: ``params -> diag(A)`` ``(..., n)``.
+      prepare: ``params -> acc``, whatever :attr:`accurate` needs (run once per solve,
+        inside the batch chunk).
+      accurate: ``(acc, x) -> (hi, lo)``, :math:`A^\top x` in double-float
+        (:mod:`markov_attn._df`), accurate to a fraction of an ulp of the result.
 
-    True residuals take the diagonal apart, :math:`Mx = (1 - \alpha d)\\odot x - \alpha
-    (A - D)^\top x + \alpha v\\,\\mathbf{1}^\top x`, so that a token with a large self-weight
-    (an attention sink, where :math:`A_{jj} \approx 1`) does not cancel :math:`x_j` against
-    :math:`\alpha (A^\top x)_j` in float32: that cancellation, amplified by
-    :math:`1/(1-\alpha)` along the sink, limited float32 accuracy to about 1.4e-5.
+    True residuals :math:`v - Mx = v(1 - \alpha\mathbf{1}^\top x) - x + \alpha A^\top x` are
+    formed in double-float from it (:func:`_residual_fn`): in float32 the cancellation of
+    :math:`x_j` against :math:`\alpha (A^\top x)_j` (complete at an attention sink, where
+    :math:`A_{jj} \approx 1`) and the rounding of the product left an error of about an ulp per
+    entry, which the solve amplifies by up to :math:`(1+\alpha)/(1-\alpha)` along the slow
+    direction of a nearly reducible chain (L1 errors of 1.1-1.7e-5 at :math:`\alpha = 0.99`).
       dense: ``params -> A`` (only for ``method="solve"``); ``None`` for matrix-free chains.
       item_bytes: bytes per matrix when ``params`` is a dense stack (enables cache-sized
         chunks of the batch on CPU); ``None`` otherwise.
@@ -96,8 +98,7 @@ class Operator:
     at: Callable[[Any, jax.Array], jax.Array]
     a: Callable[[Any, jax.Array], jax.Array]
     prepare: Callable[[Any], Any]
-    offdiag: Callable[[Any, jax.Array], jax.Array]
-    diag: Callable[[Any], jax.Array]
+    accurate: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
     dense: Callable[[Any], jax.Array] | None = None
     item_bytes: int | None = None
 
@@ -107,12 +108,18 @@ def _m(at, p, v, alpha):
     return lambda x: x - alpha[..., None] * (at(p, x) - v * jnp.sum(x, -1, keepdims=True))
 
 
-def _m_accurate(op, p, v, alpha):
-    """``M x`` with the diagonal taken apart (see :class:`Operator`)."""
-    acc = op.prepare(p)
-    keep = 1.0 - alpha[..., None] * op.diag(p)
+def _residual_fn(op, acc, v, alpha):
+    """``x -> v - M x`` formed in double-float (see :class:`Operator`), rounded once at the
+    end. The term ``v (1 - alpha 1^T x)`` stays float32: its rounding is a multiple of ``v``,
+    which moves the solution along itself (``M^-1 v = pi``) and the final normalisation
+    removes."""
     al = alpha[..., None]
-    return lambda x: keep * x - al * (op.offdiag(acc, x) - v * jnp.sum(x, -1, keepdims=True))
+
+    def residual(x):
+        t = _df.add(_df.scale(op.accurate(acc, x), al), -x)  # alpha A^T x - x
+        return t[0] + (t[1] + v * (1.0 - al * jnp.sum(x, -1, keepdims=True)))
+
+    return residual
 
 
 def _mt(a, p, v, alpha):
@@ -140,25 +147,15 @@ def _batched(op, fn, p, *rest):
     return map_over_batch(fn, p, *rest, batch_ndim=rest[0].ndim - 1, item_bytes=op.item_bytes)
 
 
-def _power(op, opts, p, v, alpha):
-    """Teleported power method from ``v`` with the accurate product.
-
-    Stops a member when the L1 change ``delta`` gives ``alpha delta / (1 - alpha) <= tol``
-    (then its error is below ``tol``), or when ``delta`` has not reached a new minimum for
-    ``2 / (1 - alpha)`` steps (at most 400): it then only fluctuates at float rounding.
-    """
-    stop_delta = opts.tol * (1.0 - alpha) / jnp.maximum(alpha, 1e-30)
-    patience = jnp.minimum(400.0, 2.0 / jnp.maximum(1.0 - alpha, 1e-30))
-
-    acc, d = op.prepare(p), op.diag(p)
-
-    def step(x):
-        y = alpha[..., None] * (d * x + op.offdiag(acc, x)) + (1.0 - alpha[..., None]) * v
-        return y / jnp.sum(y, -1, keepdims=True)
+def _iterate(step, x0, stop_delta, patience, limit):
+    """``x <- step(x)`` from ``x0`` until the L1 change ``delta`` of a member is at most
+    ``stop_delta``, or has not reached a new minimum for ``patience`` steps (it then only
+    fluctuates at float rounding), or ``limit`` steps (traced) ran. Returns ``(x, steps,
+    converged)``."""
 
     def cond(s):
         *_, active, k = s
-        return (k < opts.steps()) & jnp.any(active)
+        return (k < limit) & jnp.any(active)
 
     def body(s):
         x, delta, best, since, active, k = s
@@ -172,20 +169,52 @@ def _power(op, opts, p, v, alpha):
         active = active & ~(delta <= stop_delta) & (since < patience) & jnp.isfinite(delta)
         return x, delta, best, since, active, k + 1
 
-    inf = jnp.full(v.shape[:-1], jnp.inf, v.dtype)
-    zero = jnp.zeros(v.shape[:-1], jnp.int32)
-    state = (v, inf, inf, zero, jnp.ones(v.shape[:-1], bool), jnp.asarray(0, jnp.int32))
-    x, delta, _, _, active, k = jax.lax.while_loop(cond, body, state)
-    conv = ~active & jnp.isfinite(delta)
-    return x, jnp.broadcast_to(k, conv.shape), conv
+    batch = x0.shape[:-1]
+    inf = jnp.full(batch, jnp.inf, x0.dtype)
+    state = (x0, inf, inf, jnp.zeros(batch, jnp.int32), jnp.ones(batch, bool))
+    x, delta, _, _, active, k = jax.lax.while_loop(cond, body, (*state, jnp.asarray(0, jnp.int32)))
+    return x, k, ~active & jnp.isfinite(delta)
 
 
-def _residual(op, p, v, alpha, x):
-    return jnp.sum(jnp.abs(v - _m_accurate(op, p, v, alpha)(x)), -1)
+def _power(op, opts, p, v, alpha, residual):
+    """Teleported power method from ``v``, then one step of iterative refinement.
+
+    Both phases stop a member when the L1 change ``delta`` gives ``alpha delta / (1 - alpha)
+    <= tol`` (then its error is below ``tol``), or when ``delta`` has not reached a new
+    minimum for ``2 / (1 - alpha)`` steps (at most 400). The first iterates the
+    stationary distribution with the fast product; its fixed point in float32 is off along
+    the slow direction of a nearly reducible chain (by up to 1.6e-5 in L1 at ``alpha =
+    0.99``), so the second solves ``M d = r`` for the correction by the same iteration,
+    ``d <- alpha A^T d - alpha v 1^T d + r``, from the double-float residual ``r`` of the
+    first's result. ``max_steps`` bounds both phases together.
+    """
+    al = alpha[..., None]
+    stop_delta = opts.tol * (1.0 - alpha) / jnp.maximum(alpha, 1e-30)
+    patience = jnp.minimum(400.0, 2.0 / jnp.maximum(1.0 - alpha, 1e-30))
+    limit = jnp.asarray(opts.steps(), jnp.int32)
+
+    def step(x):
+        y = al * op.at(p, x) + (1.0 - al) * v
+        return y / jnp.sum(y, -1, keepdims=True)
+
+    x, k1, conv1 = _iterate(step, v, stop_delta, patience, limit)
+    r = residual(x)
+
+    def correct(d):
+        return al * (op.at(p, d) - v * jnp.sum(d, -1, keepdims=True)) + r
+
+    d, k2, conv2 = _iterate(correct, jnp.zeros_like(x), stop_delta, patience, limit - k1)
+    conv = conv1 & conv2
+    return x + d, jnp.broadcast_to(k1 + k2, conv.shape), conv
 
 
 def _forward(op, opts, p, v, alpha):
     """``(x, residual, steps, converged)``, ``x`` before the final renormalisation."""
+
+    def l1_residual(p, v, al, x):
+        r = _residual_fn(op, op.prepare(p), v, al)(x)
+        return jnp.sum(jnp.abs(r), -1)
+
     if opts.method == "solve":
         n = v.shape[-1]
         a = op.dense(p)
@@ -193,19 +222,21 @@ def _forward(op, opts, p, v, alpha):
         m = eye - alpha[..., None, None] * (jnp.swapaxes(a, -1, -2) - v[..., :, None])
         x = _host.solve(m, v)
         steps = jnp.zeros(v.shape[:-1], jnp.int32)
-        return x, _residual(op, p, v, alpha, x), steps, jnp.all(jnp.isfinite(x), -1)
+        res = _batched(op, l1_residual, p, v, alpha, x)
+        return x, res, steps, jnp.all(jnp.isfinite(x), -1)
     if opts.method == "power":
 
         def run_power(p, v, al):
-            x, steps, conv = _power(op, opts, p, v, al)
-            return x, _residual(op, p, v, al, x), steps, conv
+            residual = _residual_fn(op, op.prepare(p), v, al)
+            x, steps, conv = _power(op, opts, p, v, al, residual)
+            return x, jnp.sum(jnp.abs(residual(x)), -1), steps, conv
 
         return _batched(op, run_power, p, v, alpha)
 
     def run(p, v, al):
         ref = refined_gmres(
             _m(op.at, p, v, al),
-            _m_accurate(op, p, v, al),
+            _residual_fn(op, op.prepare(p), v, al),
             v,
             threshold=_threshold(opts.tol, al, 1.0),
             restart=opts.restart,
@@ -235,7 +266,7 @@ def _adjoint(op, opts, p, v, alpha, pi, g):
         mt = _mt(op.a, p, v, al)
         ref = refined_gmres(
             mt,
-            mt,
+            lambda u: g - mt(u),
             g,
             threshold=_threshold(opts.tol, al, scale),
             restart=opts.restart,

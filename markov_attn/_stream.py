@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
+from . import _df
 from ._chain import _keep_index, _transition, _uniform_or, check_index, check_v, one_hot
 from ._spectral import KRYLOV_DIM, TOL, _second_eigenvalue, check_residual_tol, lambda2_from_matvec
 from ._stationary import Operator, Options, SolveInfo, stationary
@@ -141,8 +142,10 @@ def _lse_pass(qs, k, km, live, block, causal=False):
 def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, causal=False):
     """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
 
-    ``accurate=True`` gives ``(A - diag(A))^T x`` summed within a block in partial sums of
-    ``ACCURATE_BLOCK`` queries (see ``markov_attn._util.matvec_t_blocks``)."""
+    ``accurate=True`` gives ``(A - diag(A))^T x`` in double-float, a pair ``(hi, lo)``
+    (:mod:`markov_attn._df`): plain partial sums over ``ACCURATE_BLOCK`` queries, added by
+    :func:`~markov_attn._df.tree_sum` within a block and by :func:`~markov_attn._df.two_sum`
+    across blocks."""
     n = qs.shape[-2]
     xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
     if x is not None:
@@ -151,18 +154,21 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, cau
         xs["i"] = _to_blocks(jnp.arange(n), block, -1)
     xs = _causal_blocks(xs, n, block, km, causal)
     acc0 = jnp.zeros(x.shape, x.dtype) if x is not None else None
+    if accurate:
+        acc0 = (acc0, acc0)
 
     def body(acc, blk):
         p = _tile(blk["q"], k, blk["l"], km, live, blk.get("pos"), blk.get("dead"))
         if accurate:  # the off-diagonal part only (see _stationary.Operator)
             p = jnp.where(blk["i"][:, None] == jnp.arange(n)[None, :], 0.0, p)
         out = None
-        if x is not None and accurate and block % ACCURATE_BLOCK == 0 and block > ACCURATE_BLOCK:
-            nb = block // ACCURATE_BLOCK
-            xb = blk["x"].reshape((*blk["x"].shape[:-2], nb, ACCURATE_BLOCK, -1))
-            pb = p.reshape((*p.shape[:-2], nb, ACCURATE_BLOCK, p.shape[-1]))
+        if x is not None and accurate:
+            nb = block // ACCURATE_BLOCK if block % ACCURATE_BLOCK == 0 else 1
+            xb = blk["x"].reshape((*blk["x"].shape[:-2], nb, block // nb, -1))
+            pb = p.reshape((*p.shape[:-2], nb, block // nb, p.shape[-1]))
             part = jnp.einsum("...kir,...kij->...kjr", xb, pb, precision=HIGHEST)
-            acc = acc + jnp.sum(part, axis=-3)
+            part = _df.tree_sum(part, axis=-3) if nb > 1 else (part[..., 0, :, :], 0.0)
+            acc = _df.add(acc, part)
         elif x is not None:
             acc = acc + jnp.einsum("...ir,...ij->...jr", blk["x"], p, precision=HIGHEST)
         if u is not None:
@@ -381,15 +387,15 @@ def stream_operator(block: int, causal: bool = False) -> Operator:
     """The :class:`Operator` of a streamed chain; its parameters are
     ``(qs, k, lse, km, live)``."""
 
-    def offdiag(p, x):
-        return _apply_pass(*p, block, x=x[..., None], accurate=True, causal=causal)[0][..., 0]
+    def accurate(p, x):
+        off = _apply_pass(*p, block, x=x[..., None], accurate=True, causal=causal)[0]
+        return _df.add((off[0][..., 0], off[1][..., 0]), _df.two_prod(_diag(p, causal), x))
 
     return Operator(
         at=lambda p, x: _at_op(*p, x[..., None], block, causal)[..., 0],
         a=lambda p, u: _a_op(*p, u[..., None], block, causal)[..., 0],
         prepare=lambda p: p,
-        offdiag=offdiag,
-        diag=functools.partial(_diag, causal=causal),
+        accurate=accurate,
     )
 
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
+from . import _df
 from ._chain import _reverse, _teleport, _uniform_or, check_v
 from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import ChainLike, Dist, DistLike
 from ._util import (
-    accurate_blocks,
     as_chain,
     check_alpha,
     check_choice,
@@ -21,7 +21,6 @@ from ._util import (
     invalid_matrices,
     matvec,
     matvec_t,
-    matvec_t_blocks,
     normalized_rows,
     poison,
     row_scale,
@@ -33,12 +32,8 @@ DIRECTIONS = ("in", "out")
 #: ``method="auto"`` on GPU/TPU uses the dense solve up to this ``n`` and GMRES above; on CPU it
 #: is always GMRES (no LAPACK call, and faster there).
 AUTO_SOLVE_MAX_N = 256
-
-
-def _off_diagonal(a):
-    n = a.shape[-1]
-    eye = jnp.eye(n, dtype=bool).reshape((1,) * (a.ndim - 2) + (n, n))
-    return jnp.where(eye, jnp.zeros((), a.dtype), a)
+#: Rows per plain partial sum of the double-float residual product (:func:`_df.matvec_t`).
+ACCURATE_ROWS = 8
 
 
 def dense_operator(a: jax.Array) -> Operator:
@@ -65,27 +60,33 @@ def dense_operator(a: jax.Array) -> Operator:
         return jnp.where(zero, jnp.mean(u, -1, keepdims=True), matvec(a, u) * inv)
 
     def prepare(p):
-        a, rows = p
-        return accurate_blocks(_off_diagonal(a)), rows
+        a, _ = p
+        s = _df.sum_blocked(a, axis=-1)  # the row sums in double-float
+        inv, zero = row_scale(s[0])
+        # 1 / s = inv (1 + beta) for the float inv: its rounding is the same for a whole row,
+        # a bias that the solve would amplify (a float32 row sum errs the same way)
+        p_, e = _df.two_prod(inv, s[0])  # inv s - 1 = (p_ - 1) + e + inv s_lo
+        beta = jnp.where(zero, 0.0, -(((p_ - 1.0) + e) + inv * s[1]) / (p_ + inv * s[1]))
+        blocks = _df.row_blocks(a, ACCURATE_ROWS, zero_diagonal=True)
+        return a, blocks, jnp.diagonal(a, axis1=-2, axis2=-1), inv, beta, zero
 
-    def offdiag(acc, x):
-        off, rows = acc
-        inv, zero = row_scale(rows)
-        z = jnp.where(zero, x, 0.0)
-        return matvec_t_blocks(off, x * inv) + (jnp.sum(z, -1, keepdims=True) - z) / n
-
-    def diag(p):
-        a, rows = p
-        inv, zero = row_scale(rows)
-        d = jnp.diagonal(a, axis1=-2, axis2=-1)
-        return jnp.where(zero, jnp.asarray(1.0 / n, a.dtype), d * inv)
+    def accurate(acc, x):
+        # A^T x = sum_i a_ij x_i / s_i with x_i / s_i = q_i + ql_i in double-float: the
+        # off-diagonal a_ij q_i in one double-float pass, the diagonal exactly, the tiny ql
+        # by the plain product
+        a, blocks, d, inv, beta, zero = acc
+        q, e = _df.two_prod(x, inv)
+        ql = e + q * beta
+        m = blocks.shape[-3] * blocks.shape[-2]
+        y = _df.add(_df.matvec_t(blocks, _df.pad_last(q, m)), _df.two_prod(d, q))
+        lost = jnp.sum(jnp.where(zero, x, 0.0), -1, keepdims=True) / n  # uniform empty rows
+        return _df.add(y, lost + matvec_t(a, ql))
 
     return Operator(
         at=at,
         a=av,
         prepare=prepare,
-        offdiag=offdiag,
-        diag=diag,
+        accurate=accurate,
         dense=lambda p: normalized_rows(*p),
         item_bytes=n * n * a.dtype.itemsize,
     )
@@ -177,29 +178,28 @@ def tokenrank(
     chain instead, :math:`\alpha\,\mathrm{reverse}(A) + (1-\alpha)\mathbf{1}v^\top` (the two
     differ by up to ~1e-2 in L1).
 
-    Methods (L1 error within 1e-5 of a float64 solve for ``alpha <= 0.99`` on the chains
-    tested, nearly reducible ones included, except at the float32 floor: ``"gmres"`` and
-    ``"power"`` reach 1.1-1.6e-5 on two blocks leaking e^-14 at n = 64, where the residual's
-    float32 rounding (~1e-7) is amplified up to ``(1 + alpha) / (1 - alpha)``;
-    ``info.error_bound`` includes that rounding and bounds the error):
+    Methods (L1 error within 1e-5 of a float64 solve for ``alpha <= 0.99`` on every chain
+    tested up to n = 1025, nearly reducible ones included: about 1e-6 at most on two blocks
+    leaking e^-12 to e^-16, where float32 residuals had left 1.1-1.7e-5; ``info.error_bound``
+    bounds the error):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
       ``"gmres"`` above.
     - ``"gmres"``: matrix-free GMRES with iterative refinement, :math:`O(n^2)` per product:
-      each refinement takes the true residual with an accurate (blocked-sum) product and
+      each refinement takes the true residual in double-float (:mod:`markov_attn._df`) and
       corrects with one GMRES cycle of at most 20 products (ending early at a relative
-      residual of 1e-4), until the error bound meets ``tol`` or the residual reaches float32
-      rounding. A stopping rule on the residual alone is not enough on nearly reducible
-      chains: the plain float32 product errs along the slow direction, which the solve
-      amplifies by up to :math:`(1+\alpha)/(1-\alpha)`. On CPU the batch runs in cache-sized
-      chunks.
+      residual of 1e-4), until the error bound meets ``tol`` or the residual stops falling. A
+      stopping rule on the float32 residual is not enough on nearly reducible chains: its
+      rounding errs along the slow direction, which the solve amplifies by up to
+      :math:`(1+\alpha)/(1-\alpha)`. On CPU the batch runs in cache-sized chunks.
     - ``"solve"``: a dense solve, :math:`O(n^3)` per matrix. On CPU it runs in NumPy (float64)
       through a host callback, because jaxlib 0.10's batched CPU LAPACK kernels can deadlock
       when several run concurrently in one jitted program; on GPU it is ``jnp.linalg.solve``.
       Not for TPU (use ``"gmres"``).
-    - ``"power"``: the teleported power method from ``v`` with the accurate product, until the
-      L1 change :math:`\delta` gives :math:`\alpha\delta/(1-\alpha) \le` ``tol`` or reaches
-      float32 rounding (at most ``max_steps``, 3,000 by default; the reference code's 200
+    - ``"power"``: the teleported power method from ``v``, until the L1 change
+      :math:`\delta` gives :math:`\alpha\delta/(1-\alpha) \le` ``tol`` or stops falling, then
+      one refinement: the correction from the double-float residual, by the same iteration
+      (both phases together at most ``max_steps``, 3,000 by default; the reference code's 200
       steps leave errors up to 2e-2).
 
     Gradients are implicit, never an unrolled loop: for a cotangent :math:`\bar g`, one adjoint

@@ -173,37 +173,6 @@ def matvec(attn: jax.Array, x: jax.Array) -> jax.Array:
 
 # Terms per partial sum of the streaming accurate product (see markov_attn._stream).
 ACCURATE_BLOCK = 32
-# Rows per partial sum of the dense accurate product (matvec_t_blocks).
-ACCURATE_GEMM_BLOCK = 64
-
-
-def accurate_blocks(attn: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``attn`` ``(..., m, n)`` split for :func:`matvec_t_blocks`: its first
-    ``ACCURATE_GEMM_BLOCK * (m // ACCURATE_GEMM_BLOCK)`` rows as blocks ``(..., nb, b, n)`` and
-    the remaining rows ``(..., m mod b, n)``. A copy: make it once per solve, not per product."""
-    m, b = attn.shape[-2], ACCURATE_GEMM_BLOCK
-    head = b * (m // b)
-    blocks = attn[..., :head, :].reshape((*attn.shape[:-2], m // b, b, attn.shape[-1]))
-    return blocks, attn[..., head:, :]
-
-
-def matvec_t_blocks(prepared: tuple[jax.Array, jax.Array], x: jax.Array) -> jax.Array:
-    """``attn^T x`` with blocked summation, from ``accurate_blocks(attn)``: one partial sum per
-    block of ``ACCURATE_GEMM_BLOCK`` rows (a batched product over the blocks), then the sum of
-    the partials and of the remaining rows' product.
-
-    XLA's CPU ``attn^T x`` accumulates the ``n`` terms of each output in one float32 running
-    sum, an L1 error of about ``1e-6`` at ``n = 1025``; blocking brings it to the rounding of
-    the output (about ``6e-8``). Iterative solvers use it for their true residuals, where an
-    error along a slowly mixing direction is amplified by up to ``(1 + alpha) / (1 - alpha)``.
-    From prepared blocks it costs about one plain product (timings in ``docs/benchmarks.md``).
-    """
-    blocks, tail = prepared
-    nb, b = blocks.shape[-3], blocks.shape[-2]
-    head = nb * b
-    xb = x[..., :head].reshape((*x.shape[:-1], nb, b))
-    part = jnp.einsum("...bkj,...bk->...bj", blocks, xb, precision=HIGHEST)
-    return jnp.sum(part, axis=-2) + matvec_t(tail, x[..., head:])
 
 
 def is_concrete(x) -> bool:
