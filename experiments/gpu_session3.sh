@@ -57,6 +57,10 @@ done
 el "env"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU"
 $PY -c "import sys, jax, flax; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+# the double-float residuals' error-free products on this device (markov_attn/_df.py: an FMA
+# contraction there could lose their error terms); seconds
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_chain.py -k "error_free or double_float" \
+  2>&1 | tail -3 | tee "$R/df_check.txt"
 
 el "A+B+C. heads (clutter: map; standard: all four) and two DiTs, in parallel, ${TRAIN_S} s"
 pids=()

@@ -6,6 +6,11 @@ rounded result and its exact rounding error (Knuth's TwoSum; Dekker's product wi
 Veltkamp's split, no FMA needed), so sums and products of such pairs keep about twice the
 working precision. Plain ``jax.numpy`` elementwise ops, valid on every backend as long as the
 compiler does not reassociate floating-point arithmetic (XLA does not, without fast-math).
+Contracting a product and a sum into an FMA leaves them exact as written (every product of
+split halves is exact), but a compiler that rebuilt ``a * b`` inside ``ah * bh - a * b`` and
+contracted that would lose the error term. Checked on CPU (``tests/test_chain.py::
+test_error_free_transformations``, also under the test suite's XLA flags); not yet run on a
+GPU, where that test settles it (``experiments/gpu_session3.sh`` runs it first).
 
 Used where float32 rounding, amplified by an ill-conditioned solve, would otherwise set the
 accuracy: the true residuals of the stationary solver (:mod:`markov_attn._stationary`).
@@ -51,6 +56,16 @@ def scale(x, c):
     """Double-float product of the pair ``x`` and the plain array ``c``."""
     p, e = two_prod(x[0], c)
     return p, e + x[1] * c
+
+
+def reciprocal(s):
+    """For row sums ``s = (hi, lo)`` in double-float (positive, normal): ``(inv, beta)`` with
+    ``1 / s = inv (1 + beta)``, ``inv = fl(1 / hi)``. Dividing by ``inv`` alone would scale
+    a whole row by the same rounding error, a bias that a nearly reducible chain's stationary
+    distribution amplifies; ``beta`` keeps it (to about 0.25 ulp)."""
+    inv = 1.0 / s[0]
+    p, e = two_prod(inv, s[0])  # inv s - 1 = (p - 1) + e + inv s_lo
+    return inv, -(((p - 1.0) + e) + inv * s[1]) / (p + inv * s[1])
 
 
 def sum_blocked(x, axis: int = -1, block: int = 8):
@@ -120,6 +135,7 @@ __all__ = [
     "add",
     "matvec_t",
     "pad_last",
+    "reciprocal",
     "row_blocks",
     "scale",
     "sum_blocked",

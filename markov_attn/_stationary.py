@@ -199,13 +199,21 @@ def _power(op, opts, p, v, alpha, residual):
 
     x, k1, conv1 = _iterate(step, v, stop_delta, patience, limit)
     r = residual(x)
+    # the correction of a unit residual (the iteration is linear), so that its values stay far
+    # from float32's underflow whatever the scale of the rows
+    size = jnp.sum(jnp.abs(r), -1, keepdims=True)
+    r = r / jnp.where(size > 0, size, 1.0)
 
     def correct(d):
         return al * (op.at(p, d) - v * jnp.sum(d, -1, keepdims=True)) + r
 
-    d, k2, conv2 = _iterate(correct, jnp.zeros_like(x), stop_delta, patience, limit - k1)
+    stop2 = stop_delta / jnp.where(size[..., 0] > 0, size[..., 0], 1.0)
+    # at alpha = 1 (no stop_delta) only patience stops it: a shorter one, since the correction
+    # needs far fewer correct digits than the solution
+    d, k2, conv2 = _iterate(correct, jnp.zeros_like(x), stop2, jnp.minimum(patience, 100.0),
+                            limit - k1)  # fmt: skip
     conv = conv1 & conv2
-    return x + d, jnp.broadcast_to(k1 + k2, conv.shape), conv
+    return x + d * size, jnp.broadcast_to(k1 + k2, conv.shape), conv
 
 
 def _forward(op, opts, p, v, alpha):

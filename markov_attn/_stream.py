@@ -142,10 +142,17 @@ def _lse_pass(qs, k, km, live, block, causal=False):
 def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, causal=False):
     """One pass giving ``A^T x`` (key side) and/or ``A u`` (query side) for ``(..., n, r)``.
 
-    ``accurate=True`` gives ``(A - diag(A))^T x`` in double-float, a pair ``(hi, lo)``
-    (:mod:`markov_attn._df`): plain partial sums over ``ACCURATE_BLOCK`` queries, added by
+    ``accurate=True`` (``x`` of shape ``(..., n, 1)``) gives :math:`A^\top x` for the chain with
+    its rows renormalised, in double-float, a pair ``(hi, lo)`` ``(..., n)``
+    (:mod:`markov_attn._df`): the tiles' rows sum to 1 only up to the rounding of the
+    log-sum-exp (~1e-6), a bias that a nearly reducible chain's stationary distribution
+    amplifies. Each tile's row sums (double-float) divide ``x`` in the same pass that uses the
+    tile, so that the entries summed and the entries used are the same numbers (two passes,
+    or the diagonal computed apart, can round the same entry differently). The off-diagonal
+    part goes in plain partial sums over ``ACCURATE_BLOCK`` queries, added by
     :func:`~markov_attn._df.tree_sum` within a block and by :func:`~markov_attn._df.two_sum`
-    across blocks."""
+    across blocks; the diagonal exactly.
+    """
     n = qs.shape[-2]
     xs = {"q": _to_blocks(qs, block, -2), "l": _to_blocks(lse, block, -1)}
     if x is not None:
@@ -155,20 +162,30 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, cau
     xs = _causal_blocks(xs, n, block, km, causal)
     acc0 = jnp.zeros(x.shape, x.dtype) if x is not None else None
     if accurate:
-        acc0 = (acc0, acc0)
+        acc0 = (acc0[..., 0], acc0[..., 0])
 
     def body(acc, blk):
         p = _tile(blk["q"], k, blk["l"], km, live, blk.get("pos"), blk.get("dead"))
-        if accurate:  # the off-diagonal part only (see _stationary.Operator)
-            p = jnp.where(blk["i"][:, None] == jnp.arange(n)[None, :], 0.0, p)
         out = None
-        if x is not None and accurate:
+        if accurate:
+            rows = _df.sum_blocked(p, axis=-1)
+            empty = rows[0] <= 0.0  # only the zero padding of the last block
+            inv, beta = _df.reciprocal((jnp.where(empty, 1.0, rows[0]), rows[1]))
+            inv, beta = jnp.where(empty, 0.0, inv), jnp.where(empty, 0.0, beta)
+            q, e = _df.two_prod(blk["x"][..., 0], inv)  # x / s = q + ql in double-float
+            ql = e + q * beta
+            on = blk["i"][:, None] == jnp.arange(n)[None, :]
+            d = jnp.sum(jnp.where(on, p, 0.0), axis=-1)  # the diagonal entries of the tile
+            off = jnp.where(on, 0.0, p)
             nb = block // ACCURATE_BLOCK if block % ACCURATE_BLOCK == 0 else 1
-            xb = blk["x"].reshape((*blk["x"].shape[:-2], nb, block // nb, -1))
-            pb = p.reshape((*p.shape[:-2], nb, block // nb, p.shape[-1]))
-            part = jnp.einsum("...kir,...kij->...kjr", xb, pb, precision=HIGHEST)
-            part = _df.tree_sum(part, axis=-3) if nb > 1 else (part[..., 0, :, :], 0.0)
-            acc = _df.add(acc, part)
+            qb = jnp.stack([q, ql], axis=-1).reshape((*q.shape[:-1], nb, block // nb, 2))
+            off = off.reshape((*p.shape[:-2], nb, block // nb, n))
+            part = jnp.einsum("...kir,...kij->...kjr", qb, off, precision=HIGHEST)
+            hi = part[..., 0]  # (..., nb, n): the partials of q; of ql, plain sums
+            hi = _df.tree_sum(hi, axis=-2) if nb > 1 else (hi[..., 0, :], 0.0)
+            acc = _df.add(acc, _df.add(hi, jnp.sum(part[..., 1], axis=-2)))
+            dq, dl = _df.two_prod(d, q)
+            out = jnp.stack([dq, dl + d * ql], axis=-1)  # (..., block, 2): at j = i
         elif x is not None:
             acc = acc + jnp.einsum("...ir,...ij->...jr", blk["x"], p, precision=HIGHEST)
         if u is not None:
@@ -176,6 +193,9 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, cau
         return acc, out
 
     acc, out = jax.lax.scan(body, acc0, xs)
+    if accurate:
+        diag = _from_blocks(out, n, -2)
+        return _df.add(_df.add(acc, diag[..., 0]), diag[..., 1]), None
     return acc, (None if u is None else _from_blocks(out, n, -2))
 
 
@@ -388,8 +408,7 @@ def stream_operator(block: int, causal: bool = False) -> Operator:
     ``(qs, k, lse, km, live)``."""
 
     def accurate(p, x):
-        off = _apply_pass(*p, block, x=x[..., None], accurate=True, causal=causal)[0]
-        return _df.add((off[0][..., 0], off[1][..., 0]), _df.two_prod(_diag(p, causal), x))
+        return _apply_pass(*p, block, x=x[..., None], accurate=True, causal=causal)[0]
 
     return Operator(
         at=lambda p, x: _at_op(*p, x[..., None], block, causal)[..., 0],

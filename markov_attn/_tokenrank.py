@@ -62,25 +62,31 @@ def dense_operator(a: jax.Array) -> Operator:
     def prepare(p):
         a, _ = p
         s = _df.sum_blocked(a, axis=-1)  # the row sums in double-float
-        inv, zero = row_scale(s[0])
-        # 1 / s = inv (1 + beta) for the float inv: its rounding is the same for a whole row,
-        # a bias that the solve would amplify (a float32 row sum errs the same way)
-        p_, e = _df.two_prod(inv, s[0])  # inv s - 1 = (p_ - 1) + e + inv s_lo
-        beta = jnp.where(zero, 0.0, -(((p_ - 1.0) + e) + inv * s[1]) / (p_ + inv * s[1]))
-        blocks = _df.row_blocks(a, ACCURATE_ROWS, zero_diagonal=True)
-        return a, blocks, jnp.diagonal(a, axis1=-2, axis2=-1), inv, beta, zero
+        zero = s[0] < jnp.finfo(a.dtype).tiny  # empty rows: uniform (see row_scale)
+        # each row scaled by the power of two that brings its sum into [0.5, 1): exact, and it
+        # keeps the error-free products below away from overflow and underflow at any scale
+        _, ex = jnp.frexp(jnp.where(zero, 1.0, s[0]))
+        sigma = jnp.ldexp(jnp.ones_like(s[0]), -ex)
+        s = jnp.where(zero, 1.0, s[0] * sigma), s[1] * sigma
+        inv, beta = _df.reciprocal(s)  # 1 / s = inv (1 + beta), the rounding of inv kept
+        inv, beta = jnp.where(zero, 0.0, inv), jnp.where(zero, 0.0, beta)
+        blocks = _df.row_blocks(a * sigma[..., None], ACCURATE_ROWS, zero_diagonal=True)
+        d = jnp.diagonal(a, axis1=-2, axis2=-1) * sigma
+        return blocks, d, inv, beta, zero
 
     def accurate(acc, x):
-        # A^T x = sum_i a_ij x_i / s_i with x_i / s_i = q_i + ql_i in double-float: the
-        # off-diagonal a_ij q_i in one double-float pass, the diagonal exactly, the tiny ql
-        # by the plain product
-        a, blocks, d, inv, beta, zero = acc
+        # A^T x = sum_i a'_ij x_i / s'_i (rows scaled by sigma) with x_i / s'_i = q_i + ql_i
+        # in double-float: the off-diagonal a'_ij q_i in one double-float pass, the diagonal
+        # exactly, the tiny ql by a plain product over the same (reshaped) blocks
+        blocks, d, inv, beta, zero = acc
         q, e = _df.two_prod(x, inv)
         ql = e + q * beta
         m = blocks.shape[-3] * blocks.shape[-2]
         y = _df.add(_df.matvec_t(blocks, _df.pad_last(q, m)), _df.two_prod(d, q))
+        flat = blocks.reshape((*blocks.shape[:-3], m, n))
+        small = matvec_t(flat, _df.pad_last(ql, m)) + d * ql
         lost = jnp.sum(jnp.where(zero, x, 0.0), -1, keepdims=True) / n  # uniform empty rows
-        return _df.add(y, lost + matvec_t(a, ql))
+        return _df.add(y, lost + small)
 
     return Operator(
         at=at,

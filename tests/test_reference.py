@@ -81,3 +81,35 @@ def test_gpu_report_regenerates_the_readme_blocks(tmp_path):
     training = json.loads((gpu_report.RESULTS / "training.json").read_text())
     best = max(r["test_acc"] for r in training["sweep"].values())
     assert f"{best:.3f}" in text
+
+
+def test_confusion_script_on_the_reference(tmp_path, reference):
+    from experiments import confusion
+
+    _, _, record = reference
+    weights = str(REF / record["file"])
+    assert confusion.main(["--weights", weights, "--out", str(tmp_path), "--n-images", "60"]) == 0
+    result = json.loads((tmp_path / "confusion.json").read_text())
+    counts = np.asarray(result["counts"])
+    assert counts.shape == (10, 10) and counts.sum() == 60
+    assert result["accuracy"] == pytest.approx(np.trace(counts) / 60)
+    assert result["accuracy"] > 0.6  # chance is 0.1
+    assert (tmp_path / "confusion.png").stat().st_size > 10_000
+
+
+def test_confusion_summary():
+    from experiments.confusion import summary
+
+    counts = np.diag([9, 8, 7, 6, 10]).astype(np.int64)
+    counts[0, 1], counts[1, 0], counts[1, 2], counts[2, 3] = 1, 1, 1, 3
+    out = summary(counts, ["a", "b", "c", "d", "e"])
+    recall = [r["recall"] for r in out["classes"]]
+    np.testing.assert_allclose(recall, [0.9, 0.8, 0.7, 1.0, 1.0])
+    assert out["classes"][2]["most_confused_with"] == "d"
+    assert out["classes"][1]["share_of_misses"] == 0.5
+    for r in out["classes"]:
+        lo, hi = r["recall_ci"]
+        assert lo - 1e-12 <= r["recall"] <= hi + 1e-12
+    # misses: 1, 2, 3, 0, 0; the four lowest-recall classes hold all of them
+    assert out["lowest4_share_of_misses"] == 1.0
+    assert out["accuracy"] == pytest.approx(40 / 46)

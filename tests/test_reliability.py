@@ -76,7 +76,8 @@ def test_tokenrank_error_bound_bounds_the_error(rng, strength):
 
 @pytest.mark.parametrize("n", [400, 1025])
 def test_tokenrank_accuracy_at_the_float32_floor_up_to_1025(rng, n):
-    # leakage e^-14, where float32 residuals left GMRES and the power method at ~1.5e-5
+    # leakage e^-14 at larger n (float32 residuals gave 1e-6 to 3e-6 here, double-float ones
+    # 4e-8 to 1e-6: a check of the claim up to n = 1025, not a regression test)
     a = testing.random_chains(rng, (2,), n, kind="reducible", strength=14.0)
     a32 = a.astype(np.float32)
     ref = stationary(_normalized64(a32))
@@ -85,6 +86,64 @@ def test_tokenrank_accuracy_at_the_float32_floor_up_to_1025(rng, n):
         err = np.abs(np.asarray(pi, np.float64) - ref).sum(-1)
         assert err.max() <= 5e-6, (method, n, err)
         assert np.all(np.asarray(info.converged)), method
+
+
+@pytest.mark.parametrize("scale", ["rows", 1e35, 1e30, 1e-28])
+def test_tokenrank_at_any_row_scale(rng, scale):
+    # rows are renormalised, so their scale must not matter: the double-float residual's
+    # error-free products overflowed (NaN) or lost their low parts (errors of 1e-5 to 0.2)
+    # for row sums beyond ~1e34 or below ~1e-34 until the rows were scaled by powers of two,
+    # and the power method's correction underflowed at 1e30 (1.1e-5). The scales keep the
+    # leakage entries (~1e-8 of a row) above float32's smallest normal number: CPUs flush
+    # subnormal inputs to zero, which makes another chain.
+    a = testing.random_chains(rng, (3,), 48, kind="reducible", strength=14.0).astype(np.float32)
+    ref = stationary(_normalized64(a))
+    if scale == "rows":  # every row its own scale, 1e-25 to 1e25
+        a = a * (10.0 ** rng.uniform(-25, 25, size=(3, 48, 1))).astype(np.float32)
+    else:
+        a = a * np.float32(scale)
+    assert np.all(np.isfinite(a)) and np.all(a.sum(-1) > np.finfo(np.float32).tiny)
+    for method in TR_METHODS:
+        pi, info = ma.tokenrank(a, method=method, return_info=True)
+        err = np.abs(np.asarray(pi, np.float64) - ref).sum(-1)
+        assert err.max() <= 5e-6, (method, err)
+        assert np.all(np.isfinite(np.asarray(info.error_bound))), method
+        assert np.all(np.asarray(info.converged)), method
+
+
+def test_accurate_product_of_the_normalised_chain(rng):
+    # the rows of the normalised chain sum to 1, so 1^T (A^T x) = 1^T x: a check of the row
+    # sums, of the rounding of 1/s (beta) and of the low parts, which a float32 row sum, a
+    # dropped beta or a dropped low part each break by 0.04-0.08 eps (0.007 eps with all)
+    from markov_attn._tokenrank import dense_operator, row_sums
+
+    eps = np.finfo(np.float32).eps
+    a = rng.uniform(size=(4, 257, 257)).astype(np.float32) ** 3
+    a *= (10.0 ** rng.uniform(-3, 3, size=(4, 257, 1))).astype(np.float32)
+    x = rng.uniform(size=(4, 257)).astype(np.float32)
+    op = dense_operator(jnp.asarray(a))
+    p = (jnp.asarray(a), row_sums(jnp.asarray(a)))
+    hi, lo = jax.jit(lambda p, x: op.accurate(op.prepare(p), x))(p, jnp.asarray(x))
+    y = np.asarray(hi, np.float64) + np.asarray(lo, np.float64)
+    ref = np.einsum("bij,bi->bj", _normalized64(a), x.astype(np.float64))
+    total = x.astype(np.float64).sum(-1)
+    assert np.max(np.abs(y.sum(-1) - total) / total) <= 0.02 * eps
+    assert np.max(np.abs(y - ref) / ref) <= 0.5 * eps
+    # the residual v - M x: off the direction of v (the float32 part, harmless) within 0.1
+    # eps of the float64 one in L1 (0.4 eps without its low part)
+    from markov_attn._stationary import _residual_fn
+
+    x = x / x.sum(-1, keepdims=True)
+    v = np.full((4, 257), 1 / 257, np.float32)
+    al = np.full((4,), 0.99, np.float32)
+    fn = jax.jit(lambda p, x: _residual_fn(op, op.prepare(p), jnp.asarray(v), jnp.asarray(al))(x))
+    r = np.asarray(fn(p, jnp.asarray(x)), np.float64)
+    x64, v64 = x.astype(np.float64), v.astype(np.float64)
+    ax = np.einsum("bij,bi->bj", _normalized64(a), x64)
+    r64 = v64 - x64 + 0.99 * (ax - v64 * x64.sum(-1, keepdims=True))
+    d = r - r64 - (np.float64(np.float32(0.99)) - 0.99) * (ax - v64)  # alpha is a float32
+    d -= np.sum(d * v64, -1, keepdims=True) / np.sum(v64 * v64, -1, keepdims=True) * v64
+    assert np.abs(d).sum(-1).max() <= 0.2 * eps, np.abs(d).sum(-1) / eps
 
 
 def test_solve_info_reports_what_happened(rng):
@@ -105,6 +164,23 @@ def test_solve_info_reports_what_happened(rng):
     # alpha = 1 has no error bound
     _, info = ma.tokenrank(a, alpha=1.0, return_info=True)
     assert np.all(np.isinf(np.asarray(info.error_bound)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tokenrank_qk_on_a_nearly_reducible_chain(rng, causal):
+    # two clusters of queries and keys (1 - |λ2| ~ 1e-5): the streamed tiles' rows sum to 1
+    # only up to the rounding of the log-sum-exp (~1e-6), which left tokenrank_qk 0.6-3.1e-5
+    # from the chain with its rows normalised; its residuals now renormalise them
+    n, d = 200, 16
+    c = rng.normal(size=(2, d)) * 3.0
+    lab = np.arange(n) % 2
+    q = (c[lab] + 0.3 * rng.normal(size=(2, n, d))).astype(np.float32)
+    k = (c[lab] + 0.3 * rng.normal(size=(2, n, d))).astype(np.float32)
+    a = np.asarray(ma.transition(np.einsum("bid,bjd->bij", q, k) / 4.0, causal=causal))
+    ref = stationary(_normalized64(a))
+    pi = np.asarray(ma.tokenrank_qk(q, k, block=64, causal=causal), np.float64)
+    err = np.abs(pi - ref).sum(-1)
+    assert err.max() <= 5e-6, err
 
 
 def test_tokenrank_qk_shares_the_solver_and_its_accuracy(rng):
