@@ -194,6 +194,31 @@ def cpu() -> TrainConfig:
     )
 
 
+def demo() -> TrainConfig:
+    """``make demo``'s run: the ``cpu`` preset with 2,000 steps of 128 over 256,000 training
+    images (each seen once), test accuracy every 200 steps.
+
+    Why not ``cpu`` itself: with the double-float TokenRank residuals of 2026-12-07 (a change
+    of ~1e-7 in the head's forward) the 1,800-step ``cpu`` run of seed 0 moved from 65.4 % to
+    59.85 %, below the 60 % target; training is chaotic at that level, so any numerics change
+    redraws the result from the recipe's seed spread. 2,000 steps gave 60.65 % (seed 0) and
+    63.4 % (seed 1). ``cpu`` stays the preset of the tables computed with it (the heads test
+    on clutter).
+
+    Command: ``python -m experiments.demo``, or ``python -m experiments.train --preset demo
+    --pool tokenrank --workdir runs/x``. Runtime: about 10 min on 2 idle cores of the AMD EPYC
+    of 2026-12-07 (README).
+    """
+    return dataclasses.replace(
+        cpu(),
+        name="demo",
+        train_size=256_000,
+        steps=2_000,
+        ckpt_every=200,
+        eval_every=200,
+    )
+
+
 def cpu_long() -> TrainConfig:
     """A longer CPU run of the ``make demo`` recipe, for a reference model trained on the CPU:
     the ``cpu`` architecture one third wider (width 128, MLP 512; 0.43 M parameters) and 6,000
@@ -333,6 +358,7 @@ PRESETS = {
     "smoke": smoke,
     "compare": compare,
     "cpu": cpu,
+    "demo": demo,
     "cpu_long": cpu_long,
     "cpu_ref": cpu_ref,
     "cpu64": cpu64,

@@ -1,9 +1,10 @@
 """The main job (``make demo``): train the TokenRank-head ViT and show what its attention does.
 
-Trains the ``cpu`` preset with the TokenRank pooling head into ``runs/demo`` (resuming from a
-checkpoint there, or only evaluating if the run is complete), evaluates it on the benchmark's
-test split, and writes figures: for a grid of test images, the image, the TokenRank map, the
-bounce maps n = 1..4 from the CLS token and the column sum, each overlaid on the image.
+Trains the ``demo`` preset (the ``cpu`` preset with 2,000 steps) with the TokenRank pooling
+head into ``runs/demo`` (resuming from a checkpoint there, or only evaluating if the run is
+complete), evaluates it on the benchmark's test split, and writes figures: for a grid of test
+images, the image, the TokenRank map, the bounce maps n = 1..4 from the CLS token and the
+column sum, each overlaid on the image.
 
 Which chain each map reads (last layer, as the pooling head does):
 
@@ -17,13 +18,13 @@ Which chain each map reads (last layer, as the pooling head does):
 Also draws the learning curve (training loss and accuracy, and the test accuracy every
 ``eval_every`` steps) into ``runs/demo/learning_curve.png``.
 
-The ``cpu`` preset trains and tests on the benchmark itself (the ``"standard"`` level); a
+The preset trains and tests on the benchmark itself (the ``"standard"`` level); a
 run on another level (``--set difficulty=plain`` in ``experiments.train``) also reports the
 standard level in its summary.
 
-Command: ``python -m experiments.demo`` (no arguments). Runtime: the ``cpu`` preset's training
-(8.3 min on 2 idle cores of the AMD EPYC of 2026-12-07 at 266 ms a step, data generation
-26 s; the step time differs by up to 2.6x between this project's 2-core machines, README) plus
+Command: ``python -m experiments.demo`` (no arguments). Runtime: the preset's training (about
+9 min on 2 idle cores of the AMD EPYC of 2026-12-07 at ~270 ms a step, data generation ~28 s;
+the step time differs by up to 2.6x between this project's 2-core machines, README) plus
 under a minute for evaluation and figures.
 """
 
@@ -127,7 +128,7 @@ def write_figures(
 
 def main() -> int:
     t0 = time.perf_counter()
-    cfg = get_preset("cpu", pool="tokenrank")
+    cfg = get_preset("demo", pool="tokenrank")
     print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
     summary = train_and_evaluate(cfg, WORKDIR)
     model, run = load_run(WORKDIR)  # run: the stored training config (a dict)
