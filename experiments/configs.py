@@ -163,8 +163,8 @@ def _cpu4() -> TrainConfig:
 
 
 def cpu() -> TrainConfig:
-    """The main CPU run (``make demo``): a hybrid ViT at 32 px on the benchmark
-    (``"standard"`` level).
+    """The main CPU run (``make demo`` trains it with 2,000 steps: :func:`demo`): a hybrid ViT at
+    32 px on the benchmark (``"standard"`` level).
 
     32 px images (the generator renders them at ``size=32``: objects of 15–22 px), a two-stage
     convolutional stem (32, 64 channels) down to the 8×8 patch grid, then a width-96 depth-2
