@@ -23,7 +23,7 @@ run on another level (``--set difficulty=plain`` in ``experiments.train``) also 
 standard level in its summary.
 
 Command: ``python -m experiments.demo`` (no arguments). Runtime: the preset's training (about
-9 min on 2 idle cores of the AMD EPYC of 2026-12-07 at ~270 ms a step, data generation ~28 s;
+9 min on 2 idle cores of the AMD EPYC of 2026-12-07 at ~270 ms a step, data generation ~27 s;
 the step time differs by up to 2.6x between this project's 2-core machines, README) plus
 under a minute for evaluation and figures.
 """
