@@ -40,7 +40,7 @@ from flax import nnx
 
 from markov_attn import segmentation as seg
 from markov_attn.data import CLASSES, make_split
-from markov_attn.nn import TokenRankPool, load_run
+from markov_attn.nn import CheckpointError, TokenRankPool, load_run
 from markov_attn.viz import bounce_strip
 
 from .configs import get_preset
@@ -130,7 +130,13 @@ def main() -> int:
     t0 = time.perf_counter()
     cfg = get_preset("demo", pool="tokenrank")
     print(f"training the '{cfg.name}' preset with the TokenRank head into {WORKDIR} ...")
-    summary = train_and_evaluate(cfg, WORKDIR)
+    try:
+        summary = train_and_evaluate(cfg, WORKDIR)
+    # a runs/demo of another preset (e.g. the 1,800-step one before 2026-12-07), missing data,
+    # a damaged checkpoint or a diverged run: one line, as experiments.train prints it
+    except (CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"make demo: {e}", file=sys.stderr)
+        return 2
     model, run = load_run(WORKDIR)  # run: the stored training config (a dict)
     paths = [str(plot_learning_curve(WORKDIR, title=f"make demo: {run['name']} preset, "
                                      f"{model.cfg.pool} head"))]  # fmt: skip

@@ -154,3 +154,16 @@ def test_demo_maps_on_a_small_model():
             assert m.shape == (2, 4, 4) and np.all(np.asarray(m) >= 0)
     _, aux = model(images)
     np.testing.assert_allclose(maps["TokenRank"].reshape(2, 16), aux["pool_weights"], atol=1e-5)
+
+
+def test_demo_reports_a_run_of_another_preset_in_one_line(tmp_path, monkeypatch, capsys):
+    # an old runs/demo (the 1,800-step cpu preset) must not end make demo in a traceback
+    from experiments import demo
+
+    def mismatch(cfg, workdir):
+        raise ValueError(f"{workdir} holds a checkpoint of a different run (steps: stored 1800)")
+
+    monkeypatch.setattr(demo, "train_and_evaluate", mismatch)
+    assert demo.main() == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different run" in err[0] and err[0].startswith("make demo:")
