@@ -59,13 +59,17 @@ def scale(x, c):
 
 
 def reciprocal(s):
-    """For row sums ``s = (hi, lo)`` in double-float (positive, normal): ``(inv, beta)`` with
-    ``1 / s = inv (1 + beta)``, ``inv = fl(1 / hi)``. Dividing by ``inv`` alone would scale
-    a whole row by the same rounding error, a bias that a nearly reducible chain's stationary
-    distribution amplifies; ``beta`` keeps it (to about 0.25 ulp)."""
-    inv = 1.0 / s[0]
-    p, e = two_prod(inv, s[0])  # inv s - 1 = (p - 1) + e + inv s_lo
-    return inv, -(((p - 1.0) + e) + inv * s[1]) / (p + inv * s[1])
+    """For row sums ``s = (hi, lo)`` in double-float: ``(inv, beta)`` with ``1 / s = inv (1 +
+    beta)``, ``inv = fl(1 / hi)``. Dividing by ``inv`` alone would scale a whole row by the
+    same rounding error, a bias that a nearly reducible chain's stationary distribution
+    amplifies; ``beta`` keeps it (to about 0.25 ulp). Rows whose ``hi`` is below the smallest
+    normal number (empty rows, zero padding) get ``inv = beta = 0``."""
+    empty = s[0] < jnp.finfo(s[0].dtype).tiny
+    hi = jnp.where(empty, 1.0, s[0])
+    inv = 1.0 / hi
+    p, e = two_prod(inv, hi)  # inv s - 1 = (p - 1) + e + inv s_lo
+    beta = -(((p - 1.0) + e) + inv * s[1]) / (p + inv * s[1])
+    return jnp.where(empty, 0.0, inv), jnp.where(empty, 0.0, beta)
 
 
 def sum_blocked(x, axis: int = -1, block: int = 8):

@@ -202,12 +202,13 @@ def _power(op, opts, p, v, alpha, residual):
     # the correction of a unit residual (the iteration is linear), so that its values stay far
     # from float32's underflow whatever the scale of the rows
     size = jnp.sum(jnp.abs(r), -1, keepdims=True)
-    r = r / jnp.where(size > 0, size, 1.0)
+    size = jnp.where(size > 0, size, 1.0)  # r = 0: d = 0 whatever the scale
+    r = r / size
 
     def correct(d):
         return al * (op.at(p, d) - v * jnp.sum(d, -1, keepdims=True)) + r
 
-    stop2 = stop_delta / jnp.where(size[..., 0] > 0, size[..., 0], 1.0)
+    stop2 = stop_delta / size[..., 0]
     # at alpha = 1 (no stop_delta) only patience stops it: a shorter one, since the correction
     # needs far fewer correct digits than the solution
     d, k2, conv2 = _iterate(correct, jnp.zeros_like(x), stop2, jnp.minimum(patience, 100.0),

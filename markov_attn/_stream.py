@@ -168,10 +168,8 @@ def _apply_pass(qs, k, lse, km, live, block, x=None, u=None, accurate=False, cau
         p = _tile(blk["q"], k, blk["l"], km, live, blk.get("pos"), blk.get("dead"))
         out = None
         if accurate:
-            rows = _df.sum_blocked(p, axis=-1)
-            empty = rows[0] <= 0.0  # only the zero padding of the last block
-            inv, beta = _df.reciprocal((jnp.where(empty, 1.0, rows[0]), rows[1]))
-            inv, beta = jnp.where(empty, 0.0, inv), jnp.where(empty, 0.0, beta)
+            # 0 for the zero padding of the last block
+            inv, beta = _df.reciprocal(_df.sum_blocked(p, axis=-1))
             q, e = _df.two_prod(blk["x"][..., 0], inv)  # x / s = q + ql in double-float
             ql = e + q * beta
             on = blk["i"][:, None] == jnp.arange(n)[None, :]

@@ -67,9 +67,8 @@ def dense_operator(a: jax.Array) -> Operator:
         # keeps the error-free products below away from overflow and underflow at any scale
         _, ex = jnp.frexp(jnp.where(zero, 1.0, s[0]))
         sigma = jnp.ldexp(jnp.ones_like(s[0]), -ex)
-        s = jnp.where(zero, 1.0, s[0] * sigma), s[1] * sigma
-        inv, beta = _df.reciprocal(s)  # 1 / s = inv (1 + beta), the rounding of inv kept
-        inv, beta = jnp.where(zero, 0.0, inv), jnp.where(zero, 0.0, beta)
+        # 1 / s = inv (1 + beta), the rounding of inv kept (0 for empty rows)
+        inv, beta = _df.reciprocal((s[0] * sigma, s[1] * sigma))
         blocks = _df.row_blocks(a * sigma[..., None], ACCURATE_ROWS, zero_diagonal=True)
         d = jnp.diagonal(a, axis1=-2, axis2=-1) * sigma
         return blocks, d, inv, beta, zero
