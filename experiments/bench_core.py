@@ -14,7 +14,10 @@ float64 references for
 Speed-ups are ratios of times measured in this run on this machine. Float64 references:
 ``numpy.linalg.solve`` for TokenRank (all heads), ``numpy.linalg.eigvals`` for |λ2| on the
 first batch element's 12 heads at n = 1025 (all heads at n = 197). ``eigvals`` on all 96
-matrices at n = 1025 is timed on the first 12 and scaled by 8 (stated in the output).
+matrices at n = 1025 is timed on the first 12 and scaled by 8 (stated in the output). Every
+time, ours and the reference's, is the median of ``--reps`` calls after one warm-up call
+(``eigvals`` was timed by one cold call before 2026-12-07, which left its side of the |λ2|
+ratio to the noise of a single run).
 
     python -m experiments.bench_core                # full run (~10 min on 2 cores)
     python -m experiments.bench_core --sizes 197     # quick
@@ -201,7 +204,7 @@ def run_size(n: int, reps: int) -> dict:
     )
     if n > 256:
         sub = at[0]
-        sec, lam = timeit(lambda: eig_top2(sub), reps=1, warmup=0)
+        sec, lam = timeit(lambda: eig_top2(sub), reps=reps)
         scale = heads / sub.shape[0]
         add(
             "eigvals(A).abs() top-2",
@@ -212,7 +215,7 @@ def run_size(n: int, reps: int) -> dict:
             f"(timed on {sub.shape[0]} matrices, x{scale:.0f})",
         )
     else:
-        sec, lam = timeit(lambda: eig_top2(at), reps=1, warmup=0)
+        sec, lam = timeit(lambda: eig_top2(at), reps=reps)
         add("eigvals(A).abs() top-2", impl.split()[0], sec, "max abs", lam_err(back(lam)))
 
     by = {r["name"]: r for r in rows}
@@ -235,7 +238,9 @@ def table(results: dict) -> str:
         f"{results['sizes'][0]['reference_impl']}); batch 8 × 12 heads (4 metastable, "
         "4 near-circulant, 4 diffuse), float32, α = 0.99. TokenRank error: max L1 against a "
         "float64 solve; |λ2| error: max abs against float64 `numpy.linalg.eigvals`"
-        " (at n = 1025 on the first 12 heads; the eigvals time there is 12 matrices × 8).",
+        " (at n = 1025 on the first 12 heads; the eigvals time there is 12 matrices × 8). "
+        f"Times: median of {results.get('reps', 3)} calls after a warm-up"
+        + (" (eigvals: one cold call)." if "reps" not in results else ", both sides."),
         "",
         "| n | algorithm | impl | time (ms) | error |",
         "|---|---|---|---|---|",
@@ -290,6 +295,7 @@ def main(argv=None) -> dict:
         jax=jax.__version__,
         backend=jax.default_backend(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
+        reps=args.reps,
         sizes=[run_size(n, args.reps) for n in args.sizes],
     )
     args.out.mkdir(parents=True, exist_ok=True)
