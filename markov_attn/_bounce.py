@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from ._chain import _reverse, _teleport, _uniform_or, check_index, check_v, one_hot
+from ._chain import _reverse, _teleport, _uniform_or, check_index, check_v, not_a_dist, one_hot
 from ._typing import ChainLike, DistLike
 from ._util import (
     as_chain,
@@ -15,7 +15,6 @@ from ._util import (
     check_choice,
     check_count,
     check_values,
-    invalid_dists,
     invalid_matrices,
     matvec_t,
     poison,
@@ -32,6 +31,7 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     bad = invalid_matrices(a)
     n = a.shape[-1]
     alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
+    bad_alpha = jnp.isnan(alpha)  # before the reverse chain's alpha is replaced by ones
     if direction == "reverse":  # the reverse of the chain, not of the raw weights
         a = safe_normalize(a)
     if direction == "reverse" and teleport_first:
@@ -41,19 +41,20 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     elif direction == "reverse":
         a = _reverse(a)
     a = safe_normalize(a)
+    v = _uniform_or(v, n, a.dtype)
     x0 = jnp.asarray(x0)
     if jnp.issubdtype(x0.dtype, jnp.integer):
-        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape, alpha.shape)
+        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape, alpha.shape, v.shape[:-1])
         x = one_hot(x0, n, batch, a.dtype)
     else:
-        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape[:-1], alpha.shape)
+        batch = jnp.broadcast_shapes(a.shape[:-2], x0.shape[:-1], alpha.shape, v.shape[:-1])
         x0 = x0.astype(a.dtype)
-        x = poison(safe_normalize(x0), invalid_dists(x0))
+        x = poison(safe_normalize(x0), not_a_dist(x0))
         x = jnp.broadcast_to(x, (*batch, n))
     a = jnp.broadcast_to(a, (*batch, n, n))
-    v = jnp.broadcast_to(_uniform_or(v, n, a.dtype), (*batch, n))
+    v = jnp.broadcast_to(v, (*batch, n))
     alpha = jnp.broadcast_to(alpha, batch)  # one per matrix
-    bad = jnp.broadcast_to(bad, batch) | jnp.isnan(alpha) | jnp.any(jnp.isnan(v), axis=-1)
+    bad = jnp.broadcast_to(bad, batch) | bad_alpha | jnp.any(jnp.isnan(v), axis=-1)
     al = alpha[..., None]
 
     def step(x, _):

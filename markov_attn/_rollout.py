@@ -27,6 +27,7 @@ FUSIONS = ("mean", "max", "min")
 def _rollout(attn, residual, head_fusion):
     a = attn.astype(compute_dtype(attn.dtype))
     bad = jnp.any(invalid_matrices(a), axis=(-2, -1))  # per stack of layers and heads
+    a = safe_normalize(a)  # each head's rows renormalised first (the input contract)
     fused = {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[head_fusion](a, axis=-3)
     n = a.shape[-1]
     residual = traced_range(jnp.asarray(residual, a.dtype), 0.0, 1.0)
@@ -51,7 +52,8 @@ def rollout(
 ) -> Float[Array, "*batch n n"]:
     r"""Attention rollout across layers (Abnar & Zuidema, 2020).
 
-    Heads are fused per layer (mean by default), the residual connection is modelled as
+    Each head's rows are renormalised (a no-op for softmax attention), heads are fused per
+    layer (mean by default), the residual connection is modelled as
     :math:`\hat A_l = r I + (1 - r) \bar A_l` (rows renormalised), and the layers are multiplied,
     latest on the left:
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from . import _df
-from ._chain import _keep_index, _transition, _uniform_or, check_index, check_v, one_hot
+from ._chain import _keep_index, _transition, _uniform_or, check_index, check_v, not_a_dist, one_hot
 from ._spectral import KRYLOV_DIM, TOL, _second_eigenvalue, check_residual_tol, lambda2_from_matvec
 from ._stationary import Operator, Options, SolveInfo, stationary
 from ._typing import Dist, DistLike, PerMatrix
@@ -555,7 +555,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
         if not batch_starts:
             x = x[..., None, :]
         bshape = jnp.broadcast_shapes(batch, x.shape[:-2])
-        x = poison(safe_normalize(x), invalid_dists(x))
+        x = poison(safe_normalize(x), not_a_dist(x))
         x = jnp.broadcast_to(x, (*bshape, *x.shape[-2:]))
     alpha = traced_range(jnp.asarray(alpha, qs.dtype), 0.0, 1.0)
     bshape = jnp.broadcast_shapes(bshape, alpha.shape)  # one alpha per chain

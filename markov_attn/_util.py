@@ -176,9 +176,16 @@ ACCURATE_BLOCK = 32
 
 
 def is_concrete(x) -> bool:
-    """True when ``x`` holds a value known now (not a tracer inside jit/vmap/grad)."""
+    """True when ``x`` holds a value known now (not a tracer inside jit/vmap/grad): also a
+    list or tuple of numbers (eager checks used to skip those, so ``alpha=[0.9, 1.1]`` or an
+    index list out of range gave NaN instead of an error)."""
     if isinstance(x, numbers.Number | np.ndarray | np.generic):
         return True
+    if isinstance(x, list | tuple):
+        try:
+            return np.asarray(x).dtype != object
+        except (TypeError, ValueError, jax.errors.TracerArrayConversionError):
+            return False
     return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
 
 

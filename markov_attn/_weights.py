@@ -17,13 +17,14 @@ HEAD_WEIGHTINGS = ("lambda2", "gap", "uniform")
 @functools.partial(jax.jit, static_argnames=("weighting", "axis"))
 def _head_weights(lam2, weighting, axis):
     lam2 = lam2.astype(compute_dtype(lam2.dtype))
+    # out of [0, 1] (or NaN) under jit: NaN weights, for every weighting ("uniform" too)
+    lam2 = traced_range(lam2, -1e-6, 1.0 + 1e-6)
     if weighting == "lambda2":
         w = lam2
     elif weighting == "gap":
         w = 1.0 - lam2
     else:
-        w = jnp.ones_like(lam2)
-    w = traced_range(w, -1e-6, 1.0 + 1e-6)  # out of range (or NaN) under jit: NaN weights
+        w = jnp.where(jnp.isnan(lam2), lam2, 1.0)
     w = jnp.clip(w, 0.0, None)
     return jnp.moveaxis(safe_normalize(jnp.moveaxis(w, axis, -1)), -1, axis)
 

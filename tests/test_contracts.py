@@ -1,0 +1,112 @@
+"""The input contract of the one-step functions and of bounce (README: "Input contract"), on
+inputs a review of 2026-12-07 found outside it: rows that do not sum to 1, distributions that
+sum to zero under jit, list arguments, bf16 tolerances, broadcasting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import markov_attn as ma
+
+
+def _weights(seed=0, n=5):
+    rng = np.random.default_rng(seed)
+    w = rng.random((n, n)) * rng.uniform(0.2, 5.0, (n, 1))  # rows at different scales
+    w[1] = 0.0  # an all-zero row: the uniform row
+    return w.astype(np.float32)
+
+
+def _chain(w):
+    s = w.sum(-1, keepdims=True)
+    return np.where(s == 0, 1.0 / w.shape[-1], w / np.where(s == 0, 1.0, s))
+
+
+def test_one_step_functions_renormalise_rows():
+    w = _weights()
+    a = _chain(w.astype(np.float64))
+    n = w.shape[-1]
+    t = np.asarray(ma.teleport(w, alpha=0.9))
+    np.testing.assert_allclose(t, 0.9 * a + 0.1 / n, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ma.column_sum(w)), a.mean(0), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ma.row_select(w, 3)), a[3], atol=1e-6)
+    col = a[:, 2] / a[:, 2].sum()
+    np.testing.assert_allclose(np.asarray(ma.column_select(w, 2)), col, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ma.reverse(w)), np.asarray(ma.reverse(a)), atol=1e-6)
+    # the same operations as one bounce step without teleportation
+    fwd = np.asarray(ma.bounce(w, 3, steps=1, alpha=1.0))[1]
+    rev = np.asarray(ma.bounce(w, 2, steps=1, alpha=1.0, direction="reverse"))[1]
+    np.testing.assert_allclose(np.asarray(ma.row_select(w, 3)), fwd, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ma.column_select(w, 2)), rev, atol=1e-6)
+    layers = np.stack([w, w.T + 0.1])[:, None]  # (L=2, H=1, n, n), rows not summing to 1
+    normed = np.stack([_chain(x) for x in layers[:, 0]])[:, None].astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(ma.rollout(layers)), np.asarray(ma.rollout(normed)), atol=1e-6
+    )
+
+
+def test_zero_sum_distributions_are_nan_under_jit():
+    a = jnp.asarray(_chain(_weights().astype(np.float64)), jnp.float32)
+    zero = jnp.zeros(a.shape[-1])
+    assert np.isnan(np.asarray(jax.jit(lambda a, x: ma.bounce(a, x, steps=2))(a, zero))).all()
+    out = jax.jit(lambda a, v: ma.bounce(a, 0, steps=2, v=v))(a, zero)
+    assert np.isnan(np.asarray(out)).all()
+    assert np.isnan(np.asarray(jax.jit(lambda a, v: ma.teleport(a, v=v))(a, zero))).all()
+    assert np.isnan(np.asarray(jax.jit(lambda a, v: ma.tokenrank(a, v=v))(a, zero))).all()
+    with pytest.raises(ValueError, match="sums to zero"):
+        ma.bounce(a, zero, steps=2)
+
+
+def test_list_arguments_are_checked_eagerly():
+    a = np.full((2, 4, 4), 0.25, np.float32)
+    with pytest.raises(ValueError, match="token index"):
+        ma.row_select(a, [0, 5])
+    with pytest.raises(ValueError, match="integer"):
+        ma.row_select(a, [0.0, 1.5])
+    with pytest.raises(ValueError, match="token index"):
+        ma.column_select(a, [0, 5])
+    with pytest.raises(ValueError, match="alpha"):
+        ma.teleport(a, alpha=[0.9, 1.1])
+    with pytest.raises(ValueError, match="alpha"):
+        ma.bounce(a, 0, steps=1, alpha=[0.9, 1.1])
+    with pytest.raises(ValueError, match="alpha"):
+        ma.check_chain(a, alpha=[2.0])
+
+
+def test_check_chain_bf16_tolerance_and_empty_batch():
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 197, 197)) * 3
+    ma.check_chain(jax.nn.softmax(x.astype(jnp.bfloat16), axis=-1))  # real bf16 rounding
+    ma.check_chain(jax.nn.softmax(x, axis=-1).astype(jnp.bfloat16))
+    off = np.array(jax.nn.softmax(x[0], axis=-1), np.float32)
+    off[3] *= 1.3
+    with pytest.raises(ValueError, match="sum to 1"):
+        ma.check_chain(jnp.asarray(off, jnp.bfloat16))
+    ma.check_chain(np.zeros((0, 3, 3), np.float32))  # an empty batch is fine
+
+
+def test_reverse_bounce_with_a_bad_traced_alpha_is_nan():
+    a = jnp.asarray(_chain(_weights().astype(np.float64)), jnp.float32)
+    for steps in (0, 2):
+        f = jax.jit(lambda a, al, s=steps: ma.bounce(a, 1, steps=s, alpha=al, direction="reverse"))
+        assert np.isnan(np.asarray(f(a, 1.5))).all()
+
+
+def test_uniform_head_weights_of_invalid_lam2_are_nan_under_jit():
+    f = jax.jit(lambda lam: ma.head_weights(lam, weighting="uniform"))
+    assert np.isnan(np.asarray(f(jnp.array([np.nan, 0.5])))).all()
+    assert np.isnan(np.asarray(f(jnp.array([3.0, 0.5])))).all()
+    np.testing.assert_allclose(np.asarray(f(jnp.array([0.2, 0.5]))), [0.5, 0.5])
+
+
+def test_bounce_broadcasts_v_and_indices_against_the_batch():
+    a = jnp.asarray(_chain(_weights().astype(np.float64)), jnp.float32)
+    rng = np.random.default_rng(1)
+    v = rng.random((3, a.shape[-1])).astype(np.float32)
+    out = np.asarray(ma.bounce(a, 0, steps=2, v=v))
+    assert out.shape == (3, 3, a.shape[-1])
+    for i in range(3):
+        np.testing.assert_allclose(out[i], np.asarray(ma.bounce(a, 0, steps=2, v=v[i])), atol=1e-6)
+    rows = np.asarray(ma.row_select(a[None], np.array([0, 3])))
+    np.testing.assert_allclose(rows, np.asarray(a)[[0, 3]], atol=1e-6)
+    cols = np.asarray(ma.column_select(a[None], np.array([0, 3])))
+    np.testing.assert_allclose(cols[1], np.asarray(ma.column_select(a, 3)), atol=1e-6)
