@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str):
-    """Ends the command with ``markov-attn: error: message`` on stderr and exit status 1."""
-    raise SystemExit(f"markov-attn: error: {message}")
+    """Ends the command with ``markov-attn: error: message`` on stderr and exit status 1, on
+    one line (messages of other libraries, such as torch.load's, can hold newlines)."""
+    raise SystemExit(f"markov-attn: error: {' '.join(str(message).split())}")
 
 
 def _is_run_dir(path: pathlib.Path) -> bool:
@@ -202,8 +203,13 @@ def _load_run(path: pathlib.Path, size) -> _Loaded:
     def prepare(image_path):
         from PIL import Image
 
+        from markov_attn.checkpoints._preprocess import to_rgb
+
         with _readable(image_path) as im:
-            im = im.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+            try:
+                im = to_rgb(im).resize((side, side), Image.Resampling.BILINEAR)
+            except ValueError as e:
+                _fail(f"image {image_path}: {e}")
             return np.asarray(im, np.float32)[None] / np.float32(255.0)
 
     return _Loaded(model, cfg, prepare, lambda x: x, f"training run {path}")
@@ -234,7 +240,10 @@ def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
 
     def prepare(image_path):
         with _readable(image_path) as im:
-            return preprocess([im], info, size=size)
+            try:
+                return preprocess([im], info, size=size)
+            except ValueError as e:
+                _fail(f"image {image_path}: {e}")
 
     def unnormalize(x):
         return np.clip(x * std + mean, 0.0, 1.0)
@@ -368,7 +377,10 @@ def maps_command(args) -> int:
     _check_size(args.size, cfg.patch_size, cfg.image_size)
     out_dir = pathlib.Path(args.out)
     pngs = _outputs(args.image, args.method, out_dir, args.overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create --out {out_dir}: {e}")
     has_cls = bool(cfg.cls_token)
     num_prefix = int(cfg.num_prefix)
     print(

@@ -337,3 +337,31 @@ def test_maps_metastable_states(images, tmp_path, capsys):
     assert sum(s["state_sizes"]) == 16 and 0 < s["metastability"] <= s["states"] + 1e-5
     with pytest.raises(SystemExit, match=r"--states must lie in \[2, 15\]"):
         cli.main([*base, str(tmp_path / "bad"), "--method", "metastable", "--states", "1"])
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(images, tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits (PIL's convert("RGB") clipped it to white)."""
+    from markov_attn.checkpoints._preprocess import to_rgb
+
+    a = (np.random.default_rng(0).random((16, 16)) * 65535).astype(np.uint16)
+    p = tmp_path / "deep.png"
+    Image.fromarray(a).save(p)
+    with Image.open(p) as im:
+        assert im.mode.startswith("I;16")
+        rgb = np.asarray(to_rgb(im), np.float64)
+    np.testing.assert_allclose(rgb[..., 0], a / 257.0, atol=0.5)
+    with pytest.raises(ValueError, match="no known range"):
+        to_rgb(Image.fromarray(a.astype(np.float32)))
+    out = tmp_path / "o"
+    cli.main(_maps_args(FIXTURES / "vit", [str(p)], out))
+    assert any(_is_png(f) for f in out.glob("*.png"))
+
+
+def test_garbage_pth_and_out_below_a_file_are_one_line_errors(images, tmp_path):
+    bad = tmp_path / "x.pth"
+    bad.write_text("garbage\n")
+    _one_line_error(_maps_args(bad, images[1:], tmp_path / "o"))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    msg = _one_line_error(_maps_args(FIXTURES / "vit", images[1:], blocker / "sub"))
+    assert "cannot create --out" in msg

@@ -555,3 +555,55 @@ def test_multiseg_silhouette_matches_scikit_learn_and_picks_the_clusters():
     assert used.tolist() == [2, 3, 4, 5]
     for i in range(4):
         assert adjusted_rand_score(truth[i], states[i]) == 1.0
+
+
+def test_maps_with_nan_are_never_scored_as_blank_maps():
+    import jax
+
+    from markov_attn import segmentation as seg
+
+    gt = np.zeros((2, 4, 4), bool)
+    gt[:, :2, :2] = True
+    m = np.array([[[1.0, 0.0], [0.0, 0.0]]] * 2, np.float32)
+    assert seg.summarize(seg.image_stats(m, gt))["miou"] == 1.0
+    m[1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        seg.image_stats(m, gt)
+    stats = jax.jit(seg.image_stats)(m, gt)  # traced: the APs say it
+    assert np.isnan(np.asarray(stats.ap)[1]) and not np.isnan(np.asarray(stats.ap)[0])
+    with pytest.raises(ValueError, match="NaN"):
+        seg.summarize(stats)
+    with pytest.raises(ValueError, match="NaN"):
+        seg.bootstrap(stats, n_resamples=10)
+
+
+def test_metric_arguments_are_checked():
+    from markov_attn import segmentation as seg
+
+    gt = np.zeros((1, 4, 4), bool)
+    gt[:, :2, :2] = True
+    m = np.array([[[1.0, 0.0], [0.0, 0.0]]], np.float32)
+    with pytest.raises(ValueError, match="thresh"):
+        seg.image_stats(m, gt, thresh="otsu")
+    stats = seg.image_stats(m, gt)
+    for level in (0.0, 1.0):
+        with pytest.raises(ValueError, match="level"):
+            seg.bootstrap(stats, level=level)
+    empty = seg.SegStats(*(np.asarray(v)[:0] for v in stats))
+    with pytest.raises(ValueError, match="no images"):
+        seg.summarize(empty)
+
+
+def test_bilinear_downsampling_matches_pytorch_without_antialiasing():
+    """PyTorch's bilinear (align_corners=False) has no antialiasing when it shrinks: values
+    from the half-pixel formula, written out here for a 4x4 map to 3x3."""
+    from markov_attn import segmentation as seg
+
+    m = np.arange(16, dtype=np.float32).reshape(4, 4)
+    src = (np.arange(3) + 0.5) * 4 / 3 - 0.5  # source coordinates of the 3 outputs
+    lo = np.floor(src).astype(int)
+    f = src - lo
+    rows = m[lo] * (1 - f)[:, None] + m[np.minimum(lo + 1, 3)] * f[:, None]
+    ref = rows[:, lo] * (1 - f) + rows[:, np.minimum(lo + 1, 3)] * f
+    out = np.asarray(seg.upsample(m, size=(3, 3), method="bilinear"))
+    np.testing.assert_allclose(out, ref, atol=1e-5)

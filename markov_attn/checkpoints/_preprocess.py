@@ -164,14 +164,31 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     return r
 
 
+def to_rgb(im):
+    """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs) is scaled to 8 bits (PIL's
+    ``convert("RGB")`` clips it, which turned a mid-grey 16-bit image nearly white); 32-bit
+    integer and float images (modes ``I`` and ``F``) have no known range and are refused."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, np.float64) / 257.0
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("I", "F"):
+        raise ValueError(
+            f"image mode {im.mode!r} (32-bit integer or float pixels) has no known range; "
+            "save it as an 8-bit (or 16-bit) image first"
+        )
+    return im.convert("RGB")
+
+
 def _to_pil(img):
     from PIL import Image
 
     if isinstance(img, str | os.PathLike):
         with Image.open(img) as im:
-            return im.convert("RGB")
+            return to_rgb(im)
     if isinstance(img, Image.Image):
-        return img.convert("RGB")
+        return to_rgb(img)
     a = np.asarray(img)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=-1)

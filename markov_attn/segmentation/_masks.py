@@ -67,8 +67,9 @@ def upsample(
     ``method="nearest"`` (the protocol) copies each token's value to the pixels of its
     patch: output pixel ``(y, x)`` takes token ``(floor(y·gh/H), floor(x·gw/W))`` (PyTorch's
     ``nearest``); with an integer patch size that is exactly one token per patch.
-    ``method="bilinear"`` uses ``jax.image.resize`` (half-pixel centres, as PyTorch
-    ``align_corners=False``), as some reference evaluation code does.
+    ``method="bilinear"`` uses ``jax.image.resize`` without antialiasing (half-pixel
+    centres, as PyTorch ``align_corners=False``, also when the image is smaller than the
+    grid), as some reference evaluation code does.
 
     Args:
         maps: ``(..., gh, gw)`` maps over the patch grid.
@@ -89,7 +90,9 @@ def upsample(
     gh, gw = maps.shape[-2:]
     h, w = int(size[0]), int(size[1])
     if method == "bilinear":
-        return jax.image.resize(maps, (*maps.shape[:-2], h, w), method="bilinear")
+        # no antialiasing: PyTorch's bilinear interpolation has none when shrinking either
+        shape = (*maps.shape[:-2], h, w)
+        return jax.image.resize(maps, shape, method="bilinear", antialias=False)
     rows = (jnp.arange(h) * gh) // h
     cols = (jnp.arange(w) * gw) // w
     return jnp.take(jnp.take(maps, rows, axis=-2), cols, axis=-1)

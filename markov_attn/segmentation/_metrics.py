@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from .._util import is_concrete
 from ._masks import map_to_mask, minmax
 
 __all__ = [
@@ -125,7 +126,6 @@ class SegStats(NamedTuple):
     has_fg: Bool[Array, "*batch"]
 
 
-@functools.partial(jax.jit, static_argnames=("thresh", "method"))
 def image_stats(
     maps: Float[ArrayLike, "*batch gh gw"],
     masks: Bool[ArrayLike, "*#batch H W"],
@@ -151,7 +151,11 @@ def image_stats(
         method: upsampling, ``"nearest"`` (protocol) or ``"bilinear"``.
 
     Returns:
-        :class:`SegStats` with the maps' batch shape.
+        :class:`SegStats` with the maps' batch shape. A map with a NaN or inf value (the
+        library's functions return NaN for invalid attention under ``jit``) raises a
+        ``ValueError`` when its values are concrete; under ``jit`` its ``ap`` and ``ap_2class``
+        are NaN (its counts are those of an empty prediction), and :func:`summarize` and
+        :func:`bootstrap` refuse such statistics: a NaN map is never scored as a blank one.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -161,6 +165,23 @@ def image_stats(
         >>> [int(v[0]) for v in (st.tp, st.fp, st.fn, st.tn)], float(st.ap[0])
         ([4, 0, 0, 12], 1.0)
     """
+    if isinstance(thresh, str) and thresh not in ("mean", "median"):
+        raise ValueError(f"thresh must be 'mean', 'median' or a float in [0, 1], got {thresh!r}")
+    if method not in ("nearest", "bilinear"):
+        raise ValueError(f"method must be 'nearest' or 'bilinear', got {method!r}")
+    if is_concrete(maps):
+        bad = ~np.isfinite(np.asarray(maps, np.float64))
+        if bad.any():
+            raise ValueError(
+                f"maps contain {int(bad.sum())} NaN/inf value(s) (first at "
+                f"{tuple(int(i) for i in np.argwhere(bad)[0])}); the chain functions return "
+                "NaN for invalid attention (check it with ma.check_chain)"
+            )
+    return _image_stats(maps, masks, thresh, method)
+
+
+@functools.partial(jax.jit, static_argnames=("thresh", "method"))
+def _image_stats(maps, masks, thresh, method) -> SegStats:
     maps = jnp.asarray(maps)
     masks = jnp.asarray(masks).astype(bool)
     if masks.ndim != maps.ndim:
@@ -169,8 +190,16 @@ def image_stats(
             "leading axes of size 1 to broadcast (e.g. masks[None] for several methods)"
         )
     if method == "nearest" and thresh != "median":
-        return _token_stats(maps, masks, thresh)
-    return _pixel_stats(maps, masks, thresh, method)
+        stats = _token_stats(maps, masks, thresh)
+    else:
+        stats = _pixel_stats(maps, masks, thresh, method)
+    # a map with NaN/inf (traced: no error possible) marks its APs NaN; summarize refuses it
+    bad = ~jnp.all(jnp.isfinite(maps), axis=(-2, -1))
+    bad = jnp.broadcast_to(bad, stats.ap.shape)
+    nan = jnp.asarray(jnp.nan, stats.ap.dtype)
+    return stats._replace(
+        ap=jnp.where(bad, nan, stats.ap), ap_2class=jnp.where(bad, nan, stats.ap_2class)
+    )
 
 
 def _pixel_stats(maps, masks, thresh, method) -> SegStats:
@@ -278,6 +307,15 @@ def _as_numpy(stats: SegStats) -> SegStats:
             f"stats must have one axis of images, got shape {stats.tp.shape}; index one "
             "method first (SegStats(*(v[i] for v in stats))) or reshape to (n_images,)"
         )
+    if len(stats.tp) == 0:
+        raise ValueError("stats hold no images: there is nothing to summarise")
+    nan = np.isnan(stats.ap) | np.isnan(stats.ap_2class)
+    if nan.any():
+        raise ValueError(
+            f"{int(nan.sum())} of {len(nan)} images were scored from maps with NaN/inf values "
+            f"(the first at image {int(np.argmax(nan))}): their metrics would be those of a "
+            "blank map; the chain functions return NaN for invalid attention (ma.check_chain)"
+        )
     return stats
 
 
@@ -384,6 +422,8 @@ def bootstrap(
         >>> 0.25 <= lo <= 0.5 <= hi <= 0.75
         True
     """
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
     stats = _as_numpy(stats)
     n = len(stats.tp)
     if counts is None:
