@@ -70,8 +70,18 @@ def _np_solve(m, b, *, dtype):
     with np.errstate(all="ignore"):
         try:
             x = np.linalg.solve(m64, b64[..., None])[..., 0]
-        except np.linalg.LinAlgError:  # a singular matrix somewhere in the batch
-            x = np.full(np.broadcast_shapes(m64.shape[:-1], b64.shape), np.nan)
+        except np.linalg.LinAlgError:  # a singular matrix somewhere in the batch:
+            # NaN for that one only (one uniform head made every head's |λ2| gradient NaN)
+            shape = np.broadcast_shapes(m64.shape[:-1], b64.shape)
+            mb = np.broadcast_to(m64, (*shape[:-1], *m64.shape[-2:])).reshape(-1, *m64.shape[-2:])
+            bb = np.broadcast_to(b64, shape).reshape(-1, shape[-1])
+            x = np.full(bb.shape, np.nan, wide)
+            for i in range(len(bb)):
+                try:
+                    x[i] = np.linalg.solve(mb[i], bb[i])
+                except np.linalg.LinAlgError:
+                    pass
+            x = x.reshape(shape)
     return x.astype(dtype)
 
 

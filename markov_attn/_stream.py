@@ -671,9 +671,9 @@ def bounce_qk(
 def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, causal):
     qs, k, km, live, batch, block = _prepare(q, k, scale, key_mask, idx, block, causal)
     n = qs.shape[-2]
-    if n == 1:
-        return jnp.zeros(batch, qs.dtype)
     bad = _bad_qk(qs, k)
+    if n == 1:  # one token: no second eigenvalue (0), NaN for NaN input as for every n
+        return poison(jnp.zeros(batch, qs.dtype), jnp.broadcast_to(bad, batch))
     qs = jnp.where(bad[..., None, None], 0.0, qs)
     k = jnp.where(bad[..., None, None], 0.0, k)
     lse = _lse_op(qs, k, km, live, block, causal)

@@ -110,3 +110,26 @@ def test_bounce_broadcasts_v_and_indices_against_the_batch():
     np.testing.assert_allclose(rows, np.asarray(a)[[0, 3]], atol=1e-6)
     cols = np.asarray(ma.column_select(a[None], np.array([0, 3])))
     np.testing.assert_allclose(cols[1], np.asarray(ma.column_select(a, 3)), atol=1e-6)
+
+
+def test_one_uniform_head_leaves_the_other_heads_lambda2_gradients_finite():
+    """A uniform chain has a singular eigenvector matrix; the batched host solve used to give
+    NaN for the whole batch, so one fully masked head made every head's gradient NaN."""
+    n = 9
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, n, 4)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, n, 4)), jnp.float32)
+    km = jnp.ones((2, n), bool).at[0].set(False)  # head 0 fully masked: the uniform chain
+    g = jax.grad(lambda q: ma.second_eigenvalue_qk(q, k, key_mask=km).sum())(q)
+    g1 = jax.grad(lambda q1: ma.second_eigenvalue_qk(q1, k[1]))(q[1])
+    assert np.isfinite(np.asarray(g1)).all()
+    np.testing.assert_allclose(np.asarray(g[1]), np.asarray(g1), rtol=1e-4, atol=1e-6)
+    a = jax.nn.softmax(jnp.einsum("hid,hjd->hij", q, k), -1).at[0].set(1.0 / n)
+    ga = jax.grad(lambda a: ma.second_eigenvalue(a).sum())(a)
+    assert np.isfinite(np.asarray(ga[1])).all()
+
+
+def test_one_token_streamed_lambda2_of_nan_input_is_nan():
+    qn = jnp.full((1, 4), jnp.nan)
+    assert np.isnan(float(jax.jit(ma.second_eigenvalue_qk)(qn, qn)))
+    assert float(ma.second_eigenvalue_qk(jnp.ones((1, 4)), jnp.ones((1, 4)))) == 0.0
