@@ -377,12 +377,22 @@ def maps_command(args) -> int:
     _check_size(args.size, cfg.patch_size, cfg.image_size)
     out_dir = pathlib.Path(args.out)
     pngs = _outputs(args.image, args.method, out_dir, args.overwrite)
-    try:
+    has_cls = bool(cfg.cls_token)
+    num_prefix = int(cfg.num_prefix)
+    methods = None
+    if args.method != "metastable":
+        methods = _map_methods(
+            args.method,
+            layer=args.layer % depth,
+            steps=args.steps,
+            alpha=args.alpha,
+            weighting=args.weighting,
+            has_cls=has_cls,
+        )
+    try:  # after every refusal that needs no image, so that a refusal leaves no empty --out
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _fail(f"cannot create --out {out_dir}: {e}")
-    has_cls = bool(cfg.cls_token)
-    num_prefix = int(cfg.num_prefix)
     print(
         f"model: {loaded.description} (depth {depth}, {cfg.num_heads} heads, "
         f"width {cfg.width}, patch {cfg.patch_size})"
@@ -402,16 +412,6 @@ def maps_command(args) -> int:
         iterator = progress
     else:
         iterator = images
-    methods = None
-    if args.method != "metastable":
-        methods = _map_methods(
-            args.method,
-            layer=args.layer % depth,
-            steps=args.steps,
-            alpha=args.alpha,
-            weighting=args.weighting,
-            has_cls=has_cls,
-        )
     report = []
     for img_path, png in zip(iterator, pngs):
         x = loaded.prepare(img_path)

@@ -365,3 +365,18 @@ def test_garbage_pth_and_out_below_a_file_are_one_line_errors(images, tmp_path):
     blocker.write_text("x")
     msg = _one_line_error(_maps_args(FIXTURES / "vit", images[1:], blocker / "sub"))
     assert "cannot create --out" in msg
+
+
+def test_a_refusal_for_a_model_without_cls_leaves_no_output_directory(images, tmp_path):
+    from flax import nnx
+
+    from markov_attn.nn import ViT, ViTConfig, config_to_dict, write_weights
+
+    cfg = ViTConfig(image_size=16, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32,
+                    cls_token=False, pool="mean")  # fmt: skip
+    run = {"model": config_to_dict(cfg)}
+    weights = write_weights(ViT(cfg, rngs=nnx.Rngs(0)), run, tmp_path / "w.npz")
+    out = tmp_path / "o"
+    msg = _one_line_error(_maps_args(weights, images[1:], out, "--method", "cls"))
+    assert "CLS" in msg
+    assert not out.exists()
