@@ -54,7 +54,8 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     a = jnp.broadcast_to(a, (*batch, n, n))
     v = jnp.broadcast_to(v, (*batch, n))
     alpha = jnp.broadcast_to(alpha, batch)  # one per matrix
-    bad = jnp.broadcast_to(bad, batch) | bad_alpha | jnp.any(jnp.isnan(v), axis=-1)
+    bad = jnp.broadcast_to(bad, batch) | jnp.broadcast_to(bad_alpha, batch)
+    bad = bad | jnp.any(jnp.isnan(v), axis=-1)
     al = alpha[..., None]
 
     def step(x, _):

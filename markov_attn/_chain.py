@@ -417,7 +417,7 @@ def row_select(attn: ChainLike, i: Integer[ArrayLike, "*#batch"], /) -> Dist:
     check_square(attn.shape)
     check_index(i, attn.shape[-1])
     check_values(attn)
-    return _row_select(attn, i)
+    return _row_select(attn, jnp.asarray(i))
 
 
 @jax.jit
@@ -448,7 +448,7 @@ def column_select(attn: ChainLike, j: Integer[ArrayLike, "*#batch"], /) -> Dist:
     check_square(attn.shape)
     check_index(j, attn.shape[-1])
     check_values(attn)
-    return _column_select(attn, j)
+    return _column_select(attn, jnp.asarray(j))
 
 
 # --------------------------------------------------------------------------------------------

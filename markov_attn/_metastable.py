@@ -195,67 +195,88 @@ EIG_STEPS = 24
 EXCEPTIONAL = 8
 
 
-def _complex_qr(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``Q R = x`` for small complex ``(..., m, m)`` by Householder reflections (unrolled over
-    the ``m - 1`` columns): ``Q`` unitary even where ``x`` is singular."""
-    m = x.shape[-1]
-    rows = jnp.arange(m).reshape((1,) * (x.ndim - 2) + (m,))
+def _complex_qr(x: jax.Array, m) -> tuple[jax.Array, jax.Array]:
+    """``Q R = x`` for the leading ``m x m`` block of small complex ``(..., p, p)`` matrices
+    (``x`` zero outside it; ``m`` may be traced) by Householder reflections, one loop over the
+    columns (a program whose size does not depend on ``p``): ``Q`` is unitary even where the
+    block is singular, and the identity outside the block."""
+    p = x.shape[-1]
+    rows = jnp.arange(p).reshape((1,) * (x.ndim - 2) + (p,))
     tiny = jnp.finfo(jnp.float32).tiny * 1e4
     r = x
-    q = jnp.broadcast_to(jnp.eye(m, dtype=x.dtype), x.shape)
-    for j in range(m - 1):
-        col = jnp.where(rows >= j, r[..., :, j], 0.0)
+    q = jnp.broadcast_to(jnp.eye(p, dtype=x.dtype), x.shape)
+
+    def reflect(j, carry):
+        r, q = carry
+        col = jnp.where((rows >= j) & (rows < m), jnp.take(r, j, axis=-1), 0.0)
         nrm = jnp.sqrt(jnp.sum(jnp.abs(col) ** 2, axis=-1))
-        head = col[..., j]
+        head = jnp.sum(jnp.where(rows == j, col, 0.0), axis=-1)
         mag = jnp.abs(head)
         phase = jnp.where(mag > 0, head / jnp.where(mag > 0, mag, 1.0), 1.0)
         v = col + jnp.where(rows == j, (phase * nrm)[..., None], 0.0)
         vn = jnp.sqrt(jnp.sum(jnp.abs(v) ** 2, axis=-1))
-        v = jnp.where((vn > tiny)[..., None], v / jnp.where(vn > tiny, vn, 1.0)[..., None], 0.0)
+        ok = vn > tiny
+        v = jnp.where(ok[..., None], v / jnp.where(ok, vn, 1.0)[..., None], 0.0)
         r = r - 2.0 * v[..., :, None] * jnp.einsum("...i,...ij->...j", jnp.conj(v), r)[..., None, :]
         q = q - 2.0 * jnp.einsum("...ij,...j->...i", q, v)[..., :, None] * jnp.conj(v)[..., None, :]
+        return r, q
+
+    # columns past the block's last need no reflection
+    r, q = jax.lax.fori_loop(0, m - 1, reflect, (r, q))
     return q, r
 
 
 def _small_eigvals(t: jax.Array, locked: int = 0) -> jax.Array:
-    """Eigenvalues ``(..., p)`` (complex64, decreasing modulus, a conjugate pair with the
+    """Eigenvalues ``(..., p)`` (complex, decreasing modulus, a conjugate pair with the
     positive imaginary part first) of small real ``(..., p, p)`` matrices.
 
-    The complex shifted QR iteration with Wilkinson shifts, ``EIG_STEPS`` steps per eigenvalue,
-    deflating the trailing one and going on with the leading block (Householder QR: no LAPACK,
-    it lowers everywhere). The first ``locked`` diagonal entries are taken as eigenvalues as
-    they are (the caller knows their columns are invariant, as the constant vector's is: the
-    iteration would only add rounding to them, ~1e-6 at λ1 = 1). Reading the eigenvalues off
-    the diagonal blocks of the unshifted QR iteration's reordering (:func:`_order_by_modulus`)
-    left errors of 3.5e-3 and an order out of sequence where moduli nearly tie (differences
-    ~1e-3): its subdiagonal there was still 5e-3 while the subspace had converged.
+    The complex shifted QR iteration with Wilkinson shifts (an exceptional one every
+    ``EXCEPTIONAL``-th step), ``EIG_STEPS`` steps per eigenvalue, deflating the trailing one
+    and going on with the leading block: one loop over the block size with the block masked, so
+    the program does not grow with ``p`` (Householder QR: no LAPACK, it lowers everywhere). The
+    first ``locked`` diagonal entries are taken as eigenvalues as they are (the caller knows
+    their columns are invariant, as the constant vector's is: the iteration would only add
+    rounding to them, ~1e-6 at λ1 = 1). Reading the eigenvalues off the diagonal blocks of the
+    unshifted QR iteration's reordering (:func:`_order_by_modulus`) left errors of 3.5e-3 and
+    an order out of sequence where moduli nearly tie (differences ~1e-3): its subdiagonal there
+    was still 5e-3 while the subspace had converged.
     """
-    p = t.shape[-1]
-    head = [t[..., i, i].astype(jnp.complex64) for i in range(locked)]
-    b = t[..., locked:, locked:].astype(jnp.complex64)
-    out = []
-    for m in range(p - locked, 1, -1):
-        eye = jnp.broadcast_to(jnp.eye(m, dtype=b.dtype), (*b.shape[:-2], m, m))
+    dtype = jnp.result_type(t.dtype, jnp.complex64)
+    head = [t[..., i, i].astype(dtype) for i in range(locked)]
+    b = t[..., locked:, locked:].astype(dtype)
+    q = b.shape[-1]
+    if q:
+        idx = jnp.arange(q)
+        eye = jnp.broadcast_to(jnp.eye(q, dtype=dtype), b.shape)
 
-        def step(i, b, m=m, eye=eye):
-            w, x = b[..., m - 2, m - 2], b[..., m - 2, m - 1]
-            y, z = b[..., m - 1, m - 2], b[..., m - 1, m - 1]
-            half = 0.5 * (w + z)
-            root = jnp.sqrt(0.25 * (w - z) ** 2 + x * y)
-            mu1, mu2 = half + root, half - root
-            mu = jnp.where(jnp.abs(mu1 - z) <= jnp.abs(mu2 - z), mu1, mu2)
-            # an exceptional shift now and then breaks the cycles Wilkinson's shift can fall in
-            off = jnp.sum(jnp.abs(b[..., m - 1, : m - 1]), axis=-1)
-            odd = z + (0.75 + 0.5j) * off
-            mu = jnp.where(i % EXCEPTIONAL == EXCEPTIONAL - 1, odd, mu)[..., None, None]
-            q, r = _complex_qr(b - mu * eye)
-            return jnp.matmul(r, q, precision=HIGHEST) + mu * eye
+        def deflate(d, carry):
+            b, ev = carry
+            m = q - d  # the active leading block
+            live = (idx[:, None] < m) & (idx[None, :] < m)
+            live = live.reshape((1,) * (b.ndim - 2) + (q, q))
 
-        b = jax.lax.fori_loop(0, EIG_STEPS, step, b[..., :m, :m])
-        out.append(b[..., m - 1, m - 1])
-    if p > locked:
-        out.append(b[..., 0, 0])
-    ev = jnp.stack(head + out[::-1], axis=-1)
+            def step(i, b):
+                w, x = b[..., m - 2, m - 2], b[..., m - 2, m - 1]
+                y, z = b[..., m - 1, m - 2], b[..., m - 1, m - 1]
+                half = 0.5 * (w + z)
+                root = jnp.sqrt(0.25 * (w - z) ** 2 + x * y)
+                mu1, mu2 = half + root, half - root
+                mu = jnp.where(jnp.abs(mu1 - z) <= jnp.abs(mu2 - z), mu1, mu2)
+                # an exceptional shift now and then breaks the cycles Wilkinson's can fall in
+                off = jnp.sum(jnp.where(idx < m - 1, jnp.abs(b[..., m - 1, :]), 0.0), axis=-1)
+                mu = jnp.where(i % EXCEPTIONAL == EXCEPTIONAL - 1, z + (0.75 + 0.5j) * off, mu)
+                shift = mu[..., None, None] * eye
+                qm, r = _complex_qr(jnp.where(live, b - shift, 0.0), m)
+                return jnp.where(live, jnp.matmul(r, qm, precision=HIGHEST) + shift, b)
+
+            b = jax.lax.fori_loop(0, EIG_STEPS, step, b)
+            return b, ev.at[..., m - 1].set(b[..., m - 1, m - 1])
+
+        ev = jnp.zeros(b.shape[:-1], dtype)
+        b, ev = jax.lax.fori_loop(0, q - 1, deflate, (b, ev))
+        ev = ev.at[..., 0].set(b[..., 0, 0])
+        head.append(ev)
+    ev = jnp.concatenate([h[..., None] if h.ndim == t.ndim - 2 else h for h in head], axis=-1)
     # the eigenvalues of a real matrix come in conjugate pairs, which the complex iteration
     # rounds apart (~1e-5): average each with the conjugate of its nearest conjugate, so that
     # pairs are exact conjugates (and real eigenvalues real), then sort by decreasing modulus

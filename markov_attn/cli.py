@@ -379,6 +379,10 @@ def maps_command(args) -> int:
     pngs = _outputs(args.image, args.method, out_dir, args.overwrite)
     has_cls = bool(cfg.cls_token)
     num_prefix = int(cfg.num_prefix)
+    if args.method == "metastable" and args.states is not None:
+        n = ((args.size or cfg.image_size) // cfg.patch_size) ** 2  # patch tokens
+        if not 2 <= args.states < n:
+            _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
     methods = None
     if args.method != "metastable":
         methods = _map_methods(

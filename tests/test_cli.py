@@ -380,3 +380,21 @@ def test_a_refusal_for_a_model_without_cls_leaves_no_output_directory(images, tm
     msg = _one_line_error(_maps_args(weights, images[1:], out, "--method", "cls"))
     assert "CLS" in msg
     assert not out.exists()
+
+
+def test_states_out_of_range_is_refused_before_out_is_created(images, tmp_path):
+    out = tmp_path / "o"
+    argv = _maps_args(FIXTURES / "vit", images[1:], out, "--method", "metastable", "--states", "1")
+    assert "--states must lie" in _one_line_error(argv)
+    assert not out.exists()
+
+
+def test_mode_i_images_are_read_by_their_range():
+    from markov_attn.checkpoints._preprocess import to_rgb
+
+    deep = Image.fromarray(np.full((4, 4), 40000, np.int32), "I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(deep))[..., 0], round(40000 / 257))
+    flat = Image.fromarray(np.full((4, 4), 200, np.int32), "I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(flat))[..., 0], 200)
+    with pytest.raises(ValueError, match="no known range"):
+        to_rgb(Image.fromarray(np.full((4, 4), -5, np.int32), "I"))

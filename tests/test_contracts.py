@@ -106,6 +106,14 @@ def test_bounce_broadcasts_v_and_indices_against_the_batch():
     assert out.shape == (3, 3, a.shape[-1])
     for i in range(3):
         np.testing.assert_allclose(out[i], np.asarray(ma.bounce(a, 0, steps=2, v=v[i])), atol=1e-6)
+    per = np.asarray(ma.bounce(np.stack([a] * 3)[None].repeat(2, 0), 0, steps=1,
+                               alpha=np.array([0.9, 0.8, 0.7])))  # fmt: skip
+    assert per.shape == (2, 3, 2, a.shape[-1])  # one alpha per head, broadcast over the batch
+    np.testing.assert_allclose(per[1, 2], np.asarray(ma.bounce(a, 0, steps=1, alpha=0.7)))
+    listed = np.asarray(ma.row_select(np.stack([a] * 3), [0, 1, 3]))  # a valid list index
+    np.testing.assert_allclose(listed, np.asarray(a)[[0, 1, 3]], atol=1e-6)
+    listed = np.asarray(ma.column_select(np.stack([a] * 3), [0, 1, 3]))
+    np.testing.assert_allclose(listed[2], np.asarray(ma.column_select(a, 3)), atol=1e-6)
     rows = np.asarray(ma.row_select(a[None], np.array([0, 3])))
     np.testing.assert_allclose(rows, np.asarray(a)[[0, 3]], atol=1e-6)
     cols = np.asarray(ma.column_select(a[None], np.array([0, 3])))

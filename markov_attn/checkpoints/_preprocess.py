@@ -165,14 +165,23 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
 
 
 def to_rgb(im):
-    """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs) is scaled to 8 bits (PIL's
-    ``convert("RGB")`` clips it, which turned a mid-grey 16-bit image nearly white); 32-bit
-    integer and float images (modes ``I`` and ``F``) have no known range and are refused."""
+    """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs, or mode ``I`` with values in
+    ``[0, 65535]`` beyond 255, as older Pillow opens them) is scaled to 8 bits (PIL's
+    ``convert("RGB")`` clips it, which turned a mid-grey 16-bit image nearly white); mode ``I``
+    with values in ``[0, 255]`` is taken as 8-bit; other 32-bit integer and float images have
+    no known range and are refused."""
     from PIL import Image
 
+    def grey(a, scale):
+        a = np.clip(np.round(np.asarray(a, np.float64) / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+
     if im.mode.startswith("I;16"):
-        a = np.asarray(im, np.float64) / 257.0
-        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return grey(im, 257.0)
+    if im.mode == "I":
+        lo, hi = im.getextrema()
+        if 0 <= lo and hi <= 65535:
+            return grey(im, 257.0 if hi > 255 else 1.0)
     if im.mode in ("I", "F"):
         raise ValueError(
             f"image mode {im.mode!r} (32-bit integer or float pixels) has no known range; "
