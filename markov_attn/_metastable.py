@@ -215,14 +215,15 @@ def _complex_qr(x: jax.Array, m) -> tuple[jax.Array, jax.Array]:
         phase = jnp.where(mag > 0, head / jnp.where(mag > 0, mag, 1.0), 1.0)
         v = col + jnp.where(rows == j, (phase * nrm)[..., None], 0.0)
         vn = jnp.sqrt(jnp.sum(jnp.abs(v) ** 2, axis=-1))
-        ok = vn > tiny
+        ok = (vn > tiny) & (j < m - 1)  # columns at and past the block's last: no reflection
         v = jnp.where(ok[..., None], v / jnp.where(ok, vn, 1.0)[..., None], 0.0)
         r = r - 2.0 * v[..., :, None] * jnp.einsum("...i,...ij->...j", jnp.conj(v), r)[..., None, :]
         q = q - 2.0 * jnp.einsum("...ij,...j->...i", q, v)[..., :, None] * jnp.conj(v)[..., None, :]
         return r, q
 
-    # columns past the block's last need no reflection
-    r, q = jax.lax.fori_loop(0, m - 1, reflect, (r, q))
+    # static bounds (a traced m would make it a while loop, which has no reverse-mode
+    # derivative: jax.grad of the eigenvalues failed)
+    r, q = jax.lax.fori_loop(0, p - 1, reflect, (r, q))
     return q, r
 
 

@@ -123,12 +123,14 @@ def _is_run_dir(path: pathlib.Path) -> bool:
 
 
 class _Loaded:
-    """A model plus the function turning image files into its input batch."""
+    """A model plus the function turning image files into its input batch (of ``side`` x
+    ``side`` pixels: the run's image size, or the checkpoint's preprocessing crop)."""
 
-    def __init__(self, model, cfg, prepare, unnormalize, description):
+    def __init__(self, model, cfg, prepare, unnormalize, description, side):
         self.model, self.cfg = model, cfg
         self.prepare, self.unnormalize = prepare, unnormalize
         self.description = description
+        self.side = int(side)
 
 
 def _readable(image_path):
@@ -212,7 +214,7 @@ def _load_run(path: pathlib.Path, size) -> _Loaded:
                 _fail(f"image {image_path}: {e}")
             return np.asarray(im, np.float32)[None] / np.float32(255.0)
 
-    return _Loaded(model, cfg, prepare, lambda x: x, f"training run {path}")
+    return _Loaded(model, cfg, prepare, lambda x: x, f"training run {path}", side)
 
 
 def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
@@ -248,7 +250,8 @@ def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
     def unnormalize(x):
         return np.clip(x * std + mean, 0.0, 1.0)
 
-    return _Loaded(model, cfg, prepare, unnormalize, f"{info.family} checkpoint {info.path}")
+    description = f"{info.family} checkpoint {info.path}"
+    return _Loaded(model, cfg, prepare, unnormalize, description, r["crop"])
 
 
 def _token_name(i: int, num_prefix: int, has_cls: bool, gw: int) -> str:
@@ -380,7 +383,7 @@ def maps_command(args) -> int:
     has_cls = bool(cfg.cls_token)
     num_prefix = int(cfg.num_prefix)
     if args.method == "metastable" and args.states is not None:
-        n = ((args.size or cfg.image_size) // cfg.patch_size) ** 2  # patch tokens
+        n = (loaded.side // cfg.patch_size) ** 2  # the patch tokens of the prepared image
         if not 2 <= args.states < n:
             _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
     methods = None

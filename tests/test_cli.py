@@ -398,3 +398,28 @@ def test_mode_i_images_are_read_by_their_range():
     np.testing.assert_array_equal(np.asarray(to_rgb(flat))[..., 0], 200)
     with pytest.raises(ValueError, match="no known range"):
         to_rgb(Image.fromarray(np.full((4, 4), -5, np.int32), "I"))
+    dark = Image.fromarray(np.full((4, 4), 200, np.int32), "I")
+    dark.format = "PNG"  # as older Pillow opens a 16-bit PNG: always 16-bit, dark or not
+    np.testing.assert_array_equal(np.asarray(to_rgb(dark))[..., 0], round(200 / 257))
+
+
+@pytest.mark.parametrize("crop,states,ok", [(32, 20, True), (8, 5, False)])
+def test_states_are_checked_against_the_prepared_image(images, tmp_path, crop, states, ok):
+    """The early --states check counts the patches of the image as the checkpoint's
+    preprocessing crops it, not of the position-embedding grid (16 patches here)."""
+    import shutil
+
+    ck = tmp_path / "dino"
+    shutil.copytree(FIXTURES / "dinov2", ck)
+    (ck / "preprocessor_config.json").write_text(json.dumps({
+        "do_center_crop": True, "crop_size": {"height": crop, "width": crop},
+        "size": {"shortest_edge": crop}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+    }))  # fmt: skip
+    out = tmp_path / "o"
+    argv = _maps_args(ck, images[:1], out, "--method", "metastable", "--states", str(states))
+    if ok:
+        assert cli.main(argv) == 0
+        assert json.loads((out / "stats.json").read_text())[0]["states"] == states
+    else:
+        assert "--states must lie in [2, 3]" in _one_line_error(argv)
+        assert not out.exists()

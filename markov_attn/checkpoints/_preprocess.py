@@ -165,8 +165,9 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
 
 
 def to_rgb(im):
-    """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs, or mode ``I`` with values in
-    ``[0, 65535]`` beyond 255, as older Pillow opens them) is scaled to 8 bits (PIL's
+    """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs, PNGs in mode ``I`` as older
+    Pillow opens them, or other mode-``I`` images with values in ``[0, 65535]`` beyond 255) is
+    scaled to 8 bits (PIL's
     ``convert("RGB")`` clips it, which turned a mid-grey 16-bit image nearly white); mode ``I``
     with values in ``[0, 255]`` is taken as 8-bit; other 32-bit integer and float images have
     no known range and are refused."""
@@ -181,7 +182,8 @@ def to_rgb(im):
     if im.mode == "I":
         lo, hi = im.getextrema()
         if 0 <= lo and hi <= 65535:
-            return grey(im, 257.0 if hi > 255 else 1.0)
+            # a PNG in mode I is 16-bit (8-bit grey opens as L); elsewhere judge by the range
+            return grey(im, 257.0 if im.format == "PNG" or hi > 255 else 1.0)
     if im.mode in ("I", "F"):
         raise ValueError(
             f"image mode {im.mode!r} (32-bit integer or float pixels) has no known range; "
