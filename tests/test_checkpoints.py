@@ -446,3 +446,75 @@ def test_live_parity(name, tmp_path):
     for tag in ("native", "second"):
         dh, da, do = _errors(model, expected, tag)
         assert dh <= HIDDEN_TOL and da <= ATTN_TOL and do <= HIDDEN_TOL, (name, tag, dh, da)
+
+
+def _photo(h=427, w=640):
+    from PIL import Image
+
+    a = (np.random.default_rng(5).random((h, w, 3)) * 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def _normalised(im, mean, std):
+    a = np.asarray(im, np.float32) / np.float32(255.0)
+    return (a - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def test_height_width_size_resizes_exactly_before_the_crop(tmp_path):
+    """A DeiT-style processor (size {height, width} 256, crop 224) stretches to 256 x 256 and
+    crops; it was read as a shortest-edge resize (max |diff| 3.3 on random pixels)."""
+    from PIL import Image
+
+    pre = {"do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+           "size": {"height": 256, "width": 256}, "resample": 3,
+           "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    info = ck.CheckpointInfo("hf_vit", tmp_path / "w", {"image_size": 224}, pre, (), (), 1)
+    img = _photo()
+    want = img.resize((256, 256), Image.Resampling.BICUBIC).crop((16, 16, 240, 240))
+    got = ck.preprocess(img, info)[0]
+    np.testing.assert_allclose(got, _normalised(want, [0.5] * 3, [0.5] * 3), atol=1e-6)
+
+
+def test_timm_center_crop_rounds_like_torchvision():
+    from PIL import Image
+
+    r = ck.recipe("timm", size=224)
+    img = _photo()
+    nh, nw = r["resize"], int(r["resize"] * 640 / 427)
+    top, left = round((nh - 224) / 2), round((nw - 224) / 2)  # torchvision CenterCrop
+    want = img.resize((nw, nh), Image.Resampling.BICUBIC).crop((left, top, left + 224, top + 224))
+    got = ck.preprocess(img, "timm", size=224)[0]
+    np.testing.assert_allclose(got, _normalised(want, r["mean"], r["std"]), atol=1e-6)
+
+
+def test_timm_native_size_and_activation_from_the_config(tmp_path):
+    d = tmp_path / "timm"
+    shutil.copytree(FIXTURES / "timm", d)
+    c = json.loads((d / "config.json").read_text())
+    del c["pretrained_cfg"]
+    (d / "config.json").write_text(json.dumps(c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, cfg, info = ck.load(d)
+    assert ck.recipe(info)["crop"] == cfg.image_size == 16  # was 224
+    d2 = tmp_path / "clip"
+    shutil.copytree(FIXTURES / "timm_reg", d2)
+    c = json.loads((d2 / "config.json").read_text())
+    c["architecture"] = "vit_base_patch16_clip_quickgelu_224"
+    (d2 / "config.json").write_text(json.dumps(c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, cfg, _ = ck.load(d2)
+    assert cfg.gelu == "quick" and cfg.norm_eps == 1e-5  # were "exact" and 1e-6
+
+
+def test_preprocessing_edge_cases():
+    a = np.full((8, 8, 3), 30000, np.uint16)  # 16-bit pixels: scaled, not white
+    got = ck.preprocess(a, "hf_vit", size=8)[0]
+    np.testing.assert_allclose(got, (round(30000 / 257) / 255 - 0.5) / 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="8-bit"):
+        ck.preprocess(np.full((8, 8, 3), 1000, np.int32), "hf_vit", size=8)
+    pre = {"do_center_crop": True, "crop_size": 22, "size": {"shortest_edge": 30},
+           "image_mean": [0.5] * 3, "image_std": [0.5] * 3}  # fmt: skip
+    info = ck.CheckpointInfo("hf_clip", pathlib.Path("w"), {}, pre, (), (), 1)
+    assert ck.recipe(info)["resize"] == 30  # float rounding gave 29

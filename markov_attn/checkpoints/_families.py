@@ -415,6 +415,30 @@ def clip(sd: dict, config: dict | None, *, num_heads=None):
 _TIMM_ARCH_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 16}
 
 
+_TIMM_GELU = {"gelu": "exact", "gelu_tanh": "tanh", "quick_gelu": "quick"}
+
+
+def _timm_act_norm(c: dict, margs: dict, notes: list[str]) -> tuple[str, float]:
+    """The activation and LayerNorm eps of a timm ViT from its config: ``model_args.act_layer``
+    (or ``quickgelu`` in the architecture name) and, for timm's CLIP towers (``clip`` in the
+    architecture name, built with ``norm_layer=nn.LayerNorm``), eps 1e-5; timm's default
+    ``partial(LayerNorm, eps=1e-6)`` otherwise. Both were fixed at GELU and 1e-6, which
+    silently ran a quick-GELU CLIP tower with the wrong activation and eps."""
+    arch = str(c.get("architecture", ""))
+    act = margs.get("act_layer")
+    if act is None and "quickgelu" in arch:
+        act = "quick_gelu"
+    if act is not None and str(act) not in _TIMM_GELU:
+        raise ValueError(
+            f"timm act_layer {act!r} is not supported (supported: {sorted(_TIMM_GELU)})"
+        )
+    gelu = _TIMM_GELU[str(act)] if act is not None else "exact"
+    eps = 1e-5 if "clip" in arch else 1e-6
+    if "clip" in arch:
+        notes.append(f"LayerNorm eps 1e-5 for timm's CLIP architecture {arch!r}")
+    return gelu, eps
+
+
 def timm(sd: dict, config: dict | None, *, num_heads=None):
     """timm VisionTransformer state dicts (also the original DINO / DINOv2 .pth layout)."""
     notes: list[str] = []
@@ -520,6 +544,7 @@ def timm(sd: dict, config: dict | None, *, num_heads=None):
         if size is not None and width == 64 * _TIMM_ARCH_HEADS[size]:
             num_heads = _TIMM_ARCH_HEADS[size]
     mlp_dim = int(p["blocks.0.mlp.fc1.kernel"].shape[1])
+    gelu, norm_eps = _timm_act_norm(c, margs, notes)
     kwargs = dict(
         image_size=grid * patch,
         patch_size=patch,
@@ -534,9 +559,9 @@ def timm(sd: dict, config: dict | None, *, num_heads=None):
         pos_embed_cls=pos_embed_cls,
         pos_interp="bicubic_antialias",
         pool=pool,
-        gelu="exact",
+        gelu=gelu,
         layer_scale=1.0 if layer_scale else None,
-        norm_eps=1e-6,
+        norm_eps=norm_eps,
         pre_norm=pre_norm,
         final_norm=final_norm,
         qkv_bias=qkv_bias,

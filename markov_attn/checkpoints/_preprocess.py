@@ -103,8 +103,11 @@ def missing_preprocessing(family: str, config: dict | None, preprocessor: dict |
 
 
 def recipe(family_or_info, /, *, size: int | None = None) -> dict:
-    """The preprocessing recipe: ``mode``, ``resize`` (side), ``crop`` (side), ``resample``,
-    ``mean``, ``std``.
+    """The preprocessing recipe: ``mode`` (``"square"``: resize to the side; ``"short_crop"``:
+    shortest edge to ``resize``, then a centre crop; ``"square_crop"``: ``resize`` x ``resize``,
+    then a centre crop), ``resize`` (side), ``crop`` (side), ``center`` (``"round"``: the crop
+    offset rounded as torchvision does, timm; ``"floor"``: HF), ``resample``, ``mean``,
+    ``std``.
 
     Args:
       family_or_info: a family name or a :class:`CheckpointInfo` (whose preprocessor /
@@ -121,6 +124,8 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     family = family_or_info if info is None else info.family
     d = _defaults(family)
     r = dict(mode=d.mode, scale=d.scale, resample=d.resample, mean=d.mean, std=d.std)
+    # timm's torchvision CenterCrop rounds the offset (half to even); HF processors floor it
+    r["center"] = "round" if d.source == "pretrained_cfg" else "floor"
     native = None
     if info is not None:
         cfg = info.config.get("vision_config") or info.config
@@ -128,6 +133,9 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
         pre = info.preprocessor
         if d.source == "pretrained_cfg":
             pc = info.config.get("pretrained_cfg") or {}
+            img = (info.config.get("model_args") or {}).get("img_size")
+            if img is not None:  # the size the model was built for, without pretrained_cfg
+                native = int(img if np.isscalar(img) else img[-1])
             if "input_size" in pc:
                 native = int(pc["input_size"][-1])
             if "crop_pct" in pc:
@@ -142,10 +150,18 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
                 r["resample"] = _PIL_RESAMPLE.get(int(pre["resample"]), "bicubic")
             crop = _side(pre.get("crop_size")) if pre.get("do_center_crop", False) else None
             short = _side(pre.get("size"))
+            size_v = pre.get("size")
+            # {"height", "width"} (and a bare int for ViT/DeiT processors) resize to exactly
+            # that size; only {"shortest_edge"} (and a bare int for CLIP-like ones) keeps the
+            # aspect ratio (a DeiT-style 256 -> crop 224 config was read as shortest edge)
+            exact = (isinstance(size_v, dict) and "shortest_edge" not in size_v) or (
+                isinstance(size_v, int | float) and family == "hf_vit"
+            )
             if crop:
                 native = crop
                 if short:
-                    r["mode"], r["scale"] = "short_crop", short / crop
+                    r["mode"] = "square_crop" if exact else "short_crop"
+                    r["scale"] = short / crop
             elif short:
                 native = short
                 r["mode"], r["scale"] = "square", 1.0
@@ -160,7 +176,10 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
                 )
     out = int(size or native or 224)
     r["crop"] = out
-    r["resize"] = out if r["mode"] == "square" else math.floor(out * r["scale"])
+    if r["mode"] == "square":
+        r["resize"] = out
+    else:  # the native ratio exactly (float rounding made 30 / 22 * 22 come out as 29)
+        r["resize"] = math.floor(out * r["scale"] + 1e-9)
     return r
 
 
@@ -205,6 +224,12 @@ def _to_pil(img):
         a = np.repeat(a[..., None], 3, axis=-1)
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must be (H, W, C) with C in 1/3/4, got shape {a.shape}")
+    if a.dtype == np.uint16:  # 16-bit pixels: scaled, not clipped to white
+        a = np.round(a / 257.0)
+    elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8 and a.size and a.max() > 255:
+        raise ValueError(
+            f"integer images must hold 8-bit (or uint16) values, got {a.dtype} up to {a.max()}"
+        )
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.min() >= 0 and a.max() <= 1:
             a = np.round(a * 255)
@@ -250,13 +275,18 @@ def preprocess(images, family_or_info, /, *, size: int | None = None) -> np.ndar
             im = im.resize((r["resize"], r["resize"]), resample=resample)
         else:
             short = r["resize"]
-            if w <= h:
+            if r["mode"] == "square_crop":
+                nw = nh = short
+            elif w <= h:
                 nw, nh = short, int(short * h / w)
             else:
                 nw, nh = int(short * w / h), short
             im = im.resize((nw, nh), resample=resample)
             c = r["crop"]
-            top, left = (nh - c) // 2, (nw - c) // 2
+            if r["center"] == "round":  # torchvision: int(round((nh - c) / 2)), half to even
+                top, left = round((nh - c) / 2.0), round((nw - c) / 2.0)
+            else:  # HF image processors: floor
+                top, left = (nh - c) // 2, (nw - c) // 2
             im = im.crop((left, top, left + c, top + c))
         a = np.asarray(im, np.float32) / np.float32(255.0)
         mean = np.asarray(r["mean"], np.float32)
