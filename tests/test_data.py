@@ -390,3 +390,17 @@ def test_difficulty_bad_values(fake_root):
         data.Difficulty(blobs=(3, 1))
     with pytest.raises(ValueError, match="object_side"):
         data.Difficulty(object_side=(40.0, 80.0))
+
+
+def test_a_crop_larger_than_the_photo_does_not_wrap_around():
+    """An output side above the photo's shorter side: the crop is the photo's full height,
+    upsampled (it started above the top and wrapped the bottom rows over it)."""
+    from markov_attn.data._photos import _random_crop
+
+    h, w = 10, 14
+    grad = np.repeat(np.arange(h, dtype=np.uint8)[:, None, None] * 20, w, 1).repeat(3, 2)
+    for u in ([0.99, 0.99, 0.5, 0.9], [0.5, 0.0, 0.3, 0.9], [0.0, 0.7, 0.99, 0.1]):
+        out = _random_crop(np.asarray(u), (grad,) * 8, 16, 16)
+        col = out[:, 0, 0]
+        assert np.all(np.diff(col) >= 0), col  # top to bottom of the photo, no seam
+        assert col[0] == 0.0 and col[-1] == np.float32((h - 1) * 20 / 255)

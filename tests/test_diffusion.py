@@ -81,3 +81,13 @@ def test_samplers_on_gaussian_data():
     # seeds repeat and differ
     np.testing.assert_array_equal(a, ddpm_sample(fn, y[:8], steps=20, seed=3, **kw))
     assert np.abs(a - ddpm_sample(fn, y[:8], steps=20, seed=4, **kw)).max() > 1e-2
+
+
+def test_linear_schedule_refuses_too_few_timesteps():
+    """Its betas scale as 1000 / T: at T <= 20 alpha_bar reached 0 or below, and q_sample and
+    the sampler returned NaN."""
+    for t in (10, 19, 20):
+        with pytest.raises(ValueError, match="num_timesteps > 20"):
+            alphas_cumprod(t, schedule="linear")
+    a = alphas_cumprod(21, schedule="linear")
+    assert np.all((a > 0) & (a < 1)) and np.all(np.diff(a) < 0)

@@ -527,3 +527,22 @@ def test_published_command_line_drops_where_the_table_is_copied():
         command_line("experiments.x", ["--update-readme", "--c"]) == "python -m experiments.x --c"
     )
     assert command_line("m", ["--no-train", "--x"], drop=("--no-train",)) == "python -m m --x"
+
+
+def test_bf16_weights_file_round_trips(tmp_path):
+    """.npz has no bfloat16: such parameters were written as raw bytes that did not load."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from markov_attn.nn import ViT, ViTConfig, config_to_dict, load_run, write_weights
+
+    cfg = ViTConfig(image_size=16, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32,
+                    num_classes=3, param_dtype=jnp.bfloat16)  # fmt: skip
+    model = ViT(cfg, rngs=nnx.Rngs(0))
+    path = write_weights(model, {"model": config_to_dict(cfg)}, tmp_path / "w.npz")
+    again, _ = load_run(path)
+    leaves = _leaves(model)
+    assert len(leaves) > 5 and any(x.dtype == jnp.bfloat16 for x in leaves)
+    for a, b in zip(_leaves(again), leaves, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -167,3 +167,29 @@ def test_demo_reports_a_run_of_another_preset_in_one_line(tmp_path, monkeypatch,
     assert demo.main() == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different run" in err[0] and err[0].startswith("make demo:")
+
+
+def test_maps_with_nan_are_refused_not_drawn_flat():
+    from markov_attn.viz.seg import seg_grid
+
+    img = np.zeros((8, 8, 3), np.float32)
+    bad = np.array([[0.0, 1.0], [2.0, np.nan]], np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        overlay(img, bad, method="nearest")
+    masks = np.zeros((1, 8, 8), bool)
+    with pytest.raises(ValueError, match="NaN"):
+        seg_grid(img[None], masks, {"m": bad[None]})
+
+
+def test_states_figure_gives_every_state_its_own_colour():
+    import matplotlib
+
+    from markov_attn.viz import states_figure
+
+    k = 22
+    states = np.arange(k * 2).reshape(4, 11) % k
+    fig = states_figure(np.zeros((8, 22, 3), np.float32), states)
+    legend = fig.axes[1].get_legend()
+    colours = {tuple(np.round(h.get_facecolor(), 4)) for h in legend.legend_handles}
+    assert len(colours) == k  # tab20 repeated state 0's colour for state 20
+    matplotlib.pyplot.close(fig)

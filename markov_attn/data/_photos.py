@@ -157,7 +157,10 @@ def _random_crop(
     """
     h, w = levels[0].shape[:2]
     lo = max(out_h, out_w)
-    hi = max(lo, min(round(max_zoom * lo), h, w))
+    # the side never exceeds the photo (a larger one started above its top and wrapped
+    # around: a seam of the photo's bottom rows above its top ones at size 320); an output
+    # larger than the photo is then an upsampled crop of the photo's shorter side
+    hi = min(max(lo, round(max_zoom * lo)), h, w)
     lo = min(lo, hi)
     side = lo + int(u[0] * (hi - lo + 1))
     y0 = int(u[1] * (h - side + 1))

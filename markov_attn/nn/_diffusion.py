@@ -43,6 +43,11 @@ def alphas_cumprod(num_timesteps: int = 1000, /, *, schedule: str = "cosine") ->
         f = lambda s: np.cos((s / num_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = np.minimum(1.0 - f(t + 1) / f(t), 0.999)
     else:
+        if num_timesteps <= 20:  # beta_end = 0.02 * 1000 / T reaches 1: alpha_bar <= 0, NaN
+            raise ValueError(
+                f"the linear schedule needs num_timesteps > 20 (its betas scale as 1000 / T and "
+                f"reach 1 at T = 20), got {num_timesteps}; use schedule='cosine'"
+            )
         scale = 1000.0 / num_timesteps
         betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
     return np.cumprod(1.0 - betas)

@@ -124,7 +124,12 @@ def write_weights(model: ViT, config, path: str | os.PathLike, /) -> pathlib.Pat
     for kind, tag in _KINDS:
         pure = nnx.to_pure_dict(nnx.state(model, kind))
         for keys, leaf in jax.tree_util.tree_flatten_with_path(pure)[0]:
-            flat[_array_name(tag, keys)] = np.asarray(leaf)
+            a = np.asarray(leaf)
+            if a.dtype.kind not in "biuf":
+                # .npz has no bfloat16 (it was stored as raw bytes that did not load back):
+                # float32 holds bf16 exactly, and the loader casts back to the model's dtype
+                a = np.asarray(leaf, np.float32)
+            flat[_array_name(tag, keys)] = a
     flat["config.json"] = np.frombuffer(json.dumps(config).encode(), np.uint8)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,11 @@ def _upsample(
             f"token_map must be a (gh, gw) grid, got shape {m.shape}; reshape the patch tokens "
             "(drop CLS/registers first)"
         )
+    if not np.all(np.isfinite(m)):  # drawn, it looked like a flat (or a dark) map
+        raise ValueError(
+            "token_map has NaN or infinite values (the chain functions return NaN for invalid "
+            "attention: check it with ma.check_chain)"
+        )
     return np.asarray(upsample(m, size=(int(size[0]), int(size[1])), method=method))
 
 
@@ -288,10 +293,14 @@ def states_figure(
     if states.ndim != 2:
         raise ValueError(f"assignment must be (gh, gw) state indices, got shape {states.shape}")
     k = int(states.max()) + 1 if states.size else 0
-    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+    if k <= 20:
+        cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20"]
+        palette = cmap(np.arange(max(k, 1)) % cmap.N)[:, :3]
+    else:  # one colour per state (tab20 repeated its colours from the 21st state on)
+        palette = matplotlib.colormaps["hsv"](np.arange(k) / k)[:, :3]
     size = img.shape[:2]
     up = _upsample(states.astype(np.float32), size, method="nearest").astype(int)
-    colour = cmap(up % cmap.N)[..., :3]
+    colour = palette[up]
     panels = 3 if memberships is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.6), squeeze=False)
     axes = axes[0]
@@ -300,9 +309,7 @@ def states_figure(
     axes[1].imshow((1 - alpha) * img + alpha * colour)
     axes[1].set_title(f"{k} metastable states")
     handles = [
-        matplotlib.patches.Patch(
-            color=cmap(s % cmap.N), label=f"state {s}: {int((states == s).sum())}"
-        )
+        matplotlib.patches.Patch(color=palette[s], label=f"state {s}: {int((states == s).sum())}")
         for s in range(k)
     ]
     axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)

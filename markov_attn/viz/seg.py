@@ -62,6 +62,12 @@ def seg_grid(
     masks = np.asarray(masks, bool)
     n, h, w = masks.shape
     names = list(maps)
+    for name in names:
+        if not np.all(np.isfinite(np.asarray(maps[name])[:n])):
+            raise ValueError(
+                f"map {name!r} has NaN or infinite values (drawn as a blank map with IoU 0); "
+                "the chain functions return NaN for invalid attention (ma.check_chain)"
+            )
     titles = dict(titles or {})
     cols = 2 + len(names)
     fig, axes = plt.subplots(2 * n, cols, figsize=(cell * cols, cell * 2 * n), squeeze=False)
