@@ -49,11 +49,6 @@ def _upsample(
             f"token_map must be a (gh, gw) grid, got shape {m.shape}; reshape the patch tokens "
             "(drop CLS/registers first)"
         )
-    if not np.all(np.isfinite(m)):  # drawn, it looked like a flat (or a dark) map
-        raise ValueError(
-            "token_map has NaN or infinite values (the chain functions return NaN for invalid "
-            "attention: check it with ma.check_chain)"
-        )
     return np.asarray(upsample(m, size=(int(size[0]), int(size[1])), method=method))
 
 
@@ -102,6 +97,11 @@ def overlay(
     img = _as_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if not np.all(np.isfinite(np.asarray(token_map, np.float32))):  # drawn flat or dark
+        raise ValueError(
+            "token_map has NaN or infinite values (the chain functions return NaN for invalid "
+            "attention: check it with ma.check_chain)"
+        )
     up = _upsample(token_map, img.shape[:2], method=method)
     if vmin is not None or vmax is not None:
         lo = 0.0 if vmin is None else float(vmin)
