@@ -3,6 +3,7 @@
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
@@ -46,8 +47,9 @@ def shard_stack(
       axes: one mesh axis name (or ``None``: not split) per leading stack axis, e.g.
         ``("batch", "layer", "head")``. Each split axis's length must be divisible by the mesh
         axis size.
-      replicated: indices of positional arguments passed whole to every device (shared start
-        indices, a scalar ``alpha``, ...); all others are split on their leading axes.
+      replicated: indices of positional arguments passed whole to every device (a scalar start
+        index or ``alpha``, ...: values that do not broadcast against the stack axes; per-matrix
+        values must be split); all others are split on their leading axes.
 
     Returns:
       A jitted function with the same positional arguments, outputs sharded with
@@ -63,16 +65,38 @@ def shard_stack(
       P(None, 'head')
     """
     spec = stack_spec(axes)
-    replicated = frozenset(int(i) for i in replicated)
+    replicated = tuple(int(i) for i in replicated)
 
     def run(*args):
-        in_specs = tuple(PartitionSpec() if i in replicated else spec for i in range(len(args)))
+        bad = [i for i in replicated if not -len(args) <= i < len(args)]
+        if bad:
+            raise ValueError(
+                f"replicated={replicated} names arguments {bad} of a call with {len(args)}"
+            )
+        whole = {i % len(args) for i in replicated}
+        for i, a in enumerate(args):
+            if i not in whole and jnp.ndim(a) < len(axes):
+                raise ValueError(
+                    f"argument {i} has {jnp.ndim(a)} axes, fewer than the {len(axes)} stack axes "
+                    f"{tuple(axes)}: pass it in replicated= (scalars, shared starts)"
+                )
+        split = sorted(set(range(len(args))) - whole)
+        stack = jnp.shape(args[split[0]])[: len(axes)] if split else None
+        in_specs = tuple(PartitionSpec() if i in whole else spec for i in range(len(args)))
         # place (or reshard) inputs on the mesh: a scatter, never a gather
         args = [
             jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, in_specs, strict=True)
         ]
         mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
-        return mapped(*args)
+        out = mapped(*args)
+        for leaf in jax.tree.leaves(out) if stack is not None else ():
+            if leaf.shape[: len(stack)] != stack:
+                raise ValueError(
+                    f"fn's output has leading shape {leaf.shape[: len(stack)]}, not the stack's "
+                    f"{stack}: a replicated argument broadcast against the stack axes on each "
+                    "device (per-matrix start indices must be split, not replicated)"
+                )
+        return out
 
     return jax.jit(run, out_shardings=NamedSharding(mesh, spec))
 

@@ -3,7 +3,8 @@
 Attention heads differ a lot in how they mix, and every numerical method here has a regime
 where it struggles, so the generators cover the kinds seen in real ViTs:
 
-- ``"diffuse"``: ``softmax(q kᵀ / sqrt(d))`` at low temperature, close to uniform; tiny |λ2|.
+- ``"diffuse"``: ``softmax(q kᵀ / sqrt(d))`` at a high temperature (logits scaled down),
+  close to uniform; tiny |λ2|.
 - ``"attention"``: ``softmax(q kᵀ / sqrt(d))`` with random per-head temperature, the bulk case.
 - ``"metastable"``: tokens in a few clusters that attend mostly within their cluster;
   |λ2| close to 1 (``strength`` controls how close; large values are nearly reducible).

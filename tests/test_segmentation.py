@@ -607,3 +607,17 @@ def test_bilinear_downsampling_matches_pytorch_without_antialiasing():
     ref = rows[:, lo] * (1 - f) + rows[:, np.minimum(lo + 1, 3)] * f
     out = np.asarray(seg.upsample(m, size=(3, 3), method="bilinear"))
     np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_map_methods_and_compute_maps_check_their_inputs():
+    from markov_attn.segmentation import MapMethod, compute_maps
+
+    for steps in (2.5, True):
+        with pytest.raises(ValueError, match="steps must be an integer"):
+            MapMethod("bounce", steps=steps)
+    with pytest.raises(ValueError, match="layers"):
+        MapMethod("bounce", steps=1, layers=())
+    attn = np.full((1, 1, 1, 5, 5), 0.2, np.float32)
+    attn[0, 0, 0, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        compute_maps(attn, {"b": MapMethod("bounce", steps=1)}, num_prefix=1, grid=(2, 2))

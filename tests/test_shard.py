@@ -154,3 +154,52 @@ def test_automatic_partitioning_gathers_nothing(sharded, name):
     # GMRES's global stopping test may all-reduce a scalar; nothing is ever gathered
     assert "all-gather" not in sharded[name]["collectives"], sharded[name]
     assert sharded[name]["gathers"] == []
+
+
+def test_replicated_arguments_are_checked():
+    """A replicated per-matrix index broadcast against each device's local heads (results
+    stitched in the wrong shape); a bad replicated index or an unmarked scalar gave a bare
+    AssertionError."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    import markov_attn as ma
+
+    mesh = jax.make_mesh((1,), ("head",))
+    a = np.full((2, 3, 4, 4), 0.25, np.float32)
+    f = ma.shard_stack(lambda a, i: ma.bounce(a, i, steps=1), mesh=mesh,
+                       axes=(None, "head"), replicated=(1,))  # fmt: skip
+    assert f(a, np.int32(0)).shape == (2, 3, 2, 4)  # a scalar start is fine
+    g = ma.shard_stack(functools.partial(ma.teleport), mesh=mesh, axes=(None, "head"),
+                       replicated=(5,))  # fmt: skip
+    with pytest.raises(ValueError, match="replicated"):
+        g(a)
+    h = ma.shard_stack(lambda a, al: ma.teleport(a, alpha=al), mesh=mesh, axes=(None, "head"))
+    with pytest.raises(ValueError, match="replicated="):
+        h(a, np.float32(0.5))
+
+
+BROADCAST = r"""
+import jax, numpy as np, markov_attn as ma
+mesh = jax.make_mesh((2,), ("head",))
+a = np.full((2, 2, 6, 6), 1 / 6, np.float32)
+f = ma.shard_stack(lambda a, i: ma.bounce(a, i, steps=2), mesh=mesh, axes=(None, "head"),
+                   replicated=(1,))
+try:
+    print("shape", f(a, np.array([0, 3])).shape)
+except ValueError as e:
+    print("refused", e)
+"""
+
+
+def test_a_replicated_per_head_index_is_refused():
+    """On two devices a replicated (2,) index broadcast against each device's single head:
+    the result came back as (2, 4, 3, 6) instead of (2, 2, 3, 6), starts paired wrongly."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=2")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", BROADCAST], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused" in r.stdout and "leading shape" in r.stdout, r.stdout

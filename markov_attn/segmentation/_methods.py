@@ -20,8 +20,10 @@ Choices made explicit (all are fields of :class:`MapMethod`):
 - **Prefix tokens** (``chain``): ``"full"`` keeps CLS and registers in the chain and drops
   them only from the displayed map; bounces then start at one-hot(CLS). ``"patches"``
   removes them before the softmax (``ma.transition(logits, keep=...)`` when logits are
-  given; otherwise the equivalent: drop their rows and columns and renormalise the rows), as
-  the reference code does for TokenRank (``docs/chains.md`` §4). In a patch chain a bounce
+  given; otherwise the equivalent: drop their rows and columns and renormalise the rows). The
+  reference code removes CLS only and keeps DINOv2 registers in the TokenRank chain
+  (``docs/chains.md`` §4): for models with registers ``"patches"`` differs from it (the
+  project's own models have none, so its tables are unaffected). In a patch chain a bounce
   "from CLS" starts from CLS's own attention row over the patches (renormalised) — the first
   hop — and then bounces ``steps - 1`` times among the patches, so ``steps`` counts hops from
   CLS in both modes (``steps=1`` is the CLS attention map either way). Reverse bounces start
@@ -43,9 +45,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 import markov_attn as ma
+from markov_attn._util import check_values
 from markov_attn._weights import HEAD_WEIGHTINGS
 
 __all__ = ["METHODS", "MapMethod", "compute_maps", "extended_methods", "per_layer"]
@@ -107,12 +111,22 @@ class MapMethod:
                 raise ValueError(
                     f"bounce direction must be 'forward' or 'reverse', got {self.direction!r}"
                 )
+            if isinstance(self.steps, bool) or not isinstance(self.steps, int | np.integer):
+                raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
             if int(self.steps) < 1:
                 raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.kind == "tokenrank" and self.direction not in ("in", "out"):
             raise ValueError(f"TokenRank direction must be 'in' or 'out', got {self.direction!r}")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.layers, tuple) and (
+            not self.layers
+            or any(isinstance(i, bool) or not isinstance(i, int | np.integer) for i in self.layers)
+        ):
+            raise ValueError(
+                f"layers must be a layer index, a non-empty tuple of indices or None (all), "
+                f"got {self.layers!r}"
+            )
 
     @property
     def title(self) -> str:
@@ -414,6 +428,7 @@ def compute_maps(
         )
     if not 0 <= cls_index < max(num_prefix, 1):
         raise ValueError(f"cls_index={cls_index} must be < num_prefix={num_prefix}")
+    check_values(attn)  # NaN/inf or negative attention: an error, not all-NaN maps
     if logits is not None:
         logits = jnp.asarray(logits)
         if logits.shape != attn.shape:
