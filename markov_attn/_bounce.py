@@ -32,8 +32,8 @@ def _bounce(attn, x0, alpha, v, steps, direction, teleport_first):
     n = a.shape[-1]
     alpha = traced_range(jnp.asarray(alpha, a.dtype), 0.0, 1.0)
     bad_alpha = jnp.isnan(alpha)  # before the reverse chain's alpha is replaced by ones
-    if direction == "reverse":  # the reverse of the chain, not of the raw weights
-        a = safe_normalize(a)
+    # _teleport and _reverse renormalise the rows first: the reverse of the chain, not of the
+    # raw weights
     if direction == "reverse" and teleport_first:
         # the paper's reverse chain: reverse(teleport(A)), stepped without teleporting again
         a = _reverse(_teleport(a, alpha, v))

@@ -455,7 +455,7 @@ def column_select(attn: ChainLike, j: Integer[ArrayLike, "*#batch"], /) -> Dist:
 # validation
 
 
-def _default_atol(dtype, n: int) -> float:
+def _default_atol(dtype) -> float:
     eps = float(jnp.finfo(dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32).eps)
     # rounding each probability to the dtype moves a row sum by at most eps / 2, whatever n
     # (bf16 softmax rows, from jax.nn.softmax or cast from float32, deviate by up to 0.0055 at
@@ -520,7 +520,7 @@ def check_chain(
             f"attn has negative entries (min {a.min():.3g} at {where}); attention "
             "probabilities are non-negative: pass pre-softmax scores through ma.transition"
         )
-    tol = _default_atol(arr.dtype, n) if atol is None else float(atol)
+    tol = _default_atol(arr.dtype) if atol is None else float(atol)
     dev = np.abs(a.sum(-1) - 1.0)
     if dev.size and dev.max() > tol:
         k = np.unravel_index(int(np.argmax(dev)), dev.shape)

@@ -149,8 +149,8 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
             if "resample" in pre:
                 r["resample"] = _PIL_RESAMPLE.get(int(pre["resample"]), "bicubic")
             crop = _side(pre.get("crop_size")) if pre.get("do_center_crop", False) else None
-            short = _side(pre.get("size"))
             size_v = pre.get("size")
+            short = _side(size_v)
             # {"height", "width"} (and a bare int for ViT/DeiT processors) resize to exactly
             # that size; only {"shortest_edge"} (and a bare int for CLIP-like ones) keeps the
             # aspect ratio (a DeiT-style 256 -> crop 224 config was read as shortest edge)
@@ -183,6 +183,11 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     return r
 
 
+def _to_uint8(a, scale: float) -> np.ndarray:
+    """Pixel values divided by ``scale`` (257 maps 16-bit onto 8-bit), rounded, as uint8."""
+    return np.clip(np.round(np.asarray(a, np.float64) / scale), 0, 255).astype(np.uint8)
+
+
 def to_rgb(im):
     """A PIL image as 8-bit RGB. 16-bit greyscale (``I;16`` PNGs, PNGs in mode ``I`` as older
     Pillow opens them, or other mode-``I`` images with values in ``[0, 65535]`` beyond 255) is
@@ -193,8 +198,7 @@ def to_rgb(im):
     from PIL import Image
 
     def grey(a, scale):
-        a = np.clip(np.round(np.asarray(a, np.float64) / scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        return Image.fromarray(_to_uint8(a, scale), "L").convert("RGB")
 
     if im.mode.startswith("I;16"):
         return grey(im, 257.0)
@@ -225,7 +229,7 @@ def _to_pil(img):
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
         raise ValueError(f"images must be (H, W, C) with C in 1/3/4, got shape {a.shape}")
     if a.dtype == np.uint16:  # 16-bit pixels: scaled, not clipped to white
-        a = np.round(a / 257.0)
+        a = _to_uint8(a, 257.0)
     elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8 and a.size and a.max() > 255:
         raise ValueError(
             f"integer images must hold 8-bit (or uint16) values, got {a.dtype} up to {a.max()}"

@@ -52,6 +52,15 @@ def _upsample(
     return np.asarray(upsample(m, size=(int(size[0]), int(size[1])), method=method))
 
 
+def _check_finite(m, what: str) -> None:
+    """Refuses a map with NaN or inf values: drawn, it would look flat, dark or blank."""
+    if not np.all(np.isfinite(np.asarray(m, np.float32))):
+        raise ValueError(
+            f"{what} has NaN or infinite values (the chain functions return NaN for invalid "
+            "attention: check it with ma.check_chain)"
+        )
+
+
 def _rescale(m: np.ndarray) -> np.ndarray:
     lo, hi = float(np.min(m)), float(np.max(m))
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
@@ -97,11 +106,7 @@ def overlay(
     img = _as_image(image)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if not np.all(np.isfinite(np.asarray(token_map, np.float32))):  # drawn flat or dark
-        raise ValueError(
-            "token_map has NaN or infinite values (the chain functions return NaN for invalid "
-            "attention: check it with ma.check_chain)"
-        )
+    _check_finite(token_map, "token_map")
     up = _upsample(token_map, img.shape[:2], method=method)
     if vmin is not None or vmax is not None:
         lo = 0.0 if vmin is None else float(vmin)
@@ -205,8 +210,7 @@ def bounce_strip(
             raise ValueError(
                 f"map {k!r} must have shape ({n}, gh, gw) (one grid per image), got {v.shape}"
             )
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"map {k!r} has NaN or infinite values; check the computation")
+        _check_finite(v, f"map {k!r}")
     lo, hi = _scale(arrays, scale, vmin, vmax)
     if label is None:
         label = (

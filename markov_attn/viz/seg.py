@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
 
+from ._overlay import _check_finite
+
 __all__ = ["metric_curves", "save_figure", "seg_grid"]
 
 
@@ -63,11 +65,7 @@ def seg_grid(
     n, h, w = masks.shape
     names = list(maps)
     for name in names:
-        if not np.all(np.isfinite(np.asarray(maps[name])[:n])):
-            raise ValueError(
-                f"map {name!r} has NaN or infinite values (drawn as a blank map with IoU 0); "
-                "the chain functions return NaN for invalid attention (ma.check_chain)"
-            )
+        _check_finite(np.asarray(maps[name])[:n], f"map {name!r}")
     titles = dict(titles or {})
     cols = 2 + len(names)
     fig, axes = plt.subplots(2 * n, cols, figsize=(cell * cols, cell * 2 * n), squeeze=False)
