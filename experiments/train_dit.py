@@ -5,7 +5,8 @@ Library: :func:`train_and_evaluate` ``(config, workdir) -> summary dict`` and
 
     python -m experiments.train_dit --preset cpu --workdir runs/dit_cpu
 
-Loss: ``‖ε̂(x_t, t, y) − ε‖²`` averaged over pixels, ``t`` uniform over ``0 … T-1``, images in
+Loss: ``‖ε̂(x_t, t, y) − ε‖²`` averaged over pixels (weighted per t with ``loss_weight="v"``,
+see :class:`~experiments.dit_configs.DiTTrainConfig`), ``t`` uniform over ``0 … T-1``, images in
 ``[-1, 1]``, labels replaced by the null label with probability ``label_dropout``. Everything
 random derives from ``(seed, step)`` (data order per epoch as in ``experiments.train``; the
 timesteps, noise, label dropout and flips from ``fold_in(key(seed), step)``), so a checkpoint
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import DiT, q_sample
+from markov_attn.nn import DiT, alphas_cumprod, q_sample
 from markov_attn.nn import config_from_dict as _from_dict
 
 from ._loop import TrainingRun, count_params, sigkill_at
@@ -78,8 +79,19 @@ def _new_model(cfg: DiTTrainConfig) -> DiT:
     return DiT(cfg.model, rngs=nnx.Rngs(params=cfg.seed))
 
 
+def loss_weights(cfg: DiTTrainConfig) -> np.ndarray:
+    """``(T,)`` float32 training weight of each timestep's ε-MSE (``cfg.loss_weight``)."""
+    if cfg.loss_weight == "eps":
+        return np.ones(cfg.num_timesteps, np.float32)
+    abar = alphas_cumprod(cfg.num_timesteps, schedule=cfg.schedule)
+    with np.errstate(divide="ignore"):
+        inv_snr = (1.0 - abar) / abar  # inf where abar underflows to 0
+    return np.minimum(1.0 + inv_snr, cfg.loss_weight_cap).astype(np.float32)
+
+
 def _denoising_loss(model_fn, params, images_u8, labels, key, *, cfg, train):
-    """Mean ``‖ε̂ − ε‖²`` of one batch; ``key`` draws t, ε, label dropout and flips."""
+    """Per-image ``‖ε̂ − ε‖²`` of one batch (times the ``cfg.loss_weight`` weight of its t when
+    ``train``); ``key`` draws t, ε, label dropout and flips."""
     k_t, k_noise, k_drop, k_flip = jax.random.split(key, 4)
     x0 = images_u8.astype(jnp.float32) / 127.5 - 1.0
     b = x0.shape[0]
@@ -93,7 +105,10 @@ def _denoising_loss(model_fn, params, images_u8, labels, key, *, cfg, train):
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     xt = q_sample(x0, t, noise, schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)
     eps, _ = model_fn(params, xt, t, labels)
-    return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+    per = jnp.mean((eps - noise) ** 2, axis=(1, 2, 3))
+    if train and cfg.loss_weight != "eps":
+        per = per * jnp.asarray(loss_weights(cfg))[t]
+    return per
 
 
 @functools.lru_cache(maxsize=8)
@@ -201,7 +216,8 @@ def train_and_evaluate(
         cfg,
         workdir,
         free_fields=_FREE_FIELDS,
-        assumed={"model": {"label_adaln": True}},  # runs from before the option existed
+        # runs from before these options existed
+        assumed={"model": {"label_adaln": True}, "loss_weight": "eps", "loss_weight_cap": 10.0},
         stop_after=stop_after,
         on_step=on_step,
         progress={"desc": f"dit/{cfg.name}"} if progress else None,

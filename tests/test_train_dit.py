@@ -5,13 +5,14 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments.ckpt import Checkpointer
 from experiments.dit_configs import PRESETS, get_preset
-from experiments.train_dit import load_dit, train_and_evaluate
-from markov_attn.nn import ddim_sample
+from experiments.train_dit import _denoising_loss, load_dit, loss_weights, train_and_evaluate
+from markov_attn.nn import alphas_cumprod, ddim_sample
 
 SMOKE = get_preset("smoke", data="synthetic")
 
@@ -81,3 +82,33 @@ def test_presets():
     assert get_preset("cpu").model.width == 128 and get_preset("cpu").model.depth == 6
     with pytest.raises(ValueError, match="unknown config field"):
         get_preset("cpu", colour="red")
+
+
+def test_v_loss_weight():
+    eps = get_preset("cpu")
+    assert np.all(loss_weights(eps) == 1.0)
+    cfg = dataclasses.replace(eps, loss_weight="v", loss_weight_cap=10.0)
+    w = loss_weights(cfg)
+    abar = alphas_cumprod(cfg.num_timesteps)
+    snr = abar / (1 - abar)
+    # (1 + SNR) on the implied clean image's error = (1 + SNR) / SNR on the ε-MSE, capped
+    np.testing.assert_allclose(w[:700], (1 + snr[:700]) / snr[:700], rtol=1e-6)
+    assert w.max() == 10.0 and w[-1] == 10.0 and np.all(np.diff(w) >= 0) and np.isfinite(w).all()
+    assert np.argmax(w >= 10.0) == 793  # the docstring's "t >= 793"
+    assert get_preset("cpu_tokens_v").loss_weight == "v"
+    for bad in ({"loss_weight": "x0"}, {"loss_weight_cap": 0.5}, {"loss_weight_cap": float("inf")}):
+        with pytest.raises(ValueError, match="loss_weight"):
+            dataclasses.replace(eps, **bad)
+
+
+def test_v_loss_weight_weights_the_training_loss_only():
+    cfg = dataclasses.replace(SMOKE, loss_weight="v", flip=False, label_dropout=0.0)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    labels = jnp.zeros(4, jnp.int32)
+    fake = lambda params, xt, t, y: (jnp.zeros_like(xt), None)  # ε̂ = 0: per-image MSE = mean ε²
+    key = jax.random.key(3)
+    plain = _denoising_loss(fake, None, images, labels, key, cfg=cfg, train=False)
+    weighted = _denoising_loss(fake, None, images, labels, key, cfg=cfg, train=True)
+    t = jax.random.randint(jax.random.split(key, 4)[0], (4,), 0, cfg.num_timesteps)
+    np.testing.assert_allclose(weighted, plain * loss_weights(cfg)[np.asarray(t)], rtol=1e-6)
+    assert not np.allclose(weighted, plain)
