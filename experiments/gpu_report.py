@@ -9,7 +9,7 @@ The GPU sessions' results are committed, small, under ``experiments/results/gpu_
 
 Blocks: ``gpu-bench`` (the accelerator benchmark), ``gpu-recipe`` (the recipe sweep at the
 ``make demo`` budget and the longer reference runs) and ``gpu-heads`` (the pooling heads over
-seeds, with paired differences against CLS and bootstrap intervals over seeds).
+seeds, with paired differences against CLS and t intervals over seeds).
 """
 
 import argparse
@@ -85,7 +85,7 @@ def heads_table(training: dict, /) -> str:
     seeds = sorted({s for _, s in acc})
     lines = [
         "| head | seeds finished | test acc (mean ± sd) | paired difference vs CLS "
-        "(mean, 95 % bootstrap interval over seeds) |",
+        "(mean, 95 % t interval over seeds) |",
         "|---|---|---|---|",
     ]
     for pool in POOLS:

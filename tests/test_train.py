@@ -309,11 +309,12 @@ def test_compare_heads_table_and_readme(tmp_path, finished_run):
     # paired by seed: tokenrank - cls = +0.1 (seed 0) and -0.1 (seed 1)
     diff = rows[1]["vs_cls"]
     assert diff["mean"] == pytest.approx(0.0) and diff["pairs"] == 2
-    assert diff["ci"][0] == pytest.approx(-0.1) and diff["ci"][1] == pytest.approx(0.1)
+    # a t interval over the 2 pairs: 0 ± t(0.975, 1) · sd / √2 = ± 12.706 · 0.1414 / 1.414
+    assert diff["ci"] == pytest.approx((-1.2706, 1.2706), abs=1e-4)
     assert rows[0]["vs_cls"] is None and rows[1]["vs_mean"] is None  # no mean-pooling runs
     meta = {"preset": "x", "budget": "b", "seeds": [0, 1], "device": "cpu", "command": "c"}
     md = table(rows, meta=meta)
-    assert "| tokenrank | 0.600 ± 0.000 | +0.000 [-0.100, +0.100] (2) | — |" in md
+    assert "| tokenrank | 0.600 ± 0.000 | +0.000 [-1.271, +1.271] (2) | — |" in md
     assert "+25.0 %" in md
     readme = tmp_path / "README.md"
     readme.write_text(f"# T\n\nbefore\n{START}\nold table\n{END}\nafter\n")
@@ -326,6 +327,35 @@ def test_compare_heads_table_and_readme(tmp_path, finished_run):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, md)
+
+
+def test_compare_heads_t_interval_and_retabulate(tmp_path, capsys):
+    from scipy import stats
+
+    from experiments.compare_heads import aggregate, main, t_interval
+
+    d = np.random.default_rng(0).normal(0.02, 0.03, 5)
+    want = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert t_interval(d) == pytest.approx(want)
+    with pytest.raises(ValueError, match="at least 2"):
+        t_interval([0.1])
+    # its coverage over many draws of 5 normal values is the nominal 95 %
+    rng = np.random.default_rng(1)
+    hits = [lo <= 0 <= hi for lo, hi in (t_interval(rng.normal(0, 1, 5)) for _ in range(2000))]
+    assert 0.93 < np.mean(hits) < 0.97
+    runs = [
+        {"pool": p, "seed": s, "test_acc": a, "images_per_s": 1.0, "step_time_ms": 1.0}
+        for p, s, a in [("cls", 0, 0.5), ("cls", 1, 0.7), ("mean", 0, 0.4), ("mean", 1, 0.8)]
+    ]
+    meta = {"preset": "x", "budget": "b", "seeds": [0, 1], "device": "cpu", "command": "orig"}
+    stale = {"meta": meta, "heads": [{"stale": True}], "runs": runs}
+    (tmp_path / "results.json").write_text(json.dumps(stale))
+    assert main(["--out", str(tmp_path), "--retabulate"]) == 0
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["heads"] == json.loads(json.dumps(aggregate(runs))) and out["runs"] == runs
+    md = (tmp_path / "results.md").read_text()
+    assert "Command: `orig`" in md and "[-" in md
+    assert main(["--out", str(tmp_path / "none"), "--retabulate"]) == 1
 
 
 def test_compare_heads_interleaved_timing_and_finished_runs_only(tmp_path, capsys):
