@@ -152,7 +152,8 @@ def classifier_for(cfg, directory: pathlib.Path, /, *, steps: int = 1000, progre
 
     directory.mkdir(parents=True, exist_ok=True)
     key = {"data_seed": cfg.data_seed, "train_size": cfg.train_size,
-           "image_size": cfg.model.image_size, "steps": steps}  # fmt: skip
+           "image_size": cfg.model.image_size, "steps": steps, "data": cfg.data,
+           "data_root": str(cfg.data_root)}  # fmt: skip
     path = directory / "classifier.npz"
     if path.exists():
         model, meta = _load(path, cfg.model.num_classes)
@@ -225,8 +226,25 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, /, *, k: int = 3) -> tu
     return precise, recalled
 
 
+def _resampled_recall(d_fake_real, d_fake_fake, i, r, k: int = 3) -> float:
+    """Recall of a bootstrap draw: the manifold of the generated samples drawn (``i``, their
+    distinct members: a repeated sample would be its own nearest neighbour), each with its
+    k-NN radius among them, and the real samples drawn (``r``)."""
+    u = np.unique(i)
+    k = min(k, len(u) - 1)  # a draw of fewer than k + 1 distinct samples: its farthest one
+    radii = np.partition(d_fake_fake[np.ix_(u, u)], k, axis=1)[:, k]  # index 0: itself
+    recalled = np.any(d_fake_real[u] <= radii[:, None], axis=0)
+    return float(recalled[r].mean())
+
+
 def _bootstrap(real_f, sets: dict, *, seed: int = 0, n_boot: int = N_BOOT) -> dict:
-    """Point values and paired bootstrap draws of FID, IS, precision, recall per setting."""
+    """Point values and paired bootstrap draws of FID, IS, precision, recall per setting.
+
+    Each draw resamples the generated samples (the same indices in every setting: the same
+    initial noise) and, for recall, also the real ones. Recall depends on the generated set
+    through its k-NN manifold, which is rebuilt from each draw's generated samples (before
+    2026-12-07 it was not: the recall intervals reflected the real set's resampling only).
+    """
     rng = np.random.default_rng(seed)
     n = len(next(iter(sets.values()))[0])
     draws = [rng.integers(0, n, n) for _ in range(n_boot)]
@@ -237,12 +255,14 @@ def _bootstrap(real_f, sets: dict, *, seed: int = 0, n_boot: int = N_BOOT) -> di
         precise, recalled = precision_recall(real_f, f)
         point = {"fid": fid(real_f, f), "is": inception_score(p),
                  "precision": float(precise.mean()), "recall": float(recalled.mean())}  # fmt: skip
+        d_fr = np.sqrt(np.maximum(_sqdist(f, real_f), 0.0))
+        d_ff = np.sqrt(np.maximum(_sqdist(f, f), 0.0))
         boot = {key: np.empty(n_boot) for key in point}
         for b, (i, r) in enumerate(zip(draws, rdraws)):
             boot["fid"][b] = fid(real_f, f[i], sqrt_c1=s1)
             boot["is"][b] = inception_score(p[i])
             boot["precision"][b] = precise[i].mean()
-            boot["recall"][b] = recalled[r].mean()
+            boot["recall"][b] = _resampled_recall(d_fr, d_ff, i, r)
         out[name] = {"point": point, "boot": boot}
     return out
 
@@ -281,7 +301,13 @@ def _sample_setting(model, cfg, kind, scale, *, n, batch, steps, seed):
 def _blur(images: np.ndarray) -> np.ndarray:
     from markov_attn.nn import gaussian_blur
 
-    return np.asarray(gaussian_blur(jnp.asarray(images), sigma=1.5, size=9))
+    return _quantised(np.asarray(gaussian_blur(jnp.asarray(images), sigma=1.5, size=9)))
+
+
+def _quantised(x: np.ndarray) -> np.ndarray:
+    """``x`` in [0, 1] rounded to 8 bits, as the samples are stored: every set the features
+    compare goes through the same clip and quantisation."""
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0) / 255.0
 
 
 def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1.0),
@@ -292,19 +318,26 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
 
     from markov_attn.data import make_split
 
+    from .ckpt import Checkpointer
     from .sample_dit import grid_image, guidance_settings, mask_figure
     from .train_dit import load_dit
 
     workdir = pathlib.Path(workdir)
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    model, cfg = load_dit(workdir)
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        step = ckpt.latest_step()
+    finally:
+        ckpt.close()
+    model, cfg = load_dit(workdir, step=step)
     clf, clf_meta = classifier_for(cfg, pathlib.Path(classifier_dir), steps=classifier_steps,
                                    progress=progress)  # fmt: skip
     size = cfg.model.image_size
     # Held-out reals: test indices after the DiT's own evaluation images.
     real = make_split("test", 2 * samples, size=size, seed=cfg.data_seed, start=cfg.test_size,
                       root=cfg.data_root)["images"]  # fmt: skip
+    real = _quantised(real)
     ref, other = real[:samples], real[samples:]
     embed = _embedder(clf)
     real_f, _ = _embed(embed, ref)
@@ -313,8 +346,8 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
     timing = {}
     settings = guidance_settings(scales)
     for name, tag, kind, s in settings:
-        cache = out / f"samples_{tag}_n{samples}_k{steps}_seed{seed}_b{batch}.npz"
-        if cache.exists():  # samples depend only on (model, setting, n, steps, seed, batch)
+        cache = out / f"samples_{tag}_step{step}_n{samples}_k{steps}_seed{seed}_b{batch}.npz"
+        if cache.exists():  # samples depend only on (checkpoint, setting, n, steps, seed, batch)
             z = np.load(cache)
             x, timing[name] = z["images"] / 255.0, float(z["seconds"])
         else:

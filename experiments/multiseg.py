@@ -58,7 +58,7 @@ import markov_attn as ma
 from markov_attn import segmentation as seg
 
 from .kmeans import kmeans
-from .readme import publish
+from .readme import command_line, publish
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / "reference" / "vit_reference.npz"
 AUTO_RANGE = (2, 6)
@@ -126,6 +126,18 @@ def _metastable(chains: np.ndarray, ks: np.ndarray, auto: bool) -> tuple[np.ndar
         sel = np.flatnonzero(ks == k)
         ms = ma.metastable_states(jnp.asarray(chains[sel]), k=int(k), split="nan")
         out[sel], used[sel] = np.asarray(ms.assignment), k
+    # a true K that cuts a complex-conjugate pair of an image's chain leaves it no states (NaN
+    # memberships, assignment -1 everywhere): take the nearest k that cuts none, K + 1 (the
+    # whole pair) before K - 1, and record it; an image with none keeps -1 (no states)
+    for step in (1, -1):
+        failed = np.flatnonzero(np.all(out < 0, axis=1) & (ks + step >= 2))
+        for k in np.unique(ks[failed] + step):
+            sel = failed[ks[failed] + step == k]
+            a = np.asarray(ma.metastable_states(jnp.asarray(chains[sel]), k=int(k), split="nan")
+                           .assignment)  # fmt: skip
+            ok = np.all(a >= 0, axis=1)
+            out[sel[ok]], used[sel[ok]] = a[ok], k
+    used[np.all(out < 0, axis=1)] = 0  # no states at K or K ± 1
     return out, used
 
 
@@ -337,6 +349,7 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
             "macc_ci": seg.bootstrap_mean(s[:, 2]),
             "k_mean": float(np.mean(used)),
             "k_exact": float(np.mean(used == ks)),
+            "no_states": int(np.sum(np.all(states < 0, axis=1))),
             "seconds": timing[name],
         }
     # paired: the per-image differences TokenRank − grid anchors, resampled over images
@@ -398,8 +411,23 @@ def table(res: dict) -> str:
         "bootstrap intervals over images; pixel-level metrics after nearest upsampling of the 8×8 "
         "grid; mACC: pixel accuracy after the same Hungarian matching, per image. "
         f"Total {res['total_s']:.0f} s on {res['backend']} ({res['forward_s']:.0f} s of "
-        "it data and forward passes). Command: `python -m experiments.multiseg --update-readme`.",
+        "it data and forward passes).",
     ]
+    refit = [n for n, r in res["rows"].items() if "true K" in n and n.startswith("metastable")]
+    if refit:
+        lines[-1] += (
+            " Metastable states with the true K: where K cuts a complex-conjugate pair of an "
+            "image's chain (no invariant subspace of that dimension, no states) the nearest k "
+            "that cuts none is used, K + 1 before K − 1 (the `k used` column counts them)."
+        )
+    missing = {n: r["no_states"] for n, r in res["rows"].items() if r.get("no_states")}
+    if missing:
+        lines[-1] += (
+            " Images with no states (scored as one segment): "
+            + ", ".join(f"{n}: {c}" for n, c in missing.items())
+            + "."
+        )
+    lines[-1] += f" Command: `{res.get('command', 'python -m experiments.multiseg')}`."
     return "\n".join(lines) + "\n"
 
 
@@ -524,13 +552,14 @@ def main(argv=None) -> int:
                 res["test_acc"] = _test_acc(run)
                 _write(res, sub)
             results[name] = res
-        models = " ".join(a.models)
-        cmd = f"python -m experiments.multiseg --out {a.out} --models {models}"
+        argv = sys.argv[1:] if argv is None else argv
+        cmd = command_line("experiments.multiseg", argv, drop=("--update-readme", "--reuse"))
         md = models_table(results, cmd)
         (out / "models.md").write_text(md)
         publish(md, a.update_readme, "multiseg-models")
         return 0
     res = evaluate(a.run, n_images=a.n_images)
+    res["command"] = command_line("experiments.multiseg", sys.argv[1:] if argv is None else argv)
     md = _write(res, out)
     print(f"wrote {out}/results.json, results.md, states_grid.png")
     publish(md, a.update_readme, "multiseg")

@@ -51,6 +51,25 @@ def test_precision_recall_by_hand():
     assert precise.all() and recalled.mean() < 0.05
 
 
+def test_recall_intervals_resample_the_generated_samples():
+    """The recall draws resample the generated set (its manifold), not only the real one: with
+    a real set of identical points (nothing to resample there), half of the generated samples
+    far away and half on it, recall varies between draws (its interval had width 0 before);
+    a draw's recall equals precision_recall on its distinct generated samples."""
+    rng = np.random.default_rng(0)
+    real = np.zeros((40, 3)) + 1e-3 * rng.normal(size=(40, 3))
+    fake = np.concatenate([real[:4] + 1e-4, 50.0 + rng.normal(size=(36, 3))])
+    probs = rng.dirichlet(np.ones(4), 40)
+    stats = eval_sag._bootstrap(real, {"x": (fake, probs)}, n_boot=200)["x"]
+    assert stats["point"]["recall"] == 1.0
+    assert stats["boot"]["recall"].min() < 1.0 and np.ptp(stats["boot"]["recall"]) > 0.1
+    i, r = rng.integers(0, 40, 40), np.arange(40)
+    d_fr = np.sqrt(np.maximum(eval_sag._sqdist(fake, real), 0))
+    d_ff = np.sqrt(np.maximum(eval_sag._sqdist(fake, fake), 0))
+    _, recalled = eval_sag.precision_recall(real, fake[np.unique(i)])
+    assert eval_sag._resampled_recall(d_fr, d_ff, i, r) == recalled.mean()
+
+
 def test_summary_and_verdict_follow_the_intervals():
     rng = np.random.default_rng(0)
     n = 200
@@ -72,3 +91,23 @@ def test_summary_and_verdict_follow_the_intervals():
     verdict = eval_sag._verdict(rep)
     assert "FID -1.00" in verdict and "(better)" in verdict and "IS +0.000" in verdict
     assert "(no different)" in verdict
+
+
+@pytest.mark.slow
+def test_evaluate_smoke(tmp_path):
+    """The whole evaluation on a smoke DiT: samples cached per checkpoint step, every set of
+    images quantised to 8 bits, one row and interval per setting."""
+    from experiments.dit_configs import get_preset
+    from experiments.train_dit import train_and_evaluate
+
+    cfg = get_preset("smoke", data="synthetic")
+    train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    rep = eval_sag.evaluate(tmp_path / "run", samples=8, steps=2, batch=8, scales=(1.0,),
+                            classifier_dir=tmp_path / "clf", classifier_steps=2,
+                            progress=False)  # fmt: skip
+    assert {"none", "real (other images)"} <= set(rep["rows"])
+    for row in rep["rows"].values():
+        lo, hi = row["recall"]["ci"]
+        assert 0.0 <= lo <= hi <= 1.0
+    cached = sorted(p.name for p in (tmp_path / "run" / "eval").glob("samples_*.npz"))
+    assert cached and all(f"_step{cfg.steps}_" in name for name in cached)

@@ -478,6 +478,27 @@ def test_multiseg_scores_are_permutation_invariant():
     assert macc == pytest.approx(32 / 64)  # the background's pixels are matched correctly
 
 
+def test_multiseg_true_k_that_cuts_a_complex_pair_falls_back():
+    """A true K that cuts a complex-conjugate pair gave an image no states (assignment -1 on
+    every token), scored as one segment while the table said k = true; now the nearest k
+    that cuts no pair is used and recorded."""
+    multiseg = pytest.importorskip("experiments.multiseg")
+    # three blocks of 4 tokens that the chain visits in turn (0 -> 1 -> 2 -> 0) with a
+    # little mixing: eigenvalues 1 and a complex pair of modulus about 0.9 lead
+    n, blocks = 12, np.repeat(np.arange(3), 4)
+    rot = (blocks[None, :] == (blocks[:, None] + 1) % 3).astype(np.float64)
+    chain = 0.9 * rot / 4 + 0.1 / n
+    metastable = np.kron(np.eye(3), np.ones((4, 4))) * 0.9 / 4 + 0.1 / n
+    chains = np.stack([chain, metastable, chain]).astype(np.float32)
+    ks = np.array([2, 2, 3], np.int32)
+    states, used = multiseg._metastable(chains, ks, auto=False)
+    assert used.tolist() == [3, 2, 3]  # the cut K = 2 falls back to 3 (the whole pair)
+    assert np.all(states >= 0)
+    for i in (0, 2):  # the three visited blocks are the three states
+        assert len(np.unique(states[i])) == 3
+        assert all(len(np.unique(states[i][blocks == b])) == 1 for b in range(3))
+
+
 def test_batched_kmeans_matches_scikit_learn_on_separated_clusters():
     """The multi-object table's batched k-means (JAX) finds the same partitions as
     scikit-learn's KMeans where the answer is clear, for several k in one call."""
