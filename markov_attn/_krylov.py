@@ -319,6 +319,8 @@ def refined_gmres(
     ``max_refinements`` (not converged). A correction is kept unless it more than doubles the
     residual (at the rounding floor the residual is noise, and a correction that does not
     lower it still lowers the error).
+    A member whose every correction was refused (a non-finite or diverging first step: a
+    broken operator, such as logits that overflow) returns NaN, not the zero start.
 
     Why: a stopping rule on the residual alone is not enough when ``M`` is ill-conditioned
     (nearly reducible chains): the float32 product ``A^T x`` errs along slow directions, which
@@ -332,11 +334,11 @@ def refined_gmres(
     active0 = ~(n0 <= threshold)
 
     def cond(state):
-        it, *_, active, _ = state
+        it, *_, active, _, _ = state
         return (it < max_refinements) & jnp.any(active)
 
     def body(state):
-        it, x, r, nres, steps, active, conv = state
+        it, x, r, nres, steps, active, conv, accepted = state
         d, est, k = gmres_cycle(fast, r, steps=restart, rtol=inner_rtol)
         x_new = x + d
         r_new = residual(x_new)
@@ -345,6 +347,7 @@ def refined_gmres(
         # correction that does not lower it can still lower the error
         ok = jnp.isfinite(n_new) & ((n_new <= 2.0 * nres) | (n_new <= noise))
         keep = active & ok
+        accepted = accepted | keep
         x = jnp.where(keep[..., None], x_new, x)
         r = jnp.where(keep[..., None], r_new, r)
         nres_next = jnp.where(keep, n_new, nres)
@@ -354,7 +357,7 @@ def refined_gmres(
         stop = active & (met | floor | ~ok)
         conv = jnp.where(stop, met | (floor & ok), conv)
         active = active & ~stop
-        return it + 1, x, r, nres_next, steps + k, active, conv
+        return it + 1, x, r, nres_next, steps + k, active, conv, accepted
 
     state = (
         jnp.asarray(0, jnp.int32),
@@ -364,8 +367,13 @@ def refined_gmres(
         jnp.asarray(0, jnp.int32),
         active0,
         ~active0,
+        ~active0,
     )
-    _, x, _, nres, steps, active, conv = jax.lax.while_loop(cond, body, state)
+    _, x, _, nres, steps, active, conv, accepted = jax.lax.while_loop(cond, body, state)
+    # no correction ever accepted (the first one non-finite or diverging: a broken operator,
+    # e.g. logits that overflow): x is still 0, which a caller would normalise to a plausible
+    # uniform answer; NaN instead
+    x = jnp.where(accepted[..., None], x, jnp.nan)
     return Refined(x, nres, steps, conv & ~active)
 
 

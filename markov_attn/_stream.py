@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Integer
 
 from . import _df
@@ -33,6 +34,7 @@ from ._util import (
     check_count,
     compute_dtype,
     invalid_dists,
+    is_concrete,
     poison,
     safe_normalize,
     traced_range,
@@ -377,6 +379,30 @@ def _bad_qk(qs, k):
     return ~(jnp.all(jnp.isfinite(qs), axis=(-2, -1)) & jnp.all(jnp.isfinite(k), axis=(-2, -1)))
 
 
+def _bad_lse(lse):
+    """``(...)`` flags: matrices whose logits overflow (finite q and k whose products reach
+    inf: a row log-sum-exp of +inf or NaN; -inf is a fully masked row, which is valid)."""
+    return jnp.any(jnp.isnan(lse) | (lse == jnp.inf), axis=-1)
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and is_concrete(scale) and not np.all(np.isfinite(np.asarray(scale))):
+        raise ValueError(
+            f"scale must be finite (the logit scale, 1/sqrt(d) by default), got {scale}"
+        )
+
+
+def _refuse_overflow(out, *arrays):
+    """Eagerly (every input concrete), a NaN in ``out`` can only come from logits that
+    overflow (every other invalid input was refused before): raise instead of returning it."""
+    if all(is_concrete(x) for x in arrays if x is not None) and bool(jnp.any(jnp.isnan(out))):
+        raise ValueError(
+            "the logits q·k·scale overflow float32 (inf) for some matrix; scale q or k down "
+            "(under jit the result is NaN for the affected matrices)"
+        )
+    return out
+
+
 def _keep(keep, n, causal=False):
     idx = _keep_index(keep, n, causal)
     return None if idx is None else jnp.asarray(idx)
@@ -434,6 +460,7 @@ def _tokenrank_qk(q, k, scale, alpha, v, key_mask, idx, block, method, tol, max_
     v = jnp.where(bad[..., None], 1.0 / n, jnp.broadcast_to(v, (*batch, n)))
     alpha = jnp.where(bad, 0.5, jnp.broadcast_to(alpha, batch))
     lse = _lse_op(qs, k, km, live, block, causal)
+    bad = bad | _bad_lse(lse)
     opts = Options(method, tol, max_steps)
     op = stream_operator(block, causal)
     pi, info = stationary(op, opts, (qs, k, lse, km, live), v, alpha)
@@ -517,6 +544,7 @@ def tokenrank_qk(
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:
         max_steps = check_count("max_steps", max_steps, minimum=1)
+    _check_scale(scale)
     pi, info = _tokenrank_qk(
         q,
         k,
@@ -531,6 +559,7 @@ def tokenrank_qk(
         max_steps,
         bool(causal),
     )
+    _refuse_overflow(pi, q, k, scale, alpha, v)
     return (pi, info) if return_info else pi
 
 
@@ -578,7 +607,7 @@ def _bounce_qk(q, k, x0, scale, alpha, v, key_mask, idx, steps, block, batch_sta
 
     _, xs = jax.lax.scan(step, x, None, length=steps)
     out = jnp.concatenate([x[None], xs], axis=0)  # (steps + 1, ..., n, r)
-    out = poison(out, _bad_qk(qs, k)[None, ..., None, None])
+    out = poison(out, (_bad_qk(qs, k) | _bad_lse(lse))[None, ..., None, None])
     out = jnp.moveaxis(out, 0, -1)  # (..., n, r, steps + 1)
     out = jnp.moveaxis(out, -3, -1)  # (..., r, steps + 1, n)
     return out if batch_starts else out[..., 0, :, :]
@@ -658,9 +687,11 @@ def bounce_qk(
             f"x0 must be token indices (integers) or distributions {want} over the {m} kept "
             f"tokens, got {x0.dtype} array of shape {x0.shape}"
         )
-    return _bounce_qk(
+    _check_scale(scale)
+    out = _bounce_qk(
         q, k, x0, scale, alpha, v, key_mask, idx, steps, block, bool(batch_starts), bool(causal)
     )
+    return _refuse_overflow(out, q, k, x0, scale, alpha, v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -677,6 +708,7 @@ def _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, causal
     qs = jnp.where(bad[..., None, None], 0.0, qs)
     k = jnp.where(bad[..., None, None], 0.0, k)
     lse = _lse_op(qs, k, km, live, block, causal)
+    bad = bad | _bad_lse(lse)
     if causal:  # the eigenvalues in closed form: no Krylov estimate
         return poison(_causal_lambda2((qs, k, lse, km, live)), bad)
 
@@ -795,7 +827,9 @@ def second_eigenvalue_qk(
     tol = check_residual_tol(tol)
     q, k, key_mask = _check(q, k, key_mask, block)
     idx = _keep(keep, q.shape[-2], causal)
-    return _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, bool(causal))
+    _check_scale(scale)
+    lam = _second_eigenvalue_qk(q, k, scale, key_mask, idx, krylov, tol, block, bool(causal))
+    return _refuse_overflow(lam, q, k, scale)
 
 
 __all__ = ["bounce_qk", "second_eigenvalue_qk", "tokenrank_qk"]

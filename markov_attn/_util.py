@@ -25,15 +25,20 @@ def as_chain(attn, name: str = "attn") -> jax.Array:
 
 
 def value_flags(x) -> tuple[bool, bool, bool] | None:
-    """``(all finite, all non-negative, all row sums finite)`` of a float array whose values are
-    known now, or ``None`` (traced, inside someone's ``jit``, empty or not floating). Row sums
-    are over the last axis of an array with at least two axes (``True`` otherwise)."""
+    """``(all finite, all non-negative, all row sums finite)`` of a float, integer or bool array
+    whose values are known now, or ``None`` (traced, inside someone's ``jit``, empty, or of
+    another dtype). Row sums are over the last axis of an array with at least two axes
+    (``True`` otherwise)."""
     if isinstance(x, list | tuple):
         x = np.asarray(x)
     if not is_concrete(x):
         return None
     arr = jnp.asarray(x)
-    if arr.size == 0 or not jnp.issubdtype(arr.dtype, jnp.floating):
+    if arr.size == 0:
+        return None
+    if jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == bool:
+        arr = arr.astype(jnp.float32)  # counts or 0/1 weights: negatives still need refusing
+    elif not jnp.issubdtype(arr.dtype, jnp.floating):
         return None
     finite, nonneg, sums = _value_flags(arr)
     if isinstance(finite, jax.core.Tracer):  # concrete input, but traced by an outer jit

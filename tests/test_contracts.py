@@ -141,3 +141,42 @@ def test_one_token_streamed_lambda2_of_nan_input_is_nan():
     qn = jnp.full((1, 4), jnp.nan)
     assert np.isnan(float(jax.jit(ma.second_eigenvalue_qk)(qn, qn)))
     assert float(ma.second_eigenvalue_qk(jnp.ones((1, 4)), jnp.ones((1, 4)))) == 0.0
+
+
+@pytest.mark.parametrize("fn", ["tokenrank_qk", "second_eigenvalue_qk", "bounce_qk"])
+def test_qk_logits_that_overflow_are_refused_or_nan(fn):
+    """Finite q and k whose logits overflow float32 gave TokenRank exactly uniform (GMRES
+    rejected the non-finite correction and the zero start was normalised)."""
+    rng = np.random.default_rng(0)
+    q, k = rng.normal(size=(2, 16, 4)).astype(np.float32)
+    f = {
+        "tokenrank_qk": ma.tokenrank_qk,
+        "second_eigenvalue_qk": ma.second_eigenvalue_qk,
+        "bounce_qk": lambda q, k: ma.bounce_qk(q, k, 0, steps=2),
+    }[fn]
+    with pytest.raises(ValueError, match="overflow"):
+        f(q * 1e20, k * 1e20)
+    out = np.asarray(jax.jit(f)(np.stack([q, q * 1e20]), np.stack([k, k * 1e20])))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    start = (0,) if fn == "bounce_qk" else ()
+    with pytest.raises(ValueError, match="scale must be finite"):
+        getattr(ma, fn)(q, k, *start, scale=float("nan"), **({"steps": 2} if start else {}))
+
+
+def test_integer_attention_with_negative_entries_is_refused():
+    with pytest.raises(ValueError, match="negative"):
+        ma.tokenrank(np.array([[2, -1], [1, 1]]))
+    ok = ma.tokenrank(np.array([[2, 1], [1, 1]]))  # integer weights are renormalised rows
+    np.testing.assert_allclose(ok, ma.tokenrank(np.array([[2.0, 1.0], [1.0, 1.0]])))
+    np.testing.assert_allclose(ma.tokenrank(np.eye(3, dtype=bool)), ma.tokenrank(np.eye(3)))
+
+
+def test_refined_gmres_on_a_broken_operator_is_nan():
+    from markov_attn._krylov import refined_gmres
+
+    b = jnp.ones((2, 4)) / 4
+    fast = lambda x: x * jnp.asarray([[1.0], [jnp.nan]])  # the second member is broken
+    res = lambda x: b - fast(x)
+    out = refined_gmres(fast, res, b, threshold=jnp.full(2, 1e-6))
+    np.testing.assert_allclose(out.x[0], b[0], rtol=1e-6)
+    assert np.isnan(np.asarray(out.x[1])).all()
