@@ -363,7 +363,8 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
         if progress:
             print(f"{name}: {samples} samples in {timing[name]:.0f} s", flush=True)
     test = make_split("test", 6, size=size, seed=cfg.data_seed, root=cfg.data_root)["images"]
-    masks = mask_figure(model, test, out / "masks.png", schedule=cfg.schedule)
+    masks = mask_figure(model, test, out / "masks.png", schedule=cfg.schedule,
+                        num_timesteps=cfg.num_timesteps)  # fmt: skip
     pairs = [(g.label, "none") for g in settings if g.kind] + [
         (f"tokenrank s={s:g}", f"column_sum s={s:g}") for s in scales
     ]

@@ -117,10 +117,12 @@ def time_sampling(model, /, *, batch: int = 64, steps: int = 10, rounds: int = 7
     }
 
 
-def _forward_at(model, x0, t, *, seed, schedule):
+def _forward_at(model, x0, t, *, seed, schedule, num_timesteps: int = 1000):
     """x̂0 and every layer's attention of one unconditional forward at timestep ``t`` on
     noised ``x0`` (in [-1, 1])."""
-    abar = float(alphas_cumprod(1000, schedule=schedule)[t])
+    if not 0 <= t < num_timesteps:
+        raise ValueError(f"t must lie in [0, {num_timesteps}), got {t}")
+    abar = float(alphas_cumprod(num_timesteps, schedule=schedule)[t])
     noise = jax.random.normal(jax.random.key(seed), x0.shape)
     xt = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
     labels = jnp.full(len(x0), model.cfg.null_label)
@@ -134,13 +136,14 @@ def _masks(model, attn, layer):
 
 
 def mask_agreement(model, images, /, *, ts=(100, 300, 500, 700, 900), seed=0,
-                   schedule: str = "cosine") -> list[dict]:  # fmt: skip
+                   schedule: str = "cosine", num_timesteps: int = 1000) -> list[dict]:  # fmt: skip
     """Per timestep and layer: the share of image tokens on which the column-sum and TokenRank
     masks agree, and the share each masks (unconditional forwards on noised ``images``)."""
     x0 = jnp.asarray(images, jnp.float32) * 2 - 1
     rows = []
     for t in ts:
-        _, attn = _forward_at(model, x0, t, seed=seed + t, schedule=schedule)
+        _, attn = _forward_at(model, x0, t, seed=seed + t, schedule=schedule,
+                              num_timesteps=num_timesteps)  # fmt: skip
         for layer in range(model.cfg.depth):
             m = _masks(model, attn, layer)
             rows.append({"t": t, "layer": layer, **_mask_stats(m)})
@@ -158,7 +161,7 @@ def _mask_stats(masks: dict) -> dict:
 
 
 def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int = 0,
-                schedule: str = "cosine") -> dict:  # fmt: skip
+                schedule: str = "cosine", num_timesteps: int = 1000) -> dict:  # fmt: skip
     """Rows = images; columns: the image, x̂0 at ``t`` (unconditional), the column-sum mask, the
     TokenRank mask (both from the same forward). Returns mask statistics."""
     import matplotlib
@@ -167,7 +170,8 @@ def mask_figure(model, images, path: pathlib.Path, /, *, t: int = 500, seed: int
     import matplotlib.pyplot as plt
 
     x0 = jnp.asarray(images, jnp.float32) * 2 - 1
-    x0_hat, attn = _forward_at(model, x0, t, seed=seed, schedule=schedule)
+    x0_hat, attn = _forward_at(model, x0, t, seed=seed, schedule=schedule,
+                               num_timesteps=num_timesteps)  # fmt: skip
     masks = _masks(model, attn, model.cfg.depth // 2)
     size = model.cfg.image_size
     fig, axes = plt.subplots(len(x0), 4, figsize=(8, 2 * len(x0)), squeeze=False)
@@ -210,9 +214,11 @@ def main(argv=None) -> int:
                                    cfg_scale=a.cfg)  # fmt: skip
     test = load_data(dataclasses.replace(cfg, train_size=cfg.batch_size))["test"]
     report["masks"] = mask_figure(model, test["images"][:6] / 255.0, out / "masks.png",
-                                  schedule=cfg.schedule)  # fmt: skip
+                                  schedule=cfg.schedule,
+                                  num_timesteps=cfg.num_timesteps)  # fmt: skip
     report["mask_agreement"] = mask_agreement(model, test["images"][:64] / 255.0,
-                                              schedule=cfg.schedule)  # fmt: skip
+                                              schedule=cfg.schedule,
+                                              num_timesteps=cfg.num_timesteps)  # fmt: skip
     if a.time_batch:
         report["timing"] = time_sampling(model, batch=a.time_batch, schedule=cfg.schedule)
     (out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")

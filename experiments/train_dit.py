@@ -164,8 +164,10 @@ def _abstract_state(cfg: DiTTrainConfig, tx) -> dict:
 
 
 def evaluate(eval_step, params, data: dict, *, batch_size: int, seed: int) -> dict:
-    """Held-out denoising loss: each test image at its own fixed ``(t, ε)`` (key ``(seed, i)``),
-    no label dropout, last batch padded and dropped."""
+    """Held-out denoising loss: fixed ``(t, ε)`` per test image, drawn per batch from the key
+    ``(seed, first index of the batch)``, so the same for every checkpoint of a run but not
+    for another ``eval_batch_size`` (compare losses at one batch size); no label dropout, last
+    batch padded and dropped."""
     images, labels = data["images"], data["labels"]
     n = len(labels)
     losses = []

@@ -95,3 +95,22 @@ def test_classifier_free_guidance(dit):
     np.testing.assert_allclose(plain, strong, rtol=0, atol=1e-6)  # another program: rounding
     with pytest.raises(ValueError, match="null_label"):
         sample(lambda x, t, y: (x, {}), y, shape=(4, 4, 1), cfg_scale=2.0)
+
+
+def test_sample_refuses_a_sag_layer_past_the_end_and_a_zero_blur():
+    """sag_layer=7 on a 2-block model was clamped to the last block under jit (bitwise the
+    samples of sag_layer=1); blur_sigma=0 gave NaN samples; a legacy uint32 key was refused."""
+    from markov_attn.nn import DiT, DiTConfig, gaussian_blur, sample
+
+    dit = DiT(DiTConfig(width=16, depth=2, num_heads=2, n_label=2), rngs=nnx.Rngs(0))
+    y = np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="sag_layer"):
+        sample(dit, y, steps=2, sag="column_sum", sag_layer=7)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        sample(dit, y, steps=2, sag="column_sum", blur_sigma=0.0)
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_blur(jnp.ones((8, 8, 1)), sigma=0.0)
+    last = sample(dit, y, steps=2, sag="column_sum", sag_layer=-1)
+    np.testing.assert_array_equal(last, sample(dit, y, steps=2, sag="column_sum", sag_layer=1))
+    legacy = sample(dit, y, steps=2, seed=jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(legacy, sample(dit, y, steps=2, seed=jax.random.key(3)))

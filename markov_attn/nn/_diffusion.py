@@ -302,6 +302,13 @@ def sample(
         if sag is not None and cfg is None:
             raise ValueError("pass sag_layer= for a model without a .cfg")
         sag_layer = cfg.depth // 2 if cfg is not None else 0
+    if sag is not None and not float(blur_sigma) > 0:
+        raise ValueError(f"blur_sigma must be > 0 (pixels), got {blur_sigma}")
+    depth = getattr(cfg, "depth", None)
+    if depth is not None and sag is not None and not -depth <= int(sag_layer) < depth:
+        raise ValueError(f"sag_layer must index one of the model's {depth} blocks, got {sag_layer}")
+    if depth is not None:
+        sag_layer = int(sag_layer) % depth  # under jit an index past the end was clamped
     if cfg_scale is not None and null_label is None:
         if cfg is None:
             raise ValueError("pass null_label= for classifier-free guidance with this model")
@@ -312,6 +319,8 @@ def sample(
         raise ValueError(f"labels must be (B,), got shape {labels.shape}")
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
         key = seed
+    elif np.shape(seed) == (2,) and np.asarray(seed).dtype == np.uint32:  # jax.random.PRNGKey
+        key = jax.random.wrap_key_data(jnp.asarray(seed))
     else:
         key = jax.random.key(seed)
     apply, params = _adapter(model)

@@ -9,6 +9,7 @@ tokens whose stationary probability exceeds uniform.
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
@@ -41,9 +42,11 @@ def sag_mask(
     r"""The SAG mask of one layer's attention: the image tokens that draw above-uniform attention.
 
     The heads are averaged first (a mean of chains is a chain). With ``chain="image"`` (the
-    default) the chain is the image→image block ``A[L:, L:]`` with its rows renormalised, which
-    equals slicing the logits before the softmax: the pure image self-attention that SAG reads
-    in Stable Diffusion. Over its :math:`n` tokens, with :math:`d` a distribution,
+    default) the chain is the image→image block ``A[L:, L:]`` of that mean with its rows
+    renormalised: close to the pure image self-attention that SAG reads in Stable Diffusion,
+    but not equal to it: renormalising each head before the mean (which equals slicing each
+    head's logits before its softmax) would weight the heads equally, while renormalising the
+    mean weights each head by the mass its image rows keep after the label tokens. Over its :math:`n` tokens, with :math:`d` a distribution,
 
     .. math:: M_j = [\, n\, d_j > 1 \,],
 
@@ -110,6 +113,8 @@ def gaussian_blur(
     """
     if size % 2 != 1:
         raise ValueError(f"size must be odd, got {size}")
+    if not isinstance(sigma, jax.core.Tracer) and not float(sigma) > 0:
+        raise ValueError(f"sigma must be > 0 (pixels), got {sigma}; a blur of width 0 is no blur")
     x = jnp.asarray(x, jnp.float32)
     r = size // 2
     pos = jnp.arange(-r, r + 1, dtype=jnp.float32)
