@@ -46,7 +46,8 @@ def sag_mask(
     renormalised: close to the pure image self-attention that SAG reads in Stable Diffusion,
     but not equal to it: renormalising each head before the mean (which equals slicing each
     head's logits before its softmax) would weight the heads equally, while renormalising the
-    mean weights each head by the mass its image rows keep after the label tokens. Over its :math:`n` tokens, with :math:`d` a distribution,
+    mean weights each head by the mass its image rows keep after the label tokens. Over its
+    :math:`n` tokens, with :math:`d` a distribution,
 
     .. math:: M_j = [\, n\, d_j > 1 \,],
 
