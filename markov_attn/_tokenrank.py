@@ -186,7 +186,13 @@ def tokenrank(
     Methods (L1 error within 1e-5 of a float64 solve for ``alpha <= 0.99`` on every chain
     tested up to n = 1025, nearly reducible ones included: about 1e-6 at most on two blocks
     leaking e^-12 to e^-16, where float32 residuals had left 1.1-1.7e-5; ``info.error_bound``
-    bounds the error):
+    bounds the error). One exception: ``direction="out"`` with ``teleport_first=True`` (the
+    default for it) solves the reverse of the teleported chain with no teleportation of its
+    own, an ``alpha = 1`` problem (``info.error_bound`` is inf). On a nearly reducible chain with
+    a concentrated ``v`` that reverse chain is itself nearly reducible and the solve loses
+    accuracy (L1 1e-3 to 6e-3 with gmres and solve on 3 blocks leaking e^-14 at n = 64 with a
+    one-hot ``v``; ``converged`` still reports the residual, which was met). With a uniform or
+    spread ``v`` it was within 1e-6; ``teleport_first=False`` keeps the claim (tested):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
       ``"gmres"`` above.
@@ -231,7 +237,8 @@ def tokenrank(
         meets it or at the float32 rounding floor, whichever comes first.
       max_steps: bound on matrix–vector products (GMRES) or power steps, 3,000 by default
         (attention heads need 10–60 products; nearly-permutation heads, whose eigenvalues all
-        lie near the circle of radius ``alpha``, need as many as the power method).
+        lie near the circle of radius ``alpha``, need as many as the power method). GMRES
+        rounds it down to whole cycles of 20 products, at least one: ``max_steps < 40`` allows 20.
       teleport_first: for ``direction="out"``, reverse the teleported chain (default, the
         paper's order) or teleport the reversed chain (``False``).
       return_info: also return a :class:`SolveInfo` (residual, error bound, steps, converged)

@@ -539,3 +539,25 @@ def test_lapack_paths_in_one_program_do_not_hang(x64):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done" in proc.stdout
+
+
+def test_tokenrank_out_on_a_nearly_reducible_chain_with_a_one_hot_v():
+    """direction='out' with a concentrated v: teleport_first=False keeps the accuracy claim;
+    the default (the paper's order, an alpha = 1 solve of the reversed teleported chain) says
+    it has no error bound (its error there is 1e-3 to 6e-3: the tokenrank docstring)."""
+    rng = np.random.default_rng(11)
+    n, blocks = 64, np.arange(64) * 3 // 64
+    logits = rng.normal(size=(n, n))
+    a = np.exp(logits - logits.max(-1, keepdims=True))
+    a *= np.where(blocks[:, None] == blocks[None, :], 1.0, np.exp(-14.0))
+    a32 = (a / a.sum(-1, keepdims=True)).astype(np.float32)
+    a64 = a32.astype(np.float64) / a32.astype(np.float64).sum(-1, keepdims=True)
+    v = np.eye(n)[7]
+    rev = a64.T / a64.T.sum(-1, keepdims=True)
+    want = np.linalg.solve(np.eye(n) - 0.99 * rev.T, 0.01 * v)
+    want /= want.sum()
+    for method in ("gmres", "power", "solve"):
+        pi = ma.tokenrank(a32, v=v, direction="out", teleport_first=False, method=method)
+        assert np.abs(np.asarray(pi, np.float64) - want).sum() < 1e-5, method
+    _, info = ma.tokenrank(a32, v=v, direction="out", return_info=True)
+    assert np.isinf(np.asarray(info.error_bound))
