@@ -46,12 +46,45 @@ def value_flags(x) -> tuple[bool, bool, bool] | None:
     return bool(finite), bool(nonneg), bool(sums)
 
 
+def _check_cast(x, name: str) -> None:
+    """A float64 NumPy array that float32 (x64 off) cannot hold row by row: entries that
+    overflow to inf, or non-zero rows whose entries all flush to zero (read as uniform)."""
+    if (
+        not isinstance(x, np.ndarray)
+        or x.dtype != np.float64
+        or x.ndim < 1
+        or x.size == 0
+        or jax.config.jax_enable_x64
+    ):
+        return
+    big = float(np.finfo(np.float32).max)
+    tiny = float(np.finfo(np.float32).tiny)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(x)
+        if np.any(finite & (np.abs(x) > big)):
+            raise ValueError(
+                f"{name} has finite float64 values above float32's range (max {big:.3g}), which "
+                "would become inf; divide each row by its maximum first (every function "
+                "renormalises the rows) or enable jax_enable_x64"
+            )
+        pos = np.where(finite, np.maximum(x, 0.0), 0.0)
+        lost = (pos.max(axis=-1) > 0) & (pos.max(axis=-1) < tiny)
+    if np.any(lost):
+        raise ValueError(
+            f"{name} has rows whose float64 entries are all below float32's smallest normal "
+            f"number ({tiny:.3g}): in float32 they would be zero rows, read as uniform; divide "
+            "each row by its maximum first (every function renormalises the rows) or enable "
+            "jax_enable_x64"
+        )
+
+
 def check_values(x, name: str = "attn") -> None:
     """Eager value check of a probability array, when its values are known now.
 
     Raises a ``ValueError`` for NaN/inf or negative entries. Under ``jit`` nothing can be
     raised; the jitted functions return NaN for such matrices instead (see :func:`poison`).
     """
+    _check_cast(x, name)
     flags = value_flags(x)
     if flags is None:
         return

@@ -180,3 +180,15 @@ def test_refined_gmres_on_a_broken_operator_is_nan():
     out = refined_gmres(fast, res, b, threshold=jnp.full(2, 1e-6))
     np.testing.assert_allclose(out.x[0], b[0], rtol=1e-6)
     assert np.isnan(np.asarray(out.x[1])).all()
+
+
+def test_float64_rows_that_float32_cannot_hold_are_refused():
+    """A float64 row of 1e-50 entries became a zero row in float32 (read as uniform: L1
+    7.6e-3 off), and 1e50 was reported as 'NaN or inf'; both now name the fix."""
+    tiny = np.array([[1e-50, 3e-50, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5]])
+    with pytest.raises(ValueError, match="smallest normal"):
+        ma.tokenrank(tiny)
+    with pytest.raises(ValueError, match="above float32's range"):
+        ma.second_eigenvalue(np.array([[1e50, 1.0], [1.0, 1.0]]))
+    scaled = tiny / tiny.max(-1, keepdims=True)  # the fix the message names
+    assert np.isfinite(np.asarray(ma.tokenrank(scaled))).all()
