@@ -134,7 +134,7 @@ def table(rows: list[dict], /) -> str:
     """The Markdown ablation table of ``rows`` (as stored in ``results.json``)."""
     lines = [
         "| variant | change against the old `cpu` recipe | steps × batch | train images "
-        "| test acc | train acc (last 20 steps) | step time (ms) | load | wall (s) |",
+        "| test acc | train acc (last log window) | step time (ms) | load | wall (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

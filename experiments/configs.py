@@ -39,7 +39,9 @@ class TrainConfig:
       lr: peak learning rate of AdamW.
       warmup_steps: linear warm-up from 0 to ``lr``, then cosine decay to ``lr * end_lr_ratio``.
       end_lr_ratio: final learning rate as a fraction of ``lr``.
-      weight_decay: AdamW decoupled weight decay (applied to matrices and embeddings only).
+      weight_decay: AdamW decoupled weight decay, on parameters of rank >= 2: matrices,
+        embeddings and the attention layers' per-head ``(heads, head_dim)`` biases (the MAP
+        head's included), not on plain biases or norm scales.
       grad_clip: global-norm gradient clipping (``0`` = off).
       flip: random horizontal flips (inside the jitted step, key from ``(seed, step)``).
       shift: random translations by up to this many pixels in each direction (edge-padded,

@@ -67,7 +67,7 @@ def summary(counts: np.ndarray, classes) -> dict:
                 "n": int(n[c]),
                 "recall": float(hits[c] / max(n[c], 1)),
                 "recall_ci": [lo, hi],
-                "most_confused_with": classes[worst],
+                "most_confused_with": classes[worst] if n[c] > hits[c] else "—",  # no misses
                 "share_of_misses": float(counts[c, worst] / max(n[c] - hits[c], 1)),
             }
         )

@@ -29,7 +29,8 @@ class DiTTrainConfig:
       batch_size, steps: images per step, optimiser steps.
       lr, warmup_steps, end_lr_ratio: AdamW peak rate, linear warm-up, cosine decay to
         ``lr * end_lr_ratio``.
-      weight_decay: AdamW decoupled weight decay (matrices and embeddings only).
+      weight_decay: AdamW decoupled weight decay, on parameters of rank >= 2 (matrices,
+        embeddings, per-head attention biases).
       grad_clip: global-norm clipping (``0`` = off).
       flip: random horizontal flips.
       label_dropout: probability of replacing a label by the null label (trains the

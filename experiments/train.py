@@ -538,9 +538,6 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(argv=None) -> TrainConfig:
     """The :class:`TrainConfig` the CLI builds from ``argv`` (preset plus overrides)."""
     a, _ = _parser().parse_known_args(argv)
-    warmup = None
-    if a.steps is not None:  # keep the warm-up inside a shortened run
-        warmup = min(PRESETS[a.preset]().warmup_steps, a.steps // 10)
     sets = {}
     for item in a.set:
         field, sep, value = item.partition("=")
@@ -550,6 +547,11 @@ def config_from_args(argv=None) -> TrainConfig:
             sets[field.strip()] = ast.literal_eval(value.strip())
         except (ValueError, SyntaxError):
             sets[field.strip()] = value.strip()  # a bare string such as pool=mean
+    warmup = None
+    steps = a.steps if a.steps is not None else sets.get("steps")
+    if isinstance(steps, int) and "warmup_steps" not in sets:
+        # keep the warm-up inside a shortened run (an explicit --set warmup_steps= wins)
+        warmup = min(PRESETS[a.preset]().warmup_steps, steps // 10)
     flags = dict(
         pool=a.pool,
         seed=a.seed,
@@ -565,7 +567,11 @@ def config_from_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    cfg = config_from_args(argv)
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as err:  # a config the presets refuse: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = train_and_evaluate(
             cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)

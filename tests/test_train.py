@@ -576,3 +576,28 @@ def test_bf16_weights_file_round_trips(tmp_path):
     for a, b in zip(_leaves(again), leaves, strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_evaluating_a_finished_run_again_keeps_its_timing(tmp_path):
+    """A second `make demo` only evaluates the finished run: its summary lost the training
+    timing (step time None, train time ~0), which broke the ablation table."""
+    first = train_and_evaluate(TINY, tmp_path, progress=False)
+    again = train_and_evaluate(TINY, tmp_path, progress=False)
+    for key in ("step_time_ms", "images_per_s", "train_time_s", "timed_steps", "resumed_from"):
+        assert again[key] == first[key], key
+    assert again["test_acc"] == first["test_acc"]
+    assert json.loads((tmp_path / "summary.json").read_text())["step_time_ms"] is not None
+
+
+def test_cli_warmup_and_steps_overrides():
+    from experiments.train import config_from_args, main
+
+    base = ["--preset", "cpu", "--workdir", "w", "--steps", "1000"]
+    assert config_from_args(base).warmup_steps == min(get_preset("cpu").warmup_steps, 100)
+    # an explicit --set warmup_steps= is not replaced by the derived warm-up
+    assert config_from_args([*base, "--set", "warmup_steps=200"]).warmup_steps == 200
+    # --set steps= also keeps the warm-up inside the run
+    cfg = config_from_args(["--preset", "cpu", "--workdir", "w", "--set", "steps=50"])
+    assert cfg.steps == 50 and cfg.warmup_steps <= 5
+    # a config the presets refuse is one line and exit status 2, not a traceback
+    assert main(["--preset", "cpu", "--workdir", "w", "--set", "warmup_steps=99999"]) == 2
