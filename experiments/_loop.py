@@ -427,8 +427,7 @@ class TrainingRun:
             # nothing trained in this session (a finished run evaluated again, e.g. a second
             # `make demo`): its timing is the training session's, not this one's zero steps
             old = json.loads(path.read_text())
-            for key in ("resumed_from", "step_time_ms", "images_per_s", "train_time_s",
-                        "timed_steps"):  # fmt: skip
+            for key in ("step_time_ms", "images_per_s", "train_time_s", "timed_steps"):
                 if key in old:
                     summary[key] = old[key]
         path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -49,6 +49,8 @@ def value_flags(x) -> tuple[bool, bool, bool] | None:
 def _check_cast(x, name: str) -> None:
     """A float64 NumPy array that float32 (x64 off) cannot hold row by row: entries that
     overflow to inf, or non-zero rows whose entries all flush to zero (read as uniform)."""
+    if isinstance(x, list | tuple):
+        x = np.asarray(x)
     if (
         not isinstance(x, np.ndarray)
         or x.dtype != np.float64
@@ -60,15 +62,15 @@ def _check_cast(x, name: str) -> None:
     big = float(np.finfo(np.float32).max)
     tiny = float(np.finfo(np.float32).tiny)
     with np.errstate(invalid="ignore"):
-        finite = np.isfinite(x)
-        if np.any(finite & (np.abs(x) > big)):
+        top = np.fmax.reduce(np.abs(x), axis=-1)  # NaN ignored; inf is value_flags' to report
+        if np.any(np.isfinite(top) & (top > big)):
             raise ValueError(
                 f"{name} has finite float64 values above float32's range (max {big:.3g}), which "
                 "would become inf; divide each row by its maximum first (every function "
                 "renormalises the rows) or enable jax_enable_x64"
             )
-        pos = np.where(finite, np.maximum(x, 0.0), 0.0)
-        lost = (pos.max(axis=-1) > 0) & (pos.max(axis=-1) < tiny)
+        peak = np.fmax.reduce(x, axis=-1)  # the largest entry of each row
+        lost = (peak > 0) & (peak < tiny)
     if np.any(lost):
         raise ValueError(
             f"{name} has rows whose float64 entries are all below float32's smallest normal "

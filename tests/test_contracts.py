@@ -192,3 +192,18 @@ def test_float64_rows_that_float32_cannot_hold_are_refused():
         ma.second_eigenvalue(np.array([[1e50, 1.0], [1.0, 1.0]]))
     scaled = tiny / tiny.max(-1, keepdims=True)  # the fix the message names
     assert np.isfinite(np.asarray(ma.tokenrank(scaled))).all()
+
+
+def test_qk_checks_leave_vmap_over_key_masks_and_traced_blur_alone():
+    """The eager overflow refusal must not run on traced outputs (vmap over a key_mask raised
+    TracerBoolConversionError); a float64 list is checked like an array."""
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(2, 8, 4)).astype(np.float32)
+    km = np.ones((3, 8), bool)
+    km[1, :2] = False
+    pi = jax.vmap(lambda m: ma.tokenrank_qk(q, k, key_mask=m))(km)
+    assert pi.shape == (3, 8) and np.isfinite(np.asarray(pi)).all()
+    lam = jax.vmap(lambda m: ma.second_eigenvalue_qk(q, k, key_mask=m))(km)
+    assert np.isfinite(np.asarray(lam)).all()
+    with pytest.raises(ValueError, match="smallest normal"):
+        ma.tokenrank([[1e-50, 3e-50], [0.0, 1.0]])

@@ -95,8 +95,8 @@ def test_summary_and_verdict_follow_the_intervals():
 
 @pytest.mark.slow
 def test_evaluate_smoke(tmp_path):
-    """The whole evaluation on a smoke DiT: samples cached per checkpoint step, every set of
-    images quantised to 8 bits, one row and interval per setting."""
+    """The whole evaluation on a smoke DiT: it runs, samples are cached per checkpoint step,
+    and every setting gets a row with a recall interval in [0, 1]."""
     from experiments.dit_configs import get_preset
     from experiments.train_dit import train_and_evaluate
 

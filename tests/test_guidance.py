@@ -114,3 +114,13 @@ def test_sample_refuses_a_sag_layer_past_the_end_and_a_zero_blur():
     np.testing.assert_array_equal(last, sample(dit, y, steps=2, sag="column_sum", sag_layer=1))
     legacy = sample(dit, y, steps=2, seed=jax.random.PRNGKey(3))
     np.testing.assert_array_equal(legacy, sample(dit, y, steps=2, seed=jax.random.key(3)))
+
+
+def test_sample_takes_a_traced_blur_sigma():
+    from markov_attn.nn import DiT, DiTConfig, sample
+
+    dit = DiT(DiTConfig(width=16, depth=2, num_heads=2, n_label=2), rngs=nnx.Rngs(0))
+    y = np.zeros(2, np.int32)
+    out = jax.jit(lambda s: sample(dit, y, steps=2, sag="column_sum", blur_sigma=s))(1.5)
+    want = sample(dit, y, steps=2, sag="column_sum", blur_sigma=1.5)
+    np.testing.assert_allclose(out, want, atol=1e-6)
