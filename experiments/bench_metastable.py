@@ -1,8 +1,8 @@
 """Timing of ``ma.metastable_states`` against ``ma.second_eigenvalue`` on one ViT-sized stack.
 
 One ``(1, 12, 197, 197)`` float32 stack (4 metastable, 4 near-circulant and 4 diffuse heads,
-``experiments.bench_core.build_stack``). Prints the median wall time of nine jitted calls
-(after a warm-up that compiles) of
+``experiments.bench_core.build_stack``). Prints the median wall time of nine eager calls
+(each with its input check, as a user calls them; after a warm-up that compiles) of
 
 - ``second_eigenvalue`` (Arnoldi + Gelfand), the reference cost;
 - ``schur_subspace(k=4)`` and ``metastable_states(k=4, split="nan")`` (a fixed k);

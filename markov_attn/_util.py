@@ -339,3 +339,13 @@ def map_over_batch(fn, *args, batch_ndim: int, item_bytes: int, whole_chunks: bo
         return jax.tree.map(lambda o: o.reshape((*batch, *o.shape[1:])), out)
 
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=fn)
+
+
+def require_extra(modules, extra: str, what: str) -> None:
+    """Raises an ``ImportError`` naming the pip extra when a module ``what`` needs is missing
+    (instead of a bare ``ModuleNotFoundError`` from deep inside the subpackage)."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{what} needs {', '.join(missing)}: pip install 'markov_attn[{extra}]'")

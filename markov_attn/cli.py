@@ -500,7 +500,12 @@ def main(argv=None) -> int:
     """Entry point of ``markov-attn`` (``argv`` defaults to ``sys.argv[1:]``)."""
     args = _parser().parse_args(argv)
     if args.command == "maps":
-        return maps_command(args)
+        try:
+            return maps_command(args)
+        except ImportError as err:  # an extra not installed: say which, in one line
+            name = getattr(err, "name", None)
+            hint = "" if "pip install" in str(err) else "; pip install 'markov_attn[cli]'"
+            _fail(f"{err}{hint}" if name is None else f"needs {name}{hint}")
     _fail(f"unknown command {args.command}")  # pragma: no cover
 
 

@@ -4,6 +4,8 @@ import inspect
 import subprocess
 import sys
 
+import pytest
+
 import markov_attn as ma
 
 
@@ -97,3 +99,18 @@ def test_the_library_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_optional_subpackages_name_their_extra(monkeypatch):
+    """Without Flax, `import markov_attn.nn` said only "No module named 'flax'"."""
+    import importlib.util
+
+    from markov_attn._util import require_extra
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "flax" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'markov_attn\[nn\]'"):
+        require_extra(["flax", "numpy"], "nn", "markov_attn.nn")
+    require_extra(["numpy"], "nn", "markov_attn.nn")  # present: nothing raised

@@ -423,3 +423,15 @@ def test_states_are_checked_against_the_prepared_image(images, tmp_path, crop, s
     else:
         assert "--states must lie in [2, 3]" in _one_line_error(argv)
         assert not out.exists()
+
+
+def test_a_missing_extra_is_one_line(monkeypatch, capsys):
+    from markov_attn import cli
+
+    def missing(args):
+        raise ModuleNotFoundError("No module named 'PIL'", name="PIL")
+
+    monkeypatch.setattr(cli, "maps_command", missing)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["maps", "--checkpoint", "x", "--image", "y.png"])
+    assert str(info.value) == "markov-attn: error: needs PIL; pip install 'markov_attn[cli]'"

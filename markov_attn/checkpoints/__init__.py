@@ -4,6 +4,10 @@ Needs the ``checkpoints`` and ``nn`` extras (safetensors, flax). ``.pth``/``.bin
 need torch, imported only when such a file is read.
 """
 
+from markov_attn._util import require_extra
+
+require_extra(["flax", "safetensors", "PIL"], "checkpoints", "markov_attn.checkpoints")
+
 from ._families import FAMILIES as FAMILIES
 from ._io import read_state_dict as read_state_dict
 from ._load import CheckpointInfo as CheckpointInfo

@@ -5,6 +5,10 @@ files (``sudo apt-get install dataset-fashion-mnist``). See ``make_split`` for t
 design and ``centre_prior`` / ``oracle_map`` for the reference maps every results table shows.
 """
 
+from markov_attn._util import require_extra
+
+require_extra(["scipy", "PIL", "skimage"], "data", "markov_attn.data")
+
 from ._fashion_mnist import CLASSES as CLASSES
 from ._fashion_mnist import DataMissingError as DataMissingError
 from ._fashion_mnist import load_fashion_mnist as load_fashion_mnist

@@ -5,6 +5,10 @@ Needs the ``nn`` extra (flax). Capturing forces the non-fused attention path: th
 capturing.
 """
 
+from markov_attn._util import require_extra
+
+require_extra(["flax"], "nn", "markov_attn.extract")
+
 from ._linen import capture_attention_linen as capture_attention_linen
 from ._nnx import capture_attention as capture_attention
 

@@ -10,6 +10,10 @@ configuration ↔ JSON converters that the run formats and the training scripts 
 ``import markov_attn`` does not import this subpackage; import ``markov_attn.nn`` explicitly.
 """
 
+from markov_attn._util import require_extra
+
+require_extra(["flax", "optax"], "nn", "markov_attn.nn")
+
 from ._checkpoint import CheckpointError as CheckpointError
 from ._config import ViTConfig as ViTConfig
 from ._diffusion import alphas_cumprod as alphas_cumprod
