@@ -210,7 +210,7 @@ def runs_table(workdirs, /, *, base: str = "cpu", block: str = RUNS_BLOCK) -> st
         else:
             final = f"**{s['test_acc']:.3f}**"
             std = f"{s.get('test_acc_standard', s['test_acc']):.3f}"
-            step_ms = f"{s['step_time_ms']:.0f}"
+            step_ms = "—" if s.get("step_time_ms") is None else f"{s['step_time_ms']:.0f}"
         lines.append(
             f"| `{workdir}` | {change} | {cfg['steps']} × {cfg['batch_size']} "
             f"| {cfg['train_size']} | {level} | {curve} | {final} | {std} | {step_ms} |"
