@@ -353,11 +353,10 @@ def _check(q, k, key_mask, block, name="q"):
         raise ValueError(f"q and k have no tokens (shape {q.shape}); a chain needs a token")
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask)
-        if (
-            key_mask.dtype != bool
-            or key_mask.shape[-1:] != (n,)
-            or key_mask.ndim > max(q.ndim, k.ndim) - 1
-        ):
+        # more mask axes than q and k have batch axes: a batch of masks (broadcast against q
+        # and k), unless it looks like a full (n, n) mask, which streaming cannot take
+        full = key_mask.ndim > max(q.ndim, k.ndim) - 1 and key_mask.shape[-2:] == (n, n)
+        if key_mask.dtype != bool or key_mask.shape[-1:] != (n,) or full:
             raise ValueError(
                 f"key_mask must be a boolean (..., {n}) array (True = valid key), got "
                 f"{key_mask.dtype} {key_mask.shape}; full (n, n) masks are not supported when "

@@ -207,3 +207,17 @@ def test_qk_checks_leave_vmap_over_key_masks_and_traced_blur_alone():
     assert np.isfinite(np.asarray(lam)).all()
     with pytest.raises(ValueError, match="smallest normal"):
         ma.tokenrank([[1e-50, 3e-50], [0.0, 1.0]])
+
+
+def test_qk_batched_key_mask_with_unbatched_queries():
+    """A (3, n) key_mask with (n, d) queries was refused as a 'full (n, n) mask'; it is a batch
+    of three masks, broadcast like the other batch axes."""
+    rng = np.random.default_rng(2)
+    q, k = rng.normal(size=(2, 8, 4)).astype(np.float32)
+    km = np.ones((3, 8), bool)
+    km[1, :3] = False
+    got = ma.tokenrank_qk(q, k, key_mask=km)
+    want = np.stack([ma.tokenrank_qk(q, k, key_mask=m) for m in km])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="full"):  # (n, n) with unbatched q: still refused
+        ma.tokenrank_qk(q, k, key_mask=np.ones((8, 8), bool))
