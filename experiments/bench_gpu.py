@@ -20,7 +20,8 @@ timed separately) with ``ma.tokenrank`` (``"solve"`` and ``"gmres"``) and
 - ``copy``: device-to-device copies (10 passes of ``x + 1`` over a 1 GiB array in one loop,
   read + write bytes / time):
   the practical memory bandwidth of the device, measured in the same run;
-- ``pass`` rows time one product ``Aᵀx`` over the whole stack (from 8 bounces): for the dense
+- ``pass`` rows time one product ``Aᵀx`` over the whole stack (the slope between 8 and 16
+  bounces, so that a call's set-up is not counted; before 2026-12-07: t / 8): for the dense
   path, ``stack bytes / time`` is the achieved read bandwidth, reported as a fraction of the
   copy bandwidth; the streaming pass reads only Q and K, so its "virtual" bandwidth (the bytes
   of the attention it never stores, per second) can exceed the device's;

@@ -210,7 +210,8 @@ def memory(cfg):
             r = json.loads(lines[-1][len("CHILD ") :])
         else:  # killed outright (e.g. abort on allocation failure)
             tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
-            r = {"kind": kind, "ok": False, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+            msg = tail[0].split("what():", 1)[-1].strip()  # a C++ abort's prefix says nothing
+            r = {"kind": kind, "ok": False, "error": f"exit {proc.returncode}: {msg[:300]}"}
         res[kind] = r
         status = "completed" if r.get("ok") else f"FAILED ({r.get('error', '')[:120]})"
         rss = r.get("peak_rss_bytes")

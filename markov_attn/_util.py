@@ -345,7 +345,20 @@ def require_extra(modules, extra: str, what: str) -> None:
     """Raises an ``ImportError`` naming the pip extra when a module ``what`` needs is missing
     (instead of a bare ``ModuleNotFoundError`` from deep inside the subpackage)."""
     import importlib.util
+    import sys
 
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    def present(m):
+        try:
+            return importlib.util.find_spec(m) is not None
+        except ValueError:  # in sys.modules without a __spec__ (a stub): it is there
+            return m in sys.modules
+
+    missing = [m for m in modules if not present(m)]
     if missing:
-        raise ImportError(f"{what} needs {', '.join(missing)}: pip install 'markov_attn[{extra}]'")
+        raise MissingExtraError(
+            f"{what} needs {', '.join(missing)}: pip install 'markov_attn[{extra}]'"
+        )
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of a subpackage is not installed (the message names the extra)."""

@@ -51,6 +51,7 @@ import warnings
 
 import numpy as np
 
+from markov_attn._util import MissingExtraError
 from markov_attn._weights import HEAD_WEIGHTINGS
 
 METHODS = ("bounce", "tokenrank", "column_sum", "rollout", "cls", "metastable")
@@ -496,16 +497,23 @@ def maps_command(args) -> int:
     return 0
 
 
+# third-party modules the ``cli`` extra installs (import names)
+CLI_MODULES = ("flax", "optax", "orbax", "PIL", "matplotlib", "safetensors", "h5py", "tqdm")
+
+
 def main(argv=None) -> int:
     """Entry point of ``markov-attn`` (``argv`` defaults to ``sys.argv[1:]``)."""
     args = _parser().parse_args(argv)
     if args.command == "maps":
         try:
             return maps_command(args)
-        except ImportError as err:  # an extra not installed: say which, in one line
-            name = getattr(err, "name", None)
-            hint = "" if "pip install" in str(err) else "; pip install 'markov_attn[cli]'"
-            _fail(f"{err}{hint}" if name is None else f"needs {name}{hint}")
+        except MissingExtraError as err:  # a subpackage's extra is missing: its message says which
+            _fail(str(err))
+        except ModuleNotFoundError as err:  # a third-party module of the cli extra is missing
+            top = (err.name or "").split(".")[0]
+            if top not in CLI_MODULES:
+                raise  # anything else is a bug, not a missing install
+            _fail(f"needs {top}; pip install 'markov_attn[cli]'")
     _fail(f"unknown command {args.command}")  # pragma: no cover
 
 

@@ -114,3 +114,7 @@ def test_optional_subpackages_name_their_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'markov_attn\[nn\]'"):
         require_extra(["flax", "numpy"], "nn", "markov_attn.nn")
     require_extra(["numpy"], "nn", "markov_attn.nn")  # present: nothing raised
+    import types
+
+    monkeypatch.setitem(sys.modules, "stub_without_spec", types.ModuleType("stub_without_spec"))
+    require_extra(["stub_without_spec"], "nn", "x")  # a stub in sys.modules counts as present

@@ -425,13 +425,31 @@ def test_states_are_checked_against_the_prepared_image(images, tmp_path, crop, s
         assert not out.exists()
 
 
-def test_a_missing_extra_is_one_line(monkeypatch, capsys):
+def test_a_missing_extra_is_one_line_and_other_import_errors_are_not_hidden(monkeypatch):
     from markov_attn import cli
+    from markov_attn._util import MissingExtraError
 
-    def missing(args):
-        raise ModuleNotFoundError("No module named 'PIL'", name="PIL")
+    def raising(err):
+        def command(args):
+            raise err
 
-    monkeypatch.setattr(cli, "maps_command", missing)
+        return command
+
+    argv = ["maps", "--checkpoint", "x", "--image", "y.png"]
+    monkeypatch.setattr(cli, "maps_command", raising(ModuleNotFoundError("x", name="PIL.Image")))
     with pytest.raises(SystemExit) as info:
-        cli.main(["maps", "--checkpoint", "x", "--image", "y.png"])
+        cli.main(argv)
     assert str(info.value) == "markov-attn: error: needs PIL; pip install 'markov_attn[cli]'"
+    extra = MissingExtraError("markov_attn.nn needs flax: pip install 'markov_attn[nn]'")
+    monkeypatch.setattr(cli, "maps_command", raising(extra))
+    with pytest.raises(SystemExit, match=r"needs flax: pip install 'markov_attn\[nn\]'"):
+        cli.main(argv)
+    # a real bug (a missing name, a module of this package) is not dressed up as an install
+    bug = ImportError("cannot import name 'gone' from 'markov_attn.segmentation'")
+    monkeypatch.setattr(cli, "maps_command", raising(bug))
+    with pytest.raises(ImportError, match="gone"):
+        cli.main(argv)
+    own = ModuleNotFoundError("x", name="markov_attn.missing")
+    monkeypatch.setattr(cli, "maps_command", raising(own))
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(argv)

@@ -7,7 +7,7 @@ design and ``centre_prior`` / ``oracle_map`` for the reference maps every result
 
 from markov_attn._util import require_extra
 
-require_extra(["scipy", "PIL", "skimage"], "data", "markov_attn.data")
+require_extra(["scipy"], "data", "markov_attn.data")
 
 from ._fashion_mnist import CLASSES as CLASSES
 from ._fashion_mnist import DataMissingError as DataMissingError

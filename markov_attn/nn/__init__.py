@@ -12,7 +12,7 @@ configuration ↔ JSON converters that the run formats and the training scripts 
 
 from markov_attn._util import require_extra
 
-require_extra(["flax", "optax"], "nn", "markov_attn.nn")
+require_extra(["flax"], "nn", "markov_attn.nn")
 
 from ._checkpoint import CheckpointError as CheckpointError
 from ._config import ViTConfig as ViTConfig
