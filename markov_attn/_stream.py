@@ -354,8 +354,14 @@ def _check(q, k, key_mask, block, name="q"):
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask)
         # more mask axes than q and k have batch axes: a batch of masks (broadcast against q
-        # and k), unless it looks like a full (n, n) mask, which streaming cannot take
-        full = key_mask.ndim > max(q.ndim, k.ndim) - 1 and key_mask.shape[-2:] == (n, n)
+        # and k), unless it looks like a full (n, n) mask, which streaming cannot take: an axis
+        # of length n that q and k do not have (or have as 1) just before the key axis
+        qk_batch = jnp.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        full = (
+            key_mask.ndim >= 2
+            and key_mask.shape[-2] == n
+            and (len(qk_batch) < key_mask.ndim - 1 or qk_batch[-1] == 1)
+        )
         if key_mask.dtype != bool or key_mask.shape[-1:] != (n,) or full:
             raise ValueError(
                 f"key_mask must be a boolean (..., {n}) array (True = valid key), got "

@@ -221,3 +221,7 @@ def test_qk_batched_key_mask_with_unbatched_queries():
     np.testing.assert_allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="full"):  # (n, n) with unbatched q: still refused
         ma.tokenrank_qk(q, k, key_mask=np.ones((8, 8), bool))
+    with pytest.raises(ValueError, match="full"):  # and with a length-1 batch axis (was taken
+        ma.tokenrank_qk(q[None], k[None], key_mask=np.ones((8, 8), bool))  # as 8 masks)
+    heads = np.stack([q] * 8), np.stack([k] * 8)  # 8 heads, one mask per head: a batch
+    ma.tokenrank_qk(*heads, key_mask=km[:1].repeat(8, 0))
