@@ -642,3 +642,19 @@ def test_map_methods_and_compute_maps_check_their_inputs():
     attn[0, 0, 0, 2, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         compute_maps(attn, {"b": MapMethod("bounce", steps=1)}, num_prefix=1, grid=(2, 2))
+
+
+def test_bilinear_maps_are_min_maxed_after_upsampling():
+    """The reference upsamples first and min-maxes the pixels; min-max first left bilinear
+    scores short of [0, 1] (max 0.996-0.998), which moved fixed-threshold counts and ap_2class."""
+    from markov_attn.segmentation import map_to_mask
+
+    m = np.random.default_rng(0).random((2, 14, 14)).astype(np.float32)
+    scores, _ = map_to_mask(m, size=(224, 224), method="bilinear")
+    np.testing.assert_allclose(np.asarray(scores).max(axis=(-2, -1)), 1.0)
+    np.testing.assert_allclose(np.asarray(scores).min(axis=(-2, -1)), 0.0)
+    near, _ = map_to_mask(m, size=(224, 224), method="nearest")  # unchanged for the protocol
+    from markov_attn.segmentation import minmax, upsample
+
+    want = upsample(minmax(m), size=(224, 224), method="nearest")
+    np.testing.assert_array_equal(np.asarray(near), np.asarray(want))

@@ -162,5 +162,7 @@ def map_to_mask(
         >>> int(mask.sum()), float(scores.max())
         (4, 1.0)
     """
-    scores = upsample(minmax(maps), size=size, method=method)
+    # upsample, then min-max (the reference order, Chefer et al.'s imagenet_seg_eval): bilinear
+    # never samples a token's exact value, so min-max first left scores short of [0, 1]
+    scores = minmax(upsample(maps, size=size, method=method))
     return scores, threshold(scores, thresh=thresh)

@@ -31,8 +31,22 @@ def _as_image(image) -> np.ndarray:
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
     img = img[..., :3]
-    if img.dtype == np.uint8:
-        return img.astype(np.float32) / 255.0
+    return _unit_float(img)
+
+
+def _unit_float(img) -> np.ndarray:
+    """Images as float32 in [0, 1]: unsigned integer images divided by their dtype's maximum
+    (uint8 by 255, uint16 by 65535: clipping them made every non-zero pixel white), floats
+    clipped; signed integers and other dtypes refused."""
+    img = np.asarray(img)
+    if img.dtype == bool:
+        return img.astype(np.float32)
+    if np.issubdtype(img.dtype, np.unsignedinteger):
+        return img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
+    if not np.issubdtype(img.dtype, np.floating):
+        raise ValueError(
+            f"images must be floats in [0, 1] or unsigned integers (uint8, uint16), got {img.dtype}"
+        )
     return np.clip(img.astype(np.float32), 0.0, 1.0)
 
 

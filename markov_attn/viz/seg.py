@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from jaxtyping import ArrayLike, Bool, Float
 
-from ._overlay import _check_finite
+from ._overlay import _check_finite, _unit_float
 
 __all__ = ["metric_curves", "save_figure", "seg_grid"]
 
@@ -60,7 +60,7 @@ def seg_grid(
     from markov_attn.segmentation import map_to_mask
 
     plt = _plt()
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    images = _unit_float(images)  # uint8 / uint16 scaled (clipping made them black and white)
     masks = np.asarray(masks, bool)
     n, h, w = masks.shape
     names = list(maps)
@@ -126,11 +126,13 @@ def metric_curves(
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for label, names in families.items():
-            names = [n for n in names if n in results]
+        for label, family in families.items():
+            # each method keeps its position in the family (its bounce count): a missing one
+            # leaves a gap instead of shifting the rest one step to the left
+            x = np.array([i + 1 for i, n in enumerate(family) if n in results])
+            names = [n for n in family if n in results]
             if not names:
                 continue
-            x = np.arange(1, len(names) + 1)
             y = np.array([results[n]["metrics"][metric] for n in names])
             ci = np.array([results[n]["ci"][metric] for n in names])
             ax.errorbar(
