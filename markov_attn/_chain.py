@@ -79,13 +79,21 @@ def _keep_indices(keep, n: int) -> np.ndarray | None:
     return idx.astype(np.int32)
 
 
+def _full_mask(mask, logits) -> bool:
+    """A mask with fewer axes than the logits whose last two axes are ``(n, n)``: a full mask
+    broadcast over the logits' leading axes (it was read as a batch of n key masks, which
+    added an axis or gave each head a row of the mask as its key mask)."""
+    n = logits.shape[-1]
+    return mask.ndim >= 2 and mask.shape[-2:] == (n, n)
+
+
 @functools.partial(jax.jit, static_argnames=("causal",))
 def _transition(logits, idx, mask, causal):
     dtype = compute_dtype(logits.dtype)
     logits = logits.astype(dtype)
     if mask is not None:
         mask = jnp.asarray(mask, bool)
-        if mask.ndim < logits.ndim:  # key mask (..., n) -> (..., 1, n)
+        if mask.ndim < logits.ndim and not _full_mask(mask, logits):  # keys: (..., 1, n)
             mask = mask[..., None, :]
     if causal:  # key j visible to query i iff j <= i, in the original token order
         n0 = logits.shape[-1]
@@ -109,8 +117,10 @@ def _transition(logits, idx, mask, causal):
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
     e = jnp.where(mask, jnp.exp(jnp.where(mask, logits - m, 0.0)), 0.0)
     s = jnp.sum(e, axis=-1, keepdims=True)
-    empty = s == 0  # every key masked: uniform; a NaN score gives NaN (never uniform)
-    return jnp.where(empty, jnp.asarray(1.0 / n, dtype), e / jnp.where(empty, 1.0, s))
+    # every key masked: uniform; visible keys whose scores are all -inf (s = 0 too) or a NaN
+    # score give NaN, as the unmasked softmax does (never a plausible uniform row)
+    empty = ~jnp.any(mask, axis=-1, keepdims=True)
+    return jnp.where(empty, jnp.asarray(1.0 / n, dtype), e / s)
 
 
 def transition(
@@ -137,10 +147,12 @@ def transition(
       keep: tokens to keep (slice, integer indices or a boolean mask of length ``n``), applied
         to queries and keys alike. It changes the shape, so it must be concrete.
       mask: boolean, ``True`` for keys that may be attended to. Either a key mask of shape
-        ``(..., n)`` or a full mask of shape ``(..., n, n)`` (same rank as ``logits``); given
-        over the original ``n`` tokens (before ``keep``). A row whose keys are all masked
-        becomes uniform (the dangling-node convention of PageRank). Masked tokens stay states
-        of the chain; drop them with ``keep`` to remove them.
+        ``(..., n)`` or a full mask of shape ``(..., n, n)`` (a mask with fewer axes than
+        ``logits`` whose last two are ``(n, n)`` is a full mask, broadcast over the leading
+        axes); given over the original ``n`` tokens (before ``keep``). A row whose keys are
+        all masked becomes uniform (the dangling-node convention of PageRank); a row whose
+        visible scores are all ``-inf`` is NaN, as in a plain softmax. Masked tokens stay
+        states of the chain; drop them with ``keep`` to remove them.
       causal: decoder (causal) attention: query ``i`` sees keys ``j <= i`` only (in the
         original token order, combined with ``mask``). The chain is lower triangular: token 0
         is absorbing without teleportation, and its eigenvalues are its diagonal (which
@@ -351,7 +363,16 @@ def one_hot(index, n: int, batch_shape: tuple, dtype) -> jax.Array:
             f"{batch_shape}; index arrays broadcast against the leading axes of attn"
         )
     index = jnp.broadcast_to(index, batch_shape)
-    ok = (index >= -n) & (index < n)
+    # compare in a type that holds -n and n: uint8 wrapped -n and int8 overflowed, which made
+    # every valid index NaN; unsigned indices are compared before the cast, so a huge uint32
+    # cannot wrap to a valid negative one
+    if jnp.issubdtype(index.dtype, jnp.unsignedinteger):
+        ok = index < jnp.asarray(n, index.dtype) if n <= jnp.iinfo(index.dtype).max else True
+        index = jnp.where(ok, index, 0).astype(jnp.int32)
+    else:
+        if jnp.iinfo(index.dtype).bits < 32:
+            index = index.astype(jnp.int32)
+        ok = (index >= -n) & (index < n)
     index = jnp.where(index < 0, index + n, index)
     return poison(jax.nn.one_hot(index, n, dtype=dtype), ~ok)
 

@@ -84,6 +84,10 @@ def rollout(
             f"attn_layers must be (..., layers, heads, n, n), got shape {attn_layers.shape}; "
             "add a heads axis with x[..., None, :, :] if you already fused heads"
         )
+    if jnp.ndim(residual) != 0:  # known even for a traced residual: one weight for the stack
+        raise ValueError(
+            f"residual must be a scalar (one identity weight), got shape {jnp.shape(residual)}"
+        )
     if is_concrete(residual):
         r = np.asarray(residual, np.float64)
         if r.ndim or not 0.0 <= float(r) <= 1.0:

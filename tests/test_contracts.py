@@ -225,3 +225,37 @@ def test_qk_batched_key_mask_with_unbatched_queries():
         ma.tokenrank_qk(q[None], k[None], key_mask=np.ones((8, 8), bool))  # as 8 masks)
     heads = np.stack([q] * 8), np.stack([k] * 8)  # 8 heads, one mask per head: a batch
     ma.tokenrank_qk(*heads, key_mask=km[:1].repeat(8, 0))
+
+
+def test_small_and_unsigned_token_indices():
+    """uint8 / int8 indices made every output NaN (-n wrapped or overflowed in their dtype)."""
+    a = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], np.float32)
+    for index in (np.uint8(2), np.int8(2), np.uint32(2), np.int8(-1), np.int16(2)):
+        np.testing.assert_allclose(ma.row_select(a, index), a[2], err_msg=str(index.dtype))
+    out = jax.jit(lambda i: ma.row_select(a, i))(np.uint32(2**32 - 1))  # not a valid -1
+    assert np.isnan(np.asarray(out)).all()
+    np.testing.assert_allclose(ma.bounce(a, np.uint8(1), steps=1, alpha=1.0)[1], a[1], atol=1e-7)
+
+
+def test_transition_full_mask_of_lower_rank_and_minus_inf_rows():
+    """An (n, n) mask with (h, n, n) logits was read as n key masks (an extra axis, or each
+    head given one mask row); a row whose visible scores are all -inf came out uniform over the
+    masked keys too, where the unmasked softmax gives NaN."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 4)).astype(np.float32)
+    full = np.tril(np.ones((4, 4), bool))
+    got = ma.transition(logits, mask=full)
+    assert got.shape == (2, 4, 4)
+    np.testing.assert_allclose(got, ma.transition(logits, mask=np.broadcast_to(full, (2, 4, 4))))
+    x = np.zeros((3, 3), np.float32)
+    x[0] = -np.inf
+    out = np.asarray(ma.transition(x, mask=np.array([True, True, False])))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1:]).all()
+    none = np.asarray(ma.transition(np.zeros((3, 3), np.float32), mask=np.zeros(3, bool)))
+    np.testing.assert_allclose(none, 1 / 3)  # every key masked: uniform, as documented
+
+
+def test_rollout_refuses_a_traced_vector_residual():
+    a = np.random.default_rng(1).random((3, 2, 1, 3, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="scalar"):
+        jax.jit(lambda a, r: ma.rollout(a, residual=r))(a, np.array([0.0, 0.5, 1.0], np.float32))
