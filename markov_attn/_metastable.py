@@ -907,7 +907,10 @@ def metastable_states(
     (unless every ``k`` does). On a stack that mixes metastable heads with near-circulant ones,
     whose eigenvalues come in pairs at every even ``k``, the first rule finds the metastable
     heads' ``k``, the second is left with gaps at the level of noise (and, measured, is 3-4
-    times as slow, since heads without a gap at such a ``k`` keep iterating). The subspace
+    times as slow, since heads without a gap at such a ``k`` keep iterating). Limitation: the
+    moduli past the chosen ``k`` come from oversampled columns that are not converged, so on a
+    chain without a clear gap the choice can depend on the token order and ``gap`` can be far
+    too large (README); pass ``k`` there. The subspace
     iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule picks from
     the current Ritz values has converged, or stalled, in every matrix) and G-PCCA uses the
     leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU a large
