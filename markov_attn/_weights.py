@@ -113,7 +113,8 @@ def average(
       x: the arrays, e.g. chains ``(B, L, H, n, n)`` or per-head maps ``(B, L, H, n)``.
       weights: ``None`` for the plain mean, or non-negative weights of shape ``x.shape[:k]``
         for some ``k`` (leading axes of ``x``; the trailing ``x.ndim - k`` axes are event axes
-        and get the same weight), renormalised over ``axis``.
+        and get the same weight), renormalised over ``axis``; weights that are all zero along
+        ``axis`` give the plain mean there (as :func:`head_weights` falls back to uniform).
       axis: the axis of ``x`` to average over; ``-3`` = heads of ``(..., H, n, n)`` chains. For
         maps ``(..., H, n)`` pass ``axis=-2``.
 
