@@ -98,7 +98,8 @@ def test_maps_other_methods_and_errors(images, tmp_path, capsys):
         )
     with pytest.raises(SystemExit, match="does not exist"):
         cli.main(["maps", "--checkpoint", str(tmp_path / "none"), "--image", images[1]])
-    with pytest.raises(SystemExit):  # argparse: unknown method
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # argparse: unknown method
         cli.main(
             [
                 "maps",
@@ -110,6 +111,7 @@ def test_maps_other_methods_and_errors(images, tmp_path, capsys):
                 "magic",
             ]
         )
+    assert exit_info.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
 
 
 def test_maps_on_training_run(images, tmp_path, capsys):

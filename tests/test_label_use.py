@@ -134,8 +134,9 @@ def test_reads_every_kept_checkpoint_of_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         lu.evaluate(tmp_path / "nothing")
     assert not (tmp_path / "nothing").exists()  # a mistyped run directory is not created
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         lu.main(["--workdir", str(tmp_path), "--n-images", "0"])
+    assert exit_info.value.code == 2  # argparse refused the count
     test = load_split(SMOKE, "test", 4)
     assert test["images"].dtype == np.uint8 and test["images"].shape == (4, 32, 32, 3)
     with pytest.raises(ValueError, match="levels must lie in"):
