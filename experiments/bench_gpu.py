@@ -35,6 +35,7 @@ Writes ``runs/bench_gpu/results.json`` and ``results.md`` (``runs/bench_gpu_smal
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -107,36 +108,25 @@ def bench_workload(name, cfg, copy_bw, repeats):
     row("dense: build A (transition)", t)
 
     x0 = jnp.full((*shape, n), 1.0 / n, jnp.float32)
-    # the slope between 2 * PASS_STEPS and PASS_STEPS bounces: a bounce call also checks the
-    # stack and writes a row-normalised copy before its loop, which t / steps would count as
-    # products (the one GPU run, 2026-11, did: its per-pass times are overstated)
-    t_long, _ = timed(
-        jax.jit(lambda a, x: ma.bounce(a, x, steps=2 * PASS_STEPS, alpha=1.0)),
-        attn,
-        x0,
-        repeats=repeats,
-    )
-    t_short, _ = timed(
-        jax.jit(lambda a, x: ma.bounce(a, x, steps=PASS_STEPS, alpha=1.0)),
-        attn,
-        x0,
-        repeats=repeats,
-    )
-    t_pass = max(t_long - t_short, 1e-9) / PASS_STEPS
+
+    def per_pass(bounce, *args):
+        """Seconds per product: the slope between 2 * PASS_STEPS and PASS_STEPS bounces. A
+        bounce call also checks the stack and writes a row-normalised copy (the streaming one
+        its log-sum-exp pass) before its loop, which t / steps would count as products (the one
+        GPU run, 2026-11, did: its per-pass times are overstated)."""
+        t = [
+            timed(jax.jit(functools.partial(bounce, steps=s)), *args, repeats=repeats)[0]
+            for s in (2 * PASS_STEPS, PASS_STEPS)
+        ]
+        return max(t[0] - t[1], 1e-9) / PASS_STEPS
+
+    t_pass = per_pass(lambda a, x, steps: ma.bounce(a, x, steps=steps, alpha=1.0), attn, x0)
     bw = stack_bytes / t_pass
     row("dense: one pass A^T x", t_pass, read_GBps=bw / 1e9, frac_of_copy=bw / copy_bw)
 
-    ts = [
-        timed(
-            jax.jit(lambda q, k, x, s=s: bounce_qk(q, k, x, steps=s, alpha=1.0, block=block)),
-            q,
-            k,
-            x0,
-            repeats=repeats,
-        )[0]
-        for s in (2 * PASS_STEPS, PASS_STEPS)
-    ]
-    t_spass = max(ts[0] - ts[1], 1e-9) / PASS_STEPS  # the slope: the log-sum-exp pass excluded
+    t_spass = per_pass(
+        lambda q, k, x, steps: bounce_qk(q, k, x, steps=steps, alpha=1.0, block=block), q, k, x0
+    )
     row(
         "stream: one pass A^T x",
         t_spass,

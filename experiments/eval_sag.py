@@ -50,6 +50,7 @@ __all__ = [
     "train_classifier",
 ]
 
+KNN = 3  # neighbours of the precision / recall manifolds (Kynkäänniemi et al. 2019)
 N_BOOT = 1000
 
 
@@ -207,8 +208,9 @@ def inception_score(p: np.ndarray, /) -> float:
     return float(np.exp(kl.mean()))
 
 
-def _radii(f: np.ndarray, k: int) -> np.ndarray:
-    d = np.sqrt(np.maximum(_sqdist(f, f), 0.0))
+def _radii(f: np.ndarray, k: int, d: np.ndarray | None = None) -> np.ndarray:
+    """k-NN radius of each row of ``f`` (``d``: its distance matrix, when already computed)."""
+    d = _dist(f, f) if d is None else d
     return np.sort(d, axis=1)[:, k]  # index 0 is the point itself
 
 
@@ -216,17 +218,26 @@ def _sqdist(a, b):
     return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, /, *, k: int = 3) -> tuple:
+def precision_recall(real: np.ndarray, fake: np.ndarray, /, *, k: int = KNN) -> tuple:
     """Per-sample indicators ``(precise (n_fake,), recalled (n_real,))``: a fake is precise
     when it lies inside some real's k-NN ball; a real is recalled when it lies inside some
     fake's k-NN ball (Kynkäänniemi et al. 2019). Their means are precision and recall."""
-    d = np.sqrt(np.maximum(_sqdist(fake, real), 0.0))
-    precise = np.any(d <= _radii(real, k)[None, :], axis=1)
-    recalled = np.any(d <= _radii(fake, k)[:, None], axis=0)
+    d = _dist(fake, real)
+    return _indicators(d, _radii(real, k), _radii(fake, k))
+
+
+def _dist(a, b):
+    return np.sqrt(np.maximum(_sqdist(a, b), 0.0))
+
+
+def _indicators(d_fake_real, real_radii, fake_radii) -> tuple:
+    """``(precise, recalled)`` from the fake-to-real distances and each set's k-NN radii."""
+    precise = np.any(d_fake_real <= real_radii[None, :], axis=1)
+    recalled = np.any(d_fake_real <= fake_radii[:, None], axis=0)
     return precise, recalled
 
 
-def _resampled_recall(d_fake_real, d_fake_fake, i, r, k: int = 3) -> float:
+def _resampled_recall(d_fake_real, d_fake_fake, i, r, k: int = KNN) -> float:
     """Recall of a bootstrap draw: the manifold of the generated samples drawn (``i``, their
     distinct members: a repeated sample would be its own nearest neighbour), each with its
     k-NN radius among them, and the real samples drawn (``r``)."""
@@ -251,12 +262,13 @@ def _bootstrap(real_f, sets: dict, *, seed: int = 0, n_boot: int = N_BOOT) -> di
     rdraws = [rng.integers(0, len(real_f), len(real_f)) for _ in range(n_boot)]
     out = {}
     s1 = _sqrtm_psd(np.cov(real_f, rowvar=False))
+    real_radii = _radii(real_f, KNN)
     for name, (f, p) in sets.items():
-        precise, recalled = precision_recall(real_f, f)
+        # the distances once per setting: the point values and every recall draw share them
+        d_fr, d_ff = _dist(f, real_f), _dist(f, f)
+        precise, recalled = _indicators(d_fr, real_radii, _radii(f, KNN, d_ff))
         point = {"fid": fid(real_f, f), "is": inception_score(p),
                  "precision": float(precise.mean()), "recall": float(recalled.mean())}  # fmt: skip
-        d_fr = np.sqrt(np.maximum(_sqdist(f, real_f), 0.0))
-        d_ff = np.sqrt(np.maximum(_sqdist(f, f), 0.0))
         boot = {key: np.empty(n_boot) for key in point}
         for b, (i, r) in enumerate(zip(draws, rdraws)):
             boot["fid"][b] = fid(real_f, f[i], sqrt_c1=s1)

@@ -400,9 +400,10 @@ def _check_scale(scale) -> None:
 def _refuse_overflow(out, *arrays):
     """Eagerly (every input concrete), a NaN in ``out`` can only come from logits that
     overflow (every other invalid input was refused before): raise instead of returning it."""
-    if isinstance(out, jax.core.Tracer):  # under someone's jit or vmap (a traced key_mask)
-        return out
-    if all(is_concrete(x) for x in arrays if x is not None) and bool(jnp.any(jnp.isnan(out))):
+    # a traced output (under someone's jit or vmap, e.g. over key masks) is skipped too
+    if all(is_concrete(x) for x in (out, *arrays) if x is not None) and bool(
+        jnp.any(jnp.isnan(out))
+    ):
         raise ValueError(
             "the logits q·k·scale overflow float32 (inf) for some matrix; scale q or k down "
             "(under jit the result is NaN for the affected matrices)"

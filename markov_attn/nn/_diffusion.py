@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
+from .._util import is_concrete
 from ._sag import CHAINS, mask_kind, sag_degrade, sag_mask
 
 SCHEDULES = ("cosine", "linear")
@@ -302,7 +303,7 @@ def sample(
         if sag is not None and cfg is None:
             raise ValueError("pass sag_layer= for a model without a .cfg")
         sag_layer = cfg.depth // 2 if cfg is not None else 0
-    if sag is not None and not isinstance(blur_sigma, jax.core.Tracer) and not blur_sigma > 0:
+    if sag is not None and is_concrete(blur_sigma) and not blur_sigma > 0:
         raise ValueError(f"blur_sigma must be > 0 (pixels), got {blur_sigma}")
     depth = getattr(cfg, "depth", None)
     if depth is not None and sag is not None and not -depth <= int(sag_layer) < depth:

@@ -9,11 +9,11 @@ tokens whose stationary probability exceeds uniform.
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 import markov_attn as ma
+from markov_attn._util import is_concrete
 
 #: The SAG mask kinds: SAG's column sum (``ma.column_sum``) and TokenRank (``ma.tokenrank``).
 MASK_KINDS = ("column_sum", "tokenrank")
@@ -114,7 +114,7 @@ def gaussian_blur(
     """
     if size % 2 != 1:
         raise ValueError(f"size must be odd, got {size}")
-    if not isinstance(sigma, jax.core.Tracer) and not float(sigma) > 0:
+    if is_concrete(sigma) and not float(sigma) > 0:
         raise ValueError(f"sigma must be > 0 (pixels), got {sigma}; a blur of width 0 is no blur")
     x = jnp.asarray(x, jnp.float32)
     r = size // 2
