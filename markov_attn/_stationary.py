@@ -27,9 +27,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from . import _df, _host
 from ._krylov import refined_gmres
-from ._util import map_over_batch, safe_normalize
+from ._util import HIGHEST, map_over_batch, safe_normalize
 
-SOLVERS = ("gmres", "power", "solve")
+SOLVERS = ("gmres", "power", "solve", "gth")
 
 
 class SolveInfo(NamedTuple):
@@ -217,12 +217,108 @@ def _power(op, opts, p, v, alpha, residual):
     return x + d * size, jnp.broadcast_to(k1 + k2, conv.shape), conv
 
 
+#: GTH's blocks: :data:`GTH_BLOCK` states eliminated per block up to ``GTH_MAX_BLOCKS``
+#: blocks, larger blocks above (each block is traced separately: compile time).
+GTH_BLOCK = 32
+GTH_MAX_BLOCKS = 24
+
+
+def gth(p: jax.Array) -> jax.Array:
+    r"""The stationary distribution of row-stochastic ``p`` ``(..., n, n)`` by GTH elimination.
+
+    Grassmann, Taksar and Heyman (1985): state elimination (a Gaussian elimination on
+    :math:`I - P` from the last state down) in which each pivot, the probability of leaving
+    the state eliminated, is the sum of its remaining off-diagonal entries, never
+    :math:`1 - p_{kk}`. Every operation adds non-negative numbers, so every component comes out
+    with a small relative error whatever the conditioning of the chain (O'Cinneide 1993): on a
+    nearly reducible chain whose blocks leak :math:`e^{-16}` it is within ~1e-7 in L1 of
+    float64, where a solve that forms :math:`I - P` or a float32 iteration is 1e-3 to 1e-1 off.
+
+    Blocked like a right-looking LU: the states of a block (:data:`GTH_BLOCK`) are eliminated
+    one by one on the block's rows and columns only, then the rest of the matrix takes their
+    combined update as one matmul (of non-negative factors, at ``HIGHEST`` precision). No
+    LAPACK, so it runs on every backend. About 6 ms for ``(12, 197, 197)`` and 0.16 s for
+    ``(12, 1025, 1025)`` on the 2-core CPU.
+
+    The diagonal is never read. A reducible chain (a state of the censored chain that cannot
+    leave it) divides by zero: those members come back non-finite.
+    """
+    n = p.shape[-1]
+    size = max(GTH_BLOCK, -(-(n - 1) // GTH_MAX_BLOCKS))
+    blocks = []
+    hi = n
+    while hi > 1:  # state 0 is never eliminated
+        blocks.append((max(1, hi - size), hi))
+        hi = blocks[-1][0]
+    panels = []
+    for lo, hi in blocks:
+        b = hi - lo
+        cols_hi, rows_b = jnp.arange(hi), jnp.arange(b)
+
+        def eliminate(s, carry, lo=lo, b=b, cols_hi=cols_hi, rows_b=rows_b):
+            rw, cl = carry  # the block's rows P[lo:hi, :hi] and columns below it P[:lo, lo:hi]
+            t = b - 1 - s
+            k = lo + t
+            row = jnp.where(cols_hi < k, rw[..., t, :], 0.0)  # P[k, :k]
+            leave = jnp.sum(row, -1, keepdims=True)  # the pivot, no subtraction
+            col = rw[..., :, k]
+            c_in = jnp.where(rows_b < t, col, 0.0) / leave  # P[i, k] / leave, i in [lo, k)
+            c_low = cl[..., :, t] / leave  # i < lo
+            rw = rw + c_in[..., :, None] * row[..., None, :]
+            rw = rw.at[..., :, k].set(jnp.where(rows_b < t, c_in, col))
+            row_in = jnp.where(rows_b < t, row[..., lo : lo + b], 0.0)  # P[k, j], j in [lo, k)
+            cl = cl + c_low[..., :, None] * row_in[..., None, :]
+            return rw, cl.at[..., :, t].set(c_low)
+
+        rw, cl = jax.lax.fori_loop(0, b, eliminate, (p[..., lo:hi, :hi], p[..., :lo, lo:hi]))
+        # the block's update of the states below it, P[:lo, :lo] += C R, in one product
+        p = p.at[..., :lo, :lo].add(jnp.matmul(cl, rw[..., :, :lo], precision=HIGHEST))
+        panels.append((cl, rw[..., :, lo:hi]))
+    # back substitution from state 0: x_k = sum_{i < k} x_i c_k[i], block by block
+    x = jnp.ones((*p.shape[:-2], 1), p.dtype)
+    for (lo, hi), (cl, diag) in zip(reversed(blocks), reversed(panels), strict=True):
+        b = hi - lo
+        base = jnp.einsum("...i,...ib->...b", x, cl, precision=HIGHEST)  # the terms i < lo
+
+        def substitute(t, xb, base=base, diag=diag, b=b):
+            inner = jnp.sum(jnp.where(jnp.arange(b) < t, xb * diag[..., :, t], 0.0), -1)
+            return xb.at[..., t].set(base[..., t] + inner)
+
+        x = jnp.concatenate([x, jax.lax.fori_loop(0, b, substitute, jnp.zeros_like(base))], -1)
+    return x / jnp.sum(x, -1, keepdims=True)
+
+
 def _forward(op, opts, p, v, alpha):
     """``(x, residual, steps, converged)``, ``x`` before the final renormalisation."""
 
     def l1_residual(p, v, al, x):
         r = _residual_fn(op, op.prepare(p), v, al)(x)
         return jnp.sum(jnp.abs(r), -1)
+
+    if opts.method == "gth":
+
+        def run_gth(p, v, al):
+            a = op.dense(p)
+            t = al[..., None, None] * a + (1.0 - al[..., None, None]) * v[..., None, :]
+            x = gth(t)
+            return x, l1_residual(p, v, al, x)
+
+        x, res = _batched(op, run_gth, p, v, alpha)
+        steps = jnp.zeros(v.shape[:-1], jnp.int32)
+        ok = jnp.all(jnp.isfinite(x), -1)
+        # a reducible chain (possible at alpha = 1, e.g. the reverse of a teleported causal
+        # chain): GTH divides by zero there; those members take GMRES's answer
+        fallback = dataclasses.replace(opts, method="gmres")
+        x, res, steps, conv = jax.lax.cond(
+            jnp.all(ok),
+            lambda: (x, res, steps, ok),
+            lambda: jax.tree.map(
+                lambda g, h: jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - ok.ndim)), h, g),
+                _forward(op, fallback, p, v, alpha),
+                (x, res, steps, ok),
+            ),
+        )
+        return x, res, steps, conv
 
     if opts.method == "solve":
         n = v.shape[-1]

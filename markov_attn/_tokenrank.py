@@ -100,7 +100,7 @@ def dense_operator(a: jax.Array) -> Operator:
 def _solve(a, rows, v, alpha, method, opts):
     op = dense_operator(a)
     p = (a, rows)
-    if method != "auto":
+    if method != "auto":  # "gth" included
         return stationary(op, Options(method, *opts), p, v, alpha)
     dense = a.shape[-1] <= AUTO_SOLVE_MAX_N
     return jax.lax.platform_dependent(
@@ -139,6 +139,10 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
         if teleport_first:  # the paper's reverse chain: reverse(teleport(A)), not teleported again
             a = _reverse(_teleport(a, alpha, v))  # _teleport takes one alpha per matrix
             alpha = jnp.ones_like(alpha)
+            # an alpha = 1 problem that is as ill-conditioned as the chain is nearly reducible
+            # (with a concentrated v): only an elimination without subtraction is accurate
+            if method in ("auto", "solve"):
+                method = "gth"
         else:
             a = _reverse(a)
         rows = row_sums(a)
@@ -179,23 +183,27 @@ def tokenrank(
     importance (the limit of :func:`bounce` with ``direction="reverse"``, as ``"in"`` is that
     of ``"forward"``). By default (``teleport_first=True``, the paper's code) the reverse chain is
     that of the *teleported* chain, :math:`\mathrm{reverse}(T)` (see :func:`reverse`), which
-    is irreducible and is not teleported again; ``teleport_first=False`` teleports the reverse
+    is irreducible unless ``v`` is concentrated (below) and is not teleported again;
+    ``teleport_first=False`` teleports the reverse
     chain instead, :math:`\alpha\,\mathrm{reverse}(A) + (1-\alpha)\mathbf{1}v^\top` (the two
     differ by up to ~1e-2 in L1).
 
     Methods (L1 error within 1e-5 of a float64 solve for ``alpha <= 0.99`` on every chain
     tested up to n = 1025, nearly reducible ones included: about 1e-6 at most on two blocks
     leaking e^-12 to e^-16, where float32 residuals had left 1.1-1.7e-5; ``info.error_bound``
-    bounds the error). One exception: ``direction="out"`` with ``teleport_first=True`` (the
-    default for it) solves the reverse of the teleported chain with no teleportation of its
-    own, an ``alpha = 1`` problem (``info.error_bound`` is inf). On a nearly reducible chain with
-    a concentrated ``v`` that reverse chain is itself nearly reducible and the solve loses
-    accuracy (L1 1e-3 to 6e-3 with gmres and solve on 3 blocks leaking e^-14 at n = 64 with a
-    one-hot ``v``; ``converged`` still reports the residual, which was met). With a uniform or
-    spread ``v`` it was within 1e-6; ``teleport_first=False`` keeps the claim (tested):
+    bounds the error). ``direction="out"`` with ``teleport_first=True`` (the default for it)
+    solves the reverse of the teleported chain with no teleportation of its own, an ``alpha =
+    1`` problem (``info.error_bound`` is inf) that is as ill-conditioned as the chain is nearly
+    reducible when ``v`` is concentrated: there every float32 iteration and every solve that
+    forms :math:`I - A` loses accuracy (L1 1e-4 to 1e-1 with gmres on 3 blocks leaking e^-12
+    to e^-20 with a one-hot ``v``), so ``"auto"`` and ``"solve"`` use GTH elimination
+    (:func:`markov_attn._stationary.gth`, componentwise accurate: 1e-7 there; as fast as GMRES
+    at n = 197, 2x at 1025); explicit ``"gmres"`` and ``"power"`` keep the iteration and are
+    outside the claim there. A reverse chain that is reducible (a causal chain with a
+    one-hot ``v``: nothing after ``v`` is reachable from it) takes GMRES's answer:
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
-      ``"gmres"`` above.
+      ``"gmres"`` above; GTH for ``direction="out"`` with ``teleport_first=True``.
     - ``"gmres"``: matrix-free GMRES with iterative refinement, :math:`O(n^2)` per product:
       each refinement takes the true residual in double-float (:mod:`markov_attn._df`) and
       corrects with one GMRES cycle of at most 20 products (ending early at a relative
@@ -206,7 +214,8 @@ def tokenrank(
     - ``"solve"``: a dense solve, :math:`O(n^3)` per matrix. On CPU it runs in NumPy (float64)
       through a host callback, because jaxlib 0.10's batched CPU LAPACK kernels can deadlock
       when several run concurrently in one jitted program; on GPU it is ``jnp.linalg.solve``.
-      Not for TPU (use ``"gmres"``).
+      Not for TPU (use ``"gmres"``). For ``direction="out"`` with ``teleport_first=True``:
+      GTH elimination (every backend).
     - ``"power"``: the teleported power method from ``v``, until the L1 change
       :math:`\delta` gives :math:`\alpha\delta/(1-\alpha) \le` ``tol`` or stops falling, then
       one refinement: the correction from the double-float residual, by the same iteration

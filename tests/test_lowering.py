@@ -27,6 +27,12 @@ FUNCTIONS = {
     "tokenrank-auto": (lambda a: ma.tokenrank(a), (A,)),
     "tokenrank-gmres": (lambda a: ma.tokenrank(a, method="gmres", direction="out"), (A,)),
     "tokenrank-power": (lambda a: ma.tokenrank(a, method="power"), (A,)),
+    # direction="out" in the paper's order: GTH elimination (and its GMRES fallback)
+    "tokenrank-out": (lambda a: ma.tokenrank(a, direction="out"), (A,)),
+    "grad-tokenrank-out": (
+        jax.grad(lambda a: ma.tokenrank(a, direction="out")[..., 0].sum()),
+        (A,),
+    ),
     "grad-tokenrank-solve": (jax.grad(lambda a: ma.tokenrank(a).sum()), (A,)),
     "grad-tokenrank-gmres": (jax.grad(lambda a: ma.tokenrank(a, method="gmres").sum()), (A,)),
     "grad-tokenrank-power": (jax.grad(lambda a: ma.tokenrank(a, method="power").sum()), (A,)),
@@ -97,6 +103,7 @@ def test_tpu_modules_use_no_host_kernels():
     names = (
         "tokenrank-solve",
         "grad-tokenrank-solve",
+        "tokenrank-out",
         "second_eigenvalue",
         "schur_subspace",
         "metastable_states",
