@@ -49,6 +49,7 @@ import json
 import pathlib
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -118,9 +119,15 @@ def _metastable(chains: np.ndarray, ks: np.ndarray, auto: bool) -> tuple[np.ndar
     out = np.zeros(chains.shape[:2], np.int32)
     used = np.zeros(len(chains), np.int32)
     if auto:
+        unresolved = 0
         for i, c in enumerate(chains):
-            ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
+            with warnings.catch_warnings(record=True) as caught:  # counted, not one per image
+                warnings.simplefilter("always", ma.UnresolvedGapWarning)
+                ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
+            unresolved += any(issubclass(w.category, ma.UnresolvedGapWarning) for w in caught)
             out[i], used[i] = np.asarray(ms.assignment), int(ms.k)
+        print(f"metastable k=None: the chosen gap did not stand out (UnresolvedGapWarning) for "
+              f"{unresolved} of {len(chains)} images")  # fmt: skip
         return out, used
     for k in np.unique(ks):
         sel = np.flatnonzero(ks == k)

@@ -22,6 +22,7 @@ from ._chain import teleport as teleport
 from ._chain import transition as transition
 from ._metastable import MetastableStates as MetastableStates  # result types (not in __all__)
 from ._metastable import SchurSubspace as SchurSubspace
+from ._metastable import UnresolvedGapWarning as UnresolvedGapWarning
 from ._metastable import metastable_states as metastable_states
 from ._metastable import schur_subspace as schur_subspace
 from ._rollout import rollout as rollout

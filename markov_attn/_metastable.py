@@ -6,6 +6,7 @@ lowers for CPU, GPU and TPU alike.
 """
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -327,6 +328,12 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
     sorted for the gaps, while ``cuts`` are by position in the (partly converged) Schur order,
     so on a chain with no gap (a nearly rank-one chain, whose Ritz values past the first are
     rounding noise) the largest noise gap could fall on a cut and leave every matrix NaN."""
+    return lo + xp.argmax(_gaps(xp, eigenvalues, cuts, lo, hi, skip_cuts))
+
+
+def _gaps(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
+    """The batch-mean modulus gaps of :func:`_gap_choice` for ``k = lo..hi``, ``-inf`` for a
+    ``k`` its rule rules out."""
     mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
     mod = mod.reshape(-1, mod.shape[-1])
     gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
@@ -334,7 +341,38 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
         cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi]
         cut = cut.any(axis=0) if skip_cuts else cut.all(axis=0)
         gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
-    return lo + xp.argmax(gaps)
+    return gaps
+
+
+class UnresolvedGapWarning(UserWarning):
+    """``metastable_states(k=None)`` chose a ``k`` whose gap does not stand out from another
+    candidate's within the uncertainty of the Ritz moduli (a chain with no clear gap)."""
+
+
+def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
+    """``None`` when the gap at the chosen ``k`` stands out, else ``(runner_up, its gap, the
+    chosen gap, its uncertainty)`` (host-side, NumPy).
+
+    The gap at ``k`` reads the ``(k + 1)``-th Ritz modulus, which is an eigenvalue of a matrix
+    within the residual of the leading ``k + 1`` columns (``k + 2`` where a complex pair starts
+    there) of the ordered basis, ``lead`` ``(..., p)``; past the subspace the iteration
+    converged those residuals are large. The choice stands out when the chosen gap less its
+    (batch-mean) residual exceeds every other candidate's gap plus its residual. A heuristic
+    for non-normal chains, whose eigenvalues can move by more than the residual.
+    """
+    gaps = _gaps(np, eigenvalues, cuts, lo, hi, skip_cuts)
+    p = lead.shape[-1]
+    lead = lead.reshape(-1, p)
+    starts = np.zeros_like(lead, bool) if cuts is None else cuts.reshape(-1, p)
+    ks = np.arange(lo, hi + 1)
+    idx = np.minimum(np.where(starts[:, ks], ks + 1, ks), p - 1)  # (members, candidates)
+    unc = np.nanmean(np.take_along_axis(lead, idx, axis=1), axis=0)
+    c = k - lo
+    others = np.where((np.arange(len(ks)) != c) & np.isfinite(gaps), gaps + unc, -np.inf)
+    j = int(np.argmax(others))
+    if len(ks) < 2 or not np.isfinite(others[j]) or gaps[c] - unc[c] > others[j]:
+        return None
+    return int(ks[j]), float(gaps[j]), float(gaps[c]), float(unc[c])
 
 
 def _stack_k(t, ks):
@@ -817,7 +855,8 @@ def _leading_basis(attn, eta, tol, ks, p, iters):
     a, _, _ = _prepare(attn, eta)
     v, t, products, kk = _subspace_core(a, ks[1], p, iters, tol, ks)
     ritz, starts = _ritz_values(t)
-    return v, t, products, ritz, starts, kk
+    lead = _leading_residuals(v, _mm(a, v), t)
+    return v, t, products, ritz, starts, kk, lead
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -910,7 +949,12 @@ def metastable_states(
     times as slow, since heads without a gap at such a ``k`` keep iterating). Limitation: the
     moduli past the chosen ``k`` come from oversampled columns that are not converged, so on a
     chain without a clear gap the choice can depend on the token order and ``gap`` can be far
-    too large (README); pass ``k`` there. The subspace
+    too large (README). Such a choice comes with an :class:`UnresolvedGapWarning`: the gap of
+    each candidate is read with the residual of the leading columns it needs (``k + 1``, or
+    ``k + 2`` where a complex pair starts at ``k + 1``) as its uncertainty, and the warning
+    says when the chosen gap less its uncertainty does not exceed another candidate's gap plus
+    its own (a heuristic: the eigenvalues of non-normal chains, e.g. causal ones, can move by
+    more than the residual); pass ``k`` there. The subspace
     iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule picks from
     the current Ritz values has converged, or stalled, in every matrix) and G-PCCA uses the
     leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU a large
@@ -1001,6 +1045,20 @@ def metastable_states(
         if not is_concrete(basis[3]):  # concrete input inside someone's jit
             raise ValueError("k=None needs concrete values (eager mode); pass k= under jit")
         k = choose_k(basis[3], (lo, hi), cuts=basis[4], skip_cuts=skip)
+        tied = _unresolved_choice(
+            np.asarray(basis[3]), np.asarray(basis[4]), np.asarray(basis[6]), lo, hi, skip, k
+        )
+        if tied is not None:
+            warnings.warn(
+                f"metastable_states(k=None) chose k = {k} (batch-mean gap |λk| - |λk+1| = "
+                f"{tied[2]:.3g}), but the gaps are not resolved: k = {tied[0]} has {tied[1]:.3g}, "
+                f"and the moduli they are read from are uncertain by up to about {tied[3]:.2g} "
+                "(the residual of the leading columns, not converged past the chosen k). The "
+                "chain has no clear gap in k_range, so the choice can change with the token "
+                "order or rounding, and ms.gap is that uncertain; pass k= explicitly",
+                UnresolvedGapWarning,
+                stacklevel=2,
+            )
         if np.all(np.asarray(basis[5]) == k):
             full, st = _metastable_from(a, eta, *basis[:3], tol, k)
         else:  # a chunk (CPU) iterated for another k than the batch's: iterate for this one

@@ -304,13 +304,24 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     n = patches.shape[-1]
     if args.states is not None and not 2 <= args.states < n:
         _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
-    ms = ma.metastable_states(patches, k=args.states, k_range=(2, min(10, n - 1)), split="nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ma.UnresolvedGapWarning)
+        ms = ma.metastable_states(patches, k=args.states, k_range=(2, min(10, n - 1)), split="nan")
+    unresolved = False
+    for w in caught:
+        if issubclass(w.category, ma.UnresolvedGapWarning):
+            unresolved = True
+            print(f"markov-attn: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     k = int(ms.k)
     assign = np.asarray(ms.assignment).reshape(gh, gw)
     chi = np.asarray(ms.memberships).reshape(gh, gw, k)
     metastability = float(ms.metastability)
     converged = bool(ms.converged)
     how = "given" if args.states is not None else "chosen by the eigenvalue gap"
+    if unresolved:
+        how += ", which does not stand out: pass --states"
     title = (
         f"{stem}: layer {args.layer % loaded.cfg.depth}, heads weighted by {args.weighting}; "
         f"k = {k} ({how}), metastability {metastability:.2f} of {k}"

@@ -326,7 +326,8 @@ def test_k_none_never_cuts_every_matrix_of_a_rank_one_chain():
         row = rng.dirichlet(np.ones(16))
         a = row + 1e-4 * np.random.default_rng(seed).random((16, 16))
         a = (a / a.sum(-1, keepdims=True)).astype(np.float32)
-        ms = ma.metastable_states(a, k_range=(2, 10), split="nan")
+        with pytest.warns(ma.UnresolvedGapWarning, match="not resolved"):  # no gap: said so
+            ms = ma.metastable_states(a, k_range=(2, 10), split="nan")
         assert np.isfinite(float(ms.metastability)), seed
         assert np.asarray(ms.assignment).min() >= 0
 
@@ -430,3 +431,36 @@ def test_eigenvalues_are_differentiable():
     a = a.astype(np.float32)
     g = jax.grad(lambda x: jnp.sum(jnp.abs(ma.schur_subspace(x, k=3).eigenvalues[..., 1:])))(a)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+
+
+def test_k_none_warns_when_the_gaps_do_not_single_out_k():
+    """The choice reads |λk+1| from columns past the converged subspace. On a chain with no
+    clear gap that made k depend on the token order (a random 24-token chain: k = 10 in one
+    order, 3 in others, the reported gap at 10 three times the float64 one): such a choice now
+    comes with an UnresolvedGapWarning; a metastable stack's clear gap with none."""
+    rng = np.random.default_rng(1)
+    x = np.exp(3.0 * rng.normal(size=(24, 24)))
+    a = (x / x.sum(-1, keepdims=True)).astype(np.float32)
+    with pytest.warns(ma.UnresolvedGapWarning, match=r"k = \d+ has"):
+        ms = ma.metastable_states(a)  # identity order: k = 10 (float64's gaps pick 3)
+    assert ms.k == 10
+    # a clear gap: no warning (warnings are errors in this suite)
+    meta, _ = _blocky(np.random.default_rng(3), (3,), N, 4)
+    assert ma.metastable_states(meta.astype(np.float32)).k == 4
+
+
+def test_unresolved_choice_rule():
+    from markov_attn._metastable import _unresolved_choice
+
+    ev = np.array([[1.0, 0.9, 0.5, 0.45, 0.1]])
+    lead = np.array([[0.0, 1e-6, 1e-6, 1e-6, 1e-6]])
+    rough = np.array([[0.0, 0.0, 1.0, 0.0, 0.0]])  # the modulus read for the gap at k = 2
+    # gaps at k = 2, 3: 0.4 and 0.05; small residuals: k = 2 stands out
+    assert _unresolved_choice(ev, None, lead, 2, 3, True, 2) is None
+    # 0.4 - 0.17 > 0.05: it still stands out; 0.4 - 0.36 < 0.05: it does not
+    assert _unresolved_choice(ev, None, lead + 0.17 * rough, 2, 3, True, 2) is None
+    tied = _unresolved_choice(ev, None, lead + 0.36 * rough, 2, 3, True, 2)
+    assert tied[0] == 3 and np.isclose(tied[1], 0.05) and np.isclose(tied[3], 0.36)
+    # a pair starting at position k + 1 = 3 (index 2): the k + 2 = 4 columns' residual counts
+    cuts = np.array([[False, False, True, False, False]])
+    assert _unresolved_choice(ev, cuts, lead + 0.36 * rough, 2, 3, False, 2) is None
