@@ -114,8 +114,11 @@ def _chains(attn, num_prefix: int) -> dict[str, np.ndarray]:
     }
 
 
-def _metastable(chains: np.ndarray, ks: np.ndarray, auto: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Crisp states ``(N, m)`` and the ``k`` used per image."""
+def _metastable(
+    chains: np.ndarray, ks: np.ndarray, auto: bool, notes: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crisp states ``(N, m)`` and the ``k`` used per image; with ``auto``, ``notes["unresolved"]``
+    counts the images whose ``k=None`` choice came with an ``UnresolvedGapWarning``."""
     out = np.zeros(chains.shape[:2], np.int32)
     used = np.zeros(len(chains), np.int32)
     if auto:
@@ -126,8 +129,8 @@ def _metastable(chains: np.ndarray, ks: np.ndarray, auto: bool) -> tuple[np.ndar
                 ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
             unresolved += any(issubclass(w.category, ma.UnresolvedGapWarning) for w in caught)
             out[i], used[i] = np.asarray(ms.assignment), int(ms.k)
-        print(f"metastable k=None: the chosen gap did not stand out (UnresolvedGapWarning) for "
-              f"{unresolved} of {len(chains)} images")  # fmt: skip
+        if notes is not None:
+            notes["unresolved"] = unresolved
         return out, used
     for k in np.unique(ks):
         sel = np.flatnonzero(ks == k)
@@ -326,9 +329,11 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
         if progress:
             print(f"  {name:45s} {timing[name]:6.1f} s", flush=True)
 
+    unresolved = {}
     for cname, c in chains.items():
         add(f"metastable, {cname}, true K", _metastable, c, ks, False)
-        add(f"metastable, {cname}, auto k", _metastable, c, ks, True)
+        unresolved[f"metastable, {cname}, auto k"] = notes = {}
+        add(f"metastable, {cname}, auto k", _metastable, c, ks, True, notes)
     add("spectral, last layer, true K", _spectral, chains["uniform"], ks, False)
     add("spectral, last layer, auto k", _spectral, chains["uniform"], ks, True)
     for anchors, name in DIFFSEG_ROWS.items():
@@ -357,6 +362,7 @@ def evaluate(run=REFERENCE, *, n_images: int = 1000, batch_size: int = 250, prog
             "k_mean": float(np.mean(used)),
             "k_exact": float(np.mean(used == ks)),
             "no_states": int(np.sum(np.all(states < 0, axis=1))),
+            "unresolved": unresolved.get(name, {}).get("unresolved"),
             "seconds": timing[name],
         }
     # paired: the per-image differences TokenRank − grid anchors, resampled over images
@@ -433,6 +439,17 @@ def table(res: dict) -> str:
             " Images with no states (scored as one segment): "
             + ", ".join(f"{n}: {c}" for n, c in missing.items())
             + "."
+        )
+    flagged = {
+        n: r["unresolved"] for n, r in res["rows"].items() if r.get("unresolved") is not None
+    }
+    if flagged:
+        lines[-1] += (
+            " Metastable states with auto k: the chosen gap did not stand out from another "
+            "candidate's within the Ritz moduli's uncertainty (`ma.UnresolvedGapWarning`: no "
+            "clear gap) for "
+            + ", ".join(f"{n.split(', ')[1]}: {c}" for n, c in flagged.items())
+            + f" of the {res['n_images']} images."
         )
     lines[-1] += f" Command: `{res.get('command', 'python -m experiments.multiseg')}`."
     return "\n".join(lines) + "\n"

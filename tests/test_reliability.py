@@ -595,6 +595,21 @@ def test_tokenrank_out_on_a_nearly_reducible_chain_with_a_one_hot_v(seed, n, lea
         assert np.abs(np.asarray(pi, np.float64) - other).sum() < 1e-5, method
 
 
+@pytest.mark.parametrize(("seed", "n", "leak"), [(11, 64, 14), (5, 64, 16), (4, 300, 14)])
+def test_tokenrank_alpha_one_on_a_nearly_reducible_chain(seed, n, leak):
+    """alpha = 1 (the plain stationary distribution): GMRES 2e-3 to 1.2e-2 off, the float64
+    solve of the float32 I - A 4e-3 to 7e-2; a concrete alpha of 1 takes GTH (1.3e-7)."""
+    a32 = _leaky_blocks(seed, n, leak)
+    want = _gth64(a32.astype(np.float64) / a32.astype(np.float64).sum(-1, keepdims=True))
+    for method in ("auto", "solve"):
+        pi = ma.tokenrank(a32, alpha=1.0, method=method)
+        assert np.abs(np.asarray(pi, np.float64) - want).sum() < 1e-5, method
+    pi = ma.tokenrank(np.stack([a32, a32]), alpha=[1.0, 1.0])  # one alpha per matrix, all 1
+    assert np.abs(np.asarray(pi[1], np.float64) - want).sum() < 1e-5
+    gm = ma.tokenrank(a32, alpha=1.0, method="gmres")  # the case is hard
+    assert np.abs(np.asarray(gm, np.float64) - want).sum() > 1e-4
+
+
 @pytest.mark.parametrize(
     "kind", ["attention", "metastable", "reducible", "permutation", "dirichlet"]
 )
