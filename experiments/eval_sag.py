@@ -305,7 +305,7 @@ def _sample_setting(model, cfg, kind, scale, *, n, batch, steps, seed):
     parts = []
     for b in range((n + batch - 1) // batch):
         x = ddim_sample(model, labels, steps=steps, seed=seed + b, sag=kind, sag_scale=scale,
-                        schedule=cfg.schedule)  # fmt: skip
+                        schedule=cfg.schedule, num_timesteps=cfg.num_timesteps)  # fmt: skip
         parts.append(np.asarray(x))
     return np.concatenate(parts)[:n]
 

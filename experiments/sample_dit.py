@@ -70,7 +70,7 @@ def guidance_settings(scales) -> list[Setting]:
 
 def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: int = 8,
                  steps: int = 50, seed: int = 0, schedule: str = "cosine",
-                 cfg_scale: float | None = None) -> dict:  # fmt: skip
+                 cfg_scale: float | None = None, num_timesteps: int = 1000) -> dict:  # fmt: skip
     """One PNG per guidance setting (unguided, column-sum SAG, TokenRank SAG), same seed;
     ``cfg_scale`` adds classifier-free guidance to every setting (``_cfg<w>`` in the names)."""
     from PIL import Image
@@ -82,7 +82,7 @@ def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: i
         name = setting.tag
         images = ddim_sample(model, labels, steps=steps, seed=seed, sag=setting.kind,
                              sag_scale=setting.scale, schedule=schedule,
-                             cfg_scale=cfg_scale)  # fmt: skip
+                             num_timesteps=num_timesteps, cfg_scale=cfg_scale)  # fmt: skip
         if cfg_scale is not None:
             name = f"{name}_cfg{cfg_scale:g}"
         path = out / f"grid_{name}.png"
@@ -92,7 +92,7 @@ def sample_grids(model, out: pathlib.Path, /, *, scale: float = 0.75, per_row: i
 
 
 def time_sampling(model, /, *, batch: int = 64, steps: int = 10, rounds: int = 7,
-                  schedule: str = "cosine") -> dict:  # fmt: skip
+                  schedule: str = "cosine", num_timesteps: int = 1000) -> dict:  # fmt: skip
     """Milliseconds per sampling step for each setting (unguided and each SAG mask), and the
     guided/unguided ratios.
 
@@ -102,8 +102,9 @@ def time_sampling(model, /, *, batch: int = 64, steps: int = 10, rounds: int = 7
     rounds are reported, with the range of the per-round ratios.
     """
     labels = np.full(batch, model.cfg.null_label)
+    opts = {"steps": steps, "schedule": schedule, "num_timesteps": num_timesteps}
     calls = {
-        k or "none": (lambda k=k: ddim_sample(model, labels, steps=steps, sag=k, schedule=schedule))
+        k or "none": (lambda k=k: ddim_sample(model, labels, sag=k, **opts))
         for k in (None, *MASK_KINDS)
     }
     t = interleaved(calls, rounds=rounds, baseline="none")
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
               "cfg_scale": a.cfg}  # fmt: skip
     report["grids"] = sample_grids(model, out, scale=a.scale, per_row=a.per_row, steps=a.steps,
                                    seed=a.seed, schedule=cfg.schedule,
-                                   cfg_scale=a.cfg)  # fmt: skip
+                                   num_timesteps=cfg.num_timesteps, cfg_scale=a.cfg)  # fmt: skip
     test = load_data(dataclasses.replace(cfg, train_size=cfg.batch_size))["test"]
     report["masks"] = mask_figure(model, test["images"][:6] / 255.0, out / "masks.png",
                                   schedule=cfg.schedule,
@@ -220,7 +221,8 @@ def main(argv=None) -> int:
                                               schedule=cfg.schedule,
                                               num_timesteps=cfg.num_timesteps)  # fmt: skip
     if a.time_batch:
-        report["timing"] = time_sampling(model, batch=a.time_batch, schedule=cfg.schedule)
+        report["timing"] = time_sampling(model, batch=a.time_batch, schedule=cfg.schedule,
+                                         num_timesteps=cfg.num_timesteps)  # fmt: skip
     (out / "sampling.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return 0

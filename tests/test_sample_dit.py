@@ -1,8 +1,11 @@
 """Tests for experiments.sample_dit: the grid layout and the SAG mask figure."""
 
+import types
+
 import numpy as np
 from flax import nnx
 
+from experiments import sample_dit as sd
 from experiments.sample_dit import grid_image, mask_agreement, mask_figure
 from markov_attn.nn import DiT, DiTConfig
 
@@ -48,3 +51,24 @@ def test_time_sampling_interleaves_rounds_and_reports_medians(monkeypatch):
     for k in sd.MASK_KINDS:
         lo, hi = out["ratio_range"][k]
         assert 0 < lo <= out["ratio_vs_unguided"][k] <= hi
+
+
+def test_sampling_uses_the_models_number_of_timesteps(monkeypatch, tmp_path):
+    """A model trained with T != 1000 must be sampled on its own alpha-bar table: the SAG
+    evaluation and the grids/timing passed only the schedule (T fell back to 1000)."""
+    import markov_attn.nn
+    from experiments import dit_configs, eval_sag
+
+    seen = []
+
+    def fake(model, labels, **kw):
+        seen.append(kw.get("num_timesteps"))
+        return np.zeros((len(labels), 4, 4, 3), np.float32)
+
+    monkeypatch.setattr(markov_attn.nn, "ddim_sample", fake)
+    monkeypatch.setattr(sd, "ddim_sample", fake)
+    cfg = dit_configs.get_preset("smoke", num_timesteps=200)
+    model = types.SimpleNamespace(cfg=types.SimpleNamespace(null_label=3, num_classes=3))
+    eval_sag._sample_setting(model, cfg, "tokenrank", 0.5, n=2, batch=2, steps=5, seed=0)
+    sd.sample_grids(model, tmp_path, per_row=1, steps=1, num_timesteps=200)
+    assert seen and set(seen) == {200}

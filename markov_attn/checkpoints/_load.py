@@ -50,7 +50,7 @@ def detect_family(path: str | os.PathLike, /) -> str:
 def _build(kwargs: dict, params: dict, image_size: int | None):
     from flax import nnx
 
-    from markov_attn.nn import ViT, ViTConfig, resize_pos_embed
+    from markov_attn.nn import ViT, ViTConfig
 
     if image_size is not None and image_size != kwargs["image_size"]:
         p = kwargs["patch_size"]
@@ -58,14 +58,9 @@ def _build(kwargs: dict, params: dict, image_size: int | None):
             raise ValueError(
                 f"image_size={image_size} is not a multiple of the patch size {p}; pick a multiple"
             )
-        g0, g1 = kwargs["image_size"] // p, image_size // p
-        pos = params["pos_embed"]
-        n_cls = int(kwargs["cls_token"] and kwargs["pos_embed_cls"])
-        grid = np.asarray(pos[0, n_cls:]).reshape(g0, g0, -1)
-        new = np.asarray(resize_pos_embed(grid, (g1, g1), method=kwargs["pos_interp"]))
-        params["pos_embed"] = np.concatenate(
-            [pos[:, :n_cls], new.reshape(1, g1 * g1, -1).astype(pos.dtype)], axis=1
-        )
+        # the checkpoint's grid stays: every input size is resized from it (PyTorch's rule);
+        # resampling it here made a call at a third size resize an already resized grid
+        kwargs["pos_size"] = kwargs["image_size"]
         kwargs["image_size"] = image_size
     cfg = ViTConfig(**kwargs)
     abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
@@ -123,9 +118,10 @@ def load(
       path: checkpoint directory (``model.safetensors`` or ``pytorch_model.bin`` plus
         ``config.json``), or a weight file (``.safetensors``; ``.pth``/``.pt``/``.bin`` need
         torch, imported only then).
-      image_size: build the model for this input side (pixels, a multiple of the patch size):
-        the position embeddings are resampled once, here, with the family's rule. Default: the
-        checkpoint's native size (other sizes are still accepted at call time).
+      image_size: the model's default input side (pixels, a multiple of the patch size:
+        ``cfg.image_size``). The position embeddings keep the checkpoint's grid
+        (``cfg.pos_size``) and are resized from it at call time, with the family's rule, for
+        any input size, as PyTorch does. Default: the checkpoint's native size.
       num_heads: number of attention heads, needed only when there is no config saying it and
         the width is not a multiple of 64.
       family: skip detection and use this family (one of :data:`FAMILIES`).

@@ -34,6 +34,10 @@ class ViTConfig:
       pos_interp: how the patch grid of the position embedding is resized for another input
         size: ``"bicubic"`` (PyTorch bicubic, ``align_corners=False``, no antialias) or
         ``"bicubic_antialias"`` (``jax.image.resize`` cubic with antialias).
+      pos_size: the input side in pixels that the stored position-embedding grid was made for,
+        when it differs from ``image_size`` (a checkpoint loaded for another size keeps its own
+        grid, so that every input size is resized from it, as in PyTorch, never from an
+        already resized grid); ``None`` = ``image_size``.
       pool: ``"cls"`` | ``"mean"`` | ``"map"`` | ``"tokenrank"`` (see :class:`ViT`).
       gelu: ``"exact"`` (erf, PyTorch default) | ``"tanh"`` | ``"quick"`` (``x·σ(1.702x)``, CLIP).
       layer_scale: LayerScale initial value; ``None`` = no layer scale.
@@ -81,6 +85,7 @@ class ViTConfig:
     num_registers: int = 0
     pos_embed_cls: bool = True
     pos_interp: str = "bicubic"
+    pos_size: int | None = None
     pool: str = "cls"
     gelu: str = "exact"
     layer_scale: float | None = None
@@ -114,11 +119,13 @@ class ViTConfig:
                 f"ViTConfig.width ({self.width}) must be divisible by num_heads "
                 f"({self.num_heads}); change one of them"
             )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"ViTConfig.image_size ({self.image_size}) must be a multiple of patch_size "
-                f"({self.patch_size})"
-            )
+        for name in ("image_size", "pos_size"):
+            size = getattr(self, name)
+            if size is not None and (size < self.patch_size or size % self.patch_size):
+                raise ValueError(
+                    f"ViTConfig.{name} ({size}) must be a positive multiple of patch_size "
+                    f"({self.patch_size})"
+                )
         if self.conv_stem_downsample not in STEM_DOWNSAMPLES:
             raise ValueError(
                 f"conv_stem_downsample must be one of {STEM_DOWNSAMPLES}, "
@@ -147,6 +154,11 @@ class ViTConfig:
     def grid(self) -> int:
         """Patch-grid side at ``image_size``."""
         return self.image_size // self.patch_size
+
+    @property
+    def pos_grid(self) -> int:
+        """Side of the stored position-embedding grid (``pos_size``, else ``image_size``)."""
+        return (self.pos_size or self.image_size) // self.patch_size
 
     @property
     def num_tokens(self) -> int:

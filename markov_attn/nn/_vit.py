@@ -167,7 +167,7 @@ class ViT(nnx.Module):
             if cfg.num_registers
             else None
         )
-        n_pos = (1 if cfg.cls_token and cfg.pos_embed_cls else 0) + cfg.grid**2
+        n_pos = (1 if cfg.cls_token and cfg.pos_embed_cls else 0) + cfg.pos_grid**2
         self.pos_embed = nnx.Param(std(rngs.params(), (1, n_pos, cfg.width), cfg.param_dtype))
         self.pre_norm = _layer_norm(cfg, rngs) if cfg.pre_norm else None
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
@@ -192,8 +192,9 @@ class ViT(nnx.Module):
         pos = self.pos_embed[...]
         n_cls = 1 if cfg.cls_token and cfg.pos_embed_cls else 0
         pos_cls, pos_grid = pos[:, :n_cls], pos[:, n_cls:]
-        if (gh, gw) != (cfg.grid, cfg.grid):
-            grid = pos_grid[0].reshape(cfg.grid, cfg.grid, cfg.width)
+        g = cfg.pos_grid
+        if (gh, gw) != (g, g):
+            grid = pos_grid[0].reshape(g, g, cfg.width)
             grid = resize_pos_embed(grid, (gh, gw), method=cfg.pos_interp)
             pos_grid = grid.reshape(1, gh * gw, cfg.width).astype(pos.dtype)
         return pos_cls, pos_grid
