@@ -333,6 +333,71 @@ def test_bicubic_matrix_reference():
         np.testing.assert_allclose(bicubic_matrix(n_in, n_out), ref(n_in, n_out), atol=1e-6)
 
 
+def test_bicubic_matrix_with_a_scale_factor():
+    """interpolate(scale_factor=s) samples output i at (i + 0.5) / s - 0.5, not at the
+    size-based (i + 0.5) n_in / n_out - 0.5 (the original DINO/DINOv2 rule, s = (g + 0.1) / M)."""
+
+    def ref(n_in, n_out, s):
+        a = -0.75
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            x = (i + 0.5) / s - 0.5
+            f = int(np.floor(x))
+            t = x - f
+            for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
+                d = abs(d)
+                w = (
+                    ((a + 2) * d - (a + 3)) * d * d + 1
+                    if d <= 1
+                    else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+                )
+                m[i, min(max(f + k, 0), n_in - 1)] += w
+        return m
+
+    for n_in, n_out in [(37, 16), (37, 37), (4, 6), (7, 3), (5, 5)]:
+        s = (n_out + 0.1) / n_in
+        got = bicubic_matrix(n_in, n_out, scale_factor=s)
+        np.testing.assert_allclose(got, ref(n_in, n_out, s), atol=5e-6)  # float32 coordinates
+        if n_in != n_out:  # the rule matters
+            assert np.abs(got - bicubic_matrix(n_in, n_out)).max() > 1e-3
+    with pytest.raises(ValueError, match="outputs from"):
+        bicubic_matrix(4, 6, scale_factor=2.0)
+
+
+def test_original_dinov2_layout_uses_the_offset_rule(tmp_path):
+    """A state dict in the original DINOv2 code's layout (its mask_token, no registers) is
+    read by the timm converter but resized with DINOv2's own rule; pos_interp= overrides."""
+    from safetensors.numpy import load_file, save_file
+
+    sd = load_file(str(FIXTURES / "timm" / "model.safetensors"))
+    sd["mask_token"] = np.zeros((1, sd["cls_token"].shape[-1]), np.float32)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    shutil.copy(FIXTURES / "timm" / "config.json", tmp_path / "config.json")
+    _, cfg, info = ck.load(tmp_path)
+    assert cfg.pos_interp == "bicubic_offset" and "mask_token" in info.ignored
+    assert any("original DINOv2" in n for n in info.notes)
+    _, timm_cfg, _ = ck.load(FIXTURES / "timm")
+    assert timm_cfg.pos_interp == "bicubic_antialias"
+    _, cfg, _ = ck.load(FIXTURES / "timm", pos_interp="bicubic_offset")  # DINO v1 originals
+    assert cfg.pos_interp == "bicubic_offset"
+    with pytest.raises(ValueError, match="pos_interp"):
+        ck.load(FIXTURES / "timm", pos_interp="nearest")
+
+
+def test_offset_rule_matches_torch():
+    torch = pytest.importorskip("torch", reason="torch not installed: checked against the formula")
+    grid = np.random.default_rng(0).normal(size=(7, 7, 5)).astype(np.float32)
+    for new in [(3, 3), (4, 9), (7, 7), (7, 3), (12, 12)]:
+        got = np.asarray(resize_pos_embed(grid, new, method="bicubic_offset"))
+        if new == (7, 7):
+            np.testing.assert_array_equal(got, grid)  # DINOv2 returns the native grid as is
+            continue
+        x = torch.from_numpy(grid).permute(2, 0, 1)[None]
+        s = (float(new[0] + 0.1) / 7, float(new[1] + 0.1) / 7)
+        want = torch.nn.functional.interpolate(x, scale_factor=s, mode="bicubic", antialias=False)
+        np.testing.assert_allclose(got, want[0].permute(1, 2, 0).numpy(), atol=5e-6)
+
+
 def test_resize_pos_embed_shapes_and_errors():
     g = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
     assert resize_pos_embed(g, (6, 5)).shape == (2, 6, 5, 3)

@@ -535,6 +535,16 @@ def timm(sd: dict, config: dict | None, *, num_heads=None):
         p["head.kernel"] = _t(head)
         p["head.bias"] = take("head.bias")
         num_classes = int(head.shape[0])
+    # the original DINOv2 code's layout (its mask_token, which timm drops): without registers
+    # its checkpoints resize the position embedding by a scale factor with a 0.1 offset and
+    # no antialias; its register models, like timm, with antialias and no offset
+    pos_interp = "bicubic_antialias"
+    if take.has("mask_token") and not n_reg:
+        pos_interp = "bicubic_offset"
+        notes.append(
+            "original DINOv2 layout (mask_token): position embeddings resized as its code does "
+            "(scale factor (g + 0.1) / M, bicubic, no antialias)"
+        )
     ignored = take.ignore(r"mask_token", r".*\.attn\.(q|k)_norm\..*", r"head\.fc\..*")
     if any(".q_norm." in k for k in ignored):
         raise ValueError("timm ViTs with qk-norm are not supported")
@@ -557,7 +567,7 @@ def timm(sd: dict, config: dict | None, *, num_heads=None):
         cls_token=cls is not None,
         num_registers=n_reg,
         pos_embed_cls=pos_embed_cls,
-        pos_interp="bicubic_antialias",
+        pos_interp=pos_interp,
         pool=pool,
         gelu=gelu,
         layer_scale=1.0 if layer_scale else None,

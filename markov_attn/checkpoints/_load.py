@@ -94,6 +94,7 @@ def load(
     image_size: int | None = None,
     num_heads: int | None = None,
     family: str | None = None,
+    pos_interp: str | None = None,
 ):
     """Loads a PyTorch ViT checkpoint from disk into a :class:`markov_attn.nn.ViT`.
 
@@ -125,6 +126,10 @@ def load(
       num_heads: number of attention heads, needed only when there is no config saying it and
         the width is not a multiple of 64.
       family: skip detection and use this family (one of :data:`FAMILIES`).
+      pos_interp: override the family's position-embedding resize rule
+        (:data:`markov_attn.nn.POS_INTERPS`). The loader tells the original DINOv2 code's
+        checkpoints from timm's by their ``mask_token`` (``"bicubic_offset"``), but the
+        original DINO v1 code's have timm's names: pass ``"bicubic_offset"`` for those.
 
     Returns:
       ``(model, cfg, info)``: the :class:`markov_attn.nn.ViT`, its
@@ -149,7 +154,10 @@ def load(
             f"(supported: {', '.join(_families.CONVERTERS)})"
         )
     params = {k: np.asarray(v, np.float32) for k, v in out.params.items()}
-    model, cfg = _build(dict(out.vit_kwargs), params, image_size)
+    kwargs = dict(out.vit_kwargs)
+    if pos_interp is not None:
+        kwargs["pos_interp"] = pos_interp  # ViTConfig checks it
+    model, cfg = _build(kwargs, params, image_size)
     assumed = missing_preprocessing(fam, config, preproc)
     notes = [*out.notes, assumed] if assumed else list(out.notes)
     for note in notes:

@@ -29,6 +29,7 @@ from ._dit import JointBlock as JointBlock
 from ._layers import Mlp as Mlp
 from ._pool import MAPHead as MAPHead
 from ._pool import TokenRankPool as TokenRankPool
+from ._posembed import POS_INTERPS as POS_INTERPS
 from ._posembed import bicubic_matrix as bicubic_matrix
 from ._posembed import resize_pos_embed as resize_pos_embed
 from ._run import config_from_dict as config_from_dict

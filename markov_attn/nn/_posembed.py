@@ -13,7 +13,13 @@ Two resampling rules cover HuggingFace ViT / DINO / DINOv2 / CLIP and timm:
   ``resample_abs_pos_embed``, HF DINOv2-with-registers), which is matched to ~1e-6 by
   ``jax.image.resize(..., "cubic", antialias=True)``.
 
-Both interpolate in float32.
+- ``"bicubic_offset"``: the original DINO and DINOv2 code (``interpolate_offset=0.1``, no
+  antialias): ``interpolate(..., scale_factor=(g + 0.1) / M, mode="bicubic")``. PyTorch then
+  maps output ``i`` to :math:`x = (i + \tfrac12)\\,/\\,\text{scale\\_factor} - \tfrac12`,
+  not :math:`(i + \tfrac12)\\,M/g - \tfrac12`: on a 37 → 16 grid the two differ by up to
+  0.2 of the embedding's range. (DINOv2's register models use ``"bicubic_antialias"``.)
+
+All interpolate in float32.
 """
 
 import math
@@ -24,7 +30,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 #: The position-embedding interpolations (``ViTConfig.pos_interp``).
-POS_INTERPS = ("bicubic", "bicubic_antialias")
+POS_INTERPS = ("bicubic", "bicubic_antialias", "bicubic_offset")
+#: ``interpolate_offset`` of the original DINO/DINOv2 code (``"bicubic_offset"``).
+DINO_OFFSET = 0.1
 
 _A = -0.75  # PyTorch's cubic convolution coefficient (upsample_bicubic2d)
 
@@ -37,16 +45,19 @@ def _cc2(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
     return ((_A * x - 5.0 * _A) * x + 8.0 * _A) * x - 4.0 * _A
 
 
-def bicubic_matrix(n_in: int, n_out: int, /) -> np.ndarray:
+def bicubic_matrix(n_in: int, n_out: int, /, *, scale_factor: float | None = None) -> np.ndarray:
     """The ``(n_out, n_in)`` float32 matrix of PyTorch's 1-D bicubic resize (no antialias).
 
     Reproduces ``interpolate(x, size=n_out, mode="bicubic", align_corners=False)`` along one
     axis: output ``i`` samples the input at ``(i + 0.5) * n_in / n_out - 0.5`` with the cubic
-    convolution kernel (``a = -0.75``), taps clamped to the border.
+    convolution kernel (``a = -0.75``), taps clamped to the border. With ``scale_factor``
+    (``interpolate(x, scale_factor=...)``, whose output length is ``floor(n_in *
+    scale_factor)`` = ``n_out``) the sample is at ``(i + 0.5) / scale_factor - 0.5``.
 
     Args:
       n_in: input length.
       n_out: output length.
+      scale_factor: the scale factor PyTorch was given instead of the size (``None``: size).
 
     Returns:
       ``(n_out, n_in)`` float32 array whose rows sum to one.
@@ -61,7 +72,15 @@ def bicubic_matrix(n_in: int, n_out: int, /) -> np.ndarray:
     if n_in < 1 or n_out < 1:
         raise ValueError(f"sizes must be positive, got n_in={n_in}, n_out={n_out}")
     # PyTorch computes these in float32 (opmath of float); mirror it for bitwise-close taps.
-    scale = np.float32(n_in) / np.float32(n_out)
+    if scale_factor is None:
+        scale = np.float32(n_in) / np.float32(n_out)
+    else:  # PyTorch: static_cast<float>(1.0 / scale) (compute_scales_value)
+        if int(np.floor(n_in * scale_factor)) != n_out:
+            raise ValueError(
+                f"scale_factor={scale_factor} gives {int(np.floor(n_in * scale_factor))} "
+                f"outputs from {n_in}, not {n_out}"
+            )
+        scale = np.float32(1.0 / scale_factor)
     i = np.arange(n_out, dtype=np.float32)
     real = scale * (i + np.float32(0.5)) - np.float32(0.5)
     floor = np.floor(real)
@@ -92,8 +111,10 @@ def resize_pos_embed(
         patches reshaped to ``(gh, gw)``).
       new_hw: the target patch grid ``(new_gh, new_gw)``.
       method: ``"bicubic"`` (PyTorch bicubic, ``align_corners=False``, ``a=-0.75``, no
-        antialias: HF ViT, DINOv2, CLIP) or ``"bicubic_antialias"`` (PyTorch bicubic with
-        ``antialias=True``: timm, HF DINOv2-with-registers).
+        antialias: HF ViT, DINOv2, CLIP), ``"bicubic_antialias"`` (PyTorch bicubic with
+        ``antialias=True``: timm, HF DINOv2-with-registers, the original DINOv2 register
+        models) or ``"bicubic_offset"`` (the original DINO/DINOv2 code: a scale factor of
+        ``(new + 0.1) / old``, no antialias).
 
     Returns:
       ``(..., new_gh, new_gw, D)`` float32 array.
@@ -108,8 +129,8 @@ def resize_pos_embed(
     if method not in POS_INTERPS:
         raise ValueError(
             f"method must be one of {list(POS_INTERPS)}, got {method!r}; use 'bicubic' for HF "
-            "ViT/DINOv2/CLIP checkpoints and 'bicubic_antialias' for timm and "
-            "DINOv2-with-registers"
+            "ViT/DINOv2/CLIP checkpoints, 'bicubic_antialias' for timm and "
+            "DINOv2-with-registers, 'bicubic_offset' for the original DINO/DINOv2 code"
         )
     grid = jnp.asarray(grid)
     if grid.ndim < 3:
@@ -123,9 +144,12 @@ def resize_pos_embed(
     grid = grid.astype(out_dtype)
     if (nh, nw) == (gh, gw):
         return grid
-    if method == "bicubic":
-        mh = jnp.asarray(bicubic_matrix(gh, nh), out_dtype)
-        mw = jnp.asarray(bicubic_matrix(gw, nw), out_dtype)
+    if method in ("bicubic", "bicubic_offset"):
+        off = method == "bicubic_offset"
+        sh = float(nh + DINO_OFFSET) / gh if off else None  # DINOv2: float(w0 + offset) / M
+        sw = float(nw + DINO_OFFSET) / gw if off else None
+        mh = jnp.asarray(bicubic_matrix(gh, nh, scale_factor=sh), out_dtype)
+        mw = jnp.asarray(bicubic_matrix(gw, nw, scale_factor=sw), out_dtype)
         hi = jax.lax.Precision.HIGHEST
         # Width first, then height, as PyTorch's separable kernel accumulates.
         x = jnp.einsum("vw,...hwd->...hvd", mw, grid, precision=hi)
