@@ -4,7 +4,7 @@ and whether :class:`markov_attn.UnresolvedGapWarning` flags it.
 Random chains of several kinds (``markov_attn.testing.random_chains``, seed 0): the float64
 choice applies the same rule (:func:`markov_attn._metastable.choose_k`, ``split="nan"``'s
 cut handling) to ``numpy.linalg.eigvals``. Prints a count per (match, warned) and one line per
-silent mismatch. Command: ``python -m experiments.metastable_k_choice`` (about 1 min on the
+silent mismatch. Command: ``python -m experiments.metastable_k_choice`` (about 20 s on the
 2-core CPU).
 """
 

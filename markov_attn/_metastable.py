@@ -366,11 +366,15 @@ def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
     starts = np.zeros_like(lead, bool) if cuts is None else cuts.reshape(-1, p)
     ks = np.arange(lo, hi + 1)
     idx = np.minimum(np.where(starts[:, ks], ks + 1, ks), p - 1)  # (members, candidates)
-    unc = np.nanmean(np.take_along_axis(lead, idx, axis=1), axis=0)
+    with warnings.catch_warnings():  # a candidate no member has: NaN, handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        unc = np.nanmean(np.take_along_axis(lead, idx, axis=1), axis=0)
     c = k - lo
-    others = np.where((np.arange(len(ks)) != c) & np.isfinite(gaps), gaps + unc, -np.inf)
+    # an uncertainty that is NaN (no member has it) is unknown: such a rival counts as a tie
+    others = np.where(np.isnan(unc), np.inf, gaps + unc)
+    others = np.where((np.arange(len(ks)) != c) & np.isfinite(gaps), others, -np.inf)
     j = int(np.argmax(others))
-    if len(ks) < 2 or not np.isfinite(others[j]) or gaps[c] - unc[c] > others[j]:
+    if len(ks) < 2 or others[j] == -np.inf or gaps[c] - unc[c] > others[j]:
         return None
     return int(ks[j]), float(gaps[j]), float(gaps[c]), float(unc[c])
 

@@ -464,3 +464,7 @@ def test_unresolved_choice_rule():
     # a pair starting at position k + 1 = 3 (index 2): the k + 2 = 4 columns' residual counts
     cuts = np.array([[False, False, True, False, False]])
     assert _unresolved_choice(ev, cuts, lead + 0.36 * rough, 2, 3, False, 2) is None
+    # a rival whose uncertainty is unknown (NaN in every member) is a tie, not ignored
+    unknown = lead.copy()
+    unknown[0, 3] = np.nan
+    assert _unresolved_choice(ev, None, unknown, 2, 3, True, 2) is not None

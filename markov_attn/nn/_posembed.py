@@ -15,9 +15,10 @@ Two resampling rules cover HuggingFace ViT / DINO / DINOv2 / CLIP and timm:
 
 - ``"bicubic_offset"``: the original DINO and DINOv2 code (``interpolate_offset=0.1``, no
   antialias): ``interpolate(..., scale_factor=(g + 0.1) / M, mode="bicubic")``. PyTorch then
-  maps output ``i`` to :math:`x = (i + \tfrac12)\\,/\\,\text{scale\\_factor} - \tfrac12`,
-  not :math:`(i + \tfrac12)\\,M/g - \tfrac12`: on a 37 → 16 grid the two differ by up to
-  0.2 of the embedding's range. (DINOv2's register models use ``"bicubic_antialias"``.)
+  maps output ``i`` to :math:`x = (i + \\tfrac12) / s - \\tfrac12` with the scale factor
+  :math:`s`, not to :math:`(i + \\tfrac12)\\,M/g - \\tfrac12`: on a smooth 37 → 16 grid of
+  values in [-1, 1] the two differ by up to 0.07. (DINOv2's register models use
+  ``"bicubic_antialias"``.)
 
 All interpolate in float32.
 """
