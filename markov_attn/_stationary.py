@@ -223,36 +223,26 @@ GTH_BLOCK = 32
 GTH_MAX_BLOCKS = 24
 
 
-def gth(p: jax.Array) -> jax.Array:
-    r"""The stationary distribution of row-stochastic ``p`` ``(..., n, n)`` by GTH elimination.
-
-    Grassmann, Taksar and Heyman (1985): state elimination (a Gaussian elimination on
-    :math:`I - P` from the last state down) in which each pivot, the probability of leaving
-    the state eliminated, is the sum of its remaining off-diagonal entries, never
-    :math:`1 - p_{kk}`. Every operation adds non-negative numbers, so every component comes out
-    with a small relative error whatever the conditioning of the chain (O'Cinneide 1993): on a
-    nearly reducible chain whose blocks leak :math:`e^{-16}` it is within ~1e-7 in L1 of
-    float64, where a solve that forms :math:`I - P` or a float32 iteration is 1e-3 to 1e-1 off.
-
-    Blocked like a right-looking LU: the states of a block (:data:`GTH_BLOCK`) are eliminated
-    one by one on the block's rows and columns only, then the rest of the matrix takes their
-    combined update as one matmul (of non-negative factors, at ``HIGHEST`` precision). No
-    LAPACK, so it runs on every backend. The elimination alone took about 4 ms for
-    ``(12, 197, 197)`` and 0.16 s for ``(12, 1025, 1025)`` on the 2-core CPU (the whole
-    ``tokenrank`` call: 5.4 ms and 0.24 s).
-
-    The diagonal is never read. A reducible chain (a state of the censored chain that cannot
-    leave it) divides by zero: those members come back non-finite.
-    """
-    n = p.shape[-1]
+def _gth_blocks(n: int) -> list[tuple[int, int]]:
+    """GTH's blocks ``(lo, hi)`` of states, from the last one down (state 0 is never
+    eliminated)."""
     size = max(GTH_BLOCK, -(-(n - 1) // GTH_MAX_BLOCKS))
     blocks = []
     hi = n
-    while hi > 1:  # state 0 is never eliminated
+    while hi > 1:
         blocks.append((max(1, hi - size), hi))
         hi = blocks[-1][0]
-    panels = []
-    for lo, hi in blocks:
+    return blocks
+
+
+def gth_factor(p: jax.Array) -> jax.Array:
+    """GTH elimination of row-stochastic ``p`` ``(..., n, n)`` (see :func:`gth`), its factors
+    in one matrix ``F``: above the diagonal ``F[i, k] = c_k[i]``, the censored chain's
+    ``P[i, k]`` divided by the pivot of state ``k`` (``i < k``); below it ``F[k, j]`` the row of
+    state ``k`` when it was eliminated (``j < k``), whose sum is that pivot. The diagonal is
+    not used."""
+    n = p.shape[-1]
+    for lo, hi in _gth_blocks(n):
         b = hi - lo
         cols_hi, rows_b = jnp.arange(hi), jnp.arange(b)
 
@@ -274,11 +264,66 @@ def gth(p: jax.Array) -> jax.Array:
         rw, cl = jax.lax.fori_loop(0, b, eliminate, (p[..., lo:hi, :hi], p[..., :lo, lo:hi]))
         # the block's update of the states below it, P[:lo, :lo] += C R, in one product
         p = p.at[..., :lo, :lo].add(jnp.matmul(cl, rw[..., :, :lo], precision=HIGHEST))
-        panels.append((cl, rw[..., :, lo:hi]))
+        p = p.at[..., lo:hi, :hi].set(rw).at[..., :lo, lo:hi].set(cl)
+    return p
+
+
+def gth_poisson(f: jax.Array, b: jax.Array) -> jax.Array:
+    r"""A solution ``u`` ``(..., n)`` of :math:`(I - P)u = b` with :math:`u_0 = 0`, from the GTH
+    factors ``f`` of ``P`` (:func:`gth_factor`); ``b`` must satisfy :math:`\pi^\top b = 0`.
+
+    The same elimination on the right-hand side: state ``k`` (from the last down) passes
+    ``c_k[i] b_k`` to each ``b_i``, ``i < k``; then :math:`u_k = (b_k + \sum_{j<k} F_{kj}u_j) /
+    \sum_{j<k} F_{kj}`. With the factors accurate entrywise, ``u`` is accurate relative to the
+    sizes of the terms it sums, where a float32 Krylov solve errs by the condition number
+    times the rounding: the adjoint of :func:`gth` (the implicit gradient).
+    """
+    n = f.shape[-1]
+    idx = jnp.arange(n)
+    cols = jnp.swapaxes(f, -1, -2)  # row k: c_k
+
+    def forward(s, b):
+        k = n - 1 - s
+        bk = jax.lax.dynamic_index_in_dim(b, k, axis=-1)
+        return b + jnp.where(idx < k, cols[..., k, :], 0.0) * bk
+
+    b = jax.lax.fori_loop(0, n - 1, forward, b)
+
+    def back(k, u):
+        row = jnp.where(idx < k, f[..., k, :], 0.0)
+        uk = jax.lax.dynamic_index_in_dim(b, k, axis=-1, keepdims=False) + jnp.sum(row * u, -1)
+        return u.at[..., k].set(uk / jnp.sum(row, -1))
+
+    return jax.lax.fori_loop(1, n, back, jnp.zeros_like(b))
+
+
+def gth(p: jax.Array) -> jax.Array:
+    r"""The stationary distribution of row-stochastic ``p`` ``(..., n, n)`` by GTH elimination.
+
+    Grassmann, Taksar and Heyman (1985): state elimination (a Gaussian elimination on
+    :math:`I - P` from the last state down) in which each pivot, the probability of leaving
+    the state eliminated, is the sum of its remaining off-diagonal entries, never
+    :math:`1 - p_{kk}`. Every operation adds non-negative numbers, so every component comes out
+    with a small relative error whatever the conditioning of the chain (O'Cinneide 1993): on a
+    nearly reducible chain whose blocks leak :math:`e^{-16}` it is within ~1e-7 in L1 of
+    float64, where a solve that forms :math:`I - P` or a float32 iteration is 1e-3 to 1e-1 off.
+
+    Blocked like a right-looking LU: the states of a block (:data:`GTH_BLOCK`) are eliminated
+    one by one on the block's rows and columns only, then the rest of the matrix takes their
+    combined update as one matmul (of non-negative factors, at ``HIGHEST`` precision). No
+    LAPACK, so it runs on every backend. The elimination alone took about 4 ms for
+    ``(12, 197, 197)`` and 0.16 s for ``(12, 1025, 1025)`` on the 2-core CPU (the whole
+    ``tokenrank`` call: 5.4 ms and 0.24 s).
+
+    The diagonal is never read. A reducible chain (a state of the censored chain that cannot
+    leave it) divides by zero: those members come back non-finite.
+    """
+    f = gth_factor(p)
     # back substitution from state 0: x_k = sum_{i < k} x_i c_k[i], block by block
     x = jnp.ones((*p.shape[:-2], 1), p.dtype)
-    for (lo, hi), (cl, diag) in zip(reversed(blocks), reversed(panels), strict=True):
+    for lo, hi in reversed(_gth_blocks(p.shape[-1])):
         b = hi - lo
+        cl, diag = f[..., :lo, lo:hi], f[..., lo:hi, lo:hi]
         base = jnp.einsum("...i,...ib->...b", x, cl, precision=HIGHEST)  # the terms i < lo
 
         def substitute(t, xb, base=base, diag=diag, b=b):
@@ -366,6 +411,24 @@ def _adjoint(op, opts, p, v, alpha, pi, g):
     if opts.method == "power":
         adjoint = functools.partial(_power_adjoint, op, opts)
         return _batched(op, adjoint, p, v, alpha, pi, g)
+    if opts.method == "gth":
+        # M^T = I - T + 1 v^T with T the teleported chain: u = w + c 1 with (I - T) w = g -
+        # (pi.g) 1 by T's GTH factors and v.u = pi.g; GMRES for members whose factors broke
+        # down (a reducible chain: the forward pass fell back to GMRES too)
+        def run_gth(p, v, al, pi, g):
+            t = al[..., None, None] * op.dense(p) + (1.0 - al[..., None, None]) * v[..., None, :]
+            pg = jnp.sum(pi * g, -1, keepdims=True)
+            w = gth_poisson(gth_factor(t), g - pg)
+            return w + (pg - jnp.sum(v * w, -1, keepdims=True))
+
+        u = _batched(op, run_gth, p, v, alpha, pi, g)
+        ok = jnp.all(jnp.isfinite(u), -1, keepdims=True)
+        fallback = dataclasses.replace(opts, method="gmres")
+        return jax.lax.cond(
+            jnp.all(ok),
+            lambda: u,
+            lambda: jnp.where(ok, u, _adjoint(op, fallback, p, v, alpha, pi, g)),
+        )
 
     def run(p, v, al, g):
         scale = jnp.sum(jnp.abs(g), -1)

@@ -203,10 +203,12 @@ def tokenrank(
     ``"gmres"`` and ``"power"`` keep the iteration and are outside the claim there. A reverse
     chain that is reducible takes GMRES's answer (a causal chain with a one-hot ``v`` before
     the last token: the reverse chain never goes back to an earlier token, so the last token
-    absorbs it). Gradients come from the GMRES adjoint whatever the method (normwise
-    accurate; on those nearly reducible chains with a one-hot ``v`` they were 27-35 % off in
-    relative L2 against float64, as before GTH). Under ``vmap`` the fallback's GMRES runs for
-    every member (a ``cond`` becomes a ``select``):
+    absorbs it). Their gradients solve the adjoint with the same GTH factors
+    (:func:`markov_attn._stationary.gth_poisson`): within 1e-4 of float64 in relative L2 on
+    those chains, where the GMRES adjoint was 27-35 % off; a single small entry's derivative
+    is a difference of two large values of the adjoint there, so float32 cancellation leaves
+    directional derivatives along relative perturbations 0.1-2.5 % off. Under ``vmap`` the
+    fallback's GMRES runs for every member (a ``cond`` becomes a ``select``):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
       ``"gmres"`` above; GTH for ``direction="out"`` with ``teleport_first=True``.

@@ -5,6 +5,7 @@ against float64 references; every public function's behaviour on NaN/inf/negativ
 (eagerly a ValueError, under jit NaN); LAPACK paths inside one jitted program on CPU.
 """
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -625,6 +626,54 @@ def test_gth_against_float64(rng, kind, n):
         np.testing.assert_allclose(out[idx], want, rtol=2e-5, atol=0)
     np.testing.assert_allclose(np.asarray(gth(jnp.asarray(a[1, 2], jnp.float32))), out[1, 2],
                                rtol=1e-6)  # fmt: skip
+
+
+_GTH_GRAD_CASES = {
+    "out": dict(direction="out", v=np.eye(48)[5].tolist()),
+    "alpha1": dict(alpha=1.0),
+}
+
+
+def test_tokenrank_gth_gradients_on_a_nearly_reducible_chain(tmp_path):
+    """The GTH paths' gradients use GTH's factors for the adjoint (the GMRES adjoint was
+    27-35 % off here in relative L2): float32 gradients of direction="out" (one-hot v) and
+    alpha = 1 on three blocks leaking e^-16 against float64 ones, which a subprocess checks
+    against central differences of the float64 forward."""
+    code = textwrap.dedent(
+        """
+        import json, sys
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, numpy as np
+        import markov_attn as ma
+        from tests.test_reliability import _GTH_GRAD_CASES, _leaky_blocks
+        out = {}
+        for seed in (0, 1):
+            a = _leaky_blocks(seed, 48, 16).astype(np.float64)
+            w = np.random.default_rng(seed).standard_normal(48)
+            e = np.random.default_rng(seed + 10).standard_normal((48, 48)) * a
+            for name, kw in _GTH_GRAD_CASES.items():
+                f = lambda x: jnp.sum(w * ma.tokenrank(x, tol=1e-12, **kw))
+                g = np.asarray(jax.grad(f)(jnp.asarray(a)))
+                fd = (float(f(a + 1e-6 * e)) - float(f(a - 1e-6 * e))) / 2e-6
+                out[f"{name}{seed}"] = [g.tolist(), float(np.sum(g * e)), fd]
+        json.dump(out, open(sys.argv[1], "w"))
+        """
+    )
+    path = tmp_path / "g64.json"
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = json.loads(path.read_text())
+    for seed in (0, 1):
+        a32 = _leaky_blocks(seed, 48, 16)
+        w = jnp.asarray(np.random.default_rng(seed).standard_normal(48), jnp.float32)
+        for name, kw in _GTH_GRAD_CASES.items():
+            g64, directional, fd = ref[f"{name}{seed}"]
+            assert abs(directional - fd) <= 1e-6 * abs(fd)  # the float64 reference is right
+            g = jax.grad(lambda x, kw=kw: jnp.sum(w * ma.tokenrank(x, **kw)))(jnp.asarray(a32))
+            g, g64 = np.asarray(g, np.float64), np.asarray(g64)
+            assert np.linalg.norm(g - g64) <= 1e-4 * np.linalg.norm(g64), (name, seed)
 
 
 def test_tokenrank_out_gth_falls_back_on_a_reducible_reverse_chain(rng):
