@@ -350,33 +350,41 @@ class UnresolvedGapWarning(UserWarning):
 
 
 def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
-    """``None`` when the gap at the chosen ``k`` stands out, else ``(runner_up, its gap, the
-    chosen gap, its uncertainty)`` (host-side, NumPy).
+    """``None`` when the gap at the chosen ``k`` stands out in at least one matrix of the batch,
+    else ``(runner_up, its gap, the chosen gap, its uncertainty)``, batch means (host-side,
+    NumPy).
 
     The gap at ``k`` reads the ``(k + 1)``-th Ritz modulus, which is an eigenvalue of a matrix
     within the residual of the leading ``k + 1`` columns (``k + 2`` where a complex pair starts
     there) of the ordered basis, ``lead`` ``(..., p)``; past the subspace the iteration
-    converged those residuals are large. The choice stands out when the chosen gap less its
-    (batch-mean) residual exceeds every other candidate's gap plus its residual. A heuristic
-    for non-normal chains, whose eigenvalues can move by more than the residual.
+    converged those residuals are large. In one matrix the choice stands out when its gap at
+    ``k`` less that residual exceeds its gap at every other candidate plus the residual there
+    (a NaN one counts as unknown: a tie). Per matrix, so that a stack whose metastable heads
+    have a clear gap at ``k`` while its diffuse heads have none is not flagged. A heuristic for
+    non-normal chains, whose eigenvalues can move by more than the residual.
     """
-    gaps = _gaps(np, eigenvalues, cuts, lo, hi, skip_cuts)
     p = lead.shape[-1]
     lead = lead.reshape(-1, p)
+    mod = np.sort(np.abs(eigenvalues), axis=-1)[..., ::-1].reshape(-1, p)
+    gap = mod[:, lo - 1 : hi] - mod[:, lo : hi + 1]  # (members, candidates k = lo..hi)
     starts = np.zeros_like(lead, bool) if cuts is None else cuts.reshape(-1, p)
     ks = np.arange(lo, hi + 1)
-    idx = np.minimum(np.where(starts[:, ks], ks + 1, ks), p - 1)  # (members, candidates)
-    with warnings.catch_warnings():  # a candidate no member has: NaN, handled below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        unc = np.nanmean(np.take_along_axis(lead, idx, axis=1), axis=0)
+    idx = np.minimum(np.where(starts[:, ks], ks + 1, ks), p - 1)
+    unc = np.take_along_axis(lead, idx, axis=1)
     c = k - lo
-    # an uncertainty that is NaN (no member has it) is unknown: such a rival counts as a tie
-    others = np.where(np.isnan(unc), np.inf, gaps + unc)
-    others = np.where((np.arange(len(ks)) != c) & np.isfinite(gaps), others, -np.inf)
-    j = int(np.argmax(others))
-    if len(ks) < 2 or others[j] == -np.inf or gaps[c] - unc[c] > others[j]:
+    rivals = np.where(np.isnan(gap + unc), np.inf, gap + unc)
+    ruled_out = ~np.isfinite(_gaps(np, eigenvalues, cuts, lo, hi, skip_cuts))  # the k rule's
+    rivals[:, ruled_out] = -np.inf
+    rivals[:, c] = -np.inf
+    if len(ks) < 2 or np.any(gap[:, c] - unc[:, c] > rivals.max(axis=1)):
         return None
-    return int(ks[j]), float(gaps[j]), float(gaps[c]), float(unc[c])
+    with warnings.catch_warnings():  # a candidate no member has: NaN means
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_gap, mean_unc = np.nanmean(gap, axis=0), np.nanmean(unc, axis=0)
+    others = np.where(np.arange(len(ks)) != c, np.nan_to_num(mean_gap, nan=-np.inf), -np.inf)
+    others[ruled_out] = -np.inf
+    j = int(np.argmax(others))
+    return int(ks[j]), float(mean_gap[j]), float(mean_gap[c]), float(mean_unc[c])
 
 
 def _stack_k(t, ks):
@@ -1055,11 +1063,12 @@ def metastable_states(
         if tied is not None:
             warnings.warn(
                 f"metastable_states(k=None) chose k = {k} (batch-mean gap |λk| - |λk+1| = "
-                f"{tied[2]:.3g}), but the gaps are not resolved: k = {tied[0]} has {tied[1]:.3g}, "
-                f"and the moduli they are read from are uncertain by up to about {tied[3]:.2g} "
-                "(the residual of the leading columns, not converged past the chosen k). The "
-                "chain has no clear gap in k_range, so the choice can change with the token "
-                "order or rounding, and ms.gap is that uncertain; pass k= explicitly",
+                f"{tied[2]:.3g}), but in no matrix does that gap stand out: k = {tied[0]} has "
+                f"{tied[1]:.3g}, and the moduli they are read from are uncertain by up to about "
+                f"{tied[3]:.2g} (the residual of the leading columns, not converged past the "
+                "chosen k). The chains have no clear gap in k_range, so the choice can change "
+                "with the token order or rounding, and ms.gap is that uncertain; pass k= "
+                "explicitly",
                 UnresolvedGapWarning,
                 stacklevel=2,
             )
