@@ -965,8 +965,8 @@ def metastable_states(
     each candidate is read with the residual of the leading columns it needs (``k + 1``, or
     ``k + 2`` where a complex pair starts at ``k + 1``) as its uncertainty, and the warning
     says when the chosen gap less its uncertainty does not exceed another candidate's gap plus
-    its own (a heuristic: the eigenvalues of non-normal chains, e.g. causal ones, can move by
-    more than the residual); pass ``k`` there. The subspace
+    its own in any matrix of the stack (a heuristic: the eigenvalues of non-normal chains,
+    e.g. causal ones, can move by more than the residual); pass ``k`` there. The subspace
     iteration then runs once for ``k_max`` (stopping when the ``k`` that this rule picks from
     the current Ritz values has converged, or stalled, in every matrix) and G-PCCA uses the
     leading ``k`` columns of its ordered basis (which span the ``k``-subspace). On CPU a large
