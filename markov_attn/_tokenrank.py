@@ -33,6 +33,10 @@ DIRECTIONS = ("in", "out")
 #: ``method="auto"`` on GPU/TPU uses the dense solve up to this ``n`` and GMRES above; on CPU it
 #: is always GMRES (no LAPACK call, and faster there).
 AUTO_SOLVE_MAX_N = 256
+#: ``method="auto"`` uses GTH elimination (``O(n^3)``, componentwise accurate) for the
+#: ``alpha = 1`` problems (``direction="out"`` in the paper's order, a concrete ``alpha`` of 1)
+#: up to this ``n`` (the range of the accuracy claim) and GMRES (``O(n^2)`` per product) above.
+AUTO_GTH_MAX_N = 1025
 #: Rows per plain partial sum of the double-float residual product (:func:`_df.matvec_t`).
 ACCURATE_ROWS = 8
 
@@ -142,7 +146,7 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
             alpha = jnp.ones_like(alpha)
             # an alpha = 1 problem that is as ill-conditioned as the chain is nearly reducible
             # (with a concentrated v): only an elimination without subtraction is accurate
-            if method in ("auto", "solve"):
+            if method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N):
                 method = "gth"
         else:
             a = _reverse(a)
@@ -197,7 +201,8 @@ def tokenrank(
     1`` problem (``info.error_bound`` is inf) that is as ill-conditioned as the chain is nearly
     reducible when ``v`` is concentrated: there every float32 iteration and every solve that
     forms :math:`I - A` loses accuracy (L1 1e-4 to 1e-1 with gmres on 3 blocks leaking e^-12
-    to e^-20 with a one-hot ``v``), so ``"auto"`` and ``"solve"`` use GTH elimination
+    to e^-20 with a one-hot ``v``), so ``"solve"``, and ``"auto"`` up to n = 1025
+    (``AUTO_GTH_MAX_N``; GTH costs :math:`O(n^3)`, GMRES above), use GTH elimination
     (:func:`markov_attn._stationary.gth`, componentwise accurate: 1e-7 there; as fast as GMRES
     at n = 197, 2x its time for the whole call at 1025, and 2-4x its compile time); explicit
     ``"gmres"`` and ``"power"`` keep the iteration and are outside the claim there. A reverse
@@ -211,7 +216,8 @@ def tokenrank(
     fallback's GMRES runs for every member (a ``cond`` becomes a ``select``):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
-      ``"gmres"`` above; GTH for ``direction="out"`` with ``teleport_first=True``.
+      ``"gmres"`` above; GTH for ``direction="out"`` with ``teleport_first=True`` (and a
+      concrete ``alpha`` of 1) up to n = 1025.
     - ``"gmres"``: matrix-free GMRES with iterative refinement, :math:`O(n^2)` per product:
       each refinement takes the true residual in double-float (:mod:`markov_attn._df`) and
       corrects with one GMRES cycle of at most 20 products (ending early at a relative
@@ -238,9 +244,9 @@ def tokenrank(
     stationary distribution is not unique, and for nearly reducible ones (:math:`|\lambda_2|`
     within ~1e-4 of 1) every float32 iteration and every solve that forms :math:`I - A` loses
     accuracy (L1 2e-3 to 1e-1 on three blocks leaking e^-14 to e^-16). A concrete ``alpha``
-    of 1 for every matrix with ``"auto"`` or ``"solve"`` therefore uses GTH elimination there
-    too (1.3e-7); a traced ``alpha`` (under ``jit``) cannot be seen to be 1 and keeps the
-    method's usual path.
+    of 1 for every matrix with ``"solve"``, or ``"auto"`` up to n = 1025, therefore uses GTH
+    elimination there too (1.3e-7); a traced ``alpha`` (under ``jit``) cannot be seen to be 1
+    and keeps the method's usual path.
 
     Input contract: rows are renormalised (so rows that do not sum to 1 are read as weights, and
     an all-zero row becomes uniform). A NaN/inf or negative entry, ``alpha`` outside
@@ -291,7 +297,9 @@ def tokenrank(
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:
         max_steps = check_count("max_steps", max_steps, minimum=1)
-    if method in ("auto", "solve") and is_concrete(alpha) and np.all(np.asarray(alpha) == 1.0):
+    n = np.shape(attn)[-1]
+    gth_ok = method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N)
+    if gth_ok and is_concrete(alpha) and np.all(np.asarray(alpha) == 1.0):
         method = "gth"  # no teleportation: only an elimination without subtraction is accurate
     pi, info = _tokenrank(
         attn, alpha, v, direction, method, float(tol), max_steps, bool(teleport_first)

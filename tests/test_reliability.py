@@ -695,3 +695,26 @@ def test_tokenrank_out_gth_falls_back_on_a_reducible_reverse_chain(rng):
     gm = np.asarray(ma.tokenrank(a, v=v, direction="out", method="gmres"))
     np.testing.assert_array_equal(pi[0], gm[0])
     np.testing.assert_allclose(pi[1], raw[1], rtol=1e-6)
+
+
+def test_auto_uses_gth_only_up_to_its_size_limit(monkeypatch):
+    """GTH costs O(n^3): "auto" takes it for the alpha = 1 problems up to AUTO_GTH_MAX_N and
+    GMRES above ("solve" always takes it)."""
+    from markov_attn import _tokenrank
+
+    monkeypatch.setattr(_tokenrank, "AUTO_GTH_MAX_N", 16)
+    jax.clear_caches()
+    try:
+        for n, same_as in ((16, "solve"), (24, "gmres")):
+            a = _leaky_blocks(3, n, 12)
+            v = np.eye(n)[2]
+            for kw in (dict(direction="out", v=v), dict(alpha=1.0)):
+                auto = np.asarray(ma.tokenrank(a, **kw))
+                want = np.asarray(ma.tokenrank(a, method=same_as, **kw))
+                other = np.asarray(
+                    ma.tokenrank(a, method="gmres" if same_as == "solve" else "solve", **kw)
+                )
+                np.testing.assert_array_equal(auto, want)
+                assert not np.array_equal(auto, other)  # the two paths are told apart
+    finally:
+        jax.clear_caches()
