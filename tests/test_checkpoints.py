@@ -310,54 +310,40 @@ def test_torch_pickle(tmp_path):
 # --- position embedding resampling --------------------------------------------------------------
 
 
-def test_bicubic_matrix_reference():
-    # float64 reference of PyTorch's upsample_bicubic2d (align_corners=False, a=-0.75)
-    def ref(n_in, n_out):
-        a = -0.75
-        m = np.zeros((n_out, n_in))
-        for i in range(n_out):
-            x = (i + 0.5) * n_in / n_out - 0.5
-            f = int(np.floor(x))
-            t = x - f
-            for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
-                d = abs(d)
-                w = (
-                    ((a + 2) * d - (a + 3)) * d * d + 1
-                    if d <= 1
-                    else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-                )
-                m[i, min(max(f + k, 0), n_in - 1)] += w
-        return m
+def _bicubic_ref(n_in, n_out, s=None):
+    """Float64 reference of PyTorch's upsample_bicubic2d (align_corners=False, a=-0.75):
+    output i samples (i + 0.5) n_in / n_out - 0.5, or (i + 0.5) / s - 0.5 with a scale factor."""
+    a = -0.75
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5 if s is None else (i + 0.5) / s - 0.5
+        f = int(np.floor(x))
+        t = x - f
+        for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
+            d = abs(d)
+            w = (
+                ((a + 2) * d - (a + 3)) * d * d + 1
+                if d <= 1
+                else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+            )
+            m[i, min(max(f + k, 0), n_in - 1)] += w
+    return m
 
+
+def test_bicubic_matrix_reference():
     for n_in, n_out in [(4, 6), (4, 3), (7, 16), (5, 2), (3, 3)]:
-        np.testing.assert_allclose(bicubic_matrix(n_in, n_out), ref(n_in, n_out), atol=1e-6)
+        np.testing.assert_allclose(
+            bicubic_matrix(n_in, n_out), _bicubic_ref(n_in, n_out), atol=1e-6
+        )
 
 
 def test_bicubic_matrix_with_a_scale_factor():
     """interpolate(scale_factor=s) samples output i at (i + 0.5) / s - 0.5, not at the
     size-based (i + 0.5) n_in / n_out - 0.5 (the original DINO/DINOv2 rule, s = (g + 0.1) / M)."""
-
-    def ref(n_in, n_out, s):
-        a = -0.75
-        m = np.zeros((n_out, n_in))
-        for i in range(n_out):
-            x = (i + 0.5) / s - 0.5
-            f = int(np.floor(x))
-            t = x - f
-            for k, d in zip(range(-1, 3), (1 + t, t, 1 - t, 2 - t)):
-                d = abs(d)
-                w = (
-                    ((a + 2) * d - (a + 3)) * d * d + 1
-                    if d <= 1
-                    else ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-                )
-                m[i, min(max(f + k, 0), n_in - 1)] += w
-        return m
-
     for n_in, n_out in [(37, 16), (37, 37), (4, 6), (7, 3), (5, 5)]:
         s = (n_out + 0.1) / n_in
         got = bicubic_matrix(n_in, n_out, scale_factor=s)
-        np.testing.assert_allclose(got, ref(n_in, n_out, s), atol=5e-6)  # float32 coordinates
+        np.testing.assert_allclose(got, _bicubic_ref(n_in, n_out, s), atol=5e-6)  # float32 coords
         if n_in != n_out:  # the rule matters
             assert np.abs(got - bicubic_matrix(n_in, n_out)).max() > 1e-3
     with pytest.raises(ValueError, match="outputs from"):
