@@ -39,11 +39,13 @@ from markov_attn.nn import config_to_dict
 from .ckpt import Checkpointer
 
 __all__ = [
+    "TABLE_FREE",
     "MetricsLog",
     "TrainingDiverged",
     "TrainingRun",
     "check_same_run",
     "count_params",
+    "same_config",
     "truncate_metrics",
 ]
 
@@ -93,6 +95,31 @@ def check_same_run(
                 f"{old!r}, now {current.get(key)!r}); use another --workdir or "
                 f"delete {workdir}"
             )
+
+
+#: Config fields that do not change a finished run's numbers (checkpointing, evaluation
+#: batching and cadence, the name, where the data came from): a table may reuse such a run.
+TABLE_FREE = (
+    "name",
+    "data_root",
+    "ckpt_every",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "eval_every",
+)
+
+
+def same_config(stored, cfg, /, *, free: Collection[str] = TABLE_FREE) -> bool:
+    """Whether a finished run's stored config dict is ``cfg``'s (a config dataclass), up to the
+    ``free`` fields (runs from before the difficulty levels are on the standard level)."""
+    if not isinstance(stored, Mapping):
+        return False
+    try:
+        check_same_run(stored, config_to_dict(cfg), "", free_fields=free,
+                       assumed={"difficulty": "standard"})  # fmt: skip
+    except ValueError:
+        return False
+    return True
 
 
 def truncate_metrics(path: pathlib.Path, step: int) -> None:

@@ -27,8 +27,9 @@ import platform
 import sys
 import time
 
+from ._loop import same_config
 from .configs import PRESETS, get_preset
-from .readme import publish
+from .readme import check_block, publish
 from .train import load_data, train_and_evaluate
 
 STEM = (32, 64, 128)
@@ -92,14 +93,22 @@ def run_variants(
     data, rows = {}, []
     for name in names:
         cfg = get_preset(base, pool="tokenrank", **common, **VARIANTS[name])
-        key = f"{name}_{steps}" + (f"_n{train_size}" if train_size else "")
+        # the base in the key unless it is the default (keys of earlier cpu runs stay valid)
+        key = ("" if base == "cpu" else f"{base}-") + f"{name}_{steps}"
+        key += f"_n{train_size}" if train_size else ""
         key += f"_b{batch_size}" if batch_size else ""
         workdir = out / key
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
+        summary = None
         if (workdir / "summary.json").exists():
             summary = json.loads((workdir / "summary.json").read_text())
-        else:
+            if not same_config(summary.get("config"), cfg):
+                raise ValueError(
+                    f"{workdir} holds a finished run of another configuration; use another "
+                    "--out or delete it"
+                )
+        if summary is None:
             size = (cfg.model.image_size, cfg.train_size, cfg.test_size, cfg.data_seed,
                     cfg.difficulty)  # fmt: skip
             if size not in data:  # variants with the same images share one generation
@@ -215,14 +224,17 @@ def runs_table(workdirs, /, *, base: str = "cpu", block: str = RUNS_BLOCK) -> st
             f"| `{workdir}` | {change} | {cfg['steps']} × {cfg['batch_size']} "
             f"| {cfg['train_size']} | {level} | {curve} | {final} | {std} | {step_ms} |"
         )
+    sizes = sorted({_run_record(pathlib.Path(w))["config"].get("test_size") for w in workdirs})
     lines += [
         "",
-        f"Test accuracy on the {base} preset's 2,000 test images (chance 0.1) at the run's own "
+        f"Test accuracy on the runs' {' or '.join(f'{n:,}' for n in sizes)} test images "
+        "(chance 0.1) at the run's own "
         "level and, for runs on another level, on the same images at the standard level (the "
         f"benchmark). {platform.machine()}, {os.cpu_count()} CPUs, step times with the cores "
         "shared between runs (not comparable across rows). Table: `python -m "
         "experiments.ablation --runs "
         + " ".join(map(str, workdirs))
+        + ("" if base == "cpu" else f" --base {base}")
         + ("" if block == RUNS_BLOCK else f" --block {block}")
         + "`.",
     ]
@@ -243,10 +255,19 @@ def main(argv=None) -> int:
     p.add_argument("--update-readme", nargs="?", const="README.md", metavar="README")
     p.add_argument(
         "--block",
-        default=RUNS_BLOCK,
-        help="README block of a --runs table (another block keeps a table of runs made elsewhere)",
+        help=f"README block to write (--runs: {RUNS_BLOCK} by default; the variants table has "
+        "no block in the README: name one)",
     )
     a = p.parse_args(argv)
+    if a.runs and a.block is None:
+        a.block = RUNS_BLOCK
+    if a.update_readme:
+        if a.block is None:
+            p.error("--update-readme needs --block NAME for the variants table")
+        try:
+            check_block(a.update_readme, a.block)  # before any training
+        except ValueError as e:
+            p.error(str(e))
     if a.runs:
         md = runs_table(a.runs, base=a.base, block=a.block)
         publish(md, a.update_readme, a.block)
@@ -263,7 +284,7 @@ def main(argv=None) -> int:
         )  # fmt: skip
     md = table(rows)
     (pathlib.Path(a.out) / "results.md").write_text(md)
-    publish(md, a.update_readme, "ablation")
+    publish(md, a.update_readme, a.block)
     return 0
 
 

@@ -26,7 +26,9 @@ import sys
 
 import numpy as np
 
-from ._loop import TrainingDiverged
+from markov_attn.nn import config_to_dict
+
+from ._loop import TrainingDiverged, same_config
 from .configs import PRESETS, TrainConfig, get_preset, override
 from .readme import command_line, markers, replace_block
 from .timing import interleaved
@@ -66,14 +68,15 @@ def run_all(
             failed = workdir / "diverged.json"
             if failed.exists():  # diverged earlier: the same config diverges again
                 s = json.loads(failed.read_text())
-                if s.get("steps") != cfg.steps:
+                if not same_config(s.get("config"), cfg):
                     s = None
                 else:
                     summaries.append(s)
                     continue
             if done.exists():  # finished earlier: keep its numbers (timings included)
                 s = json.loads(done.read_text())
-                if s.get("steps") != cfg.steps or s.get("config", {}).get("steps") != cfg.steps:
+                if not same_config(s.get("config"), cfg):
+                    print(f"another configuration, not reused: {workdir}", file=sys.stderr)
                     s = None
             if s is None and not train:
                 print(f"not finished, left out: {workdir}", file=sys.stderr)
@@ -91,6 +94,7 @@ def run_all(
                         "diverged_at": e.step,
                         "images_per_s": None,
                         "step_time_ms": None,
+                        "config": config_to_dict(cfg),
                     }
                     failed.write_text(json.dumps(s, indent=1) + "\n")
                     summaries.append(s)

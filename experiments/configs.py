@@ -6,7 +6,10 @@ command, the runtime on this project's reference machine (2 CPU cores) and the e
 training config, and any :class:`markov_attn.nn.ViTConfig` field by name.
 """
 
+import ast
 import dataclasses
+import types
+import typing
 
 from markov_attn.nn import ViTConfig
 
@@ -110,9 +113,15 @@ class TrainConfig:
                 f"eval_every ({self.eval_every}) must be 0 or a multiple of log_every "
                 f"({self.log_every})"
             )
-        if not 0 <= self.warmup_steps <= self.steps:
+        if not 0 <= self.warmup_steps < self.steps:  # the cosine needs a decay step
             raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must lie in [0, steps={self.steps}]"
+                f"warmup_steps ({self.warmup_steps}) must lie in [0, steps={self.steps})"
+            )
+        if min(self.keep_checkpoints, self.eval_batch_size, self.test_size) < 1:
+            raise ValueError(
+                "keep_checkpoints, eval_batch_size and test_size must be >= 1 (with "
+                f"keep_checkpoints={self.keep_checkpoints} a killed run could not resume and "
+                "the run could not be loaded)"
             )
 
 
@@ -402,3 +411,70 @@ def override(cfg: TrainConfig, /, **overrides) -> TrainConfig:
     if m:
         t["model"] = dataclasses.replace(cfg.model, **m)
     return dataclasses.replace(cfg, **t)
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def parse_set(cfg: TrainConfig, item: str, /) -> tuple[str, object]:
+    """``(field, value)`` from a ``--set FIELD=VALUE`` string, checked against the field's type.
+
+    ``VALUE`` is a Python literal (a bare word is a string). Booleans also take ``true`` /
+    ``false`` in any case; an integer field refuses ``4.0``; a tuple field takes a tuple or a
+    list; ``None`` only where the field allows it. Anything else is a ``ValueError`` naming
+    the field and the type it wants (``--set flip=false`` used to store the string "false",
+    which is true).
+    """
+    field, sep, raw = item.partition("=")
+    field, raw = field.strip(), raw.strip()
+    if not sep or not field:
+        raise ValueError(f"--set needs FIELD=VALUE, got {item!r}")
+    hints = {**_field_types(type(cfg.model)), **_field_types(type(cfg))}
+    hints.pop("model", None)
+    if field not in hints:
+        raise ValueError(f"unknown config field {field!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string such as pool=mean
+    return field, _coerce(field, value, hints[field])
+
+
+def _coerce(field: str, value, hint):
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+
+    def bad(want: str):
+        return ValueError(f"--set {field}= wants {want}, got {value!r}")
+
+    if value is None:
+        raise bad("a value (it cannot be None; e.g. conv_stem=() for no stem)")
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple | list):
+            raise bad("a tuple, e.g. (32, 64)")
+        item = args[0] if args else object
+        return tuple(_coerce(field, v, item) for v in value)
+    return value  # dtype fields and other objects: as given

@@ -15,16 +15,25 @@ def replace_block(readme, name: str, text: str, /) -> None:
     Raises:
       ValueError: if the markers are missing or out of order (nothing is written).
     """
+    check_block(readme, name)
     start, end = markers(name)
     readme = pathlib.Path(readme)
     src = readme.read_text()
+    i, j = src.find(start), src.find(end)
+    readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
+
+
+def check_block(readme, name: str, /) -> None:
+    """Raises the :func:`replace_block` error now if ``readme`` lacks the ``name`` markers (so
+    that a long run does not end in it)."""
+    start, end = markers(name)
+    src = pathlib.Path(readme).read_text()
     i, j = src.find(start), src.find(end)
     if i < 0 or j < 0 or j < i:
         raise ValueError(
             f"{readme} must contain the markers {start} and {end} (in that order); add them "
             f"where the {name} block should go"
         )
-    readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
 
 
 def publish(text: str, readme, name: str, /) -> None:
@@ -46,12 +55,18 @@ def command_line(prog: str, argv, /, *, drop=("--update-readme",)) -> str:
       'python -m experiments.x --a 1 --b'
       >>> command_line("experiments.x", ["--update-readme", "--a", "1"])
       'python -m experiments.x --a 1'
+      >>> command_line("experiments.x", ["--s", "0", "--update-readme=R.md", "--update-rea", "R"])
+      'python -m experiments.x --s 0'
     """
     out, args, i = [], list(argv), 0
     while i < len(args):
-        if args[i] in drop:
+        name, eq, _ = args[i].partition("=")
+        # argparse also takes --flag=value and unambiguous abbreviations (--update-rea)
+        hit = next((d for d in drop if name == d or (len(name) > 3 and d.startswith(name))), None)
+        if hit is not None:
             i += 1
-            if args[i - 1] == "--update-readme" and i < len(args) and not args[i].startswith("-"):
+            path_follows = hit == "--update-readme" and not eq
+            if path_follows and i < len(args) and not args[i].startswith("-"):
                 i += 1  # its README path
             continue
         out.append(args[i])

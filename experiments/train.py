@@ -15,7 +15,6 @@ logged step, plus a final ``"split": "test"`` line) and ``summary.json``.
 """
 
 import argparse
-import ast
 import dataclasses
 import functools
 import json
@@ -32,12 +31,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import ViT, load_run, write_weights
+from markov_attn.nn import ViT, ViTConfig, load_run, write_weights
 from markov_attn.nn import config_from_dict as _from_dict
 
 from ._loop import TrainingRun, count_params, sigkill_at
 from .ckpt import CheckpointError
-from .configs import PRESETS, TrainConfig, get_preset
+from .configs import PRESETS, TrainConfig, get_preset, parse_set
 
 __all__ = [
     "CheckpointError",
@@ -538,15 +537,8 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(argv=None) -> TrainConfig:
     """The :class:`TrainConfig` the CLI builds from ``argv`` (preset plus overrides)."""
     a, _ = _parser().parse_known_args(argv)
-    sets = {}
-    for item in a.set:
-        field, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set needs FIELD=VALUE, got {item!r}")
-        try:
-            sets[field.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            sets[field.strip()] = value.strip()  # a bare string such as pool=mean
+    base = PRESETS[a.preset]()
+    sets = dict(parse_set(base, item) for item in a.set)  # ValueError: one line in main
     warmup = None
     steps = a.steps if a.steps is not None else sets.get("steps")
     if isinstance(steps, int) and "warmup_steps" not in sets:
@@ -561,8 +553,14 @@ def config_from_args(argv=None) -> TrainConfig:
         warmup_steps=warmup,
         patch_norm=False if a.no_patch_norm else None,
     )
-    # the named flags win over --set where both are given
-    return get_preset(a.preset, **{**sets, **{k: v for k, v in flags.items() if v is not None}})
+    # the named flags win over --set where both are given; a None from --set is applied as such
+    cfg = get_preset(a.preset, **{**sets, **{k: v for k, v in flags.items() if v is not None}})
+    nones = [k for k, v in sets.items() if v is None and flags.get(k) is None]
+    model_nones = {k: None for k in nones if k in {f.name for f in dataclasses.fields(ViTConfig)}}
+    train_nones = {k: None for k in nones if k not in model_nones}
+    if model_nones:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_nones))
+    return dataclasses.replace(cfg, **train_nones) if train_nones else cfg
 
 
 def main(argv=None) -> int:

@@ -272,6 +272,8 @@ def train_and_evaluate(
 def load_dit(workdir: str | os.PathLike, /, *, step: int | None = None, ema: bool = True):
     """The trained DiT of a run directory, ``(model, config)``; EMA weights unless ``ema=False``."""
     workdir = pathlib.Path(workdir)
+    if not (workdir / "checkpoints").is_dir():  # the checkpointer would create it
+        raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}; train first")
     ckpt = Checkpointer(workdir / "checkpoints")
     try:
         step = ckpt.latest_step() if step is None else step
@@ -311,7 +313,11 @@ def config_from_args(argv=None) -> DiTTrainConfig:
 
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
-    cfg = config_from_args(argv)
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as err:  # a config the presets refuse: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         summary = train_and_evaluate(
             cfg, a.workdir, progress=not a.no_progress, on_step=sigkill_at(a.kill_at_step)

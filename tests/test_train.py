@@ -381,7 +381,7 @@ def test_compare_heads_interleaved_timing_and_finished_runs_only(tmp_path, capsy
     assert not (tmp_path / "cls_s0").exists()
 
 
-def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path):
+def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path, capsys):
     import json
 
     from experiments.compare_heads import aggregate, left_chance_at, table
@@ -423,9 +423,14 @@ def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path):
     assert "diverged (NaN loss by step 540) |" in md and "has no accuracy" in md
     # run_all counts a run that diverged earlier without training it again
     from experiments.compare_heads import run_all
+    from experiments.configs import override
+    from markov_attn.nn import config_to_dict
+
+    def stored(pool, seed, cfg=TINY):
+        return config_to_dict(override(cfg, pool=pool, seed=seed))
 
     (tmp_path / "cls_s0").mkdir()
-    earlier = {**div, "pool": "cls", "seed": 0, "steps": TINY.steps}
+    earlier = {**div, "pool": "cls", "seed": 0, "steps": TINY.steps, "config": stored("cls", 0)}
     (tmp_path / "cls_s0" / "diverged.json").write_text(json.dumps(earlier))
     got = run_all(TINY, pools=("cls",), seeds=(0,), out=tmp_path, train=False)
     assert got[0]["diverged_at"] == 540 and got[0]["test_acc"] is None
@@ -435,12 +440,21 @@ def test_compare_heads_per_seed_table_and_leaving_chance(tmp_path):
     run = tmp_path / "mean_s0"
     run.mkdir()
     (run / "summary.json").write_text(json.dumps({**fake[2], "steps": TINY.steps,
-                                                  "config": {"steps": TINY.steps}}))  # fmt: skip
+                                                  "config": stored("mean", 0)}))  # fmt: skip
     (run / "metrics.jsonl").write_text('{"step": 20, "loss": 2.3}\n{"step": 40, "loss": NaN}\n')
     assert first_nonfinite_loss(run / "metrics.jsonl") == 40
     assert first_nonfinite_loss(path) is None
     got = run_all(TINY, pools=("mean",), seeds=(0,), out=tmp_path, train=False)
     assert got[0]["diverged_at"] == 40 and got[0]["test_acc"] is None
+    # a finished run of another configuration with the same steps is not reused (it was: its
+    # numbers went into the table under this preset's name); evaluation cadence does not count
+    wider = stored("mean", 0, override(TINY, width=TINY.model.width * 2))
+    (run / "summary.json").write_text(json.dumps({**fake[2], "config": wider}))
+    assert run_all(TINY, pools=("mean",), seeds=(0,), out=tmp_path, train=False) == []
+    assert "another configuration, not reused" in capsys.readouterr().err
+    cadence = stored("mean", 0, override(TINY, eval_every=0, eval_batch_size=7))
+    (run / "summary.json").write_text(json.dumps({**fake[2], "config": cadence}))
+    assert len(run_all(TINY, pools=("mean",), seeds=(0,), out=tmp_path, train=False)) == 1
 
 
 def test_conv_stem_run_checkpoints_its_batch_statistics(tmp_path):
@@ -602,3 +616,74 @@ def test_cli_warmup_and_steps_overrides():
     assert cfg.steps == 50 and cfg.warmup_steps <= 5
     # a config the presets refuse is one line and exit status 2, not a traceback
     assert main(["--preset", "cpu", "--workdir", "w", "--set", "warmup_steps=99999"]) == 2
+
+
+def test_set_values_are_checked_against_the_field_type():
+    """--set flip=false stored the string "false" (true); 4.0 steps, '0.1x' and None went
+    through to a traceback or were dropped silently."""
+    from experiments.train import config_from_args, main
+
+    base = ["--preset", "cpu", "--workdir", "unused"]
+    assert config_from_args([*base, "--set", "flip=false"]).flip is False
+    assert config_from_args([*base, "--set", "flip=True"]).flip is True
+    cfg = config_from_args([*base, "--set", "conv_stem=[16, 32]", "--set", "lr=1"])
+    assert cfg.model.conv_stem == (16, 32) and cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert config_from_args([*base, "--set", "pool=mean"]).model.pool == "mean"
+    for bad, msg in [("steps=4.0", "an integer"), ("label_smoothing=0.1x", "a number"),
+                     ("conv_stem=None", "cannot be None"), ("flip=1", "True or False"),
+                     ("nope=1", "unknown config field")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            config_from_args([*base, "--set", bad])
+    assert main([*base, "--set", "steps=4.0"]) == 2  # one line, no traceback, no run directory
+    assert not pathlib.Path("unused").exists()
+
+
+def test_configs_refuse_settings_that_fail_later():
+    from experiments import dit_configs
+
+    with pytest.raises(ValueError, match=r"warmup_steps \(4\) must lie in \[0, steps=4\)"):
+        _tiny(steps=4, warmup_steps=4)  # optax's cosine has no decay step left
+    for field in ("keep_checkpoints", "eval_batch_size", "test_size"):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            _tiny(**{field: 0})
+    with pytest.raises(ValueError, match="warmup_steps"):
+        dit_configs.get_preset("smoke", steps=4, warmup_steps=4)
+
+
+def test_train_dit_cli_errors_in_one_line_and_load_dit_creates_nothing(tmp_path, capsys):
+    from experiments.train_dit import load_dit, main
+
+    assert main(["--preset", "smoke", "--data", "synthetic", "--steps", "0",
+                 "--workdir", str(tmp_path / "dit0")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_dit(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_ablation_keys_the_base_and_checks_the_block_first(tmp_path, monkeypatch):
+    from experiments import ablation
+
+    seen = []
+
+    def fake_train(cfg, workdir, **kw):
+        seen.append(cfg.name)
+        workdir.mkdir(parents=True)
+        from markov_attn.nn import config_to_dict
+
+        s = {"test_size": cfg.test_size, "test_acc": 0.5, "train_acc": 0.5, "step_time_ms": 1.0,
+             "params": 1, "config": config_to_dict(cfg)}  # fmt: skip
+        (workdir / "summary.json").write_text(json.dumps(s))
+        return s
+
+    monkeypatch.setattr(ablation, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(ablation, "load_data", lambda cfg: None)
+    ablation.run_variants(["old"], base="cpu", steps=24, out=tmp_path, progress=False)
+    ablation.run_variants(["old"], base="cpu64", steps=24, out=tmp_path, progress=False)
+    assert len(seen) == 2  # the cpu64 row was the cpu run's before
+    readme = tmp_path / "R.md"
+    readme.write_text("no blocks\n")
+    with pytest.raises(SystemExit):  # before any training
+        ablation.main(["--steps", "4", "--out", str(tmp_path / "x"), "--update-readme",
+                       str(readme), "--block", "demo-ablation"])  # fmt: skip
+    assert len(seen) == 2
