@@ -127,10 +127,16 @@ def truncate_metrics(path: pathlib.Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # a last line torn by a crash mid-write: rewritten anyway
+                break
+            raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); fix or delete the line") from e
         if rec.get("step", 0) <= step and not rec.get("final"):
             keep.append(line)
     path.write_text("".join(x + "\n" for x in keep))

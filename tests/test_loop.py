@@ -221,3 +221,15 @@ def test_on_step_sees_every_step_after_its_checkpoint(tmp_path):
     np.testing.assert_allclose([w for _, w, _ in seen], cfg.lr ** np.arange(1, cfg.steps + 1))
     assert all(disk for d, _, disk in seen if d % cfg.ckpt_every == 0 or d == cfg.steps)
     assert sigkill_at(None) is None
+
+
+def test_truncate_metrics_drops_a_torn_last_line_and_names_a_bad_one(tmp_path):
+    """A crash mid-write leaves half a line at the end: the resume dropped with a bare JSON
+    error that named no file."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n{"step": 6, "lo')
+    truncate_metrics(path, 4)
+    assert path.read_text() == '{"step": 2, "loss": 1.0}\n{"step": 4, "loss": 0.9}\n'
+    path.write_text('{"step": 2, "loss": 1.0}\n{"step": 4, "lo\n{"step": 6, "loss": 0.9}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not JSON"):
+        truncate_metrics(path, 6)
