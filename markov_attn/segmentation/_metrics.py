@@ -189,7 +189,10 @@ def _image_stats(maps, masks, thresh, method) -> SegStats:
             f"maps {maps.shape} and masks {masks.shape} must have the same rank; add "
             "leading axes of size 1 to broadcast (e.g. masks[None] for several methods)"
         )
-    if method == "nearest" and thresh != "median":
+    # the token path min-max scales over every token: right only when each token reaches a
+    # pixel (an image smaller than the grid leaves some out, as map_to_mask does)
+    covers = masks.shape[-2] >= maps.shape[-2] and masks.shape[-1] >= maps.shape[-1]
+    if method == "nearest" and thresh != "median" and covers:
         stats = _token_stats(maps, masks, thresh)
     else:
         stats = _pixel_stats(maps, masks, thresh, method)
@@ -396,7 +399,8 @@ def bootstrap(
     counts: np.ndarray | None = None,
     baseline: SegStats | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap confidence intervals of every data-set metric.
+    """Percentile bootstrap confidence intervals of every data-set metric (``map``'s over the
+    resamples that hold an image with foreground: it is undefined on the others).
 
     Images are resampled with replacement and the data-set metrics recomputed from the
     resampled sums (so mIoU keeps its ratio-of-sums definition).
@@ -434,10 +438,16 @@ def bootstrap(
             f"counts must have shape (n_resamples, {n}), got {counts.shape}; build them with "
             f"bootstrap_counts({n}, ...)"
         )
-    res = _metrics_from_sums(_sums(stats, counts))
+    sums = _sums(stats, counts)
+    res = _metrics_from_sums(sums)
     if baseline is not None:
         base = _metrics_from_sums(_sums(_as_numpy(baseline), counts))
         res = {k: res[k] - base[k] for k in res}
+    # mAP is undefined on a resample without a foreground image (summarize's 0 for a data set
+    # without one would pull the interval towards 0): its interval is over the others
+    defined = sums["has_fg"] > 0
+    if defined.any():
+        res["map"] = res["map"][defined]
     q = (100.0 * (1.0 - level) / 2.0, 100.0 * (1.0 + level) / 2.0)
     return {k: tuple(float(x) for x in np.percentile(v, q)) for k, v in res.items()}
 
