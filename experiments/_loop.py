@@ -40,6 +40,7 @@ from .ckpt import Checkpointer
 
 __all__ = [
     "TABLE_FREE",
+    "VIT_ASSUMED",
     "MetricsLog",
     "TrainingDiverged",
     "TrainingRun",
@@ -109,14 +110,18 @@ TABLE_FREE = (
 )
 
 
+#: Values of fields that ViT runs saved before the fields existed did not store (they had
+#: these values): the standard difficulty level, the position-embedding grid at image_size.
+VIT_ASSUMED = {"difficulty": "standard", "model": {"pos_size": None}}
+
+
 def same_config(stored, cfg, /, *, free: Collection[str] = TABLE_FREE) -> bool:
     """Whether a finished run's stored config dict is ``cfg``'s (a config dataclass), up to the
     ``free`` fields (runs from before the difficulty levels are on the standard level)."""
     if not isinstance(stored, Mapping):
         return False
     try:
-        check_same_run(stored, config_to_dict(cfg), "", free_fields=free,
-                       assumed={"difficulty": "standard"})  # fmt: skip
+        check_same_run(stored, config_to_dict(cfg), "", free_fields=free, assumed=VIT_ASSUMED)
     except ValueError:
         return False
     return True

@@ -166,7 +166,14 @@ def _run_record(workdir: pathlib.Path) -> dict:
     """The stored config, the test lines and (if finished) the summary of one run directory."""
     from .ckpt import Checkpointer
 
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+    raw = [x for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = []
+    for i, x in enumerate(raw):
+        try:
+            lines.append(json.loads(x))
+        except json.JSONDecodeError:
+            if i < len(raw) - 1:  # only a last line can be torn (a crash mid-write)
+                raise
     summary_path = workdir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())

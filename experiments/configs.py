@@ -452,6 +452,8 @@ def _coerce(field: str, value, hint):
     def bad(want: str):
         return ValueError(f"--set {field}= wants {want}, got {value!r}")
 
+    if hint is object:  # dtype fields: None (the default) or a dtype name
+        return value
     if value is None:
         raise bad("a value (it cannot be None; e.g. conv_stem=() for no stem)")
     if hint is bool:
@@ -477,4 +479,4 @@ def _coerce(field: str, value, hint):
             raise bad("a tuple, e.g. (32, 64)")
         item = args[0] if args else object
         return tuple(_coerce(field, v, item) for v in value)
-    return value  # dtype fields and other objects: as given
+    return value  # other objects: as given

@@ -127,7 +127,11 @@ def _metastable(
             with warnings.catch_warnings(record=True) as caught:  # counted, not one per image
                 warnings.simplefilter("always", ma.UnresolvedGapWarning)
                 ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
-            unresolved += any(issubclass(w.category, ma.UnresolvedGapWarning) for w in caught)
+            for w in caught:
+                if issubclass(w.category, ma.UnresolvedGapWarning):
+                    unresolved += 1
+                else:  # any other warning is shown as usual
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             out[i], used[i] = np.asarray(ms.assignment), int(ms.k)
         if notes is not None:
             notes["unresolved"] = unresolved

@@ -34,7 +34,7 @@ from flax import nnx
 from markov_attn.nn import ViT, ViTConfig, load_run, write_weights
 from markov_attn.nn import config_from_dict as _from_dict
 
-from ._loop import TrainingRun, count_params, sigkill_at
+from ._loop import VIT_ASSUMED, TrainingRun, count_params, sigkill_at
 from .ckpt import CheckpointError
 from .configs import PRESETS, TrainConfig, get_preset, parse_set
 
@@ -397,7 +397,7 @@ def train_and_evaluate(
         cfg,
         workdir,
         free_fields=_FREE_FIELDS,
-        assumed={"difficulty": "standard"},  # runs from before the levels existed
+        assumed=VIT_ASSUMED,  # runs from before the levels and pos_size existed
         stop_after=stop_after,
         on_step=on_step,
         progress={"desc": f"{cfg.name}/{cfg.model.pool}", "mininterval": 1.0} if progress else None,

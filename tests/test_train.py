@@ -634,6 +634,7 @@ def test_set_values_are_checked_against_the_field_type():
                      ("nope=1", "unknown config field")]:  # fmt: skip
         with pytest.raises(ValueError, match=msg):
             config_from_args([*base, "--set", bad])
+    assert config_from_args([*base, "--set", "dtype=None"]).model.dtype is None  # its default
     assert main([*base, "--set", "steps=4.0"]) == 2  # one line, no traceback, no run directory
     assert not pathlib.Path("unused").exists()
 
@@ -687,3 +688,18 @@ def test_ablation_keys_the_base_and_checks_the_block_first(tmp_path, monkeypatch
         ablation.main(["--steps", "4", "--out", str(tmp_path / "x"), "--update-readme",
                        str(readme), "--block", "demo-ablation"])  # fmt: skip
     assert len(seen) == 2
+
+
+def test_runs_saved_before_pos_size_are_still_the_same_run():
+    """ViTConfig.pos_size (new) made every stored model config differ from its own run's: no
+    finished run was reused by compare_heads/ablation and none could resume."""
+    from experiments._loop import VIT_ASSUMED, check_same_run, same_config
+    from markov_attn.nn import config_to_dict
+
+    stored = config_to_dict(TINY)
+    del stored["model"]["pos_size"]  # as written before the field existed
+    assert same_config(stored, TINY)
+    assert not same_config(stored, _tiny(lr=TINY.lr * 2))
+    check_same_run(stored, config_to_dict(TINY), "run", assumed=VIT_ASSUMED)  # resume: no error
+    with pytest.raises(ValueError, match="different run"):
+        check_same_run(stored, config_to_dict(TINY), "run", assumed={"difficulty": "standard"})

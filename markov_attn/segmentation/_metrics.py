@@ -139,8 +139,9 @@ def image_stats(
     Each map is min–max normalised, upsampled to the mask's size (:func:`map_to_mask`),
     thresholded for the confusion counts, and scored continuously for AP. With nearest
     upsampling (and a mean or fixed threshold) the result is computed exactly on the token
-    grid from per-patch pixel counts, without sorting pixels; bilinear upsampling and the
-    median threshold take the pixel path.
+    grid from per-patch pixel counts, without sorting pixels; bilinear upsampling, the median
+    threshold and a mask smaller than the token grid (some tokens would reach no pixel) take
+    the pixel path.
 
     Args:
         maps: ``(..., gh, gw)`` maps over the token grid; leading axes are batch axes (e.g.
