@@ -245,9 +245,9 @@ def tokenrank(
     stationary distribution is not unique, and for nearly reducible ones (:math:`|\lambda_2|`
     within ~1e-4 of 1) every float32 iteration and every solve that forms :math:`I - A` loses
     accuracy (L1 2e-3 to 1e-1 on three blocks leaking e^-14 to e^-16). A concrete ``alpha``
-    of 1 for every matrix with ``"solve"``, or ``"auto"`` up to n = 1025, therefore uses GTH
-    elimination there too (1.3e-7); a traced ``alpha`` (under ``jit``) cannot be seen to be 1
-    and keeps the method's usual path.
+    of 1 (for any matrix of the batch: the others then take it too) with ``"solve"``, or
+    ``"auto"`` up to n = 1025, therefore uses GTH elimination there too (1.3e-7); a traced
+    ``alpha`` (under ``jit``) cannot be seen to be 1 and keeps the method's usual path.
 
     Input contract: rows are renormalised (so rows that do not sum to 1 are read as weights, and
     an all-zero row becomes uniform). A NaN/inf or negative entry, ``alpha`` outside
@@ -300,8 +300,10 @@ def tokenrank(
         max_steps = check_count("max_steps", max_steps, minimum=1)
     n = np.shape(attn)[-1]
     gth_ok = method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N)
-    if gth_ok and is_concrete(alpha) and np.all(np.asarray(alpha) == 1.0):
-        method = "gth"  # no teleportation: only an elimination without subtraction is accurate
+    if gth_ok and is_concrete(alpha) and np.any(np.asarray(alpha) == 1.0):
+        # no teleportation: only an elimination without subtraction is accurate; the batch's
+        # other members go with it (GTH solves any alpha, as accurately)
+        method = "gth"
     pi, info = _tokenrank(
         attn, alpha, v, direction, method, float(tol), max_steps, bool(teleport_first)
     )

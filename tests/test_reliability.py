@@ -607,6 +607,12 @@ def test_tokenrank_alpha_one_on_a_nearly_reducible_chain(seed, n, leak):
         assert np.abs(np.asarray(pi, np.float64) - want).sum() < 1e-5, method
     pi = ma.tokenrank(np.stack([a32, a32]), alpha=[1.0, 1.0])  # one alpha per matrix, all 1
     assert np.abs(np.asarray(pi[1], np.float64) - want).sum() < 1e-5
+    # a batch with only some alphas of 1 (the alpha = 1 member was 2.3e-3 off: a cliff)
+    pi = np.asarray(ma.tokenrank(np.stack([a32, a32]), alpha=[1.0, 0.5]), np.float64)
+    assert np.abs(pi[0] - want).sum() < 1e-5
+    a64 = a32.astype(np.float64) / a32.astype(np.float64).sum(-1, keepdims=True)
+    half = np.linalg.solve(np.eye(n) - 0.5 * a64.T, np.full(n, 0.5 / n))
+    assert np.abs(pi[1] - half / half.sum()).sum() < 1e-5
     gm = ma.tokenrank(a32, alpha=1.0, method="gmres")  # the case is hard
     assert np.abs(np.asarray(gm, np.float64) - want).sum() > 1e-4
 
