@@ -334,6 +334,26 @@ def gth(p: jax.Array) -> jax.Array:
     return x / jnp.sum(x, -1, keepdims=True)
 
 
+def _teleported(op, p, v, al):
+    r"""The dense teleported chain :math:`T = \alpha A + (1 - \alpha)\mathbf{1}v^\top` (GTH
+    solves it directly, its factors give the adjoint)."""
+    return al[..., None, None] * op.dense(p) + (1.0 - al[..., None, None]) * v[..., None, :]
+
+
+def _unless_broken(ok, value, fallback):
+    """``value`` where ``ok`` ``(...)``, ``fallback()`` elsewhere (same pytree); the fallback
+    runs only when some member broke down (GTH on a reducible chain: a division by zero)."""
+
+    def mix():
+        return jax.tree.map(
+            lambda f, v: jnp.where(ok.reshape(ok.shape + (1,) * (f.ndim - ok.ndim)), v, f),
+            fallback(),
+            value,
+        )
+
+    return jax.lax.cond(jnp.all(ok), lambda: value, mix)
+
+
 def _forward(op, opts, p, v, alpha):
     """``(x, residual, steps, converged)``, ``x`` before the final renormalisation."""
 
@@ -344,9 +364,7 @@ def _forward(op, opts, p, v, alpha):
     if opts.method == "gth":
 
         def run_gth(p, v, al):
-            a = op.dense(p)
-            t = al[..., None, None] * a + (1.0 - al[..., None, None]) * v[..., None, :]
-            x = gth(t)
+            x = gth(_teleported(op, p, v, al))
             return x, l1_residual(p, v, al, x)
 
         x, res = _batched(op, run_gth, p, v, alpha)
@@ -355,16 +373,7 @@ def _forward(op, opts, p, v, alpha):
         # a reducible chain (possible at alpha = 1, e.g. the reverse of a teleported causal
         # chain): GTH divides by zero there; those members take GMRES's answer
         fallback = dataclasses.replace(opts, method="gmres")
-        x, res, steps, conv = jax.lax.cond(
-            jnp.all(ok),
-            lambda: (x, res, steps, ok),
-            lambda: jax.tree.map(
-                lambda g, h: jnp.where(ok.reshape(ok.shape + (1,) * (g.ndim - ok.ndim)), h, g),
-                _forward(op, fallback, p, v, alpha),
-                (x, res, steps, ok),
-            ),
-        )
-        return x, res, steps, conv
+        return _unless_broken(ok, (x, res, steps, ok), lambda: _forward(op, fallback, p, v, alpha))
 
     if opts.method == "solve":
         n = v.shape[-1]
@@ -416,18 +425,14 @@ def _adjoint(op, opts, p, v, alpha, pi, g):
         # (pi.g) 1 by T's GTH factors and v.u = pi.g; GMRES for members whose factors broke
         # down (a reducible chain: the forward pass fell back to GMRES too)
         def run_gth(p, v, al, pi, g):
-            t = al[..., None, None] * op.dense(p) + (1.0 - al[..., None, None]) * v[..., None, :]
             pg = jnp.sum(pi * g, -1, keepdims=True)
-            w = gth_poisson(gth_factor(t), g - pg)
+            w = gth_poisson(gth_factor(_teleported(op, p, v, al)), g - pg)
             return w + (pg - jnp.sum(v * w, -1, keepdims=True))
 
         u = _batched(op, run_gth, p, v, alpha, pi, g)
-        ok = jnp.all(jnp.isfinite(u), -1, keepdims=True)
         fallback = dataclasses.replace(opts, method="gmres")
-        return jax.lax.cond(
-            jnp.all(ok),
-            lambda: u,
-            lambda: jnp.where(ok, u, _adjoint(op, fallback, p, v, alpha, pi, g)),
+        return _unless_broken(
+            jnp.all(jnp.isfinite(u), -1), u, lambda: _adjoint(op, fallback, p, v, alpha, pi, g)
         )
 
     def run(p, v, al, g):

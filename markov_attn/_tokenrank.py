@@ -144,10 +144,6 @@ def _tokenrank(attn, alpha, v, direction, method, tol, max_steps, teleport_first
         if teleport_first:  # the paper's reverse chain: reverse(teleport(A)), not teleported again
             a = _reverse(_teleport(a, alpha, v))  # _teleport takes one alpha per matrix
             alpha = jnp.ones_like(alpha)
-            # an alpha = 1 problem that is as ill-conditioned as the chain is nearly reducible
-            # (with a concentrated v): only an elimination without subtraction is accurate
-            if method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N):
-                method = "gth"
         else:
             a = _reverse(a)
         rows = row_sums(a)
@@ -298,11 +294,16 @@ def tokenrank(
         raise ValueError(f"tol must be a positive float (target L1 error), got {tol!r}")
     if max_steps is not None:
         max_steps = check_count("max_steps", max_steps, minimum=1)
+    # The alpha = 1 problems (the reverse of the teleported chain, or no teleportation: as
+    # ill-conditioned as the chain is nearly reducible) are accurate only by an elimination
+    # without subtraction; a batch with some alpha of 1 goes there whole (GTH solves any alpha,
+    # as accurately). A traced alpha cannot be seen to be 1.
+    reverse_teleported = direction == "out" and teleport_first
+    unteleported = is_concrete(alpha) and np.any(np.asarray(alpha) == 1.0)
     n = np.shape(attn)[-1]
-    gth_ok = method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N)
-    if gth_ok and is_concrete(alpha) and np.any(np.asarray(alpha) == 1.0):
-        # no teleportation: only an elimination without subtraction is accurate; the batch's
-        # other members go with it (GTH solves any alpha, as accurately)
+    if (reverse_teleported or unteleported) and (
+        method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N)
+    ):
         method = "gth"
     pi, info = _tokenrank(
         attn, alpha, v, direction, method, float(tol), max_steps, bool(teleport_first)
