@@ -49,7 +49,6 @@ import json
 import pathlib
 import sys
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +56,7 @@ import numpy as np
 
 import markov_attn as ma
 from markov_attn import segmentation as seg
+from markov_attn._util import caught_warnings
 
 from .kmeans import kmeans
 from .readme import command_line, publish
@@ -124,14 +124,9 @@ def _metastable(
     if auto:
         unresolved = 0
         for i, c in enumerate(chains):
-            with warnings.catch_warnings(record=True) as caught:  # counted, not one per image
-                warnings.simplefilter("always", ma.UnresolvedGapWarning)
+            with caught_warnings(ma.UnresolvedGapWarning) as flagged:  # counted, not printed
                 ms = ma.metastable_states(c, k=None, k_range=AUTO_RANGE, split="nan")
-            for w in caught:
-                if issubclass(w.category, ma.UnresolvedGapWarning):
-                    unresolved += 1
-                else:  # any other warning is shown as usual
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            unresolved += len(flagged)
             out[i], used[i] = np.asarray(ms.assignment), int(ms.k)
         if notes is not None:
             notes["unresolved"] = unresolved

@@ -331,14 +331,20 @@ def _gap_choice(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
     return lo + xp.argmax(_gaps(xp, eigenvalues, cuts, lo, hi, skip_cuts))
 
 
+def _member_gaps(xp, eigenvalues, lo, hi):
+    r"""``(members, hi - lo + 1)``: each matrix's modulus gaps :math:`|\lambda_k| -
+    |\lambda_{k+1}|` for ``k = lo..hi`` (moduli sorted, the batch flattened)."""
+    mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
+    mod = mod.reshape(-1, mod.shape[-1])
+    return mod[:, lo - 1 : hi] - mod[:, lo : hi + 1]
+
+
 def _gaps(xp, eigenvalues, cuts, lo, hi, skip_cuts=True):
     """The batch-mean modulus gaps of :func:`_gap_choice` for ``k = lo..hi``, ``-inf`` for a
     ``k`` its rule rules out."""
-    mod = xp.sort(xp.abs(eigenvalues), axis=-1)[..., ::-1]
-    mod = mod.reshape(-1, mod.shape[-1])
-    gaps = xp.nanmean(mod[:, lo - 1 : hi] - mod[:, lo : hi + 1], axis=0)
+    gaps = xp.nanmean(_member_gaps(xp, eigenvalues, lo, hi), axis=0)
     if cuts is not None:
-        cut = cuts.reshape(-1, mod.shape[-1])[:, lo - 1 : hi]
+        cut = cuts.reshape(-1, eigenvalues.shape[-1])[:, lo - 1 : hi]
         cut = cut.any(axis=0) if skip_cuts else cut.all(axis=0)
         gaps = xp.where(cut & ~cut.all(), -xp.inf, gaps)
     return gaps
@@ -365,8 +371,7 @@ def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
     """
     p = lead.shape[-1]
     lead = lead.reshape(-1, p)
-    mod = np.sort(np.abs(eigenvalues), axis=-1)[..., ::-1].reshape(-1, p)
-    gap = mod[:, lo - 1 : hi] - mod[:, lo : hi + 1]  # (members, candidates k = lo..hi)
+    gap = _member_gaps(np, eigenvalues, lo, hi)  # (members, candidates k = lo..hi)
     starts = np.zeros_like(lead, bool) if cuts is None else cuts.reshape(-1, p)
     ks = np.arange(lo, hi + 1)
     idx = np.minimum(np.where(starts[:, ks], ks + 1, ks), p - 1)

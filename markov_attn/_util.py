@@ -1,6 +1,8 @@
 """Small shared helpers: dtype promotion, full-precision matmuls, eager argument checks."""
 
+import contextlib
 import numbers
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +364,19 @@ def require_extra(modules, extra: str, what: str) -> None:
 
 class MissingExtraError(ImportError):
     """An optional dependency of a subpackage is not installed (the message names the extra)."""
+
+
+@contextlib.contextmanager
+def caught_warnings(category):
+    """Collects the warnings of ``category`` raised in the block (every one, repeats included)
+    into the list it yields; any other warning is raised again as usual when the block ends
+    (not when it raises)."""
+    got = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", category)
+        yield got
+    for w in caught:
+        if issubclass(w.category, category):
+            got.append(w)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -47,11 +47,10 @@ import math
 import os
 import pathlib
 import sys
-import warnings
 
 import numpy as np
 
-from markov_attn._util import MissingExtraError
+from markov_attn._util import MissingExtraError, caught_warnings
 from markov_attn._weights import HEAD_WEIGHTINGS
 
 METHODS = ("bounce", "tokenrank", "column_sum", "rollout", "cls", "metastable")
@@ -218,11 +217,16 @@ def _load_run(path: pathlib.Path, size) -> _Loaded:
     return _Loaded(model, cfg, prepare, lambda x: x, f"training run {path}", side)
 
 
+def _print_warnings(caught) -> None:
+    """One ``markov-attn: warning:`` line per caught warning (:func:`caught_warnings`)."""
+    for w in caught:
+        print(f"markov-attn: warning: {w.message}", file=sys.stderr)
+
+
 def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
     from markov_attn.checkpoints import AssumedDefaultsWarning, load, preprocess, recipe
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", AssumedDefaultsWarning)
+    with caught_warnings(AssumedDefaultsWarning) as assumed:
         try:
             model, cfg, info = load(path)
         except (ValueError, OSError) as e:
@@ -230,11 +234,7 @@ def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
                 " (a training run directory needs a checkpoints/ folder)" if path.is_dir() else ""
             )
             _fail(f"cannot load the checkpoint {path}: {e}{hint}")
-    for w in caught:
-        if issubclass(w.category, AssumedDefaultsWarning):
-            print(f"markov-attn: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _print_warnings(assumed)
     try:
         r = recipe(info, size=size)
     except ValueError as e:
@@ -304,16 +304,9 @@ def _metastable_panel(args, chain, x, loaded, png, img_path, stem, gh, gw, num_p
     n = patches.shape[-1]
     if args.states is not None and not 2 <= args.states < n:
         _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ma.UnresolvedGapWarning)
+    with caught_warnings(ma.UnresolvedGapWarning) as unresolved:
         ms = ma.metastable_states(patches, k=args.states, k_range=(2, min(10, n - 1)), split="nan")
-    unresolved = False
-    for w in caught:
-        if issubclass(w.category, ma.UnresolvedGapWarning):
-            unresolved = True
-            print(f"markov-attn: warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _print_warnings(unresolved)
     k = int(ms.k)
     assign = np.asarray(ms.assignment).reshape(gh, gw)
     chi = np.asarray(ms.memberships).reshape(gh, gw, k)
