@@ -46,6 +46,7 @@ __all__ = [
     "TrainingRun",
     "check_same_run",
     "count_params",
+    "read_metrics",
     "same_config",
     "truncate_metrics",
 ]
@@ -127,23 +128,34 @@ def same_config(stored, cfg, /, *, free: Collection[str] = TABLE_FREE) -> bool:
     return True
 
 
-def truncate_metrics(path: pathlib.Path, step: int) -> None:
-    """Drops metric lines logged after ``step`` and final lines (a resumed run rewrites them)."""
-    if not path.exists():
-        return
-    keep = []
+def read_metrics(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """The ``(line, record)`` pairs of a ``metrics.jsonl``, blank lines skipped. A last line
+    torn by a crash mid-write is dropped; a line that is not JSON elsewhere is a ``ValueError``
+    naming the file and the line."""
     lines = path.read_text().splitlines()
+    last = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
+    out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append((line, json.loads(line)))
         except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # a last line torn by a crash mid-write: rewritten anyway
+            if i == last:
                 break
             raise ValueError(f"{path}, line {i + 1}: not JSON ({e}); fix or delete the line") from e
-        if rec.get("step", 0) <= step and not rec.get("final"):
-            keep.append(line)
+    return out
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Drops metric lines logged after ``step`` and final lines (a resumed run rewrites them)."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line, rec in read_metrics(path)
+        if rec.get("step", 0) <= step and not rec.get("final")
+    ]
     path.write_text("".join(x + "\n" for x in keep))
 
 

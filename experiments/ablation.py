@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 
-from ._loop import same_config
+from ._loop import read_metrics, same_config
 from .configs import PRESETS, get_preset
 from .readme import check_block, publish
 from .train import load_data, train_and_evaluate
@@ -166,14 +166,7 @@ def _run_record(workdir: pathlib.Path) -> dict:
     """The stored config, the test lines and (if finished) the summary of one run directory."""
     from .ckpt import Checkpointer
 
-    raw = [x for x in (workdir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    lines = []
-    for i, x in enumerate(raw):
-        try:
-            lines.append(json.loads(x))
-        except json.JSONDecodeError:
-            if i < len(raw) - 1:  # only a last line can be torn (a crash mid-write)
-                raise
+    lines = [rec for _, rec in read_metrics(workdir / "metrics.jsonl")]
     summary_path = workdir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())

@@ -396,12 +396,15 @@ def get_preset(name: str, /, **overrides) -> TrainConfig:
 
 def override(cfg: TrainConfig, /, **overrides) -> TrainConfig:
     """``cfg`` with training and model fields replaced (``None`` values are ignored)."""
+    return replace_fields(cfg, {k: v for k, v in overrides.items() if v is not None})
+
+
+def replace_fields(cfg: TrainConfig, fields: dict, /) -> TrainConfig:
+    """``cfg`` with these training and model fields replaced, ``None`` values included."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name for f in dataclasses.fields(ViTConfig)}
     t, m = {}, {}
-    for k, v in overrides.items():
-        if v is None:
-            continue
+    for k, v in fields.items():
         if k in train_fields and k != "model":
             t[k] = v
         elif k in model_fields:

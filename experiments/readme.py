@@ -15,17 +15,18 @@ def replace_block(readme, name: str, text: str, /) -> None:
     Raises:
       ValueError: if the markers are missing or out of order (nothing is written).
     """
-    check_block(readme, name)
-    start, end = markers(name)
-    readme = pathlib.Path(readme)
-    src = readme.read_text()
-    i, j = src.find(start), src.find(end)
-    readme.write_text(src[: i + len(start)] + "\n" + text.rstrip("\n") + "\n" + src[j:])
+    src, i, j = _block_span(readme, name)
+    pathlib.Path(readme).write_text(src[:i] + "\n" + text.rstrip("\n") + "\n" + src[j:])
 
 
 def check_block(readme, name: str, /) -> None:
     """Raises the :func:`replace_block` error now if ``readme`` lacks the ``name`` markers (so
     that a long run does not end in it)."""
+    _block_span(readme, name)
+
+
+def _block_span(readme, name: str, /) -> tuple[str, int, int]:
+    """The text of ``readme`` and where its ``name`` block's content starts and ends."""
     start, end = markers(name)
     src = pathlib.Path(readme).read_text()
     i, j = src.find(start), src.find(end)
@@ -34,6 +35,7 @@ def check_block(readme, name: str, /) -> None:
             f"{readme} must contain the markers {start} and {end} (in that order); add them "
             f"where the {name} block should go"
         )
+    return src, i + len(start), j
 
 
 def publish(text: str, readme, name: str, /) -> None:

@@ -31,12 +31,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from markov_attn.nn import ViT, ViTConfig, load_run, write_weights
+from markov_attn.nn import ViT, load_run, write_weights
 from markov_attn.nn import config_from_dict as _from_dict
 
 from ._loop import VIT_ASSUMED, TrainingRun, count_params, sigkill_at
 from .ckpt import CheckpointError
-from .configs import PRESETS, TrainConfig, get_preset, parse_set
+from .configs import PRESETS, TrainConfig, parse_set, replace_fields
 
 __all__ = [
     "CheckpointError",
@@ -543,7 +543,7 @@ def config_from_args(argv=None) -> TrainConfig:
     steps = a.steps if a.steps is not None else sets.get("steps")
     if isinstance(steps, int) and "warmup_steps" not in sets:
         # keep the warm-up inside a shortened run (an explicit --set warmup_steps= wins)
-        warmup = min(PRESETS[a.preset]().warmup_steps, steps // 10)
+        warmup = min(base.warmup_steps, steps // 10)
     flags = dict(
         pool=a.pool,
         seed=a.seed,
@@ -553,14 +553,8 @@ def config_from_args(argv=None) -> TrainConfig:
         warmup_steps=warmup,
         patch_norm=False if a.no_patch_norm else None,
     )
-    # the named flags win over --set where both are given; a None from --set is applied as such
-    cfg = get_preset(a.preset, **{**sets, **{k: v for k, v in flags.items() if v is not None}})
-    nones = [k for k, v in sets.items() if v is None and flags.get(k) is None]
-    model_nones = {k: None for k in nones if k in {f.name for f in dataclasses.fields(ViTConfig)}}
-    train_nones = {k: None for k in nones if k not in model_nones}
-    if model_nones:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_nones))
-    return dataclasses.replace(cfg, **train_nones) if train_nones else cfg
+    # the named flags (None: not given) win over --set, whose None values are applied as such
+    return replace_fields(base, {**sets, **{k: v for k, v in flags.items() if v is not None}})
 
 
 def main(argv=None) -> int:
