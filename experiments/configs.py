@@ -113,16 +113,21 @@ class TrainConfig:
                 f"eval_every ({self.eval_every}) must be 0 or a multiple of log_every "
                 f"({self.log_every})"
             )
-        if not 0 <= self.warmup_steps < self.steps:  # the cosine needs a decay step
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must lie in [0, steps={self.steps})"
-            )
-        if min(self.keep_checkpoints, self.eval_batch_size, self.test_size) < 1:
-            raise ValueError(
-                "keep_checkpoints, eval_batch_size and test_size must be >= 1 (with "
-                f"keep_checkpoints={self.keep_checkpoints} a killed run could not resume and "
-                "the run could not be loaded)"
-            )
+        check_schedule_and_counts(self)
+
+
+def check_schedule_and_counts(cfg) -> None:
+    """Checks shared by the ViT and DiT training configs: a warm-up that leaves the cosine a
+    decay step (optax refuses none, after the data is loaded), and at least one checkpoint
+    kept, one test image and one image per evaluation batch."""
+    if not 0 <= cfg.warmup_steps < cfg.steps:
+        raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must lie in [0, steps={cfg.steps})")
+    if min(cfg.keep_checkpoints, cfg.eval_batch_size, cfg.test_size) < 1:
+        raise ValueError(
+            "keep_checkpoints, eval_batch_size and test_size must be >= 1 (with "
+            f"keep_checkpoints={cfg.keep_checkpoints} a killed run could not resume and "
+            "the run could not be loaded)"
+        )
 
 
 def smoke() -> TrainConfig:

@@ -9,7 +9,7 @@ import dataclasses
 
 from markov_attn.nn import DiTConfig
 
-from .configs import DATASETS
+from .configs import DATASETS, check_schedule_and_counts
 
 LOSS_WEIGHTS = ("eps", "v")
 
@@ -91,10 +91,7 @@ class DiTTrainConfig:
                 f"ckpt_every ({self.ckpt_every}) must be a multiple of log_every "
                 f"({self.log_every}) so that a resumed run logs the same windows"
             )
-        if not 0 <= self.warmup_steps < self.steps:  # the cosine needs a decay step
-            raise ValueError(f"warmup_steps must lie in [0, steps={self.steps})")
-        if min(self.keep_checkpoints, self.eval_batch_size, self.test_size) < 1:
-            raise ValueError("keep_checkpoints, eval_batch_size and test_size must be >= 1")
+        check_schedule_and_counts(self)
         if not 0.0 <= self.label_dropout <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("label_dropout must lie in [0, 1] and ema_decay in [0, 1)")
         if self.loss_weight not in LOSS_WEIGHTS:
