@@ -124,3 +124,53 @@ def test_sample_takes_a_traced_blur_sigma():
     out = jax.jit(lambda s: sample(dit, y, steps=2, sag="column_sum", blur_sigma=s))(1.5)
     want = sample(dit, y, steps=2, sag="column_sum", blur_sigma=1.5)
     np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+def test_sample_refuses_bad_sag_alpha_and_nan_masks_give_nan(dit):
+    """sag_alpha=1.5 was traced past TokenRank's check: NaN TokenRank, an empty mask, and the
+    samples of unguided sampling (to 1e-7). Eagerly it is refused; traced, the samples are NaN
+    (review)."""
+    y = jnp.array([0, 1])
+    kw = dict(steps=3, seed=0, sag="tokenrank")
+    for bad in (1.5, -0.2, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            sample(dit, y, sag_alpha=bad, **kw)
+    traced = jax.jit(lambda a: sample(dit, y, sag_alpha=a, **kw))
+    assert np.isnan(np.asarray(traced(1.5))).all()
+    good = np.asarray(traced(0.99))
+    assert np.isfinite(good).all()
+    np.testing.assert_allclose(good, sample(dit, y, sag_alpha=0.99, **kw), atol=1e-5)
+    assert np.abs(good - np.asarray(sample(dit, y, steps=3, seed=0))).max() > 1e-4
+
+
+def test_sample_refuses_a_sag_layer_past_a_functions_attention(dit):
+    """With a plain function (no .cfg) the sag_layer check runs on the attention's static
+    depth: sag_layer=7 on two layers was clamped to the last one (review)."""
+    graphdef, state = nnx.split(dit)
+
+    def fn(x, t, y):
+        return nnx.merge(graphdef, state)(x, t, y)
+
+    kw = dict(steps=2, sag="column_sum", shape=(8, 8, 3), n_label=2, seed=0)
+    with pytest.raises(ValueError, match="sag_layer must index one of the model's 2"):
+        sample(fn, jnp.array([0, 3]), sag_layer=7, **kw)
+    np.testing.assert_array_equal(
+        sample(fn, jnp.array([0, 3]), sag_layer=-1, **kw),
+        sample(fn, jnp.array([0, 3]), sag_layer=1, **kw),
+    )
+
+
+def test_labels_outside_the_classes_are_refused_or_nan(dit):
+    """Labels past the null label (num_classes = 3 here) were clamped to it and negative ones
+    wrapped (-1 gave the null label's output exactly): refused eagerly, NaN under jit (review)."""
+    x = jnp.zeros((2, 8, 8, 3))
+    t = jnp.array([10, 500])
+    for bad in ([0, 4], [-1, 0], [0, 7]):
+        with pytest.raises(ValueError, match=r"labels must lie in 0 \.\. 3"):
+            dit(x, t, jnp.array(bad))
+        with pytest.raises(ValueError, match=r"labels must lie in 0 \.\. 3"):
+            sample(dit, jnp.array(bad), steps=2)
+    eps = np.asarray(jax.jit(lambda y: dit(x, t, y)[0])(jnp.array([-1, 3])))
+    assert np.isnan(eps[0]).all() and np.isfinite(eps[1]).all()
+    with pytest.raises(ValueError, match="integers"):
+        dit(x, t, jnp.array([0.0, 1.0]))

@@ -15,8 +15,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from .._util import is_concrete
-from ._sag import CHAINS, mask_kind, sag_degrade, sag_mask
+from .._util import check_alpha, is_concrete
+from ._dit import check_labels
+from ._sag import CHAINS, _mask_and_ok, mask_kind, sag_degrade
 
 SCHEDULES = ("cosine", "linear")
 SAMPLERS = ("ddim", "ddpm")
@@ -185,13 +186,19 @@ def _sample(
             # SAG (diffusers' StableDiffusionSAGPipeline): the mask from the same forward, the
             # unclipped x̂0, the degraded input re-noised with the same ε̂, same conditioning.
             x0 = (x - s1a * eps_sag) / sa
-            mask = sag_mask(
-                attn_sag[:, sag_layer], kind=sag, n_label=n_label, chain=sag_chain,
-                alpha=sag_alpha,
-            )  # fmt: skip
+            depth = attn_sag.shape[1]
+            if not -depth <= sag_layer < depth:  # static: an index past the end is clamped
+                raise ValueError(
+                    f"sag_layer must index one of the model's {depth} attention layers, got "
+                    f"{sag_layer}"
+                )
+            mask, ok = _mask_and_ok(attn_sag[:, sag_layer], sag, n_label, sag_chain, sag_alpha)
             x_deg = sag_degrade(x0, eps_sag, mask, at, sigma=blur_sigma, size=blur_size)
             eps_deg, _ = apply(params, x_deg, tb, y_sag)
             eps = eps + sag_scale * (eps_sag - eps_deg.astype(jnp.float32))
+            # a NaN distribution (NaN attention, alpha outside [0, 1]) gives an empty mask,
+            # which would silently mean no guidance: NaN samples instead
+            eps = jnp.where(ok[:, None, None, None], eps, jnp.nan)
         x0 = (x - s1a * eps) / sa
         if clip:  # clip x̂0 and re-derive ε̂ from it (ADM's ddim_sample)
             x0 = jnp.clip(x0, -1.0, 1.0)
@@ -305,6 +312,8 @@ def sample(
         sag_layer = cfg.depth // 2 if cfg is not None else 0
     if sag is not None and is_concrete(blur_sigma) and not blur_sigma > 0:
         raise ValueError(f"blur_sigma must be > 0 (pixels), got {blur_sigma}")
+    if sag == "tokenrank":
+        check_alpha(sag_alpha)  # under jit a bad value gives NaN TokenRank: NaN samples
     depth = getattr(cfg, "depth", None)
     if depth is not None and sag is not None and not -depth <= int(sag_layer) < depth:
         raise ValueError(f"sag_layer must index one of the model's {depth} blocks, got {sag_layer}")
@@ -318,6 +327,8 @@ def sample(
     labels = jnp.asarray(labels, jnp.int32)
     if labels.ndim != 1:
         raise ValueError(f"labels must be (B,), got shape {labels.shape}")
+    if cfg is not None and hasattr(cfg, "num_classes"):
+        check_labels(labels, cfg.num_classes)
     if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
         key = seed
     elif np.shape(seed) == (2,) and np.asarray(seed).dtype == np.uint32:  # jax.random.PRNGKey

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from .._util import is_concrete
 from ._layers import Mlp, attend
 
 _xavier = nnx.initializers.xavier_uniform()
@@ -229,6 +230,29 @@ class JointBlock(nnx.Module):
         return ctx, img, probs
 
 
+def check_labels(y, num_classes: int) -> None:
+    """Eager check that concrete labels lie in ``0 .. num_classes`` (the null label)."""
+    if not is_concrete(y):
+        return
+    v = np.asarray(y)
+    if not np.issubdtype(v.dtype, np.integer):
+        raise ValueError(f"labels must be integers in 0 .. {num_classes}, got dtype {v.dtype}")
+    if v.size and (v.min() < 0 or v.max() > num_classes):
+        raise ValueError(
+            f"labels must lie in 0 .. {num_classes} (0 .. {num_classes - 1} are the classes, "
+            f"{num_classes} the null label for unconditional samples), got values in "
+            f"[{v.min()}, {v.max()}]"
+        )
+
+
+def _rows(table, y):
+    """``table[y]`` with NaN rows for labels outside the table (indexing would clamp or wrap)."""
+    ok = (y >= 0) & (y < table.shape[0])
+    return jnp.take(
+        table, jnp.where(ok, y, table.shape[0]), axis=0, mode="fill", fill_value=jnp.nan
+    )
+
+
 class DiT(nnx.Module):
     """Class-conditional diffusion transformer with joint attention over label and image tokens.
 
@@ -303,7 +327,8 @@ class DiT(nnx.Module):
         Args:
           x: noisy images ``(B, H, W, C)``, ``H = W = cfg.image_size``.
           t: timesteps ``(B,)`` (integers or floats, as the schedule counts them).
-          y: labels ``(B,)`` in ``0 .. num_classes``; ``num_classes`` is the null label.
+          y: labels ``(B,)`` in ``0 .. num_classes``; ``num_classes`` is the null label. Others
+            raise eagerly; under ``jit`` they give NaN.
 
         Returns:
           ``(eps, aux)``: ``eps`` ``(B, H, W, C)`` float32; ``aux["attn"]``
@@ -319,11 +344,12 @@ class DiT(nnx.Module):
             )
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         y = jnp.broadcast_to(jnp.asarray(y), (b,))
+        check_labels(y, cfg.num_classes)
         img = self.patch_embed(self.patchify(x))
         img = img + jnp.asarray(sincos_pos_embed(cfg.width, cfg.grid))[None].astype(img.dtype)
         t_emb = self.t_fc2(jax.nn.silu(self.t_fc1(timestep_features(t, cfg.freq_dim))))
-        c = t_emb + self.y_embed[...][y] if cfg.label_adaln else t_emb
-        ctx = self.label_tokens[...][y].astype(img.dtype)
+        c = t_emb + _rows(self.y_embed[...], y) if cfg.label_adaln else t_emb
+        ctx = _rows(self.label_tokens[...], y).astype(img.dtype)
         attn = []
         for block in self.blocks:
             ctx, img, probs = block(ctx, img, c)

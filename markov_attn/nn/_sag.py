@@ -65,7 +65,9 @@ def sag_mask(
       alpha: TokenRank teleportation (traced).
 
     Returns:
-      ``(..., N)`` boolean mask over the image tokens (in their row-major patch order).
+      ``(..., N)`` boolean mask over the image tokens (in their row-major patch order). Where
+      the distribution is NaN (NaN attention, or under ``jit`` an ``alpha`` outside [0, 1])
+      the mask is empty; :func:`sample` turns such samples NaN instead of unguided.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -82,6 +84,13 @@ def sag_mask(
             f"attn must be (..., heads, n, n) with n > n_label={n_label}, got {attn.shape}; "
             "pass one layer, e.g. aux['attn'][:, layer]"
         )
+    return _mask_and_ok(attn, kind, n_label, chain, alpha)[0]
+
+
+def _mask_and_ok(attn, kind, n_label, chain, alpha):
+    """:func:`sag_mask` (checked arguments) and ``(...)`` flags of the masks that came from a
+    finite distribution: a NaN one (NaN attention, or an ``alpha`` outside [0, 1] under
+    ``jit``) compares False everywhere, an empty mask that would silently switch SAG off."""
     a = jnp.mean(attn.astype(jnp.float32), axis=-3)
     if chain == "image":
         a = a[..., n_label:, n_label:]
@@ -89,7 +98,8 @@ def sag_mask(
     dist = ma.column_sum(a) if kind == "column_sum" else ma.tokenrank(a, alpha=alpha)
     if chain == "joint":
         dist = dist[..., n_label:]
-    return dist * dist.shape[-1] > jnp.sum(dist, axis=-1, keepdims=True)
+    mask = dist * dist.shape[-1] > jnp.sum(dist, axis=-1, keepdims=True)
+    return mask, ~jnp.any(jnp.isnan(dist), axis=-1)
 
 
 def gaussian_blur(
