@@ -328,11 +328,9 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
     """The whole evaluation of one DiT run directory; returns the JSON-ready report."""
     from PIL import Image
 
-    from markov_attn.data import make_split
-
     from .ckpt import Checkpointer
     from .sample_dit import grid_image, guidance_settings, mask_figure
-    from .train_dit import load_dit
+    from .train_dit import load_dit, load_split
 
     workdir = pathlib.Path(workdir)
     out = workdir / "eval"
@@ -345,11 +343,9 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
     model, cfg = load_dit(workdir, step=step)
     clf, clf_meta = classifier_for(cfg, pathlib.Path(classifier_dir), steps=classifier_steps,
                                    progress=progress)  # fmt: skip
-    size = cfg.model.image_size
-    # Held-out reals: test indices after the DiT's own evaluation images.
-    real = make_split("test", 2 * samples, size=size, seed=cfg.data_seed, start=cfg.test_size,
-                      root=cfg.data_root)["images"]  # fmt: skip
-    real = _quantised(real)
+    # Held-out reals: test indices after the DiT's own evaluation images, from the run's data
+    # (a synthetic run was scored against the benchmark's images)
+    real = load_split(cfg, "test", 2 * samples, start=cfg.test_size)["images"] / 255.0
     ref, other = real[:samples], real[samples:]
     embed = _embedder(clf)
     real_f, _ = _embed(embed, ref)
@@ -374,7 +370,7 @@ def evaluate(workdir, /, *, samples: int = 1000, steps: int = 25, scales=(0.5, 1
         Image.fromarray(grid_image(x[:64], rows=8)).save(out / f"grid_{tag}.png")
         if progress:
             print(f"{name}: {samples} samples in {timing[name]:.0f} s", flush=True)
-    test = make_split("test", 6, size=size, seed=cfg.data_seed, root=cfg.data_root)["images"]
+    test = load_split(cfg, "test", 6)["images"] / 255.0
     masks = mask_figure(model, test, out / "masks.png", schedule=cfg.schedule,
                         num_timesteps=cfg.num_timesteps)  # fmt: skip
     pairs = [(g.label, "none") for g in settings if g.kind] + [

@@ -74,17 +74,23 @@ def _maps(attn, n_label: int, heads: str):
 
 
 def evaluate(workdir, *, n_images=1000, levels=LEVELS, batch_size=100, seed=0, progress=True):
-    from markov_attn.data import centre_prior, make_split, oracle_map
+    from markov_attn.data import centre_prior, oracle_map
 
-    from .train_dit import load_dit
+    from .train_dit import load_dit, load_split
 
     t0 = time.perf_counter()
     model, cfg = load_dit(workdir)
+    if cfg.data == "synthetic":
+        raise ValueError(
+            f"{workdir} trained on synthetic data, which has no object masks to score maps "
+            "against; train on the benchmark (the default data)"
+        )
     mc = cfg.model
     grid = mc.image_size // mc.patch_size
-    d = make_split("test", n_images, size=mc.image_size, seed=cfg.data_seed)
+    # the run's own test images (its data root), quantised to uint8 as in training
+    d = load_split(cfg, "test", n_images, masks=True)
     masks, labels = d["masks"], d["labels"].astype(np.int32)
-    x0 = d["images"] * 2.0 - 1.0
+    x0 = d["images"].astype(np.float32) / 255.0 * 2.0 - 1.0
     noise = np.asarray(jax.random.normal(jax.random.key(seed), x0.shape), np.float32)
 
     @jax.jit

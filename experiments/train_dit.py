@@ -53,16 +53,20 @@ _FREE_FIELDS = ("name", "data_root", "test_size", "ckpt_every", "keep_checkpoint
                 "eval_batch_size")  # fmt: skip
 
 
-def load_split(cfg: DiTTrainConfig, split: str, n: int, /, *, masks: bool = False) -> dict:
+def load_split(
+    cfg: DiTTrainConfig, split: str, n: int, /, *, masks: bool = False, start: int = 0
+) -> dict:
     """``{"images", "labels"}`` of ``n`` images of ``split`` as the run trains on them: uint8 at
     the model's size, from ``cfg.data`` (the benchmark under ``cfg.data_root``, or synthetic);
-    with ``masks=True`` also the benchmark's object masks ``"masks"`` (none for synthetic)."""
+    with ``masks=True`` also the benchmark's object masks ``"masks"`` (none for synthetic).
+    ``start``: the index of the first image (held-out images after a run's own test images)."""
     size = cfg.model.image_size
     if cfg.data == "synthetic":
-        return synthetic_data(n, size=size, seed=cfg.data_seed, split=split)
+        d = synthetic_data(start + n, size=size, seed=cfg.data_seed, split=split)
+        return {k: v[start:] for k, v in d.items()}
     from markov_attn.data import make_split
 
-    d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root)
+    d = make_split(split, n, size=size, seed=cfg.data_seed, root=cfg.data_root, start=start)
     out = {"images": _to_uint8(d["images"]), "labels": d["labels"].astype(np.int32)}
     return {**out, "masks": d["masks"]} if masks else out
 

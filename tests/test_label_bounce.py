@@ -57,3 +57,31 @@ def test_table_reports_the_paired_differences():
     assert "| 100 | reverse bounce n=3 (layer 0, lambda2) | 45.0 [38.0, 42.0]" in text
     assert "+5.0 [+2.0, +8.0] | +5.0 [+3.0, +7.0] |" in text
     assert "| — | centre prior | 40.0 [38.0, 42.0]" in text
+
+
+def test_evaluate_reads_the_runs_data_and_refuses_synthetic_runs(monkeypatch):
+    """label_bounce took the benchmark at the default root whatever the run's data_root, as
+    floats where the run trained on uint8 (review); a synthetic run has no masks."""
+    import dataclasses
+
+    import pytest
+
+    from experiments import train_dit
+    from experiments.dit_configs import get_preset
+
+    cfg = get_preset("smoke", data="synthetic")
+    monkeypatch.setattr(train_dit, "load_dit", lambda workdir: (None, cfg))
+    with pytest.raises(ValueError, match="synthetic data, which has no object masks"):
+        lb.evaluate("somewhere", n_images=2)
+    asked = {}
+
+    def load_split(c, split, n, **kw):
+        asked.update(cfg=c, split=split, n=n, **kw)
+        raise RuntimeError("stop here")
+
+    bench = dataclasses.replace(cfg, data="bench", data_root="/elsewhere")
+    monkeypatch.setattr(train_dit, "load_dit", lambda workdir: (None, bench))
+    monkeypatch.setattr(train_dit, "load_split", load_split)
+    with pytest.raises(RuntimeError, match="stop here"):
+        lb.evaluate("somewhere", n_images=3)
+    assert asked == {"cfg": bench, "split": "test", "n": 3, "masks": True}

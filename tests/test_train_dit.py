@@ -112,3 +112,26 @@ def test_v_loss_weight_weights_the_training_loss_only():
     t = jax.random.randint(jax.random.split(key, 4)[0], (4,), 0, cfg.num_timesteps)
     np.testing.assert_allclose(weighted, plain * loss_weights(cfg)[np.asarray(t)], rtol=1e-6)
     assert not np.allclose(weighted, plain)
+
+
+def test_load_split_start_is_an_offset_into_the_runs_data(monkeypatch):
+    """load_split(start=s) gives the images after a run's own test images from the run's data:
+    eval_sag's held-out reals came from the benchmark even for a synthetic run, and
+    label_bounce ignored data_root (review)."""
+    from experiments import train_dit
+
+    whole = train_dit.load_split(SMOKE, "test", 5)
+    tail = train_dit.load_split(SMOKE, "test", 3, start=2)
+    for key in ("images", "labels"):
+        np.testing.assert_array_equal(tail[key], whole[key][2:])
+    seen = {}
+
+    def fake(split, n, **kw):
+        seen.update(kw)
+        return {"images": np.zeros((n, 2, 2, 3), np.float32), "labels": np.zeros(n, np.int32)}
+
+    monkeypatch.setattr("markov_attn.data.make_split", fake)
+    bench = dataclasses.replace(SMOKE, data="bench", data_root="/elsewhere")
+    out = train_dit.load_split(bench, "test", 4, start=7)
+    assert seen["start"] == 7 and seen["root"] == "/elsewhere"
+    assert out["images"].dtype == np.uint8 and len(out["labels"]) == 4
