@@ -72,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Attention maps (bounce, TokenRank, column sum, rollout, CLS) of a ViT "
         "checkpoint on images, written as PNG overlays.",
     )
-    m.add_argument("--checkpoint", required=True, help="checkpoint directory/file or run dir")
+    m.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory or file (.safetensors, .pth, .pt, .bin), a training "
+        "run directory, or a run's .npz weights file",
+    )
     m.add_argument("--image", required=True, nargs="+", help="image file(s)")
     m.add_argument("--method", type=_method_name, choices=METHODS, default="bounce")
     m.add_argument("--steps", type=int, default=2, help="bounce steps (default 2)")
@@ -230,9 +235,12 @@ def _load_pretrained(path: pathlib.Path, size) -> _Loaded:
         try:
             model, cfg, info = load(path)
         except (ValueError, OSError) as e:
-            hint = (
-                " (a training run directory needs a checkpoints/ folder)" if path.is_dir() else ""
-            )
+            if path.is_dir():
+                hint = " (a training run directory needs a checkpoints/ folder)"
+            elif path.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+                hint = " (or a training run's .npz weights file, written by write_weights)"
+            else:
+                hint = ""
             _fail(f"cannot load the checkpoint {path}: {e}{hint}")
     _print_warnings(assumed)
     try:

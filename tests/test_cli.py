@@ -461,3 +461,45 @@ def test_a_missing_extra_is_one_line_and_other_import_errors_are_not_hidden(monk
     monkeypatch.setattr(cli, "maps_command", raising(own))
     with pytest.raises(ModuleNotFoundError):
         cli.main(argv)
+
+
+def test_a_bad_npz_weights_file_is_a_one_line_error(images, tmp_path):
+    """A truncated .npz raised BadZipFile, a bare .npy under a .npz name a TypeError, and a
+    text file got numpy's advice to load it with allow_pickle (review)."""
+    data = (ROOT / "experiments" / "reference" / "vit_reference.npz").read_bytes()
+    cases = {
+        "trunc.npz": data[:3000],
+        "text.npz": b"x\n",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    (tmp_path / "arr.npz").write_bytes((tmp_path / "arr.npy").read_bytes())
+    for name in (*cases, "arr.npz"):
+        msg = _one_line_error(_maps_args(tmp_path / name, images[1:], tmp_path / "o"))
+        assert "is not a weights file written by markov_attn.nn.write_weights" in msg, msg
+        assert "allow_pickle" not in msg
+    msg = _one_line_error(_maps_args(tmp_path / "arr.npy", images[1:], tmp_path / "o"))
+    assert "unsupported extension" in msg and ".npz weights file" in msg
+
+
+def test_bad_preprocessor_values_are_one_line_errors(images, tmp_path):
+    """A zero std gave NaN attention (a traceback from second_eigenvalue), a string mean a
+    float error, two means a broadcasting error blamed on the image, and a zero size or a JSON
+    list were taken silently (review)."""
+    import shutil
+
+    cases = [
+        ({"image_std": [0, 0, 0]}, "image_std"),
+        ({"image_mean": "x"}, "image_mean"),
+        ({"image_mean": [0.5, 0.5]}, "image_mean"),
+        ({"size": {"height": 0, "width": 0}}, "size"),
+        ({"do_center_crop": True, "crop_size": "big"}, "not a number of pixels"),
+        ([], "JSON list"),
+    ]
+    for i, (pre, word) in enumerate(cases):
+        d = tmp_path / f"ck{i}"
+        shutil.copytree(FIXTURES / "vit", d)
+        (d / "preprocessor_config.json").write_text(json.dumps(pre))
+        msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
+        assert word in msg and "preprocessor_config.json" in msg, msg

@@ -52,9 +52,15 @@ def find_json(weights: pathlib.Path, name: str) -> dict | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text())
+        out = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{str(f)!r} is not valid JSON ({e}); fix or delete it") from e
+    if not isinstance(out, dict):
+        raise ValueError(
+            f"{str(f)!r} holds a JSON {type(out).__name__}, not an object of settings; fix or "
+            "delete it"
+        )
+    return out
 
 
 def _read_safetensors(f: pathlib.Path) -> dict[str, np.ndarray]:

@@ -148,9 +148,21 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
             r["std"] = tuple(pre.get("image_std", r["std"]))
             if "resample" in pre:
                 r["resample"] = _PIL_RESAMPLE.get(int(pre["resample"]), "bicubic")
-            crop = _side(pre.get("crop_size")) if pre.get("do_center_crop", False) else None
-            size_v = pre.get("size")
-            short = _side(size_v)
+            try:
+                crop = _side(pre.get("crop_size")) if pre.get("do_center_crop", False) else None
+                size_v = pre.get("size")
+                short = _side(size_v)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"preprocessor_config.json has a size or crop_size that is not a number of "
+                    f"pixels ({e}): fix or delete it"
+                ) from e
+            for key, v in (("crop_size", crop), ("size", short)):
+                if v is not None and v <= 0:
+                    raise ValueError(
+                        f"preprocessor_config.json sets {key} = {pre.get(key)!r}; it must be a "
+                        "positive number of pixels: fix or delete it"
+                    )
             # {"height", "width"} (and a bare int for ViT/DeiT processors) resize to exactly
             # that size; only {"shortest_edge"} (and a bare int for CLIP-like ones) keeps the
             # aspect ratio (a DeiT-style 256 -> crop 224 config was read as shortest edge)
@@ -174,6 +186,9 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
                     f"rescale_factor={rescale}; only pixels scaled by 1/255 are supported: "
                     "preprocess the images yourself and call the model on them"
                 )
+    _check_recipe(r, native, "preprocessor_config.json" if info is not None and info.preprocessor
+                  else "the checkpoint's pretrained_cfg" if d.source == "pretrained_cfg"
+                  else "the family defaults")  # fmt: skip
     out = int(size or native or 224)
     r["crop"] = out
     if r["mode"] == "square":
@@ -181,6 +196,30 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     else:  # the native ratio exactly (float rounding made 30 / 22 * 22 come out as 29)
         r["resize"] = math.floor(out * r["scale"] + 1e-9)
     return r
+
+
+def _check_recipe(r: dict, native, where: str) -> None:
+    """Mean and std of three finite numbers (std > 0) and positive sizes, or a ValueError
+    naming the file they came from (a zero std gave NaN pixels, a string a float error)."""
+    for key in ("mean", "std"):
+        try:
+            v = np.asarray(r[key], np.float64)
+        except (TypeError, ValueError):
+            v = None
+        if (
+            v is None
+            or v.shape != (3,)
+            or not np.all(np.isfinite(v))
+            or (key == "std" and not np.all(v > 0))
+        ):
+            rule = "three finite numbers" + (" above 0" if key == "std" else "")
+            raise ValueError(
+                f"{where} sets image_{key} = {r[key]!r}; it must be {rule} (one per RGB "
+                "channel): fix or delete it"
+            )
+    for key, v in (("scale", r["scale"]), ("image size", native)):
+        if v is not None and not (np.isfinite(float(v)) and float(v) > 0):
+            raise ValueError(f"{where} gives a {key} of {v!r}; it must be positive: fix it")
 
 
 def _to_uint8(a, scale: float) -> np.ndarray:

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +141,19 @@ def write_weights(model: ViT, config, path: str | os.PathLike, /) -> pathlib.Pat
 
 
 def _load_weights_file(path: pathlib.Path):
-    with np.load(path) as z:
-        arrays = {k: z[k] for k in z.files}
+    not_weights = (
+        f"{path} is not a weights file written by markov_attn.nn.write_weights (a .npz of "
+        "named arrays and a config); re-export it with write_weights, or pass the run directory"
+    )
+    broken = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+    with path.open("rb") as f:  # our own handle: np.load leaks its own when the zip is bad
+        if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # .npz is a zip archive
+            raise CheckpointError(f"{not_weights} (it is not a .npz archive)")
+        f.seek(0)
+        try:
+            arrays = dict(np.load(f, allow_pickle=False))
+        except broken as e:
+            raise CheckpointError(f"{not_weights} ({type(e).__name__}: {e})") from e
     try:
         config = json.loads(arrays.pop("config.json").tobytes().decode())
     except (KeyError, ValueError, TypeError) as e:
