@@ -43,9 +43,26 @@ import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-ROOT = pathlib.Path.cwd()
-while not (ROOT / "markov_attn").is_dir() and ROOT != ROOT.parent:
-    ROOT = ROOT.parent
+
+
+def find_root() -> pathlib.Path:
+    """The repository (it holds experiments/ and runs/): above this file, above the working
+    directory, or above the importable markov_attn package."""
+    import importlib.util
+
+    starts = [pathlib.Path(__file__).resolve().parent] if "__file__" in globals() else []
+    starts.append(pathlib.Path.cwd())
+    spec = importlib.util.find_spec("markov_attn")
+    if spec is not None and spec.origin:
+        starts.append(pathlib.Path(spec.origin).resolve().parent)
+    for start in starts:
+        for d in (start, *start.parents):
+            if (d / "markov_attn").is_dir() and (d / "experiments").is_dir():
+                return d
+    raise SystemExit("run this notebook inside a clone of the markov_attn repository")
+
+
+ROOT = find_root()
 sys.path.insert(0, str(ROOT))
 
 import jax
@@ -62,6 +79,7 @@ SMOKE = os.environ.get("MARKOV_ATTN_NOTEBOOK_SMOKE") == "1"
 OUT = pathlib.Path(os.environ.get("MARKOV_ATTN_NOTEBOOK_OUT", tempfile.mkdtemp(prefix="states_")))
 DIT_RUN = pathlib.Path(os.environ.get("MARKOV_ATTN_DIT_RUN", ROOT / "runs" / "dit_cpu_tokens"))
 N_IMAGES = 4 if SMOKE else 12
+OUT.mkdir(parents=True, exist_ok=True)
 print(f"smoke={SMOKE}  figures -> {OUT}")
 
 # %% [markdown]
@@ -124,6 +142,16 @@ ax[1].set_xlabel("objects + background")
 ax[1].set_ylabel("k chosen from the gap")
 fig.tight_layout()
 fig.savefig(OUT / "eigenvalues.png", dpi=90)
+
+# %% [markdown]
+# **What the full run shows on the reference ViT** (12 images; the smoke run's 4 say little).
+# Its last-layer chains have one eigenvalue at 1 and the others far below it (|λ2| about 0.5
+# or less): no metastable sets. So `k=None` mostly picks k = 2 whatever the number of
+# objects, the metastability is about 1 of k (the coarse chain's rows are nearly equal: the
+# walk leaves every state at once), the ARI against the instances stays low, several images
+# report `converged False`, and an `UnresolvedGapWarning` says where the gap did not stand
+# out. On this model the paper's metastable states do not appear; the README's multi-object
+# table measures it on 1,000 images.
 
 # %%
 from markov_attn.viz import states_figure
@@ -252,3 +280,9 @@ for a in axes.ravel():
 fig.tight_layout()
 fig.savefig(OUT / "label_bounce.png", dpi=90)
 print("figure:", OUT / "label_bounce.png")
+
+# %% [markdown]
+# **What the full run shows** (the `cpu_tokens` DiT): the true and the wrong label give the
+# same mIoU to about 0.001 at every n, and the two map rows look alike. The label tokens' maps
+# of this DiT do not depend on its label, so they cannot test the paper's claim yet: no DiT
+# trained on this CPU reads its label enough (README, "The label-token bounce").

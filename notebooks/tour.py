@@ -39,9 +39,26 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 if "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
-ROOT = pathlib.Path.cwd()
-while not (ROOT / "markov_attn").is_dir() and ROOT != ROOT.parent:
-    ROOT = ROOT.parent
+
+
+def find_root() -> pathlib.Path:
+    """The repository (it holds experiments/ and runs/): above this file, above the working
+    directory, or above the importable markov_attn package."""
+    import importlib.util
+
+    starts = [pathlib.Path(__file__).resolve().parent] if "__file__" in globals() else []
+    starts.append(pathlib.Path.cwd())
+    spec = importlib.util.find_spec("markov_attn")
+    if spec is not None and spec.origin:
+        starts.append(pathlib.Path(spec.origin).resolve().parent)
+    for start in starts:
+        for d in (start, *start.parents):
+            if (d / "markov_attn").is_dir() and (d / "experiments").is_dir():
+                return d
+    raise SystemExit("run this notebook inside a clone of the markov_attn repository")
+
+
+ROOT = find_root()
 sys.path.insert(0, str(ROOT))
 
 import jax
@@ -55,6 +72,7 @@ SMOKE = os.environ.get("MARKOV_ATTN_NOTEBOOK_SMOKE") == "1"
 RUN = pathlib.Path(os.environ.get("MARKOV_ATTN_RUN", ROOT / "runs" / "demo"))
 OUT = pathlib.Path(os.environ.get("MARKOV_ATTN_NOTEBOOK_OUT", tempfile.mkdtemp(prefix="tour_")))
 N_IMAGES = 16 if SMOKE else 200
+OUT.mkdir(parents=True, exist_ok=True)
 print(f"smoke={SMOKE}  run={RUN}  figures -> {OUT}")
 
 # %% [markdown]
