@@ -315,11 +315,18 @@ def gth(p: jax.Array) -> jax.Array:
     ``(12, 197, 197)`` and 0.16 s for ``(12, 1025, 1025)`` on the 2-core CPU (the whole
     ``tokenrank`` call: 5.4 ms and 0.24 s).
 
-    The diagonal is never read. A reducible chain (a state of the censored chain that cannot
-    leave it) divides by zero: those members come back non-finite.
+    The diagonal is never read. A state of the censored chain that cannot leave it (a
+    reducible chain, or a transient state 0, whose stationary mass is 0) divides by zero:
+    those members come back non-finite; eliminating down to a recurrent state instead (swap
+    it with state 0) solves the second case. The back substitution is rescaled by powers of
+    two, so components spanning more than float32's range do not overflow (the smallest
+    flush to 0).
     """
     f = gth_factor(p)
-    # back substitution from state 0: x_k = sum_{i < k} x_i c_k[i], block by block
+    # back substitution from state 0: x_k = sum_{i < k} x_i c_k[i], block by block, rescaled
+    # by a power of two after each block (exact): when state 0 is nearly transient the
+    # components span more than float32's range (x reached ~1e38 and its sum's reciprocal
+    # flushed to zero: a silent uniform answer)
     x = jnp.ones((*p.shape[:-2], 1), p.dtype)
     for lo, hi in reversed(_gth_blocks(p.shape[-1])):
         b = hi - lo
@@ -331,7 +338,33 @@ def gth(p: jax.Array) -> jax.Array:
             return xb.at[..., t].set(base[..., t] + inner)
 
         x = jnp.concatenate([x, jax.lax.fori_loop(0, b, substitute, jnp.zeros_like(base))], -1)
+        top = jnp.max(x, -1, keepdims=True)
+        x = x * jnp.where(jnp.isfinite(top) & (top > 0), _pow2_below(top), 1.0)
     return x / jnp.sum(x, -1, keepdims=True)
+
+
+def _pow2_below(x):
+    """``2^-e`` with ``2^e`` the largest power of two at most ``x`` (> 0, finite): scaling by it
+    is exact and brings ``x`` into ``[1, 2)``."""
+    _, e = jnp.frexp(x)
+    return jnp.ldexp(jnp.ones_like(x), 1 - e)
+
+
+def _swap_first(t, base):
+    """``t`` ``(..., n, n)`` with states 0 and ``base`` ``(...)`` swapped (rows and columns),
+    and the permutation (an involution: it also swaps back a vector over the states)."""
+    idx = jnp.broadcast_to(jnp.arange(t.shape[-1]), (*base.shape, t.shape[-1]))
+    b = base[..., None]
+    perm = jnp.where(idx == 0, b, jnp.where(idx == b, 0, idx))
+    t = jnp.take_along_axis(t, perm[..., :, None], axis=-2)
+    return jnp.take_along_axis(t, perm[..., None, :], axis=-1), perm
+
+
+def _gth_ok(x):
+    """Members whose GTH answer holds: finite, with a positive sum (GTH divides by a zero pivot
+    when a state of the censored chain cannot leave it: a reducible chain, or a transient
+    state 0)."""
+    return jnp.all(jnp.isfinite(x), -1) & (jnp.sum(x, -1) > 0)
 
 
 def _teleported(op, p, v, al):
@@ -363,17 +396,33 @@ def _forward(op, opts, p, v, alpha):
 
     if opts.method == "gth":
 
-        def run_gth(p, v, al):
-            x = gth(_teleported(op, p, v, al))
+        def run_gth(p, v, al, base=None):
+            t = _teleported(op, p, v, al)
+            if base is None:
+                x = gth(t)
+            else:  # eliminate down to state `base` instead of state 0
+                t, perm = _swap_first(t, base)
+                x = jnp.take_along_axis(gth(t), perm, axis=-1)
             return x, l1_residual(p, v, al, x)
 
         x, res = _batched(op, run_gth, p, v, alpha)
         steps = jnp.zeros(v.shape[:-1], jnp.int32)
-        ok = jnp.all(jnp.isfinite(x), -1)
-        # a reducible chain (possible at alpha = 1, e.g. the reverse of a teleported causal
-        # chain): GTH divides by zero there; those members take GMRES's answer
-        fallback = dataclasses.replace(opts, method="gmres")
-        return _unless_broken(ok, (x, res, steps, ok), lambda: _forward(op, fallback, p, v, alpha))
+        gmres = dataclasses.replace(opts, method="gmres")
+
+        def again():
+            # GTH broke down (possible at alpha = 1): where state 0 is transient (a padding
+            # token masked as a key, a causal chain's reverse) the chain can still have one
+            # stationary distribution; eliminating down to a recurrent state instead, the
+            # largest of GMRES's answer, gives it accurately. A reducible chain breaks down
+            # again and keeps GMRES's answer.
+            xg, rg, sg, cg = _forward(op, gmres, p, v, alpha)
+            base = jnp.argmax(jnp.where(jnp.isfinite(xg), xg, -jnp.inf), -1)
+            x2, r2 = _batched(op, run_gth, p, v, alpha, base)
+            ok2 = _gth_ok(x2)
+            return _unless_broken(ok2, (x2, r2, steps, ok2), lambda: (xg, rg, sg, cg))
+
+        ok = _gth_ok(x)
+        return _unless_broken(ok, (x, res, steps, ok), again)
 
     if opts.method == "solve":
         n = v.shape[-1]
@@ -424,16 +473,30 @@ def _adjoint(op, opts, p, v, alpha, pi, g):
         # M^T = I - T + 1 v^T with T the teleported chain: u = w + c 1 with (I - T) w = g -
         # (pi.g) 1 by T's GTH factors and v.u = pi.g; GMRES for members whose factors broke
         # down (a reducible chain: the forward pass fell back to GMRES too)
-        def run_gth(p, v, al, pi, g):
+        def run_gth(p, v, al, pi, g, base=None):
             pg = jnp.sum(pi * g, -1, keepdims=True)
-            w = gth_poisson(gth_factor(_teleported(op, p, v, al)), g - pg)
+            t, r = _teleported(op, p, v, al), g - pg
+            if base is None:
+                w = gth_poisson(gth_factor(t), r)
+            else:  # factors down to state `base` (as the forward pass's second try)
+                t, perm = _swap_first(t, base)
+                w = gth_poisson(gth_factor(t), jnp.take_along_axis(r, perm, -1))
+                w = jnp.take_along_axis(w, perm, -1)
             return w + (pg - jnp.sum(v * w, -1, keepdims=True))
 
         u = _batched(op, run_gth, p, v, alpha, pi, g)
         fallback = dataclasses.replace(opts, method="gmres")
-        return _unless_broken(
-            jnp.all(jnp.isfinite(u), -1), u, lambda: _adjoint(op, fallback, p, v, alpha, pi, g)
-        )
+
+        def again():
+            base = jnp.argmax(pi, -1)  # a recurrent state
+            u2 = _batched(op, run_gth, p, v, alpha, pi, g, base)
+            return _unless_broken(
+                jnp.all(jnp.isfinite(u2), -1),
+                u2,
+                lambda: _adjoint(op, fallback, p, v, alpha, pi, g),
+            )
+
+        return _unless_broken(jnp.all(jnp.isfinite(u), -1), u, again)
 
     def run(p, v, al, g):
         scale = jnp.sum(jnp.abs(g), -1)

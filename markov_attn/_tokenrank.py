@@ -17,6 +17,7 @@ from ._util import (
     check_choice,
     check_count,
     check_values,
+    compute_dtype,
     invalid_dists,
     invalid_matrices,
     is_concrete,
@@ -202,10 +203,13 @@ def tokenrank(
     (:func:`markov_attn._stationary.gth`, componentwise accurate: 1e-7 there; as fast as GMRES
     on a (12, 197, 197) stack, 2x its time on (4, 12, 197, 197) and at n = 1025, 2-4.5x its
     compile time); explicit
-    ``"gmres"`` and ``"power"`` keep the iteration and are outside the claim there. A reverse
-    chain that is reducible takes GMRES's answer (a causal chain with a one-hot ``v`` before
-    the last token: the reverse chain never goes back to an earlier token, so the last token
-    absorbs it). Their gradients solve the adjoint with the same GTH factors
+    ``"gmres"`` and ``"power"`` keep the iteration and are outside the claim there. GTH
+    eliminates down to token 0; where token 0 is transient (its stationary mass is 0: a
+    padding token masked as a key at alpha = 1, or a causal chain with a one-hot ``v`` before
+    the last token, whose reverse chain never goes back to an earlier token, so the last
+    token absorbs it) it eliminates again down to the largest token of GMRES's answer, which
+    is recurrent. Only a chain with several closed classes (no unique answer) takes GMRES's
+    answer. Their gradients solve the adjoint with the same GTH factors
     (:func:`markov_attn._stationary.gth_poisson`): within 1e-4 of float64 in relative L2 on
     those chains, where the GMRES adjoint was 27-35 % off; a single small entry's derivative
     is a difference of two large values of the adjoint there, so float32 cancellation leaves
@@ -299,7 +303,10 @@ def tokenrank(
     # without subtraction; a batch with some alpha of 1 goes there whole (GTH solves any alpha,
     # as accurately). A traced alpha cannot be seen to be 1.
     reverse_teleported = direction == "out" and teleport_first
-    unteleported = is_concrete(alpha) and np.any(np.asarray(alpha) == 1.0)
+    # compared in the dtype the solve runs in: 1 - 1e-9 is 1 in float32
+    in_dtype = getattr(attn, "dtype", None) or np.asarray(attn).dtype
+    dt = jax.dtypes.canonicalize_dtype(compute_dtype(in_dtype))
+    unteleported = is_concrete(alpha) and np.any(np.asarray(alpha).astype(dt) == 1.0)
     n = np.shape(attn)[-1]
     if (reverse_teleported or unteleported) and (
         method == "solve" or (method == "auto" and n <= AUTO_GTH_MAX_N)

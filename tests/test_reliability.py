@@ -682,25 +682,95 @@ def test_tokenrank_gth_gradients_on_a_nearly_reducible_chain(tmp_path):
             assert np.linalg.norm(g - g64) <= 1e-4 * np.linalg.norm(g64), (name, seed)
 
 
-def test_tokenrank_out_gth_falls_back_on_a_reducible_reverse_chain(rng):
-    """A causal chain's reversed teleported chain is reducible when v is one-hot (nothing
-    after token v is reachable from it): GTH divides by zero there, and such members take
-    GMRES's answer; the other members of the batch keep GTH's."""
-    n = 24
-    causal = testing.random_chains(rng, (), n, kind="causal").astype(np.float32)
-    full = testing.random_chains(rng, (), n).astype(np.float32)
-    a = np.stack([causal, full])
+def test_tokenrank_out_gth_on_a_causal_chain_with_a_one_hot_v(rng):
+    """A causal chain's reversed teleported chain with a one-hot v: nothing after token v
+    leads back, so the last token absorbs it and token 0 is transient. GTH's elimination down
+    to token 0 divides by zero there; the second elimination, down to the largest token of
+    GMRES's answer, gives the exact answer e_{n-1} (GMRES's own was 1.2e-4 to 3.3e-4 off,
+    review). The other members of the batch keep the first elimination's answer."""
+    n = 48
+    causal = testing.random_chains(np.random.default_rng(0), (2,), n, kind="causal")
+    full = testing.random_chains(rng, (1,), n)
+    a = np.concatenate([causal, full]).astype(np.float32)
     v = np.eye(n)[3]
     from markov_attn._stationary import gth
     from markov_attn._tokenrank import _reverse, _teleport
 
     chains = _reverse(_teleport(jnp.asarray(a), jnp.float32(0.99), jnp.asarray(v, jnp.float32)))
     raw = np.asarray(gth(chains))
-    assert not np.isfinite(raw[0]).all() and np.isfinite(raw[1]).all()  # the premise
-    pi = np.asarray(ma.tokenrank(a, v=v, direction="out"))
-    gm = np.asarray(ma.tokenrank(a, v=v, direction="out", method="gmres"))
+    assert not np.isfinite(raw[:2]).all() and np.isfinite(raw[2]).all()  # the premise
+    for batch in (a[:2], a):
+        pi, info = ma.tokenrank(batch, v=v, direction="out", return_info=True)
+        for i in (0, 1):
+            assert np.abs(np.asarray(pi[i], np.float64) - np.eye(n)[-1]).sum() < 1e-6
+        assert np.asarray(info.converged).all()
+    np.testing.assert_allclose(pi[2], raw[2], rtol=1e-6)
+
+
+def test_tokenrank_alpha_one_with_a_transient_token_0():
+    """alpha = 1 on a nearly reducible chain whose token 0 receives no attention (a padding
+    token masked as a key: column 0 is zero, so pi_0 = 0 and the chain still has one answer).
+    GTH eliminating down to token 0 divided by zero and the member took GMRES's answer, 1.6e-3
+    to 7.6e-3 off with converged=True (review); now as accurate as with the token placed
+    last. Also in a batch, and its gradient (the adjoint's second elimination)."""
+    for seed, n, leak in ((11, 64, 14), (5, 64, 16), (4, 48, 14)):
+        logits = np.log(_leaky_blocks(seed, n, leak))
+        mask = np.ones(n, bool)
+        mask[0] = False
+        a = np.asarray(ma.transition(logits, mask=mask))
+        assert np.all(a[:, 0] == 0)  # the premise
+        perm = np.r_[1:n, 0]
+        a64 = a.astype(np.float64) / a.astype(np.float64).sum(-1, keepdims=True)
+        want = np.zeros(n)
+        want[perm] = _gth64(a64[np.ix_(perm, perm)])
+        for method in ("auto", "solve"):
+            pi, info = ma.tokenrank(a, alpha=1.0, method=method, return_info=True)
+            assert np.abs(np.asarray(pi, np.float64) - want).sum() < 1e-6, (seed, method)
+            assert bool(info.converged)
+        both = np.asarray(ma.tokenrank(np.stack([_leaky_blocks(seed, n, leak), a]), alpha=1.0))
+        assert np.abs(both[1] - want).sum() < 1e-6
+    w = jnp.asarray(np.random.default_rng(0).standard_normal(n), jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
+    assert np.isfinite(np.asarray(g)).all()
+    gm = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0, method="gmres", tol=1e-9)))
+    ref = np.asarray(gm(jnp.asarray(a)))
+    assert np.linalg.norm(np.asarray(g) - ref) < 0.05 * np.linalg.norm(ref)
+
+
+def test_gth_range_beyond_float32_is_not_uniform():
+    """A chain whose stationary components span more than float32's range (token 0 nearly
+    transient): GTH's unnormalised solution reached ~1e38, the reciprocal of its sum flushed to
+    zero and the answer came back exactly uniform with converged=True (review)."""
+    b = 5e-20
+    a = np.array([[0.5, 0.5, 0.0], [b, 0.5, 0.5 - b], [0.0, b, 1.0 - b]], np.float32)
+    pi, info = ma.tokenrank(a, alpha=1.0, return_info=True)
+    pi = np.asarray(pi, np.float64)
+    assert pi[2] > 1 - 1e-6 and 0.5e-19 < pi[1] < 2e-19 and pi[0] < 1e-37
+    assert bool(info.converged)
+    mixed = np.asarray(ma.tokenrank(np.stack([a, a]), alpha=[1.0, 0.999]))
+    np.testing.assert_allclose(mixed[0], pi, rtol=1e-5, atol=1e-30)
+
+
+def test_tokenrank_alpha_that_is_one_in_float32_takes_gth():
+    """alpha = 1 - 1e-9 is 1 in float32, where the solve runs: it took the float32 iteration
+    at alpha = 1 (2.3e-3 off), not GTH (review)."""
+    a = _leaky_blocks(11, 64, 14)
+    np.testing.assert_array_equal(ma.tokenrank(a, alpha=1 - 1e-9), ma.tokenrank(a, alpha=1.0))
+
+
+def test_tokenrank_alpha_one_on_a_reducible_chain_keeps_gmres(rng):
+    """Two closed classes (no unique answer): both eliminations break down, the member takes
+    GMRES's answer; the other member of the batch keeps GTH's."""
+    n = 12
+    a = np.zeros((n, n), np.float32)
+    a[:6, :6] = testing.random_chains(rng, (), 6)
+    a[6:, 6:] = testing.random_chains(rng, (), 6)
+    full = testing.random_chains(rng, (), n).astype(np.float32)
+    pi = np.asarray(ma.tokenrank(np.stack([a, full]), alpha=1.0))
+    gm = np.asarray(ma.tokenrank(np.stack([a, full]), alpha=1.0, method="gmres"))
     np.testing.assert_array_equal(pi[0], gm[0])
-    np.testing.assert_allclose(pi[1], raw[1], rtol=1e-6)
+    want = _gth64(full.astype(np.float64) / full.astype(np.float64).sum(-1, keepdims=True))
+    assert np.abs(pi[1] - want).sum() < 1e-6
 
 
 def test_auto_uses_gth_only_up_to_its_size_limit(monkeypatch):
