@@ -381,7 +381,9 @@ def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
     ruled_out = ~np.isfinite(_gaps(np, eigenvalues, cuts, lo, hi, skip_cuts))  # the k rule's
     rivals[:, ruled_out] = -np.inf
     rivals[:, c] = -np.inf
-    if len(ks) < 2 or np.any(gap[:, c] - unc[:, c] > rivals.max(axis=1)):
+    # a gap must also stand out from zero (with no rival left, e.g. a narrow k_range or the
+    # others ruled out, a gap of 1e-6 with an uncertainty near 1 passed silently: review)
+    if np.any(gap[:, c] - unc[:, c] > np.maximum(rivals.max(axis=1), 0.0)):
         return None
     with warnings.catch_warnings():  # a candidate no member has: NaN means
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -389,6 +391,8 @@ def _unresolved_choice(eigenvalues, cuts, lead, lo, hi, skip_cuts, k):
     others = np.where(np.arange(len(ks)) != c, np.nan_to_num(mean_gap, nan=-np.inf), -np.inf)
     others[ruled_out] = -np.inf
     j = int(np.argmax(others))
+    if not np.isfinite(others[j]):  # no rival: the gap does not stand out from zero
+        return None, 0.0, float(mean_gap[c]), float(mean_unc[c])
     return int(ks[j]), float(mean_gap[j]), float(mean_gap[c]), float(mean_unc[c])
 
 
@@ -398,6 +402,18 @@ def _stack_k(t, ks):
     ``ks = (lo, hi, skip_cuts)``."""
     ritz, starts = _ritz_values(t)
     return _gap_choice(jnp, ritz, starts, *ks).astype(jnp.int32)
+
+
+def _deflate_constant(y):
+    """``y`` ``(..., n, p)`` with the mean of each column but the first removed: column 0 of the
+    basis is the constant vector (``A 1 = 1``), the others stay zero-sum, so the iteration runs
+    on the compression of ``A`` onto zero-sum vectors (the same invariant subspaces). Without
+    it each product adds a large constant component to the other columns (``A`` is not doubly
+    stochastic) while their own parts shrink like ``λ^RR_EVERY``; the QR then cancels it in
+    float32, which left fast-mixing chains (|λ2| ~ 0.1) a subspace error of ~1e-2 that no
+    number of products reduced (found by review)."""
+    rest = y[..., 1:]
+    return jnp.concatenate([y[..., :1], rest - jnp.mean(rest, axis=-2, keepdims=True)], -1)
 
 
 def _iterate(a, p, iters, tol, ks):
@@ -436,7 +452,7 @@ def _iterate(a, p, iters, tol, ks):
 
     def body(state):
         it, v, _, _, best, anchor, stalled, _ = state
-        v = _qr(jax.lax.fori_loop(0, RR_EVERY, lambda _, x: _mm(a, x), v))[0]
+        v = _qr(jax.lax.fori_loop(0, RR_EVERY, lambda _, x: _deflate_constant(_mm(a, x)), v))[0]
         w = _mm(a, v)
         t, u = _order_by_modulus(_mm(_t(v), w))
         v, w = _mm(v, u), _mm(w, u)
@@ -516,8 +532,8 @@ def _subspace_core(a, k, p, iters, tol, ks=None):
 def _finish(a, v, t, k, tol, products):
     """Residual, Ritz values, gap and flags of the leading ``k`` columns of ``v``."""
     ritz, starts = _ritz_values(t)
-    vk = v[..., :k]
-    av = _mm(a, vk)
+    aw = _mm(a, v)
+    vk, av = v[..., :k], aw[..., :k]
     r = _mm(_t(vk), av)
     residual = _frob(av - _mm(vk, r))
     # the gap from the ordered projection's diagonal blocks (its (k+1)-th value is a Ritz value
@@ -526,8 +542,24 @@ def _finish(a, v, t, k, tol, products):
     gap = mod[..., k - 1] - mod[..., k]
     # the k eigenvalues: those of R by shifted QR (column 0 is the constant vector, λ1 = R[0,
     # 0]); R's diagonal blocks resolved nearly tied moduli only to ~3.5e-3, out of order
-    ritz = jnp.concatenate([_small_eigvals(r, locked=1), ritz[..., k:]], axis=-1)
+    # a complex pair at k, k + 1 cuts the subspace only if it is resolved: its imaginary part
+    # above the residual of the leading k + 1 columns (two close real eigenvalues of a causal
+    # chain looked like a pair in an unconverged 2x2 block: a spurious cut, found by review);
+    # an unresolved block leaves a large residual instead, so converged is False
     split = starts[..., k - 1]
+    if k < v.shape[-1]:
+        # resolved: the block's discriminant stays negative when its entries move by the
+        # residual of the leading k + 1 columns (the imaginary part of two close real
+        # eigenvalues of a non-normal block grows like the square root of the coupling)
+        e = _leading_residuals(v, aw, t)[..., k]
+        aa, bb, cc, dd = t[..., k - 1, k - 1], t[..., k - 1, k], t[..., k, k - 1], t[..., k, k]
+        disc = 0.25 * (aa - dd) ** 2 + bb * cc
+        slack = e * (jnp.abs(bb) + jnp.abs(cc) + jnp.abs(aa - dd)) + e * e
+        split = split & (disc + slack < 0)
+    # a cut R has no eigenvalues of a k-dimensional invariant subspace (R is NaN in
+    # schur_subspace): NaN, not the eigenvalues of the cut block (a wrong real value)
+    head = jnp.where(split[..., None], jnp.nan, _small_eigvals(r, locked=1))
+    ritz = jnp.concatenate([head, ritz[..., k:]], axis=-1)
     ortho = _frob(_mm(_t(vk), vk) - jnp.broadcast_to(jnp.eye(k, dtype=a.dtype), r.shape))
     # residual / gap estimates the angle to the exact subspace: a gap at the level of the
     # residual (rounding) leaves the subspace undetermined (tests/test_metastable.py)
@@ -847,6 +879,13 @@ def _states(a, eta, bad, v, t, products, tol, k):
     st = _gpcca(a, full.basis, eta)
     # a cut complex pair leaves no invariant subspace to cluster: NaN, like an invalid input
     bad_out = bad | full.split
+    # invalid matrices were replaced by the uniform chain: their subspace numbers are its
+    full = full._replace(
+        ritz=poison(full.ritz, bad),
+        residual=poison(full.residual, bad),
+        gap=poison(full.gap, bad),
+        converged=full.converged & ~bad,
+    )
     return full, _States(
         memberships=poison(st.memberships, bad_out),
         assignment=jnp.where(bad_out[..., None], -1, st.assignment),
@@ -883,7 +922,7 @@ def _metastable_from(attn, eta, v, t, products, tol, k):
     return _states(a, eta, bad, v, t, products, tol, k)
 
 
-def _check_eta(eta, n):
+def _check_eta(eta, n, batch=()):
     if eta is None:
         return
     shape = np.shape(eta)
@@ -891,6 +930,18 @@ def _check_eta(eta, n):
         raise ValueError(
             f"eta must be a distribution over the n = {n} tokens, shape (..., {n}), got shape "
             f"{shape}; pass eta=None for uniform weights"
+        )
+    if not all(isinstance(d, int | np.integer) for d in (*shape, *batch)):
+        return  # symbolic dimensions (jax.export)
+    try:
+        fits = np.broadcast_shapes(shape[:-1], tuple(batch)) == tuple(batch)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"eta has batch shape {shape[:-1]}, which does not broadcast to the attention's "
+            f"batch shape {tuple(batch)}; pass one distribution (shape ({n},)) or one per "
+            "matrix"
         )
     if is_concrete(eta) or isinstance(eta, list | tuple):
         e = np.asarray(eta)
@@ -1031,7 +1082,7 @@ def metastable_states(
     check_square(shape)
     n = shape[-1]
     check_values(attn)
-    _check_eta(eta, n)
+    _check_eta(eta, n, shape[:-2])
     oversample = check_count("oversample", oversample, minimum=1)
     iters = check_count("iters", iters, minimum=1)
     if split is None:
@@ -1066,10 +1117,15 @@ def metastable_states(
             np.asarray(basis[3]), np.asarray(basis[4]), np.asarray(basis[6]), lo, hi, skip, k
         )
         if tied is not None:
+            rival = (
+                f"k = {tied[0]} has {tied[1]:.3g}"
+                if tied[0] is not None
+                else "no other k is left in k_range, and it does not stand out from 0"
+            )
             warnings.warn(
                 f"metastable_states(k=None) chose k = {k} (batch-mean gap |λk| - |λk+1| = "
-                f"{tied[2]:.3g}), but in no matrix does that gap stand out: k = {tied[0]} has "
-                f"{tied[1]:.3g}, and the moduli they are read from are uncertain by up to about "
+                f"{tied[2]:.3g}), but in no matrix does that gap stand out: {rival}, and the "
+                "moduli they are read from are uncertain by up to about "
                 f"{tied[3]:.2g} (the residual of the leading columns, not converged past the "
                 "chosen k). The chains have no clear gap in k_range, so the choice can change "
                 "with the token order or rounding, and ms.gap is that uncertain; pass k= "

@@ -376,12 +376,16 @@ def maps_command(args) -> int:
         _fail(f"--alpha must lie in [0, 1], got {args.alpha}")
     if args.top < 0:
         _fail(f"--top must be >= 0, got {args.top}")
+    if args.states is not None and args.method != "metastable":
+        _fail(f"--states applies to --method metastable only (got --method {args.method})")
     if args.size is not None and args.size <= 0:
         _fail(f"--size must be a positive number of pixels, got {args.size}")
     path = pathlib.Path(args.checkpoint)
     if not path.exists():
         _fail(f"checkpoint {path} does not exist")
     for img in args.image:
+        if os.path.isdir(img):
+            _fail(f"image {img} is a directory; pass image files")
         if not os.path.isfile(img):
             _fail(f"image {img} does not exist")
         _readable(img).close()
@@ -395,9 +399,14 @@ def maps_command(args) -> int:
     pngs = _outputs(args.image, args.method, out_dir, args.overwrite)
     has_cls = bool(cfg.cls_token)
     num_prefix = int(cfg.num_prefix)
-    if args.method == "metastable" and args.states is not None:
+    if args.method == "metastable":
         n = (loaded.side // cfg.patch_size) ** 2  # the patch tokens of the prepared image
-        if not 2 <= args.states < n:
+        if n < 3:
+            _fail(
+                f"--method metastable needs at least 3 patch tokens, and --size {loaded.side} "
+                f"gives {n}: pass a larger --size"
+            )
+        if args.states is not None and not 2 <= args.states < n:
             _fail(f"--states must lie in [2, {n - 1}] for {n} patch tokens, got {args.states}")
     methods = None
     if args.method != "metastable":

@@ -503,3 +503,17 @@ def test_bad_preprocessor_values_are_one_line_errors(images, tmp_path):
         (d / "preprocessor_config.json").write_text(json.dumps(pre))
         msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
         assert word in msg and "preprocessor_config.json" in msg, msg
+
+
+def test_metastable_on_too_few_tokens_and_misplaced_options(images, tmp_path):
+    """--method metastable at --size 8 (one patch token) raised a k_range traceback after
+    creating --out; --states with another method was silently ignored; a directory given as
+    an image was reported as missing (review)."""
+    ref = ROOT / "experiments" / "reference" / "vit_reference.npz"
+    out = tmp_path / "o"
+    msg = _one_line_error(_maps_args(ref, images[1:], out, "--method", "metastable", "--size", "8"))
+    assert "at least 3 patch tokens" in msg and not out.exists()
+    msg = _one_line_error(_maps_args(ref, images[1:], out, "--method", "bounce", "--states", "3"))
+    assert "--states applies to --method metastable only" in msg
+    msg = _one_line_error(_maps_args(ref, [str(tmp_path)], out))
+    assert "is a directory" in msg

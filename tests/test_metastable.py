@@ -468,3 +468,87 @@ def test_unresolved_choice_rule():
     unknown = lead.copy()
     unknown[0, 3] = np.nan
     assert _unresolved_choice(ev, None, unknown, 2, 3, True, 2) is not None
+
+
+def _angle(x, y):
+    """Largest principal angle between the column spans of x and y."""
+    qx, qy = np.linalg.qr(x)[0], np.linalg.qr(y)[0]
+    s = np.linalg.svd(qx.T @ qy, compute_uv=False)
+    return float(np.arccos(np.clip(s.min(), -1.0, 1.0)))
+
+
+def test_fast_mixing_chains_converge_in_float32():
+    """Each product added a large constant component to the non-constant columns (the chain
+    is not doubly stochastic) while their own parts shrank like |λ|^5; the QR cancelled it in
+    float32, leaving fast-mixing chains a subspace error of ~1e-2 that no number of products
+    reduced: converged on 0 of 16 diffuse chains, median angle 1.8e-2 to float64 Schur
+    (float64 input: 6 of 16, 3.8e-5). Found by review."""
+    a = testing.random_chains(np.random.default_rng(0), (16,), 48, kind="diffuse")
+    s = ma.schur_subspace(a.astype(np.float32), k=3, split="nan")
+    angles = []
+    for i in range(16):
+        try:
+            z, _ = _schur_ref(a[i] / a[i].sum(-1, keepdims=True), 3)
+        except AssertionError:  # k = 3 cuts this chain's pair: no reference subspace
+            continue
+        angles.append(_angle(np.asarray(s.basis[i], np.float64), z))
+    assert len(angles) >= 8 and np.median(angles) < 1e-4, (len(angles), np.median(angles))
+    assert int(np.asarray(s.converged).sum()) >= 5
+
+
+def test_an_unresolved_block_is_not_called_a_cut_pair():
+    """Two close real eigenvalues of a causal chain (|λ| = 1, .2371, .2244) looked like a
+    complex pair in an unconverged 2x2 block of the projection: k = 2 raised "cuts a
+    complex-conjugate pair" (review). A true pair is still refused."""
+    a = testing.random_chains(np.random.default_rng(1), (24,), 30, kind="causal")
+    a = a.astype(np.float32)
+    assert np.all(np.triu(a, 1) == 0)  # the premise: triangular, every eigenvalue is real
+    for i in range(24):
+        for k in (2, 3, 4, 5):
+            ms = ma.metastable_states(a[i], k=k)  # raised for 5 of these 96 (k, chain)
+            assert np.isfinite(np.asarray(ms.memberships)).all()
+    c = testing.random_chains(np.random.default_rng(4), (), 16, kind="circulant")
+    with pytest.raises(ValueError, match="complex-conjugate"):
+        ma.metastable_states(c, k=2)
+
+
+def test_cut_and_invalid_matrices_report_nan_not_plausible_numbers():
+    """Under jit the invalid member's eigenvalues, residual and gap were the uniform chain's
+    it had been replaced by ([1, ~0], 2e-7, 0), and a cut matrix (split="nan") reported the
+    cut block's eigenvalue 0.7241, which is none of the chain's (|λ2| = 0.793): NaN now
+    (review)."""
+    rng = np.random.default_rng(0)
+    a, _ = _stack(rng)
+    bad = a[:2].copy()
+    bad[1, 2, 3] = np.nan
+    out = jax.jit(lambda x: ma.metastable_states(x, k=K))(bad)
+    for name in ("eigenvalues", "residual", "gap"):
+        assert np.isnan(np.asarray(getattr(out, name)[1])).all(), name
+        assert np.isfinite(np.asarray(getattr(out, name)[0])).all(), name
+    c = testing.random_chains(np.random.default_rng(4), (), 16, kind="circulant")
+    for res in (ma.schur_subspace(c, k=2, split="nan"), ma.metastable_states(c, k=2, split="nan")):
+        assert np.isnan(np.asarray(res.eigenvalues)).all() and not bool(res.converged)
+
+
+def test_a_gap_that_does_not_stand_out_from_zero_warns():
+    """On a 5-cycle every |λ| is 1: k=None is left with k = 3 (2 and 4 cut a pair), a gap of
+    ~1e-6 with an uncertainty near 1, which passed without a warning (review)."""
+    cycle = np.roll(np.eye(5), 1, axis=1)
+    with pytest.warns(ma.UnresolvedGapWarning, match="does not stand out from 0"):
+        ma.metastable_states(cycle)
+
+
+def test_eta_of_the_wrong_batch_shape_is_named():
+    """eta (2, n) with three matrices failed with JAX's bare broadcasting error (review)."""
+    a = testing.random_chains(np.random.default_rng(0), (3,), 8, kind="metastable")
+    with pytest.raises(ValueError, match="eta has batch shape"):
+        ma.metastable_states(a, k=2, eta=np.ones((2, 8)))
+    assert ma.metastable_states(a, k=2, eta=np.ones((3, 8))).k == 2
+
+
+def test_diffseg_on_an_empty_batch():
+    """diffseg(np.zeros((0, 16, 16))) failed to reshape (review)."""
+    from markov_attn.segmentation import diffseg
+
+    labels, k = diffseg(np.zeros((0, 16, 16)))
+    assert labels.shape == (0, 16) and k.shape == (0,)

@@ -291,7 +291,7 @@ def diffseg(
             ) from None
 
     flat_a = a.reshape(-1, n, n)
-    flat_i = idx.reshape(len(flat_a), -1)
+    flat_i = idx.reshape(len(flat_a), idx.shape[-1])  # -1 fails on an empty batch
     if num_segments is None:
         flat_k = [None] * len(flat_a)
     else:
