@@ -107,7 +107,9 @@ def average(
 
     A convex combination of row-stochastic matrices is again a chain, so averaging heads (or
     layers) with :func:`head_weights` gives the λ2-weighted chain of the paper. The same weights
-    average per-head maps.
+    average per-head maps. Unlike the chain functions it does not renormalise rows (it also
+    averages maps): chains sliced after the softmax (e.g. CLS dropped) should go through
+    :func:`normalize` first, or each head is weighted by its rows' remaining mass.
 
     Args:
       x: the arrays, e.g. chains ``(B, L, H, n, n)`` or per-head maps ``(B, L, H, n)``.

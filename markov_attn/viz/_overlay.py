@@ -1,6 +1,7 @@
 """Token-grid maps drawn over images, and the bounce-strip figure (matplotlib, Agg)."""
 
 import os
+import textwrap
 from collections.abc import Mapping
 
 import numpy as np
@@ -247,7 +248,8 @@ def bounce_strip(
             rgb = overlay(img, m[r], method=method, cmap=cmap, alpha=alpha, **shared)
             axes[r, c].imshow(rgb, interpolation="nearest")
             if r == 0:
-                axes[r, c].set_title(name, fontsize=9)
+                # long method names ("bounce n=2 forward from CLS") ran into each other
+                axes[r, c].set_title(textwrap.fill(name, 16), fontsize=8)
         if r == 0:
             axes[r, 0].set_title("image", fontsize=9)
         if row_labels is not None:
