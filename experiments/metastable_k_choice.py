@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     counts: dict[str, int] = {}
+    warned_kinds: dict[str, int] = {}
     for kind in KINDS:
         for n in args.sizes:
             for rep in range(args.reps):
@@ -50,10 +51,13 @@ def main(argv=None) -> dict:
                     f"{'match' if ms.k == want else 'mismatch'}, {'warned' if warned else 'silent'}"
                 )
                 counts[key] = counts.get(key, 0) + 1
+                warned_kinds[kind] = warned_kinds.get(kind, 0) + int(warned)
                 if ms.k != want and not warned:
                     print(f"silent mismatch: {kind} n={n} rep={rep}: k={ms.k}, float64 {want}")
     for key in sorted(counts):
         print(f"{key}: {counts[key]}")
+    reps = len(args.sizes) * args.reps
+    print("warned, by kind:", ", ".join(f"{k} {warned_kinds[k]} of {reps}" for k in KINDS))
     return counts
 
 

@@ -142,11 +142,18 @@ def _readable(image_path):
     """Opens ``image_path`` with PIL and decodes it, or ends the command saying it is no image."""
     from PIL import Image, UnidentifiedImageError
 
+    from markov_attn.checkpoints._preprocess import to_rgb
+
     try:
         im = Image.open(image_path)
         im.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         _fail(f"{image_path} is not an image PIL can read ({e}); pass PNG or JPEG files")
+    try:  # a pixel format the models cannot take (e.g. a float TIFF), before any output
+        to_rgb(im)
+    except ValueError as e:
+        im.close()
+        _fail(f"image {image_path}: {e}")
     return im
 
 

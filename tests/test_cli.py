@@ -517,3 +517,16 @@ def test_metastable_on_too_few_tokens_and_misplaced_options(images, tmp_path):
     assert "--states applies to --method metastable only" in msg
     msg = _one_line_error(_maps_args(ref, [str(tmp_path)], out))
     assert "is a directory" in msg
+
+
+def test_an_unsupported_pixel_format_is_refused_before_any_output(images, tmp_path):
+    """A float TIFF after a good image: the first overlay was written, then the command
+    failed without stats.json, and a rerun needed --overwrite (review)."""
+    from PIL import Image
+
+    bad = tmp_path / "float.tiff"
+    Image.fromarray(np.ones((16, 16), np.float32), mode="F").save(bad)
+    out = tmp_path / "o"
+    msg = _one_line_error(_maps_args(FIXTURES / "vit", [images[1], str(bad)], out))
+    assert "float.tiff" in msg and "no known range" in msg
+    assert not out.exists()
