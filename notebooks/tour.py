@@ -29,6 +29,7 @@
 # here is comparable with ImageNet-Segmentation.**
 
 # %%
+import importlib.util
 import os
 import pathlib
 import sys
@@ -41,24 +42,13 @@ if "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 
 
-def find_root() -> pathlib.Path:
-    """The repository (it holds experiments/ and runs/): above this file, above the working
-    directory, or above the importable markov_attn package."""
-    import importlib.util
-
-    starts = [pathlib.Path(__file__).resolve().parent] if "__file__" in globals() else []
-    starts.append(pathlib.Path.cwd())
-    spec = importlib.util.find_spec("markov_attn")
-    if spec is not None and spec.origin:
-        starts.append(pathlib.Path(spec.origin).resolve().parent)
-    for start in starts:
-        for d in (start, *start.parents):
-            if (d / "markov_attn").is_dir() and (d / "experiments").is_dir():
-                return d
-    raise SystemExit("run this notebook inside a clone of the markov_attn repository")
-
-
-ROOT = find_root()
+_spec = importlib.util.find_spec("markov_attn")  # the repository: above here, cwd or package
+_here = [pathlib.Path(__file__).resolve().parent] if "__file__" in globals() else []
+_pkg = [pathlib.Path(_spec.origin).parent] if _spec and _spec.origin else []
+_up = [d for s in [*_here, pathlib.Path.cwd(), *_pkg] for d in (s, *s.parents)]
+ROOT = next(
+    (d for d in _up if (d / "experiments").is_dir() and (d / "markov_attn").is_dir()), _up[0]
+)
 sys.path.insert(0, str(ROOT))
 
 import jax
