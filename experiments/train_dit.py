@@ -59,7 +59,9 @@ def load_split(
     """``{"images", "labels"}`` of ``n`` images of ``split`` as the run trains on them: uint8 at
     the model's size, from ``cfg.data`` (the benchmark under ``cfg.data_root``, or synthetic);
     with ``masks=True`` also the benchmark's object masks ``"masks"`` (none for synthetic).
-    ``start``: the index of the first image (held-out images after a run's own test images)."""
+    ``start``: the index of the first benchmark image (held-out images after a run's own test
+    images); synthetic data takes the last ``n`` of ``start + n`` draws (independent noise
+    images of the same distribution, not the same images as a shorter call's)."""
     size = cfg.model.image_size
     if cfg.data == "synthetic":
         d = synthetic_data(start + n, size=size, seed=cfg.data_seed, split=split)

@@ -542,20 +542,21 @@ def _finish(a, v, t, k, tol, products):
     gap = mod[..., k - 1] - mod[..., k]
     # the k eigenvalues: those of R by shifted QR (column 0 is the constant vector, λ1 = R[0,
     # 0]); R's diagonal blocks resolved nearly tied moduli only to ~3.5e-3, out of order
-    # a complex pair at k, k + 1 cuts the subspace only if it is resolved: its imaginary part
-    # above the residual of the leading k + 1 columns (two close real eigenvalues of a causal
-    # chain looked like a pair in an unconverged 2x2 block: a spurious cut, found by review);
-    # an unresolved block leaves a large residual instead, so converged is False
+    # a complex block at k, k + 1 cuts the subspace. Exception: a nearly converged block (the
+    # residual of the leading k + 1 columns below a tenth of |λk|) whose discriminant could
+    # turn non-negative when its entries move by that residual: two close real eigenvalues of
+    # a causal chain looked like a pair there (a spurious cut, found by review). The
+    # imaginary part of such a pair grows like the square root of the coupling. A block far
+    # from converged stays a cut (exempting those too let real pairs of unconverged
+    # near-circulant heads through with a wrong real eigenvalue: review)
     split = starts[..., k - 1]
     if k < v.shape[-1]:
-        # resolved: the block's discriminant stays negative when its entries move by the
-        # residual of the leading k + 1 columns (the imaginary part of two close real
-        # eigenvalues of a non-normal block grows like the square root of the coupling)
         e = _leading_residuals(v, aw, t)[..., k]
         aa, bb, cc, dd = t[..., k - 1, k - 1], t[..., k - 1, k], t[..., k, k - 1], t[..., k, k]
         disc = 0.25 * (aa - dd) ** 2 + bb * cc
         slack = e * (jnp.abs(bb) + jnp.abs(cc) + jnp.abs(aa - dd)) + e * e
-        split = split & (disc + slack < 0)
+        near = e <= 0.1 * jnp.abs(ritz[..., k - 1])
+        split = split & ~(near & (disc + slack >= 0))
     # a cut R has no eigenvalues of a k-dimensional invariant subspace (R is NaN in
     # schur_subspace): NaN, not the eigenvalues of the cut block (a wrong real value)
     head = jnp.where(split[..., None], jnp.nan, _small_eigvals(r, locked=1))

@@ -214,7 +214,8 @@ def tokenrank(
     those chains, where the GMRES adjoint was 27-35 % off; a single small entry's derivative
     is a difference of two large values of the adjoint there, so float32 cancellation leaves
     directional derivatives along relative perturbations 0.1-2.5 % off. Under ``vmap`` the
-    fallback's GMRES runs for every member (a ``cond`` becomes a ``select``):
+    fallback's GMRES and the second elimination run for every member (a ``cond`` becomes a
+    ``select``; about twice the time of the batched call):
 
     - ``"auto"`` (default): ``"gmres"`` on CPU; on GPU/TPU ``"solve"`` for ``n <= 256`` and
       ``"gmres"`` above; GTH for ``direction="out"`` with ``teleport_first=True`` (and a

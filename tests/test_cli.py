@@ -530,3 +530,18 @@ def test_an_unsupported_pixel_format_is_refused_before_any_output(images, tmp_pa
     msg = _one_line_error(_maps_args(FIXTURES / "vit", [images[1], str(bad)], out))
     assert "float.tiff" in msg and "no known range" in msg
     assert not out.exists()
+
+
+def test_a_bad_image_size_in_config_json_is_named(images, tmp_path):
+    """config.json's image_size 0 was blamed on preprocessor_config.json (or "the family
+    defaults"), and [224, 224] raised a TypeError (review)."""
+    import shutil
+
+    for size, word in ((0, "image_size = 0"), ("x", "image_size = 'x'")):
+        d = tmp_path / f"ck{size}"
+        shutil.copytree(FIXTURES / "vit", d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["image_size"] = size
+        (d / "config.json").write_text(json.dumps(cfg))
+        msg = _one_line_error(_maps_args(d, images[1:], tmp_path / "o"))
+        assert "config.json" in msg and word in msg, msg

@@ -729,12 +729,37 @@ def test_tokenrank_alpha_one_with_a_transient_token_0():
             assert bool(info.converged)
         both = np.asarray(ma.tokenrank(np.stack([_leaky_blocks(seed, n, leak), a]), alpha=1.0))
         assert np.abs(both[1] - want).sum() < 1e-6
-    w = jnp.asarray(np.random.default_rng(0).standard_normal(n), jnp.float32)
+    # the gradient (the adjoint eliminated down to a recurrent token) against float64: with
+    # row-stochastic A and (I - A) u = w - (w.pi) 1, dL/dA_ij = pi_i (u_j - (A u)_i)
+    w64 = np.random.default_rng(0).standard_normal(n)
+    u = np.linalg.lstsq(np.eye(n) - a64, w64 - (w64 @ want), rcond=None)[0]
+    ref = want[:, None] * (u[None, :] - (a64 @ u)[:, None])
+    w = jnp.asarray(w64, jnp.float32)
     g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
-    assert np.isfinite(np.asarray(g)).all()
-    gm = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0, method="gmres", tol=1e-9)))
-    ref = np.asarray(gm(jnp.asarray(a)))
-    assert np.linalg.norm(np.asarray(g) - ref) < 0.05 * np.linalg.norm(ref)
+    g = np.asarray(g, np.float64)
+    assert np.linalg.norm(g - ref) <= 1e-4 * np.linalg.norm(ref)  # GMRES's adjoint: 3.6e-3
+
+
+def test_gth_gradient_with_a_nearly_transient_token_0():
+    """The adjoint eliminated down to token 0 first: with token 0 nearly transient (column 0
+    scaled by eps) its factors are finite but the Poisson solve cancels (relative gradient
+    error 7.7e-2 at eps = 1e-12, 1e6 and more from 1e-20; review). It now eliminates down to
+    the largest token of pi."""
+    n = 32
+    a = _leaky_blocks(2, n, 8)
+    a[:, 0] *= 1e-20
+    a = (a / a.sum(-1, keepdims=True)).astype(np.float32)
+    a64 = a.astype(np.float64) / a.astype(np.float64).sum(-1, keepdims=True)
+    perm = np.r_[1:n, 0]
+    pi = np.zeros(n)
+    pi[perm] = _gth64(a64[np.ix_(perm, perm)])
+    w64 = np.random.default_rng(1).standard_normal(n)
+    u = np.linalg.lstsq(np.eye(n) - a64, w64 - (w64 @ pi), rcond=None)[0]
+    ref = pi[:, None] * (u[None, :] - (a64 @ u)[:, None])
+    w = jnp.asarray(w64, jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
+    g = np.asarray(g, np.float64)
+    assert np.linalg.norm(g - ref) <= 1e-4 * np.linalg.norm(ref)
 
 
 def test_gth_range_beyond_float32_is_not_uniform():

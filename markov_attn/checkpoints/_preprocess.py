@@ -129,7 +129,7 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     native = None
     if info is not None:
         cfg = info.config.get("vision_config") or info.config
-        native = cfg.get("image_size")
+        native = _config_size(cfg.get("image_size"))
         pre = info.preprocessor
         if d.source == "pretrained_cfg":
             pc = info.config.get("pretrained_cfg") or {}
@@ -186,7 +186,7 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
                     f"rescale_factor={rescale}; only pixels scaled by 1/255 are supported: "
                     "preprocess the images yourself and call the model on them"
                 )
-    _check_recipe(r, native, "preprocessor_config.json" if info is not None and info.preprocessor
+    _check_recipe(r, "preprocessor_config.json" if info is not None and info.preprocessor
                   else "the checkpoint's pretrained_cfg" if d.source == "pretrained_cfg"
                   else "the family defaults")  # fmt: skip
     out = int(size or native or 224)
@@ -198,9 +198,23 @@ def recipe(family_or_info, /, *, size: int | None = None) -> dict:
     return r
 
 
-def _check_recipe(r: dict, native, where: str) -> None:
-    """Mean and std of three finite numbers (std > 0) and positive sizes, or a ValueError
-    naming the file they came from (a zero std gave NaN pixels, a string a float error)."""
+def _config_size(v) -> int | None:
+    """``config.json``'s ``image_size``: an int or ``[h, w]`` (the last), positive, or None."""
+    if v is None:
+        return None
+    if isinstance(v, list | tuple) and v:
+        v = v[-1]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0 or v != int(v):
+        raise ValueError(
+            f"config.json sets image_size = {v!r}; it must be a positive number of pixels (or "
+            "[height, width]): fix it"
+        )
+    return int(v)
+
+
+def _check_recipe(r: dict, where: str) -> None:
+    """Mean and std of three finite numbers (std > 0) and a positive scale, or a ValueError
+    naming where they came from (a zero std gave NaN pixels, a string a float error)."""
     for key in ("mean", "std"):
         try:
             v = np.asarray(r[key], np.float64)
@@ -217,9 +231,8 @@ def _check_recipe(r: dict, native, where: str) -> None:
                 f"{where} sets image_{key} = {r[key]!r}; it must be {rule} (one per RGB "
                 "channel): fix or delete it"
             )
-    for key, v in (("scale", r["scale"]), ("image size", native)):
-        if v is not None and not (np.isfinite(float(v)) and float(v) > 0):
-            raise ValueError(f"{where} gives a {key} of {v!r}; it must be positive: fix it")
+    if not (np.isfinite(float(r["scale"])) and float(r["scale"]) > 0):
+        raise ValueError(f"{where} gives a resize scale of {r['scale']!r}; it must be positive")
 
 
 def _to_uint8(a, scale: float) -> np.ndarray:
