@@ -574,6 +574,10 @@ def main(argv=None) -> int:
                 res = evaluate(run, n_images=a.n_images)
                 res["test_acc"] = _test_acc(run)
                 _write(res, sub)
+                # each model compiles its own programs, and XLA's CPU code stays mapped until
+                # they are dropped: six models reached the kernel's limit of memory mappings
+                # (65,530; "LLVM compilation error: Cannot allocate memory", a segfault)
+                jax.clear_caches()
             results[name] = res
         argv = sys.argv[1:] if argv is None else argv
         cmd = command_line("experiments.multiseg", argv, drop=("--update-readme", "--reuse"))
