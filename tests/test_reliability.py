@@ -707,6 +707,18 @@ def test_tokenrank_out_gth_on_a_causal_chain_with_a_one_hot_v(rng):
     np.testing.assert_allclose(pi[2], raw[2], rtol=1e-6)
 
 
+def _alpha_one_grad_error(a, a64, pi, seed):
+    """Relative L2 error of the float32 gradient of w.tokenrank(a, alpha=1) against float64:
+    with row-stochastic A and (I - A) u = w - (w.pi) 1, dL/dA_ij = pi_i (u_j - (A u)_i)."""
+    n = len(pi)
+    w64 = np.random.default_rng(seed).standard_normal(n)
+    u = np.linalg.lstsq(np.eye(n) - a64, w64 - (w64 @ pi), rcond=None)[0]
+    ref = pi[:, None] * (u[None, :] - (a64 @ u)[:, None])
+    w = jnp.asarray(w64, jnp.float32)
+    g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
+    return np.linalg.norm(np.asarray(g, np.float64) - ref) / np.linalg.norm(ref)
+
+
 def test_tokenrank_alpha_one_with_a_transient_token_0():
     """alpha = 1 on a nearly reducible chain whose token 0 receives no attention (a padding
     token masked as a key: column 0 is zero, so pi_0 = 0 and the chain still has one answer).
@@ -729,15 +741,8 @@ def test_tokenrank_alpha_one_with_a_transient_token_0():
             assert bool(info.converged)
         both = np.asarray(ma.tokenrank(np.stack([_leaky_blocks(seed, n, leak), a]), alpha=1.0))
         assert np.abs(both[1] - want).sum() < 1e-6
-    # the gradient (the adjoint eliminated down to a recurrent token) against float64: with
-    # row-stochastic A and (I - A) u = w - (w.pi) 1, dL/dA_ij = pi_i (u_j - (A u)_i)
-    w64 = np.random.default_rng(0).standard_normal(n)
-    u = np.linalg.lstsq(np.eye(n) - a64, w64 - (w64 @ want), rcond=None)[0]
-    ref = want[:, None] * (u[None, :] - (a64 @ u)[:, None])
-    w = jnp.asarray(w64, jnp.float32)
-    g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
-    g = np.asarray(g, np.float64)
-    assert np.linalg.norm(g - ref) <= 1e-4 * np.linalg.norm(ref)  # GMRES's adjoint: 3.6e-3
+    # the gradient (the adjoint eliminated down to a recurrent token) against float64
+    assert _alpha_one_grad_error(a, a64, want, seed=0) <= 1e-4  # GMRES's adjoint: 3.6e-3
 
 
 def test_gth_gradient_with_a_nearly_transient_token_0():
@@ -753,13 +758,7 @@ def test_gth_gradient_with_a_nearly_transient_token_0():
     perm = np.r_[1:n, 0]
     pi = np.zeros(n)
     pi[perm] = _gth64(a64[np.ix_(perm, perm)])
-    w64 = np.random.default_rng(1).standard_normal(n)
-    u = np.linalg.lstsq(np.eye(n) - a64, w64 - (w64 @ pi), rcond=None)[0]
-    ref = pi[:, None] * (u[None, :] - (a64 @ u)[:, None])
-    w = jnp.asarray(w64, jnp.float32)
-    g = jax.grad(lambda x: jnp.sum(w * ma.tokenrank(x, alpha=1.0)))(jnp.asarray(a))
-    g = np.asarray(g, np.float64)
-    assert np.linalg.norm(g - ref) <= 1e-4 * np.linalg.norm(ref)
+    assert _alpha_one_grad_error(a, a64, pi, seed=1) <= 1e-4
 
 
 def test_gth_range_beyond_float32_is_not_uniform():
