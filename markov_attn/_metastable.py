@@ -540,8 +540,6 @@ def _finish(a, v, t, k, tol, products):
     # of the unconverged oversampled columns either way; tests/test_metastable.py bounds it)
     mod = jnp.sort(jnp.abs(ritz), axis=-1)[..., ::-1]
     gap = mod[..., k - 1] - mod[..., k]
-    # the k eigenvalues: those of R by shifted QR (column 0 is the constant vector, λ1 = R[0,
-    # 0]); R's diagonal blocks resolved nearly tied moduli only to ~3.5e-3, out of order
     # a complex block at k, k + 1 cuts the subspace. Exception: a nearly converged block (the
     # residual of the leading k + 1 columns below a tenth of |λk|) whose discriminant could
     # turn non-negative when its entries move by that residual: two close real eigenvalues of
@@ -557,7 +555,9 @@ def _finish(a, v, t, k, tol, products):
         slack = e * (jnp.abs(bb) + jnp.abs(cc) + jnp.abs(aa - dd)) + e * e
         near = e <= 0.1 * jnp.abs(ritz[..., k - 1])
         split = split & ~(near & (disc + slack >= 0))
-    # a cut R has no eigenvalues of a k-dimensional invariant subspace (R is NaN in
+    # the k eigenvalues: those of R by shifted QR (column 0 is the constant vector, λ1 = R[0,
+    # 0]); R's diagonal blocks resolved nearly tied moduli only to ~3.5e-3, out of order. A
+    # cut R has no eigenvalues of a k-dimensional invariant subspace (R is NaN in
     # schur_subspace): NaN, not the eigenvalues of the cut block (a wrong real value)
     head = jnp.where(split[..., None], jnp.nan, _small_eigvals(r, locked=1))
     ritz = jnp.concatenate([head, ritz[..., k:]], axis=-1)

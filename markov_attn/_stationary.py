@@ -476,15 +476,11 @@ def _adjoint(op, opts, p, v, alpha, pi, g):
         # M^T = I - T + 1 v^T with T the teleported chain: u = w + c 1 with (I - T) w = g -
         # (pi.g) 1 by T's GTH factors and v.u = pi.g; GMRES for members whose factors broke
         # down (a reducible chain: the forward pass fell back to GMRES too)
-        def run_gth(p, v, al, pi, g, base=None):
+        def run_gth(p, v, al, pi, g, base):
             pg = jnp.sum(pi * g, -1, keepdims=True)
-            t, r = _teleported(op, p, v, al), g - pg
-            if base is None:
-                w = gth_poisson(gth_factor(t), r)
-            else:  # factors down to state `base` (as the forward pass's second try)
-                t, perm = _swap_first(t, base)
-                w = gth_poisson(gth_factor(t), jnp.take_along_axis(r, perm, -1))
-                w = jnp.take_along_axis(w, perm, -1)
+            t, perm = _swap_first(_teleported(op, p, v, al), base)  # factors down to `base`
+            w = gth_poisson(gth_factor(t), jnp.take_along_axis(g - pg, perm, -1))
+            w = jnp.take_along_axis(w, perm, -1)
             return w + (pg - jnp.sum(v * w, -1, keepdims=True))
 
         # always eliminated down to the largest token of pi (recurrent): down to a nearly

@@ -315,10 +315,9 @@ def sample(
     if sag == "tokenrank":
         check_alpha(sag_alpha)  # under jit a bad value gives NaN TokenRank: NaN samples
     depth = getattr(cfg, "depth", None)
-    if depth is not None and sag is not None and not -depth <= int(sag_layer) < depth:
-        raise ValueError(f"sag_layer must index one of the model's {depth} blocks, got {sag_layer}")
-    if depth is not None:
-        sag_layer = int(sag_layer) % depth  # under jit an index past the end was clamped
+    if depth is not None and -depth <= int(sag_layer) < 0:
+        sag_layer = int(sag_layer) % depth  # -1 and depth - 1: one compiled sampler
+    # (an index past the attention's depth is refused where it is used, in _sample)
     if cfg_scale is not None and null_label is None:
         if cfg is None:
             raise ValueError("pass null_label= for classifier-free guidance with this model")
